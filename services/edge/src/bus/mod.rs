@@ -1,0 +1,208 @@
+//! The event bus: where events are stored, sequenced and fanned out.
+//!
+//! A [`Bus`] does four things for the edge:
+//! - **publish**: store an event for a [`Target`], assign its sequence (the SSE
+//!   id), deduplicate publisher retries by `msg_id`;
+//! - **follow / unfollow**: start or stop live delivery of a target's events to
+//!   this node's [`LiveSink`] (the registry). Interest is per node, not per
+//!   connection: the registry follows a target when its first local connection
+//!   arrives and unfollows it after the last one leaves;
+//! - **replay**: read a set of targets' events after a position, in sequence
+//!   order, or say explicitly that the history needed is gone;
+//! - **head**: the current position, so a fresh stream can hand its client a
+//!   resume point before any event arrives.
+//!
+//! Implementations: [`memory::MemoryBus`] (embedded, single node). The NATS
+//! JetStream bus plugs in behind the same trait.
+
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use herald_protocol::{EventId, EventType, Target, sse};
+use tokio::sync::watch;
+
+/// One stored event, with its SSE frame encoded once for every connection.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Epoch and stream sequence: the SSE id.
+    pub id: EventId,
+    /// Who the event is for.
+    pub target: Target,
+    /// The SSE event type, if any.
+    pub event_type: Option<EventType>,
+    /// The complete SSE frame (`id:`, `event:`, `data:` lines, blank line).
+    pub frame: Bytes,
+    /// When the bus stored the event.
+    pub published_at: SystemTime,
+}
+
+impl Event {
+    /// Builds an event and encodes its frame.
+    pub fn new(
+        id: EventId,
+        target: Target,
+        event_type: Option<EventType>,
+        data: &str,
+        published_at: SystemTime,
+    ) -> Self {
+        let mut frame = BytesMut::with_capacity(data.len() + 64);
+        sse::write_event(&mut frame, Some(&id), event_type.as_ref(), data);
+        Event {
+            id,
+            target,
+            event_type,
+            frame: frame.freeze(),
+            published_at,
+        }
+    }
+}
+
+/// What a publisher asks the bus to store.
+#[derive(Debug, Clone)]
+pub struct PublishRequest {
+    /// The recipient.
+    pub target: Target,
+    /// Optional SSE event type.
+    pub event_type: Option<EventType>,
+    /// The SSE data, as UTF-8 text.
+    pub data: String,
+    /// Idempotency key: a retry with the same key inside the duplicate window
+    /// returns the first event's id instead of storing a second event.
+    pub msg_id: Option<String>,
+}
+
+/// The bus's answer to a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    /// The event's id (the original one for a duplicate).
+    pub id: EventId,
+    /// Whether this publish was recognised as a retry of an earlier one.
+    pub duplicate: bool,
+}
+
+/// Why a publish failed. When returned, nothing was stored.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The event is larger than the bus accepts.
+    #[error("event is {size} bytes; the limit is {limit}")]
+    TooLarge {
+        /// Size of the event data in bytes.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The bus is not reachable right now; retry later with the same `msg_id`.
+    #[error("event bus unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Why history could not be replayed completely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostReason {
+    /// The id belongs to another incarnation of the history (restarted memory
+    /// bus, recreated stream).
+    EpochChanged,
+    /// Events after the id have been evicted (age, size or count limits).
+    Expired,
+    /// The id is ahead of anything this history has stored.
+    UnknownPosition,
+    /// More events are owed than a replay may send (`stream.max_replay_events`).
+    TooFarBehind,
+    /// The client's `Last-Event-ID` is not an id Herald wrote.
+    UnrecognisedId,
+}
+
+impl LostReason {
+    /// Stable machine-readable name, sent in `herald.reset` and used in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LostReason::EpochChanged => "epoch_changed",
+            LostReason::Expired => "expired",
+            LostReason::UnknownPosition => "unknown_position",
+            LostReason::TooFarBehind => "too_far_behind",
+            LostReason::UnrecognisedId => "unrecognised_id",
+        }
+    }
+}
+
+/// The result of a replay request.
+#[derive(Debug)]
+pub enum Replay {
+    /// Every event after the requested position, in sequence order.
+    Complete {
+        /// The events, oldest first.
+        events: Vec<Arc<Event>>,
+        /// The bus position when the replay was read.
+        head: EventId,
+    },
+    /// The bus cannot give everything after the requested position.
+    HistoryLost {
+        /// Why.
+        reason: LostReason,
+        /// The bus position when this was decided: the client continues from here.
+        head: EventId,
+    },
+}
+
+/// Why a replay or position read failed (the bus was unreachable). Nothing changed.
+#[derive(Debug, thiserror::Error)]
+#[error("event bus unavailable: {0}")]
+pub struct ReplayError(pub String);
+
+/// Progress of a follow request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FollowState {
+    /// The bus is setting up live delivery.
+    Pending,
+    /// Live delivery is active: every event stored from now on reaches the sink.
+    Ready,
+    /// Live delivery could not be set up.
+    Failed(String),
+}
+
+/// Where a bus delivers live events: the node's connection registry.
+pub trait LiveSink: Send + Sync {
+    /// Called once per event for every followed target, in sequence order per
+    /// target. Must not block.
+    fn deliver(&self, event: &Arc<Event>);
+}
+
+/// Live-delivery interest: what the registry asks of a bus.
+pub trait Interest: Send + Sync {
+    /// Starts live delivery of `target`'s events to the sink. Called by the
+    /// registry, under its lock for that target, when the first local connection
+    /// arrives; the returned watch turns [`FollowState::Ready`] once no event can
+    /// be missed any more.
+    fn follow(&self, target: &Target) -> watch::Receiver<FollowState>;
+
+    /// Stops live delivery of `target`; called after its last connection left.
+    fn unfollow(&self, target: &Target);
+}
+
+/// The event bus, as the edge uses it.
+#[async_trait::async_trait]
+pub trait Bus: Interest + std::fmt::Debug {
+    /// `memory` or `nats`, for logs.
+    fn kind(&self) -> &'static str;
+
+    /// Whether the bus can take publishes and replays right now.
+    fn is_ready(&self) -> bool;
+
+    /// Stores an event and delivers it live to the nodes following its target.
+    async fn publish(&self, request: PublishRequest) -> Result<Receipt, PublishError>;
+
+    /// The id of the newest event stored (sequence 0 when there is none).
+    async fn head(&self) -> Result<EventId, ReplayError>;
+
+    /// The events for `targets` after `after`, in sequence order, at most
+    /// `limit` of them, or the reason they cannot all be given.
+    async fn replay(
+        &self,
+        targets: &[Target],
+        after: EventId,
+        limit: usize,
+    ) -> Result<Replay, ReplayError>;
+}

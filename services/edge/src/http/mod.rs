@@ -1,0 +1,119 @@
+//! The HTTP face of a node: the warp filter tree and shared request state.
+//!
+//! - [`routes`]: every endpoint, with [`errors::recover`] turning failures into
+//!   JSON errors;
+//! - [`stream`]: `GET /v1/stream`, one SSE stream per client;
+//! - [`publish`]: `POST /v1/publish`;
+//! - [`health`]: `/healthz`, `/readyz`, `/metrics`;
+//! - [`server`]: the hyper accept loop (header timeouts, size limits, killing a
+//!   slow client's socket, graceful shutdown).
+
+pub mod errors;
+pub mod health;
+pub mod publish;
+pub mod server;
+pub mod stream;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use herald_config::Settings;
+use tokio_util::sync::CancellationToken;
+use warp::Filter;
+
+use crate::auth::Authenticator;
+use crate::bus::Bus;
+use crate::metrics::Metrics;
+use crate::registry::{Kill, Registry};
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    /// This node's id.
+    pub node_id: String,
+    /// The validated settings.
+    pub settings: Settings,
+    /// Open connections by target.
+    pub registry: Arc<Registry>,
+    /// The event bus.
+    pub bus: Arc<dyn Bus>,
+    /// Token validation.
+    pub auth: Authenticator,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the node shuts down; every stream watches it.
+    pub shutdown: CancellationToken,
+    /// Set when the node stops taking new streams.
+    pub draining: AtomicBool,
+}
+
+impl AppState {
+    /// Whether the node refuses new streams.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed) || self.shutdown.is_cancelled()
+    }
+
+    /// A `retry:` value with per-call jitter, so clients spread their reconnects.
+    pub fn retry_hint_ms(&self) -> u64 {
+        let stream = &self.settings.stream;
+        stream.retry_ms + fastrand::u64(0..=stream.retry_jitter_ms)
+    }
+
+    /// Counts bytes (and events) about to be written to a stream.
+    fn written(&self, bytes: Bytes, events: u64) -> Bytes {
+        self.metrics.bytes_written.inc_by(bytes.len() as u64);
+        self.metrics.events_delivered.inc_by(events);
+        bytes
+    }
+}
+
+/// The complete filter tree of a node.
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible>
++ Clone
++ Send
++ Sync
++ 'static {
+    let with_state = {
+        let state = Arc::clone(&state);
+        warp::any().map(move || Arc::clone(&state))
+    };
+    let raw_query = warp::query::raw().or(warp::any().map(String::new)).unify();
+
+    let stream = warp::path!("v1" / "stream")
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(warp::header::headers_cloned())
+        .and(raw_query)
+        .and(warp::ext::optional::<Kill>())
+        .and_then(stream::open);
+    let publish = warp::path!("v1" / "publish")
+        .and(warp::post())
+        .and(with_state.clone())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .and_then(|state, headers, body| publish::publish(state, headers, Box::pin(body)));
+    let healthz = warp::path!("healthz").and(warp::get()).map(health::alive);
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(with_state.clone())
+        .map(health::ready);
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_state)
+        .map(health::metrics);
+
+    stream
+        .or(publish)
+        .unify()
+        .or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+        .or(metrics)
+        .unify()
+        .recover(errors::recover)
+        .unify()
+}

@@ -1,0 +1,125 @@
+//! The accept loop: serves the warp filter tree over HTTP/1.1 with hyper, with
+//! the protections warp's own server lacks.
+//!
+//! - `http.header_read_timeout_ms`: a client that does not finish its request
+//!   head in time is disconnected (slowloris);
+//! - `http.max_header_bytes`: a larger request head gets 431;
+//! - every connection carries a [`Kill`] switch in its request extensions: the
+//!   registry uses it to close a slow client's socket even while nothing can be
+//!   written to it;
+//! - shutdown: stop accepting, let streams end themselves (they watch the same
+//!   token and send a `retry:` hint), wait up to `http.shutdown_grace_ms`, then
+//!   cut what is left.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warp::Filter;
+
+use crate::registry::Kill;
+
+/// Limits applied to every HTTP connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Time allowed for a complete request head.
+    pub header_read_timeout: Duration,
+    /// Largest request head, bytes.
+    pub max_header_bytes: usize,
+    /// How long open connections may take to finish on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// Serves `routes` on `listener` until `shutdown` is cancelled, then drains.
+pub async fn serve<F>(
+    listener: TcpListener,
+    routes: F,
+    limits: ServerLimits,
+    shutdown: CancellationToken,
+) where
+    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
+    // Cancelled when the grace period is over: ends every connection left.
+    let cut = CancellationToken::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+
+    loop {
+        let (socket, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = socket.set_nodelay(true);
+        let kill = Kill::new();
+        let service = {
+            let kill = kill.clone();
+            let routes = warp::service(routes.clone());
+            hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                request.extensions_mut().insert(kill.clone());
+                request.extensions_mut().insert(PeerAddr(peer));
+                let mut routes = routes.clone();
+                async move { tower_service::Service::call(&mut routes, request).await }
+            })
+        };
+        let connection = builder.serve_connection(TokioIo::new(socket), service);
+        let connection = graceful.watch(connection);
+        let cut = cut.clone();
+        connections.spawn(async move {
+            tokio::select! {
+                _ = cut.cancelled() => {}
+                result = connection => {
+                    if let Err(err) = result {
+                        tracing::debug!(%peer, error = %err, "connection ended with an error");
+                    }
+                }
+                _ = kill.killed() => {
+                    tracing::debug!(%peer, reason = ?kill.reason(), "connection killed");
+                }
+            }
+        });
+    }
+
+    drop(listener);
+    connections.close();
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(limits.shutdown_grace) => {
+            tracing::warn!(
+                grace_ms = limits.shutdown_grace.as_millis() as u64,
+                open = connections.len(),
+                "shutdown grace period over; cutting remaining connections"
+            );
+            cut.cancel();
+        }
+    }
+    connections.wait().await;
+}
+
+/// The client's address, available to handlers as a request extension.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);

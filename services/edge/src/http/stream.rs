@@ -1,0 +1,471 @@
+//! `GET /v1/stream`: one client's SSE stream.
+//!
+//! Opening a stream, in order:
+//! 1. authenticate the token (header, `access_token` query or cookie) and work
+//!    out the targets: the user, plus every `topic=` the token grants;
+//! 2. fix the starting position: the client's `Last-Event-ID` (header or
+//!    `last_event_id` query), or for a fresh stream the bus head *before*
+//!    attaching, so nothing published after the request arrived is missed;
+//! 3. attach to the registry (live events now queue up) and wait until the bus
+//!    delivers every target live;
+//! 4. answer 200 and write: a comment, a jittered `retry:` hint, then the replay
+//!    of everything after the starting position (or one `herald.reset` if that
+//!    history is gone), then live events, skipping any the replay already sent.
+//!
+//! The connection's cursor (the last sequence written) makes the hand-over from
+//! replay to live exact: queued live events at or below it are dropped, so the
+//! client sees every event once, in order. Frames waiting in the queue are
+//! written together, one write per batch. Heartbeat comments keep proxies from
+//! closing idle streams. The stream ends when the client leaves, when it is cut
+//! as too slow, or when the node shuts down (with a `retry:` hint first).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use herald_protocol::{EventId, Target, sse};
+use serde_json::json;
+use warp::http::{HeaderMap, HeaderValue, StatusCode};
+use warp::reply::Response;
+use warp::{Rejection, Reply};
+
+use super::AppState;
+use super::errors::ApiError;
+use crate::bus::{Event, FollowState, LostReason, Replay};
+use crate::metrics::ReasonLabel;
+use crate::registry::{AttachError, ConnectionHandle, DisconnectReason, Frame, Kill};
+
+/// Name of the cookie that may carry the token.
+pub const TOKEN_COOKIE: &str = "herald_token";
+
+/// How long to wait for the bus to start live delivery of a stream's targets.
+const FOLLOW_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the client asked for, read from the request.
+#[derive(Debug, Default)]
+struct StreamRequest {
+    token: Option<String>,
+    topics: Vec<String>,
+    last_event_id: Option<String>,
+}
+
+impl StreamRequest {
+    fn parse(headers: &HeaderMap, query: &str) -> Result<Self, ApiError> {
+        let mut request = StreamRequest::default();
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            match &*key {
+                "access_token" => request.token = Some(value.into_owned()),
+                "topic" => request.topics.push(value.into_owned()),
+                "last_event_id" => request.last_event_id = Some(value.into_owned()),
+                _ => {}
+            }
+        }
+        if let Some(value) = headers.get("last-event-id") {
+            let value = value.to_str().map_err(|_| {
+                ApiError::bad_request("invalid_last_event_id", "Last-Event-ID is not ASCII text")
+            })?;
+            request.last_event_id = Some(value.to_owned());
+        }
+        if let Some(token) = bearer_token(headers)? {
+            request.token = Some(token);
+        } else if request.token.is_none() {
+            request.token = cookie_token(headers);
+        }
+        Ok(request)
+    }
+}
+
+/// The token from `Authorization: Bearer <jwt>`, if that header is present.
+pub fn bearer_token(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("authorization") else {
+        return Ok(None);
+    };
+    let value = value.to_str().ok().and_then(|v| {
+        v.strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+    });
+    match value {
+        Some(token) => Ok(Some(token.trim().to_owned())),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the Authorization header must be \"Bearer <jwt>\"",
+        )),
+    }
+}
+
+fn cookie_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all("cookie")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .find_map(|pair| {
+            let (name, value) = pair.trim().split_once('=')?;
+            (name == TOKEN_COOKIE).then(|| value.to_owned())
+        })
+}
+
+/// Where a stream starts.
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    /// Replay everything after this id (the client's, or the head for a fresh
+    /// stream); `fresh` streams are told their position with an id-only frame.
+    After { id: EventId, fresh: bool },
+    /// The client sent an id Herald did not write: reset.
+    Unrecognised,
+}
+
+/// Handles `GET /v1/stream`.
+pub async fn open(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    query: String,
+    kill: Option<Kill>,
+) -> Result<Response, Rejection> {
+    let request = StreamRequest::parse(&headers, &query)?;
+    let token = request
+        .token
+        .as_deref()
+        .ok_or_else(|| ApiError::from(crate::auth::AuthError::Missing))?;
+    let subscriber = state.auth.subscriber(token).map_err(ApiError::from)?;
+    let targets = targets(&state, &subscriber, &request.topics)?;
+
+    if state.is_draining() {
+        return Ok(come_back_later(&state, "draining"));
+    }
+    let start = match request.last_event_id.as_deref() {
+        Some(value) => value
+            .parse::<EventId>()
+            .map_or(Start::Unrecognised, |id| Start::After { id, fresh: false }),
+        None => match state.bus.head().await {
+            Ok(id) => Start::After { id, fresh: true },
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the bus head for a new stream");
+                return Ok(come_back_later(&state, "bus_unavailable"));
+            }
+        },
+    };
+
+    let kill = kill.unwrap_or_default();
+    let id = state.registry.next_connection_id();
+    let (handle, frames) = ConnectionHandle::new(
+        id,
+        state.settings.stream.queue_capacity,
+        kill.clone(),
+        Arc::clone(&state.metrics),
+    );
+    let follows = match state.registry.attach(&handle, &targets, &*state.bus) {
+        Ok(follows) => follows,
+        Err(AttachError::NodeFull(_)) => return Ok(come_back_later(&state, "node_full")),
+        Err(err @ AttachError::UserFull(_)) => {
+            state
+                .metrics
+                .rejected_streams
+                .get_or_create(&ReasonLabel {
+                    reason: "user_full",
+                })
+                .inc();
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                err.to_string(),
+            )
+            .retry_after(5)
+            .into());
+        }
+    };
+    let attachment = Attachment {
+        state: Arc::clone(&state),
+        id,
+        targets,
+        kill: kill.clone(),
+        reason: DisconnectReason::ClientClosed,
+        opened: Instant::now(),
+    };
+    if let Err(problem) = wait_until_followed(follows).await {
+        tracing::warn!(connection = id, %problem, "bus could not follow the stream's targets");
+        drop(attachment);
+        return Ok(come_back_later(&state, "bus_unavailable"));
+    }
+    state.metrics.connects.inc();
+    tracing::info!(
+        connection = id,
+        user = %attachment.targets[0].name(),
+        topics = attachment.targets.len() - 1,
+        resume = request.last_event_id.is_some(),
+        "stream opened"
+    );
+    let body = session(attachment, frames, start, kill);
+    Ok(sse_response(warp::reply::stream(body).into_response()))
+}
+
+/// The user's own target first, then each requested topic the token grants.
+fn targets(
+    state: &AppState,
+    subscriber: &crate::auth::Subscriber,
+    topics: &[String],
+) -> Result<Vec<Target>, ApiError> {
+    let max = state.settings.stream.max_topics;
+    if topics.len() > max {
+        return Err(ApiError::bad_request(
+            "too_many_topics",
+            format!("a stream may follow at most {max} topics"),
+        ));
+    }
+    let mut targets = vec![subscriber.user.clone()];
+    for name in topics {
+        let topic = Target::topic(name.as_str())
+            .map_err(|err| ApiError::bad_request("invalid_topic", err.to_string()))?;
+        if !subscriber.may_follow(name) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the token does not grant one of the requested topics",
+            ));
+        }
+        if !targets.contains(&topic) {
+            targets.push(topic);
+        }
+    }
+    Ok(targets)
+}
+
+async fn wait_until_followed(
+    follows: Vec<tokio::sync::watch::Receiver<FollowState>>,
+) -> Result<(), String> {
+    for mut follow in follows {
+        let state = tokio::time::timeout(
+            FOLLOW_TIMEOUT,
+            follow.wait_for(|state| *state != FollowState::Pending),
+        )
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|_| "the bus dropped the follow request".to_owned())?
+        .clone();
+        if let FollowState::Failed(problem) = state {
+            return Err(problem);
+        }
+    }
+    Ok(())
+}
+
+/// Keeps a connection registered; dropping it (the client left, the stream
+/// ended) detaches it from the registry and logs the close.
+struct Attachment {
+    state: Arc<AppState>,
+    id: u64,
+    targets: Vec<Target>,
+    kill: Kill,
+    reason: DisconnectReason,
+    opened: Instant,
+}
+
+impl Attachment {
+    /// Records why the stream is ending (unless it was killed for a reason).
+    fn end_because(&mut self, reason: DisconnectReason) {
+        self.reason = reason;
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.state
+            .registry
+            .detach(self.id, &self.targets, &*self.state.bus);
+        let reason = self.kill.reason().unwrap_or(self.reason);
+        self.state
+            .metrics
+            .disconnects
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
+        tracing::info!(
+            connection = self.id,
+            user = %self.targets[0].name(),
+            reason = reason.as_str(),
+            duration_ms = self.opened.elapsed().as_millis() as u64,
+            "stream closed"
+        );
+    }
+}
+
+/// The body of one stream; see the module docs for the sequence.
+fn session(
+    mut attachment: Attachment,
+    mut frames: tokio::sync::mpsc::Receiver<Frame>,
+    start: Start,
+    kill: Kill,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + Sync + 'static {
+    let state = Arc::clone(&attachment.state);
+    let stream = async_stream::stream! {
+        let mut buf = BytesMut::with_capacity(512);
+        sse::write_comment(&mut buf, "herald stream");
+        sse::write_retry(&mut buf, state.retry_hint_ms());
+
+        let (replayed, mut cursor) = match begin(&state, &attachment.targets, start, &mut buf).await {
+            Ok(begun) => begun,
+            Err(problem) => {
+                tracing::warn!(connection = attachment.id, %problem, "replay failed; client will retry");
+                attachment.end_because(DisconnectReason::BusUnavailable);
+                yield Ok(buf.split().freeze());
+                return;
+            }
+        };
+        let batch_limit = state.settings.stream.max_batch_bytes;
+        for event in &replayed {
+            buf.extend_from_slice(&event.frame);
+            if buf.len() >= batch_limit {
+                yield Ok(state.written(buf.split().freeze(), 0));
+            }
+        }
+        state.metrics.events_delivered.inc_by(replayed.len() as u64);
+        drop(replayed);
+        yield Ok(state.written(buf.split().freeze(), 0));
+
+        let heartbeat_every = Duration::from_millis(state.settings.stream.heartbeat_ms);
+        let heartbeat = tokio::time::sleep(heartbeat_every);
+        tokio::pin!(heartbeat);
+        loop {
+            let step = tokio::select! {
+                biased;
+                _ = kill.killed() => Step::End,
+                _ = state.shutdown.cancelled() => Step::Shutdown,
+                frame = frames.recv() => match frame {
+                    Some(frame) => Step::Frame(frame),
+                    None => Step::End,
+                },
+                _ = heartbeat.as_mut() => Step::Heartbeat,
+            };
+            match step {
+                Step::Frame(first) => {
+                    let mut delivered = 0;
+                    let mut next = Some(first);
+                    while let Some(frame) = next.take() {
+                        if frame.seq > cursor {
+                            cursor = frame.seq;
+                            buf.extend_from_slice(&frame.bytes);
+                            delivered += 1;
+                        }
+                        if buf.len() < batch_limit {
+                            next = frames.try_recv().ok();
+                        }
+                    }
+                    if buf.is_empty() {
+                        continue;
+                    }
+                    yield Ok(state.written(buf.split().freeze(), delivered));
+                }
+                Step::Heartbeat => {
+                    sse::write_comment(&mut buf, "");
+                    yield Ok(buf.split().freeze());
+                }
+                Step::Shutdown => {
+                    attachment.end_because(DisconnectReason::Shutdown);
+                    sse::write_retry(&mut buf, state.retry_hint_ms());
+                    yield Ok(buf.split().freeze());
+                    break;
+                }
+                Step::End => break,
+            }
+            heartbeat.as_mut().reset(tokio::time::Instant::now() + heartbeat_every);
+        }
+    };
+    sync_wrapper::SyncStream::new(stream)
+}
+
+enum Step {
+    Frame(Frame),
+    Heartbeat,
+    Shutdown,
+    End,
+}
+
+/// Reads the replay for `start` and writes what comes before it (an id-only
+/// frame for a fresh stream, or the reset) into `buf`. Returns the events to
+/// send and the cursor after them.
+async fn begin(
+    state: &AppState,
+    targets: &[Target],
+    start: Start,
+    buf: &mut BytesMut,
+) -> Result<(Vec<Arc<Event>>, u64), String> {
+    let limit = state.settings.stream.max_replay_events;
+    let (after, fresh) = match start {
+        Start::After { id, fresh } => (id, fresh),
+        Start::Unrecognised => {
+            let head = state.bus.head().await.map_err(|e| e.to_string())?;
+            write_reset(state, buf, LostReason::UnrecognisedId, head);
+            return Ok((Vec::new(), head.seq));
+        }
+    };
+    match state
+        .bus
+        .replay(targets, after, limit)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Replay::Complete { events, .. } => {
+            if fresh {
+                // Tell the client where it starts, so a reconnect before any
+                // event still resumes from here (an id-only frame dispatches
+                // no event but sets the browser's last event id).
+                buf.extend_from_slice(format!("id: {after}\n\n").as_bytes());
+            } else if !events.is_empty() {
+                state.metrics.replays.inc();
+                state.metrics.replayed_events.inc_by(events.len() as u64);
+            }
+            let cursor = events.last().map_or(after.seq, |event| event.id.seq);
+            Ok((events, cursor))
+        }
+        Replay::HistoryLost { reason, head } => {
+            write_reset(state, buf, reason, head);
+            Ok((Vec::new(), head.seq))
+        }
+    }
+}
+
+/// Writes the one `herald.reset` event: the application must refetch its state;
+/// the stream continues live from `head`.
+fn write_reset(state: &AppState, buf: &mut BytesMut, reason: LostReason, head: EventId) {
+    state
+        .metrics
+        .resets
+        .get_or_create(&ReasonLabel {
+            reason: reason.as_str(),
+        })
+        .inc();
+    let data = json!({ "reason": reason.as_str() }).to_string();
+    let event_type = herald_protocol::EventType::system("herald.reset");
+    sse::write_event(buf, Some(&head), Some(&event_type), &data);
+}
+
+/// Adds the SSE headers to a streaming response.
+fn sse_response(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    headers.insert("cache-control", HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// A 200 stream that only says "retry later" and ends. Used for passing
+/// refusals (node full, draining, bus down): a browser's EventSource treats any
+/// non-200 answer as final, but reconnects after a stream that ends.
+fn come_back_later(state: &AppState, reason: &'static str) -> Response {
+    state
+        .metrics
+        .rejected_streams
+        .get_or_create(&ReasonLabel { reason })
+        .inc();
+    let mut buf = BytesMut::new();
+    sse::write_comment(&mut buf, reason);
+    sse::write_retry(&mut buf, state.retry_hint_ms());
+    sse_response(Response::new(buf.freeze().into()))
+}

@@ -1,0 +1,194 @@
+//! Herald edge node: holds browsers' SSE connections and streams each user
+//! their events, in order, resuming from `Last-Event-ID`.
+//!
+//! Layout (read top-down):
+//! - [`Node`] / [`run`]: build the parts from [`Settings`], serve until the
+//!   shutdown future resolves, then end every stream cleanly;
+//! - [`http`]: the warp filter tree (`/v1/stream`, `/v1/publish`, health,
+//!   metrics), the SSE session, the one error-to-response mapping, and the hyper
+//!   accept loop with its limits;
+//! - [`registry`]: the sharded map of live connections by target, with bounded
+//!   per-connection queues;
+//! - [`bus`]: the event bus trait (publish, follow, replay) and its embedded
+//!   in-memory implementation;
+//! - [`auth`]: JWT validation for subscribers and publishers;
+//! - [`metrics`]: Prometheus counters and gauges.
+
+pub mod auth;
+pub mod bus;
+pub mod http;
+pub mod metrics;
+pub mod registry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use herald_config::{BusKind, Settings};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::bus::Bus;
+use crate::bus::memory::MemoryBus;
+use crate::http::AppState;
+use crate::http::server::ServerLimits;
+use crate::metrics::Metrics;
+use crate::registry::{Registry, RegistryLimits};
+
+/// Why a node could not start. Nothing is left running when this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The settings are not usable (validation should have caught it).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The HTTP listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A bound, not yet running, edge node.
+#[derive(Debug)]
+pub struct Node {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    state: Arc<AppState>,
+}
+
+/// A view of a running node, for tests and tools in the same process.
+#[derive(Debug, Clone)]
+pub struct NodeHandle {
+    state: Arc<AppState>,
+}
+
+impl NodeHandle {
+    /// Open SSE streams.
+    pub fn connections(&self) -> usize {
+        self.state.registry.connection_count()
+    }
+
+    /// Targets (users and topics) with at least one open stream here.
+    pub fn targets(&self) -> usize {
+        self.state.registry.target_count()
+    }
+
+    /// The metrics in Prometheus text form.
+    pub fn metrics_text(&self) -> String {
+        self.state.metrics.render()
+    }
+}
+
+impl Node {
+    /// Builds every part from `settings` and binds the HTTP listener.
+    pub async fn bind(settings: Settings) -> Result<Node, StartError> {
+        let node_id = settings.node.resolved_id();
+        let auth = Authenticator::new(&settings.auth)
+            .ok_or_else(|| StartError::Config("auth.hs256_secret is required".into()))?;
+        let metrics = Arc::new(Metrics::default());
+        let registry = Arc::new(Registry::new(
+            RegistryLimits {
+                max_connections: settings.stream.max_connections,
+                max_connections_per_user: settings.stream.max_connections_per_user,
+            },
+            Arc::clone(&metrics),
+        ));
+        let bus: Arc<dyn Bus> = match settings.bus.kind {
+            BusKind::Memory => {
+                tracing::warn!(
+                    "bus.kind = memory: embedded single-node bus, history kept in this process \
+                     only and lost on restart. Use bus.kind = nats in production."
+                );
+                Arc::new(MemoryBus::new(&settings.memory, registry.clone()))
+            }
+        };
+        let addr = settings.http.listen.clone();
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let state = Arc::new(AppState {
+            node_id,
+            settings,
+            registry,
+            bus,
+            auth,
+            metrics,
+            shutdown: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+        });
+        Ok(Node {
+            listener,
+            local_addr,
+            state,
+        })
+    }
+
+    /// The address the node listens on (the real port when configured with 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A view of the node that stays valid while it runs.
+    pub fn handle(&self) -> NodeHandle {
+        NodeHandle {
+            state: Arc::clone(&self.state),
+        }
+    }
+
+    /// Serves until `shutdown` resolves, then ends every stream (each gets a
+    /// `retry:` hint so its client reconnects elsewhere) and waits for open
+    /// requests up to `http.shutdown_grace_ms`.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let state = self.state;
+        let http = &state.settings.http;
+        let limits = ServerLimits {
+            header_read_timeout: Duration::from_millis(http.header_read_timeout_ms),
+            max_header_bytes: http.max_header_bytes,
+            shutdown_grace: Duration::from_millis(http.shutdown_grace_ms),
+        };
+        tracing::info!(
+            node = %state.node_id,
+            addr = %self.local_addr,
+            bus = state.bus.kind(),
+            "herald edge node listening"
+        );
+        let server = tokio::spawn(http::server::serve(
+            self.listener,
+            http::routes(Arc::clone(&state)),
+            limits,
+            state.shutdown.clone(),
+        ));
+        shutdown.await;
+        tracing::info!(
+            connections = state.registry.connection_count(),
+            "shutting down: closing streams"
+        );
+        state
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        state.shutdown.cancel();
+        if let Err(err) = server.await {
+            tracing::error!(error = %err, "http server task failed");
+        }
+        tracing::info!("herald edge node stopped");
+    }
+}
+
+/// Binds and runs a node until `shutdown` resolves.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    Node::bind(settings).await?.run(shutdown).await;
+    Ok(())
+}

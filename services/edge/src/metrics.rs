@@ -1,0 +1,107 @@
+//! Prometheus metrics of one node, served at `GET /metrics`.
+//!
+//! Counters are plain atomics updated on the paths they describe; nothing here
+//! allocates per event. Names follow Prometheus conventions (`herald_` prefix,
+//! `_total` for counters); `docs/observability.md` lists them.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Label for a disconnect reason or reset reason.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Stable reason name.
+    pub reason: &'static str,
+}
+
+/// Every metric the node exports.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Open SSE streams.
+    pub connections_open: Gauge,
+    /// Streams opened.
+    pub connects: Counter,
+    /// Streams closed, by reason.
+    pub disconnects: Family<ReasonLabel, Counter>,
+    /// Streams cut because their queue filled.
+    pub slow_disconnects: Counter,
+    /// Events accepted by `POST /v1/publish`.
+    pub events_published: Counter,
+    /// Event frames written to streams (live and replayed).
+    pub events_delivered: Counter,
+    /// Bytes written to streams.
+    pub bytes_written: Counter,
+    /// Streams that resumed from a `Last-Event-ID`.
+    pub replays: Counter,
+    /// Events sent by replays.
+    pub replayed_events: Counter,
+    /// `herald.reset` events sent, by reason.
+    pub resets: Family<ReasonLabel, Counter>,
+    /// Stream requests refused by a limit.
+    pub rejected_streams: Family<ReasonLabel, Counter>,
+}
+
+impl Metrics {
+    /// Renders every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut registry = Registry::with_prefix("herald");
+        registry.register(
+            "connections_open",
+            "Open SSE streams on this node",
+            self.connections_open.clone(),
+        );
+        registry.register("connects", "SSE streams opened", self.connects.clone());
+        registry.register(
+            "disconnects",
+            "SSE streams closed, by reason",
+            self.disconnects.clone(),
+        );
+        registry.register(
+            "slow_disconnects",
+            "SSE streams cut because the client read too slowly",
+            self.slow_disconnects.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Events accepted over HTTP publish",
+            self.events_published.clone(),
+        );
+        registry.register(
+            "events_delivered",
+            "Event frames written to SSE streams",
+            self.events_delivered.clone(),
+        );
+        registry.register(
+            "bytes_written",
+            "Bytes written to SSE streams",
+            self.bytes_written.clone(),
+        );
+        registry.register(
+            "replays",
+            "Streams resumed from a Last-Event-ID",
+            self.replays.clone(),
+        );
+        registry.register(
+            "replayed_events",
+            "Events sent by replays",
+            self.replayed_events.clone(),
+        );
+        registry.register(
+            "resets",
+            "herald.reset events sent, by reason",
+            self.resets.clone(),
+        );
+        registry.register(
+            "rejected_streams",
+            "Stream requests refused by a limit, by reason",
+            self.rejected_streams.clone(),
+        );
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        text
+    }
+}

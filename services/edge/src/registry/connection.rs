@@ -1,0 +1,130 @@
+//! One SSE connection as the registry sees it: a bounded queue of frames and a
+//! kill switch.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// An encoded event waiting to be written to one connection.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// The event's stream sequence, to drop what the connection already sent.
+    pub seq: u64,
+    /// The complete SSE frame, shared between all connections.
+    pub bytes: Bytes,
+}
+
+/// Why a stream ended; logged and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// The client went away.
+    ClientClosed,
+    /// The client read too slowly and its queue filled up.
+    Slow,
+    /// The node is shutting down.
+    Shutdown,
+    /// The bus could not serve the stream.
+    BusUnavailable,
+}
+
+impl DisconnectReason {
+    /// Stable name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisconnectReason::ClientClosed => "client_closed",
+            DisconnectReason::Slow => "slow",
+            DisconnectReason::Shutdown => "shutdown",
+            DisconnectReason::BusUnavailable => "bus_unavailable",
+        }
+    }
+}
+
+/// Ends one HTTP connection from outside: the server closes its socket even
+/// when the client stopped reading (so nothing can be written to it any more).
+#[derive(Debug, Clone, Default)]
+pub struct Kill {
+    token: CancellationToken,
+    reason: Arc<OnceLock<DisconnectReason>>,
+}
+
+impl Kill {
+    /// A fresh switch for one connection.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Ends the connection; the first reason given is kept.
+    pub fn kill(&self, reason: DisconnectReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    /// Whether the connection was killed.
+    pub fn is_killed(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Why it was killed, if it was.
+    pub fn reason(&self) -> Option<DisconnectReason> {
+        self.reason.get().copied()
+    }
+
+    /// Resolves when the connection is killed.
+    pub async fn killed(&self) {
+        self.token.cancelled().await
+    }
+}
+
+/// What the registry keeps of one connection.
+#[derive(Debug)]
+pub struct ConnectionHandle {
+    /// Unique on this node.
+    pub id: u64,
+    /// Ends the connection (used when its queue overflows).
+    pub kill: Kill,
+    queue: mpsc::Sender<Frame>,
+    metrics: Arc<Metrics>,
+}
+
+impl ConnectionHandle {
+    /// A handle and the receiving end of its queue of `capacity` frames.
+    pub fn new(
+        id: u64,
+        capacity: usize,
+        kill: Kill,
+        metrics: Arc<Metrics>,
+    ) -> (Arc<Self>, mpsc::Receiver<Frame>) {
+        let (queue, frames) = mpsc::channel(capacity);
+        let handle = ConnectionHandle {
+            id,
+            kill,
+            queue,
+            metrics,
+        };
+        (Arc::new(handle), frames)
+    }
+
+    /// Queues a frame without waiting; a full queue kills the connection.
+    pub fn offer(&self, frame: Frame) {
+        match self.queue.try_send(frame) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                if !self.kill.is_killed() {
+                    self.metrics.slow_disconnects.inc();
+                    tracing::warn!(
+                        connection = self.id,
+                        capacity = self.queue.max_capacity(),
+                        "client too slow: queue full, disconnecting (it resumes from its last id)"
+                    );
+                }
+                self.kill.kill(DisconnectReason::Slow);
+            }
+            // The stream is already gone and detaching.
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
+}

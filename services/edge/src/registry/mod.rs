@@ -1,0 +1,342 @@
+//! The connection registry: which SSE connections this node holds, by target.
+//!
+//! A sharded [`DashMap`] maps each [`Target`] (a user or a topic) to the local
+//! connections that follow it. The first connection for a target makes the node
+//! follow it on the bus; the last one to leave unfollows it and removes the
+//! entry, so an idle node holds no state for users who left. Both happen under
+//! the map's lock for that target, so follow and unfollow of one target never
+//! cross.
+//!
+//! Live events arrive through [`LiveSink::deliver`]: the registry looks up the
+//! target once and offers the event's shared frame (a [`Bytes`] clone, no copy)
+//! to each connection's bounded queue without waiting. A connection whose queue
+//! is full is too slow: it is cut loose through its [`Kill`] switch and resumes
+//! from its last id when it reconnects.
+
+mod connection;
+
+pub use connection::{ConnectionHandle, DisconnectReason, Frame, Kill};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use herald_protocol::{Target, TargetKind};
+use tokio::sync::watch;
+
+use crate::bus::{Event, FollowState, Interest, LiveSink};
+use crate::metrics::Metrics;
+
+/// Limits the registry enforces when a connection attaches.
+#[derive(Debug, Clone, Copy)]
+pub struct RegistryLimits {
+    /// Most connections on this node.
+    pub max_connections: usize,
+    /// Most connections of one user on this node.
+    pub max_connections_per_user: usize,
+}
+
+/// Why a connection could not attach. Nothing was registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    /// The node holds `max_connections` already.
+    #[error("this node holds its maximum of {0} streams")]
+    NodeFull(usize),
+    /// The user holds `max_connections_per_user` streams on this node already.
+    #[error("this user already holds the maximum of {0} streams")]
+    UserFull(usize),
+}
+
+struct TargetEntry {
+    connections: HashMap<u64, Arc<ConnectionHandle>>,
+    follow: watch::Receiver<FollowState>,
+}
+
+/// Every SSE connection this node holds, by target.
+pub struct Registry {
+    targets: DashMap<Target, TargetEntry>,
+    connections: AtomicUsize,
+    next_id: AtomicU64,
+    limits: RegistryLimits,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("targets", &self.targets.len())
+            .field("connections", &self.connection_count())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(limits: RegistryLimits, metrics: Arc<Metrics>) -> Self {
+        Registry {
+            targets: DashMap::new(),
+            connections: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            limits,
+            metrics,
+        }
+    }
+
+    /// A fresh connection id, unique on this node.
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Open connections on this node.
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Targets with at least one local connection (what the node follows).
+    pub fn target_count(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// Registers `connection` for every target in `targets` (its user first),
+    /// following newly held targets on the bus. Returns one watch per target
+    /// that turns ready when live delivery for it is active.
+    pub fn attach(
+        &self,
+        connection: &Arc<ConnectionHandle>,
+        targets: &[Target],
+        interest: &dyn Interest,
+    ) -> Result<Vec<watch::Receiver<FollowState>>, AttachError> {
+        let total = self.connections.fetch_add(1, Ordering::AcqRel);
+        if total >= self.limits.max_connections {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(AttachError::NodeFull(self.limits.max_connections));
+        }
+        let mut follows = Vec::with_capacity(targets.len());
+        for (index, target) in targets.iter().enumerate() {
+            let mut entry = self
+                .targets
+                .entry(target.clone())
+                .or_insert_with(|| TargetEntry {
+                    connections: HashMap::new(),
+                    follow: interest.follow(target),
+                });
+            if target.kind() == TargetKind::User
+                && entry.connections.len() >= self.limits.max_connections_per_user
+            {
+                drop(entry);
+                self.detach_targets(connection.id, &targets[..index], interest);
+                self.remove_if_empty(target, interest);
+                self.connections.fetch_sub(1, Ordering::AcqRel);
+                return Err(AttachError::UserFull(self.limits.max_connections_per_user));
+            }
+            entry
+                .connections
+                .insert(connection.id, Arc::clone(connection));
+            follows.push(entry.follow.clone());
+        }
+        self.metrics
+            .connections_open
+            .set(self.connection_count() as i64);
+        Ok(follows)
+    }
+
+    /// Removes the connection from its targets, unfollowing targets left empty.
+    pub fn detach(&self, connection_id: u64, targets: &[Target], interest: &dyn Interest) {
+        self.detach_targets(connection_id, targets, interest);
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+        self.metrics
+            .connections_open
+            .set(self.connection_count() as i64);
+    }
+
+    fn detach_targets(&self, connection_id: u64, targets: &[Target], interest: &dyn Interest) {
+        for target in targets {
+            if let Some(mut entry) = self.targets.get_mut(target) {
+                entry.connections.remove(&connection_id);
+            }
+            self.remove_if_empty(target, interest);
+        }
+    }
+
+    fn remove_if_empty(&self, target: &Target, interest: &dyn Interest) {
+        // remove_if holds the shard lock, so a concurrent attach either lands
+        // before (and the entry stays) or after (and follows anew).
+        let removed = self.targets.remove_if(target, |target, entry| {
+            let empty = entry.connections.is_empty();
+            if empty {
+                interest.unfollow(target);
+            }
+            empty
+        });
+        drop(removed);
+    }
+}
+
+impl LiveSink for Registry {
+    fn deliver(&self, event: &Arc<Event>) {
+        let Some(entry) = self.targets.get(&event.target) else {
+            return;
+        };
+        for connection in entry.connections.values() {
+            connection.offer(Frame {
+                seq: event.id.seq,
+                bytes: event.frame.clone(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct CountingInterest {
+        followed: Mutex<Vec<Target>>,
+        unfollowed: Mutex<Vec<Target>>,
+    }
+
+    impl Interest for CountingInterest {
+        fn follow(&self, target: &Target) -> watch::Receiver<FollowState> {
+            self.followed.lock().expect("lock").push(target.clone());
+            watch::channel(FollowState::Ready).1
+        }
+        fn unfollow(&self, target: &Target) {
+            self.unfollowed.lock().expect("lock").push(target.clone());
+        }
+    }
+
+    fn registry(max_connections: usize, max_per_user: usize) -> Registry {
+        Registry::new(
+            RegistryLimits {
+                max_connections,
+                max_connections_per_user: max_per_user,
+            },
+            Arc::new(Metrics::default()),
+        )
+    }
+
+    fn connection(
+        registry: &Registry,
+        capacity: usize,
+    ) -> (Arc<ConnectionHandle>, tokio::sync::mpsc::Receiver<Frame>) {
+        ConnectionHandle::new(
+            registry.next_connection_id(),
+            capacity,
+            Kill::new(),
+            Arc::new(Metrics::default()),
+        )
+    }
+
+    fn event(target: &Target, seq: u64) -> Arc<Event> {
+        Arc::new(Event::new(
+            herald_protocol::EventId {
+                epoch: herald_protocol::Epoch(1),
+                seq,
+            },
+            target.clone(),
+            None,
+            "x",
+            std::time::SystemTime::now(),
+        ))
+    }
+
+    #[test]
+    fn a_target_is_followed_once_and_unfollowed_after_its_last_connection() {
+        let registry = registry(10, 10);
+        let interest = CountingInterest::default();
+        let alice = Target::user("alice").expect("valid");
+        let (a, _qa) = connection(&registry, 4);
+        let (b, _qb) = connection(&registry, 4);
+        registry
+            .attach(&a, std::slice::from_ref(&alice), &interest)
+            .expect("attached");
+        registry
+            .attach(&b, std::slice::from_ref(&alice), &interest)
+            .expect("attached");
+        assert_eq!(interest.followed.lock().expect("lock").len(), 1);
+
+        registry.detach(a.id, std::slice::from_ref(&alice), &interest);
+        assert!(interest.unfollowed.lock().expect("lock").is_empty());
+        registry.detach(b.id, std::slice::from_ref(&alice), &interest);
+        assert_eq!(*interest.unfollowed.lock().expect("lock"), vec![alice]);
+        assert_eq!(registry.target_count(), 0);
+        assert_eq!(registry.connection_count(), 0);
+    }
+
+    #[test]
+    fn events_reach_only_the_connections_of_their_target() {
+        let registry = registry(10, 10);
+        let interest = CountingInterest::default();
+        let alice = Target::user("alice").expect("valid");
+        let bob = Target::user("bob").expect("valid");
+        let (a, mut qa) = connection(&registry, 4);
+        let (b, mut qb) = connection(&registry, 4);
+        registry
+            .attach(&a, std::slice::from_ref(&alice), &interest)
+            .expect("attached");
+        registry
+            .attach(&b, std::slice::from_ref(&bob), &interest)
+            .expect("attached");
+        registry.deliver(&event(&alice, 1));
+        assert_eq!(qa.try_recv().expect("frame").seq, 1);
+        assert!(qb.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_connection_whose_queue_is_full_is_killed_as_slow() {
+        let registry = registry(10, 10);
+        let interest = CountingInterest::default();
+        let alice = Target::user("alice").expect("valid");
+        let (a, _qa) = connection(&registry, 2);
+        registry
+            .attach(&a, std::slice::from_ref(&alice), &interest)
+            .expect("attached");
+        for seq in 1..=2 {
+            registry.deliver(&event(&alice, seq));
+        }
+        assert!(!a.kill.is_killed());
+        registry.deliver(&event(&alice, 3));
+        assert!(a.kill.is_killed());
+        assert_eq!(a.kill.reason(), Some(DisconnectReason::Slow));
+    }
+
+    #[test]
+    fn limits_per_node_and_per_user_are_enforced_without_leaking_entries() {
+        let registry = registry(3, 2);
+        let interest = CountingInterest::default();
+        let alice = Target::user("alice").expect("valid");
+        let news = Target::topic("news").expect("valid");
+        let targets = [alice.clone(), news.clone()];
+        let (a, _qa) = connection(&registry, 1);
+        let (b, _qb) = connection(&registry, 1);
+        let (c, _qc) = connection(&registry, 1);
+        registry.attach(&a, &targets, &interest).expect("attached");
+        registry.attach(&b, &targets, &interest).expect("attached");
+        assert_eq!(
+            registry.attach(&c, &targets, &interest).err(),
+            Some(AttachError::UserFull(2))
+        );
+        assert_eq!(registry.connection_count(), 2);
+
+        let bob = Target::user("bob").expect("valid");
+        let carol = Target::user("carol").expect("valid");
+        let (d, _qd) = connection(&registry, 1);
+        registry
+            .attach(&d, std::slice::from_ref(&bob), &interest)
+            .expect("attached");
+        assert_eq!(
+            registry
+                .attach(&c, std::slice::from_ref(&carol), &interest)
+                .err(),
+            Some(AttachError::NodeFull(3))
+        );
+        registry.detach(a.id, &targets, &interest);
+        registry.detach(b.id, &targets, &interest);
+        registry.detach(d.id, std::slice::from_ref(&bob), &interest);
+        assert_eq!(registry.target_count(), 0);
+        assert_eq!(registry.connection_count(), 0);
+    }
+}

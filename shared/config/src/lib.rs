@@ -1,0 +1,470 @@
+//! Herald's settings, loaded in layers: built-in defaults, then an optional TOML
+//! file, then environment variables `HERALD__SECTION__KEY` (a double underscore
+//! between every level, e.g. `HERALD__HTTP__LISTEN=127.0.0.1:8080`).
+//!
+//! [`Settings::load`] refuses unknown keys (a typo must not be silently ignored)
+//! and runs [`Settings::validate`], which reports every problem at once, each
+//! naming its key. Every field documents its unit and default; the same list is
+//! in `docs/configuration.md`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the environment variables read by [`Settings::load`].
+pub const ENV_PREFIX: &str = "HERALD";
+
+/// Everything a Herald edge node can be configured with.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// This node's identity.
+    pub node: NodeSettings,
+    /// The HTTP listener and its limits.
+    pub http: HttpSettings,
+    /// SSE stream behaviour and per-connection limits.
+    pub stream: StreamSettings,
+    /// Which event bus carries events between publishers and nodes.
+    pub bus: BusSettings,
+    /// The embedded single-node bus (`bus.kind = "memory"`).
+    pub memory: MemoryBusSettings,
+    /// Token validation.
+    pub auth: AuthSettings,
+    /// Logs (and, later, traces and metrics export).
+    pub telemetry: TelemetrySettings,
+}
+
+/// This node's identity.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSettings {
+    /// Node id shown in logs and cluster views. Default: the `HOSTNAME`
+    /// environment variable, else `herald-<process id>`.
+    pub id: Option<String>,
+}
+
+impl NodeSettings {
+    /// The configured id, or the documented fallback.
+    pub fn resolved_id(&self) -> String {
+        self.id
+            .clone()
+            .filter(|id| !id.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| format!("herald-{}", std::process::id()))
+    }
+}
+
+/// The HTTP listener and its limits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Address to listen on. Default `127.0.0.1:8080`; use `0.0.0.0:8080` in
+    /// containers. Port 0 picks a free port (tests).
+    pub listen: String,
+    /// Largest accepted request body (`POST /v1/publish`), bytes. Default 65536.
+    pub max_body_bytes: u64,
+    /// Time a client has to send its complete request headers, milliseconds.
+    /// Closes slowloris connections. Default 10000.
+    pub header_read_timeout_ms: u64,
+    /// Largest request head (request line plus headers), bytes; larger requests
+    /// get 431. Default 16384, minimum 8192.
+    pub max_header_bytes: usize,
+    /// On shutdown, how long open requests may take to finish before they are
+    /// cut, milliseconds. Default 10000.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 64 * 1024,
+            header_read_timeout_ms: 10_000,
+            max_header_bytes: 16 * 1024,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl HttpSettings {
+    /// The listen address. Valid after [`Settings::validate`].
+    pub fn listen_addr(&self) -> Result<SocketAddr, std::net::AddrParseError> {
+        self.listen.parse()
+    }
+}
+
+/// SSE stream behaviour and per-connection limits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamSettings {
+    /// Interval between heartbeat comments on an idle stream, milliseconds.
+    /// Keep it below every proxy's idle timeout. Default 15000.
+    pub heartbeat_ms: u64,
+    /// Base of the `retry:` reconnection hint sent to clients, milliseconds.
+    /// Default 1000.
+    pub retry_ms: u64,
+    /// Random extra added to `retry_ms` per connection, up to this many
+    /// milliseconds, so clients of a closed node do not reconnect in lockstep.
+    /// Default 2000.
+    pub retry_jitter_ms: u64,
+    /// Events that may wait in one connection's queue. When a client reads so
+    /// slowly that its queue fills, it is disconnected (it resumes from its last
+    /// id). Default 256.
+    pub queue_capacity: usize,
+    /// Most bytes written to a socket in one go when events are queued. Default
+    /// 65536.
+    pub max_batch_bytes: usize,
+    /// Most `topic=` parameters on one stream. Default 32.
+    pub max_topics: usize,
+    /// Most events replayed to one reconnecting client; a client owed more gets
+    /// `herald.reset` instead. Default 10000.
+    pub max_replay_events: usize,
+    /// Most open streams on this node. Default 100000.
+    pub max_connections: usize,
+    /// Most open streams of one user on this node. Default 32.
+    pub max_connections_per_user: usize,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        StreamSettings {
+            heartbeat_ms: 15_000,
+            retry_ms: 1_000,
+            retry_jitter_ms: 2_000,
+            queue_capacity: 256,
+            max_batch_bytes: 64 * 1024,
+            max_topics: 32,
+            max_replay_events: 10_000,
+            max_connections: 100_000,
+            max_connections_per_user: 32,
+        }
+    }
+}
+
+/// The available event buses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    /// Embedded in the process: one node, history in memory. For trying Herald.
+    #[default]
+    Memory,
+}
+
+/// Which event bus carries events.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusSettings {
+    /// `memory` (default): embedded, single node.
+    pub kind: BusKind,
+}
+
+/// The embedded bus: bounded history kept in memory.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryBusSettings {
+    /// Most events kept for replay. Default 100000.
+    pub max_events: usize,
+    /// Most bytes of event data kept for replay. Default 67108864 (64 MiB).
+    pub max_bytes: usize,
+    /// Oldest event kept for replay, seconds. Default 86400 (one day).
+    pub max_age_secs: u64,
+    /// How long a publish `msg_id` is remembered for deduplication, seconds.
+    /// Default 120.
+    pub duplicate_window_secs: u64,
+}
+
+impl Default for MemoryBusSettings {
+    fn default() -> Self {
+        MemoryBusSettings {
+            max_events: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+            max_age_secs: 86_400,
+            duplicate_window_secs: 120,
+        }
+    }
+}
+
+/// A secret value: never printed, logged or serialized in clear.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself: call only where it is used.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"[redacted]\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("[redacted]")
+    }
+}
+
+/// Token validation.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// Shared secret for HS256 tokens. Required; at least 32 bytes.
+    pub hs256_secret: Option<Secret>,
+    /// Clock skew tolerated on `exp` and `nbf`, seconds. Default 30.
+    pub leeway_secs: u64,
+    /// When set, tokens must carry this `iss`.
+    pub issuer: Option<String>,
+    /// When set, tokens must carry this `aud`.
+    pub audience: Option<String>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            hs256_secret: None,
+            leeway_secs: 30,
+            issuer: None,
+            audience: None,
+        }
+    }
+}
+
+/// Shortest accepted HS256 secret, bytes (the HMAC-SHA256 output size).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (default).
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Logs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// `text` (default) or `json`.
+    pub log_format: LogFormat,
+    /// Log filter in `RUST_LOG` syntax; `RUST_LOG` wins when set. Default `info`.
+    pub log_level: String,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// Why settings could not be loaded. Loading changes no state.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read, or a value has the wrong type or an unknown key.
+    #[error("invalid configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// Values parsed but are not usable; every problem is listed.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (TOML) if given, then `HERALD__*` variables
+    /// from the process environment, and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(file, None)
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly (tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: Option<config::Map<String, String>>,
+    ) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(env),
+        );
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every rule that types alone do not express; reports all problems.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut positive = |key: &str, value: u64| {
+            if value == 0 {
+                problems.push(format!("{key} must be greater than 0"));
+            }
+        };
+        positive("http.max_body_bytes", self.http.max_body_bytes);
+        positive(
+            "http.header_read_timeout_ms",
+            self.http.header_read_timeout_ms,
+        );
+        positive("stream.heartbeat_ms", self.stream.heartbeat_ms);
+        positive("stream.queue_capacity", self.stream.queue_capacity as u64);
+        positive("stream.max_batch_bytes", self.stream.max_batch_bytes as u64);
+        positive("stream.max_connections", self.stream.max_connections as u64);
+        positive(
+            "stream.max_connections_per_user",
+            self.stream.max_connections_per_user as u64,
+        );
+        positive("memory.max_events", self.memory.max_events as u64);
+        positive("memory.max_bytes", self.memory.max_bytes as u64);
+        positive("memory.max_age_secs", self.memory.max_age_secs);
+
+        if let Err(err) = self.http.listen_addr() {
+            problems.push(format!(
+                "http.listen: {:?} is not an address like 127.0.0.1:8080 ({err})",
+                self.http.listen
+            ));
+        }
+        if self.http.max_header_bytes < 8192 {
+            problems.push("http.max_header_bytes must be at least 8192".into());
+        }
+        match &self.auth.hs256_secret {
+            None => problems
+                .push("auth.hs256_secret is required (set HERALD__AUTH__HS256_SECRET)".into()),
+            Some(secret) if secret.expose().len() < MIN_SECRET_BYTES => problems.push(format!(
+                "auth.hs256_secret must be at least {MIN_SECRET_BYTES} bytes long"
+            )),
+            Some(_) => {}
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn env(pairs: &[(&str, &str)]) -> Option<config::Map<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load_from(None, env(pairs))
+    }
+
+    #[test]
+    fn defaults_plus_a_secret_are_valid() {
+        let settings = load(&[("HERALD__AUTH__HS256_SECRET", SECRET)]).expect("valid");
+        assert_eq!(settings.http.listen, "127.0.0.1:8080");
+        assert_eq!(settings.stream.heartbeat_ms, 15_000);
+        assert_eq!(settings.bus.kind, BusKind::Memory);
+    }
+
+    #[test]
+    fn environment_variables_override_nested_keys() {
+        let settings = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__HTTP__LISTEN", "0.0.0.0:9000"),
+            ("HERALD__STREAM__QUEUE_CAPACITY", "8"),
+        ])
+        .expect("valid");
+        assert_eq!(settings.http.listen, "0.0.0.0:9000");
+        assert_eq!(settings.stream.queue_capacity, 8);
+    }
+
+    #[test]
+    fn a_file_is_read_and_the_environment_wins_over_it() {
+        let dir = std::env::temp_dir().join(format!("herald-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("herald.toml");
+        std::fs::write(
+            &path,
+            format!("[http]\nlisten = \"127.0.0.1:7000\"\nmax_body_bytes = 10\n[auth]\nhs256_secret = \"{SECRET}\"\n"),
+        )
+        .expect("write");
+        let settings =
+            Settings::load_from(Some(&path), env(&[("HERALD__HTTP__MAX_BODY_BYTES", "20")]))
+                .expect("valid");
+        assert_eq!(settings.http.listen, "127.0.0.1:7000");
+        assert_eq!(settings.http.max_body_bytes, 20);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_naming_its_key() {
+        let err = load(&[
+            ("HERALD__HTTP__LISTEN", "not-an-address"),
+            ("HERALD__STREAM__QUEUE_CAPACITY", "0"),
+        ])
+        .expect_err("invalid");
+        let message = err.to_string();
+        assert!(message.contains("http.listen"), "{message}");
+        assert!(message.contains("stream.queue_capacity"), "{message}");
+        assert!(
+            message.contains("auth.hs256_secret is required"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_bus_kind_is_refused_naming_the_key() {
+        let err = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__BUS__KIND", "carrier-pigeon"),
+        ])
+        .expect_err("invalid");
+        let message = err.to_string();
+        assert!(message.contains("bus.kind"), "{message}");
+        assert!(message.contains("carrier-pigeon"), "{message}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_rather_than_ignored() {
+        let err = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__HTTP__LISTNE", "127.0.0.1:1"),
+        ])
+        .expect_err("invalid");
+        assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn a_short_secret_is_refused_and_secrets_never_print() {
+        let err = load(&[("HERALD__AUTH__HS256_SECRET", "short")]).expect_err("invalid");
+        assert!(err.to_string().contains("at least 32 bytes"), "{err}");
+
+        let settings = load(&[("HERALD__AUTH__HS256_SECRET", SECRET)]).expect("valid");
+        assert!(!format!("{settings:?}").contains(SECRET));
+        let json = serde_json::to_string(&settings).expect("serializes");
+        assert!(!json.contains(SECRET), "{json}");
+    }
+}

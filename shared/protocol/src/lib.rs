@@ -1,0 +1,19 @@
+//! Herald's wire vocabulary, shared by the edge node, the tools and the tests.
+//!
+//! Layout:
+//! - [`target`]: who an event is for ([`Target`]: a user or a topic), name rules,
+//!   and the reversible encoding of a name into one NATS subject token.
+//! - [`event_id`]: the SSE `id:` of an event ([`EventId`]: bus epoch + stream
+//!   sequence) and the parser for `Last-Event-ID`.
+//! - [`event_type`]: the validated SSE `event:` name ([`EventType`]).
+//! - [`sse`]: the SSE frame encoder (which no field value can break) and a
+//!   spec-conformant parser used by clients and tests.
+
+pub mod event_id;
+pub mod event_type;
+pub mod sse;
+pub mod target;
+
+pub use event_id::{Epoch, EventId, EventIdError};
+pub use event_type::{EventType, EventTypeError};
+pub use target::{Target, TargetError, TargetKind};
