@@ -1,0 +1,57 @@
+# Herald — the two commands a newcomer needs are `make run` and `make test`.
+#
+# Everything a target needs that the machine may lack (nats-server, the npm SSE
+# client) is installed into this repository (bin/, tools/sse-clients/node_modules).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+NATS_SERVER_VERSION ?= v2.11.9
+BIN := $(CURDIR)/bin
+NATS_SERVER := $(BIN)/nats-server
+SSE_CLIENTS := tools/sse-clients
+DEV_SECRET ?= herald-dev-secret-change-me-0123456789
+LISTEN ?= 127.0.0.1:8080
+CARGO ?= cargo
+
+export HERALD_NATS_SERVER := $(NATS_SERVER)
+export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
+
+.PHONY: help run test test-deps lint fmt nats-server sse-clients clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+run: ## Build and start one node on 127.0.0.1:8080 (memory bus, dev secret) and print curl commands
+	@$(CARGO) build --release -p herald-edge
+	@HERALD__AUTH__HS256_SECRET=$(DEV_SECRET) HERALD__HTTP__LISTEN=$(LISTEN) scripts/quickstart.sh target/release/herald-edge $(LISTEN)
+
+test: test-deps ## Run every test (installs nats-server and the npm SSE client first)
+	$(CARGO) test --workspace --locked
+
+test-deps: nats-server sse-clients
+
+lint: ## rustfmt check and clippy with -D warnings
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+nats-server: $(NATS_SERVER) ## Install the pinned nats-server into bin/
+
+$(NATS_SERVER):
+	@command -v go >/dev/null || { echo "Go is required to install nats-server (https://go.dev/dl/)"; exit 1; }
+	GOBIN=$(BIN) go install github.com/nats-io/nats-server/v2@$(NATS_SERVER_VERSION)
+	@$(NATS_SERVER) --version
+
+sse-clients: $(SSE_CLIENTS)/node_modules/.installed ## Install the npm SSE client used by the real-client tests
+
+$(SSE_CLIENTS)/node_modules/.installed: $(SSE_CLIENTS)/package.json $(SSE_CLIENTS)/package-lock.json
+	@command -v npm >/dev/null || { echo "Node.js and npm are required for the real-client tests"; exit 1; }
+	cd $(SSE_CLIENTS) && npm ci --no-audit --no-fund
+	@touch $@
+
+clean: ## Remove build output and installed tools
+	$(CARGO) clean
+	rm -rf $(BIN) $(SSE_CLIENTS)/node_modules
