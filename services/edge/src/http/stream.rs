@@ -306,7 +306,7 @@ fn session(
         sse::write_comment(&mut buf, "herald stream");
         sse::write_retry(&mut buf, state.retry_hint_ms());
 
-        let (replayed, mut cursor) = match begin(&state, &attachment.targets, start, &mut buf).await {
+        let (replayed, cursor) = match begin(&state, &attachment.targets, start, &mut buf).await {
             Ok(begun) => begun,
             Err(problem) => {
                 tracing::warn!(connection = attachment.id, %problem, "replay failed; client will retry");
@@ -329,6 +329,7 @@ fn session(
         let heartbeat_every = Duration::from_millis(state.settings.stream.heartbeat_ms);
         let heartbeat = tokio::time::sleep(heartbeat_every);
         tokio::pin!(heartbeat);
+        let mut cursor = Cursor::new(attachment.targets.len(), cursor);
         loop {
             let step = tokio::select! {
                 biased;
@@ -345,9 +346,7 @@ fn session(
                     let mut delivered = 0;
                     let mut next = Some(first);
                     while let Some(frame) = next.take() {
-                        if frame.seq > cursor {
-                            cursor = frame.seq;
-                            buf.extend_from_slice(&frame.bytes);
+                        if cursor.write(&frame, &mut buf) {
                             delivered += 1;
                         }
                         if buf.len() < batch_limit {
@@ -375,6 +374,48 @@ fn session(
         }
     };
     sync_wrapper::SyncStream::new(stream)
+}
+
+/// What a connection has written, per target, so every event is written once.
+///
+/// Each target's events arrive in sequence order, and a frame at or below its
+/// target's cursor was already written (by the replay or an earlier live
+/// delivery). Across targets, a bus may hand over events slightly out of global
+/// order (the NATS bus delivers each target from its own subscription); such a
+/// late event is still written, and followed by an id-only frame restoring the
+/// highest id written, so the browser's `Last-Event-ID` always names the
+/// highest position and a resume never replays what was already written.
+struct Cursor {
+    per_target: Vec<u64>,
+    highest: Option<EventId>,
+}
+
+impl Cursor {
+    fn new(targets: usize, start: u64) -> Self {
+        Cursor {
+            per_target: vec![start; targets],
+            highest: None,
+        }
+    }
+
+    /// Appends `frame` to `buf` unless already written; returns whether it was.
+    fn write(&mut self, frame: &Frame, buf: &mut BytesMut) -> bool {
+        let Some(cursor) = self.per_target.get_mut(frame.slot) else {
+            return false;
+        };
+        if frame.id.seq <= *cursor {
+            return false;
+        }
+        *cursor = frame.id.seq;
+        buf.extend_from_slice(&frame.bytes);
+        match self.highest {
+            Some(highest) if highest.seq > frame.id.seq => {
+                buf.extend_from_slice(format!("id: {highest}\n\n").as_bytes());
+            }
+            _ => self.highest = Some(frame.id),
+        }
+        true
+    }
 }
 
 enum Step {
@@ -468,4 +509,49 @@ fn come_back_later(state: &AppState, reason: &'static str) -> Response {
     sse::write_comment(&mut buf, reason);
     sse::write_retry(&mut buf, state.retry_hint_ms());
     sse_response(Response::new(buf.freeze().into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_protocol::Epoch;
+
+    fn frame(slot: usize, seq: u64) -> Frame {
+        Frame {
+            id: EventId {
+                epoch: Epoch(1),
+                seq,
+            },
+            slot,
+            bytes: Bytes::from(format!("id: 1-{seq}\ndata: x\n\n")),
+        }
+    }
+
+    #[test]
+    fn a_frame_already_written_for_its_target_is_skipped() {
+        let mut cursor = Cursor::new(1, 5);
+        let mut buf = BytesMut::new();
+        assert!(!cursor.write(&frame(0, 5), &mut buf));
+        assert!(cursor.write(&frame(0, 6), &mut buf));
+        assert!(!cursor.write(&frame(0, 6), &mut buf));
+        assert_eq!(&buf[..], b"id: 1-6\ndata: x\n\n");
+    }
+
+    #[test]
+    fn a_late_event_of_another_target_is_written_then_the_highest_id_restored() {
+        let mut cursor = Cursor::new(2, 0);
+        let mut buf = BytesMut::new();
+        assert!(cursor.write(&frame(1, 10), &mut buf));
+        buf.clear();
+        assert!(cursor.write(&frame(0, 9), &mut buf));
+        assert_eq!(&buf[..], b"id: 1-9\ndata: x\n\nid: 1-10\n\n");
+    }
+
+    #[test]
+    fn a_frame_for_an_unknown_slot_is_ignored() {
+        let mut cursor = Cursor::new(1, 0);
+        let mut buf = BytesMut::new();
+        assert!(!cursor.write(&frame(3, 1), &mut buf));
+        assert!(buf.is_empty());
+    }
 }

@@ -4,6 +4,7 @@
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use herald_protocol::EventId;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
 
@@ -12,8 +13,11 @@ use crate::metrics::Metrics;
 /// An encoded event waiting to be written to one connection.
 #[derive(Debug, Clone)]
 pub struct Frame {
-    /// The event's stream sequence, to drop what the connection already sent.
-    pub seq: u64,
+    /// The event's id, to drop what the connection already sent.
+    pub id: EventId,
+    /// Which of the connection's targets the event is for (its index in the
+    /// target list the connection attached with).
+    pub slot: usize,
     /// The complete SSE frame, shared between all connections.
     pub bytes: Bytes,
 }

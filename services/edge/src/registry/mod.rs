@@ -49,7 +49,8 @@ pub enum AttachError {
 }
 
 struct TargetEntry {
-    connections: HashMap<u64, Arc<ConnectionHandle>>,
+    /// Connection id → the connection and the slot of this target in its list.
+    connections: HashMap<u64, (Arc<ConnectionHandle>, usize)>,
     follow: watch::Receiver<FollowState>,
 }
 
@@ -132,7 +133,7 @@ impl Registry {
             }
             entry
                 .connections
-                .insert(connection.id, Arc::clone(connection));
+                .insert(connection.id, (Arc::clone(connection), index));
             follows.push(entry.follow.clone());
         }
         self.metrics
@@ -178,9 +179,10 @@ impl LiveSink for Registry {
         let Some(entry) = self.targets.get(&event.target) else {
             return;
         };
-        for connection in entry.connections.values() {
+        for (connection, slot) in entry.connections.values() {
             connection.offer(Frame {
-                seq: event.id.seq,
+                id: event.id,
+                slot: *slot,
                 bytes: event.frame.clone(),
             });
         }
@@ -281,7 +283,7 @@ mod tests {
             .attach(&b, std::slice::from_ref(&bob), &interest)
             .expect("attached");
         registry.deliver(&event(&alice, 1));
-        assert_eq!(qa.try_recv().expect("frame").seq, 1);
+        assert_eq!(qa.try_recv().expect("frame").id.seq, 1);
         assert!(qb.try_recv().is_err());
     }
 
