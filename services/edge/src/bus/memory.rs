@@ -394,10 +394,11 @@ mod tests {
                 .await
                 .expect("stored");
         }
-        let history = bus.lock();
-        assert!(history.bytes <= 200, "{} bytes kept", history.bytes);
-        assert_eq!(history.last_seq, 10);
-        drop(history);
+        {
+            let history = bus.lock();
+            assert!(history.bytes <= 200, "{} bytes kept", history.bytes);
+            assert_eq!(history.last_seq, 10);
+        }
         let err = bus
             .publish(publish_to(&alice, &"x".repeat(300), None))
             .await;
