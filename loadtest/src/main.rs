@@ -1,0 +1,91 @@
+//! `herald-loadtest`: opens many SSE connections to Herald, publishes paced
+//! events, and reports delivery, loss, duplicates, reordering, end-to-end latency
+//! and the server's memory and CPU.
+//!
+//! Layout:
+//! - [`options`]: command-line options;
+//! - [`subscribers`]: the SSE connections and the per-connection accounting;
+//! - [`publishers`]: paced publishing over HTTP;
+//! - [`procstat`]: RSS and CPU time of server processes from `/proc`;
+//! - [`report`]: the summary table and the JSON result.
+//!
+//! Each event's data is `{"k":<per-target sequence>,"t":<publish time, µs>}`
+//! (plus padding), so every receiver can tell lost, duplicated and reordered
+//! events apart and measure publish-to-receive latency on the same clock.
+
+mod options;
+mod procstat;
+mod publishers;
+mod report;
+mod subscribers;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::options::Options;
+use crate::report::Report;
+use crate::subscribers::Subscribers;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let options = Options::parse(std::env::args().skip(1))?;
+    let limit = rlimit::increase_nofile_limit(u64::MAX).context("raising the open-file limit")?;
+    if (limit as usize) < options.connections + 256 {
+        eprintln!(
+            "warning: open-file limit is {limit}; {} connections need more (split over processes)",
+            options.connections
+        );
+    }
+    let servers = procstat::Sampler::new(&options.pids);
+    let idle_before = servers.sample();
+
+    eprintln!(
+        "[{}] connecting {} SSE streams ({} users{}) to {}",
+        options.label,
+        options.connections,
+        options.users,
+        options
+            .topic
+            .as_ref()
+            .map(|t| format!(", topic {t}"))
+            .unwrap_or_default(),
+        options.urls.join(","),
+    );
+    let started = Instant::now();
+    let subscribers = Arc::new(Subscribers::connect(&options).await?);
+    let connect_secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "[{}] {} connected in {connect_secs:.2}s ({} failed)",
+        options.label,
+        subscribers.connected(),
+        subscribers.failed()
+    );
+    // Let the node settle before measuring the memory the connections hold.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_after = servers.sample();
+
+    let publish = publishers::run(&options, Arc::clone(&subscribers)).await?;
+    let deadline = Instant::now() + Duration::from_secs(options.drain_secs);
+    while Instant::now() < deadline && !subscribers.all_received(&publish) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let loaded = servers.sample();
+
+    let report = Report::new(
+        &options,
+        connect_secs,
+        &subscribers,
+        &publish,
+        procstat::Delta::between(&idle_before, &idle_after),
+        procstat::Delta::between(&idle_after, &loaded),
+    );
+    report.print();
+    if let Some(path) = &options.out {
+        report.write_json(path)?;
+        eprintln!("[{}] result written to {}", options.label, path.display());
+    }
+    subscribers.close();
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Command-line options of the load generator.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Scenario name for the report.
+    pub label: String,
+    /// Edge node base URLs; connections are spread over them round-robin.
+    pub urls: Vec<String>,
+    /// HS256 secret to mint tokens with.
+    pub secret: String,
+    /// SSE connections to open.
+    pub connections: usize,
+    /// Distinct users (connection `i` is user `i % users`).
+    pub users: usize,
+    /// When set, every connection follows this topic and events go to it.
+    pub topic: Option<String>,
+    /// Events per second, all publishers together.
+    pub rate: u64,
+    /// Seconds of publishing (0: connect, measure, and stop).
+    pub duration_secs: u64,
+    /// Seconds to wait for outstanding deliveries after publishing.
+    pub drain_secs: u64,
+    /// Padding added to each event's data, bytes.
+    pub payload_bytes: usize,
+    /// Loopback source addresses to spread connections over (127.0.0.1..=N).
+    pub source_ips: u8,
+    /// Connections opened at once.
+    pub connect_concurrency: usize,
+    /// Parallel publishers.
+    pub publishers: usize,
+    /// Share of connections that never read after connecting (slow consumers).
+    pub slow_fraction: f64,
+    /// Server process ids to sample RSS and CPU from.
+    pub pids: Vec<u32>,
+    /// Where to write the JSON result.
+    pub out: Option<PathBuf>,
+}
+
+impl Options {
+    /// Parses `--name value` pairs.
+    pub fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
+        let mut options = Options {
+            label: "adhoc".into(),
+            urls: vec!["http://127.0.0.1:8080".into()],
+            secret: std::env::var("HERALD__AUTH__HS256_SECRET").unwrap_or_default(),
+            connections: 1000,
+            users: 0,
+            topic: None,
+            rate: 1000,
+            duration_secs: 10,
+            drain_secs: 5,
+            payload_bytes: 0,
+            source_ips: 1,
+            connect_concurrency: 256,
+            publishers: 4,
+            slow_fraction: 0.0,
+            pids: Vec::new(),
+            out: None,
+        };
+        while let Some(flag) = args.next() {
+            let value = args
+                .next()
+                .with_context(|| format!("{flag} needs a value"))?;
+            let number = |v: &str| {
+                v.parse::<u64>()
+                    .with_context(|| format!("{flag}: not a number"))
+            };
+            match flag.as_str() {
+                "--label" => options.label = value,
+                "--url" => options.urls = value.split(',').map(str::to_owned).collect(),
+                "--secret" => options.secret = value,
+                "--connections" => options.connections = number(&value)? as usize,
+                "--users" => options.users = number(&value)? as usize,
+                "--topic" => options.topic = Some(value).filter(|t| !t.is_empty()),
+                "--rate" => options.rate = number(&value)?,
+                "--duration" => options.duration_secs = number(&value)?,
+                "--drain" => options.drain_secs = number(&value)?,
+                "--payload" => options.payload_bytes = number(&value)? as usize,
+                "--source-ips" => options.source_ips = number(&value)?.clamp(1, 254) as u8,
+                "--connect-concurrency" => {
+                    options.connect_concurrency = number(&value)?.max(1) as usize
+                }
+                "--publishers" => options.publishers = number(&value)?.max(1) as usize,
+                "--slow-fraction" => {
+                    options.slow_fraction = value.parse().context("--slow-fraction: 0.0 to 1.0")?
+                }
+                "--pids" => {
+                    options.pids = value
+                        .split(',')
+                        .filter(|p| !p.is_empty())
+                        .map(|p| p.parse().context("--pids: process ids"))
+                        .collect::<anyhow::Result<_>>()?
+                }
+                "--out" => options.out = Some(PathBuf::from(value)),
+                other => bail!("unknown option {other}"),
+            }
+        }
+        if options.secret.is_empty() {
+            bail!("give --secret or set HERALD__AUTH__HS256_SECRET");
+        }
+        if options.users == 0 || options.users > options.connections {
+            options.users = options.connections.max(1);
+        }
+        if options.topic.is_some() {
+            // One ordered sequence per topic needs one publisher.
+            options.publishers = 1;
+        }
+        options.publishers = options.publishers.min(options.users);
+        Ok(options)
+    }
+}

@@ -1,0 +1,178 @@
+//! The publishing side: paced events over `POST /v1/publish`, each target's
+//! events numbered in order by the one publisher that owns that target.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use herald_edge::auth::{self, Claims, PublishClaim};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::options::Options;
+use crate::subscribers::{Subscribers, now_micros};
+
+/// What was published, per target.
+#[derive(Debug)]
+pub struct Published {
+    per_target: Vec<AtomicU64>,
+    /// Publish requests that failed.
+    pub errors: AtomicU64,
+    /// Wall time of the publishing phase, seconds.
+    pub secs: f64,
+}
+
+impl Published {
+    /// Events published to `target` (its highest sequence).
+    pub fn sent(&self, target: usize) -> u64 {
+        self.per_target
+            .get(target)
+            .map_or(0, |n| n.load(Ordering::Relaxed))
+    }
+
+    /// Events published in total.
+    pub fn total(&self) -> u64 {
+        self.per_target
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// A subscriber token for `user`, following `topic` if given.
+pub fn subscriber_token(secret: &str, user: &str, topic: Option<&str>) -> anyhow::Result<String> {
+    let claims = Claims {
+        sub: Some(user.to_owned()),
+        topics: topic.map(|t| vec![t.to_owned()]).unwrap_or_default(),
+        exp: auth::expiry_in(Duration::from_secs(24 * 3600)),
+        ..Default::default()
+    };
+    Ok(auth::mint(secret, &claims)?)
+}
+
+/// Publishes at `options.rate` for `options.duration_secs` and returns the counts.
+pub async fn run(options: &Options, _subscribers: Arc<Subscribers>) -> anyhow::Result<Published> {
+    let targets = if options.topic.is_some() {
+        1
+    } else {
+        options.users
+    };
+    let published = Arc::new(Published {
+        per_target: (0..targets).map(|_| AtomicU64::new(0)).collect(),
+        errors: AtomicU64::new(0),
+        secs: 0.0,
+    });
+    if options.duration_secs == 0 || options.rate == 0 {
+        return Arc::try_unwrap(published).map_err(|_| anyhow::anyhow!("publishers still running"));
+    }
+    let token = auth::mint(
+        &options.secret,
+        &Claims {
+            herald_publish: Some(PublishClaim::All(true)),
+            exp: auth::expiry_in(Duration::from_secs(24 * 3600)),
+            ..Default::default()
+        },
+    )?;
+    let server: SocketAddr = options.urls[0]
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .context("--url: expected http://IP:PORT")?;
+    eprintln!(
+        "[{}] publishing {} events/s for {}s with {} publisher(s)",
+        options.label, options.rate, options.duration_secs, options.publishers
+    );
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(options.duration_secs);
+    let per_publisher = Duration::from_secs_f64(options.publishers as f64 / options.rate as f64);
+    let padding = "x".repeat(options.payload_bytes);
+    let mut tasks = Vec::new();
+    for index in 0..options.publishers {
+        let published = Arc::clone(&published);
+        let token = token.clone();
+        let topic = options.topic.clone();
+        let padding = padding.clone();
+        let publishers = options.publishers;
+        tasks.push(tokio::spawn(async move {
+            let mut client = HttpPublisher::connect(server, token).await?;
+            let owned: Vec<usize> = (index..targets).step_by(publishers).collect();
+            let mut ticker = tokio::time::interval(per_publisher);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut turn = 0usize;
+            while Instant::now() < deadline {
+                ticker.tick().await;
+                let target = owned[if owned.len() == 1 {
+                    0
+                } else {
+                    fastrand::usize(..owned.len())
+                }];
+                let k = published.per_target[target].load(Ordering::Relaxed) + 1;
+                let data = format!(r#"{{"k":{k},"t":{},"p":"{padding}"}}"#, now_micros());
+                let body = match &topic {
+                    Some(topic) => format!(r#"{{"topic":"{topic}","data":{data}}}"#),
+                    None => format!(r#"{{"user":"lt-u{target}","data":{data}}}"#),
+                };
+                match client.publish(body).await {
+                    Ok(()) => published.per_target[target].store(k, Ordering::Relaxed),
+                    Err(err) => {
+                        if published.errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                            eprintln!("publish failed: {err:#}");
+                        }
+                        client = HttpPublisher::connect(server, client.token).await?;
+                    }
+                }
+                turn += 1;
+            }
+            anyhow::Ok(turn)
+        }));
+    }
+    for task in tasks {
+        task.await.context("publisher panicked")??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let mut published =
+        Arc::try_unwrap(published).map_err(|_| anyhow::anyhow!("publishers still running"))?;
+    published.secs = secs;
+    Ok(published)
+}
+
+/// One keep-alive HTTP/1.1 connection used for publishing.
+struct HttpPublisher {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    server: SocketAddr,
+    token: String,
+}
+
+impl HttpPublisher {
+    async fn connect(server: SocketAddr, token: String) -> anyhow::Result<Self> {
+        let tcp = TcpStream::connect(server).await?;
+        tcp.set_nodelay(true)?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(connection);
+        Ok(HttpPublisher {
+            sender,
+            server,
+            token,
+        })
+    }
+
+    async fn publish(&mut self, body: String) -> anyhow::Result<()> {
+        let request = hyper::Request::post("/v1/publish")
+            .header("host", self.server.to_string())
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        self.sender.ready().await?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        if status != 200 {
+            bail!("status {status}: {}", String::from_utf8_lossy(&body));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,174 @@
+//! The result of a run: a summary table on stdout and a JSON file.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+
+use crate::options::Options;
+use crate::procstat::Delta;
+use crate::publishers::Published;
+use crate::subscribers::Subscribers;
+
+/// Latency percentiles, microseconds.
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    p50: u64,
+    p90: u64,
+    p99: u64,
+    p999: u64,
+    max: u64,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    scenario: String,
+    connections: usize,
+    connected: usize,
+    failed_connections: usize,
+    users: usize,
+    topic: Option<String>,
+    connect_secs: f64,
+    connects_per_sec: f64,
+    rate_target: u64,
+    publish_secs: f64,
+    published: u64,
+    publish_errors: u64,
+    expected_deliveries: u64,
+    delivered: u64,
+    delivered_per_sec: f64,
+    lost: u64,
+    duplicated: u64,
+    reordered: u64,
+    slow_connections: usize,
+    slow_connections_closed: u64,
+    latency_us: Latency,
+    idle: Delta,
+    idle_rss_per_connection_bytes: f64,
+    load: Delta,
+    deliveries_per_server_cpu_sec: f64,
+}
+
+impl Report {
+    /// Assembles the report from what was measured.
+    pub fn new(
+        options: &Options,
+        connect_secs: f64,
+        subscribers: &Subscribers,
+        published: &Published,
+        idle: Delta,
+        load: Delta,
+    ) -> Report {
+        let mut expected = 0;
+        let mut delivered = 0;
+        let mut lost = 0;
+        let mut duplicated = 0;
+        let mut reordered = 0;
+        let mut slow_closed = 0;
+        for connection in &subscribers.connections {
+            if connection.slow {
+                slow_closed += connection.ended.load(Ordering::Relaxed);
+                continue;
+            }
+            let sent = published.sent(connection.target);
+            let received = connection.received.load(Ordering::Relaxed);
+            let dups = connection.duplicated.load(Ordering::Relaxed);
+            expected += sent;
+            delivered += received;
+            duplicated += dups;
+            reordered += connection.jumped.load(Ordering::Relaxed);
+            lost += sent.saturating_sub(received - dups);
+        }
+        let latency = subscribers.latency();
+        let slow_connections = subscribers.connections.iter().filter(|c| c.slow).count();
+        Report {
+            scenario: options.label.clone(),
+            connections: options.connections,
+            connected: subscribers.connected(),
+            failed_connections: subscribers.failed(),
+            users: options.users,
+            topic: options.topic.clone(),
+            connect_secs,
+            connects_per_sec: subscribers.connected() as f64 / connect_secs.max(1e-9),
+            rate_target: options.rate,
+            publish_secs: published.secs,
+            published: published.total(),
+            publish_errors: published.errors.load(Ordering::Relaxed),
+            expected_deliveries: expected,
+            delivered,
+            delivered_per_sec: delivered as f64 / load.wall_secs.max(1e-9),
+            lost,
+            duplicated,
+            reordered,
+            slow_connections,
+            slow_connections_closed: slow_closed,
+            latency_us: Latency {
+                p50: latency.value_at_quantile(0.5),
+                p90: latency.value_at_quantile(0.9),
+                p99: latency.value_at_quantile(0.99),
+                p999: latency.value_at_quantile(0.999),
+                max: latency.max(),
+            },
+            idle,
+            idle_rss_per_connection_bytes: idle.rss_growth_bytes as f64
+                / subscribers.connected().max(1) as f64,
+            load,
+            deliveries_per_server_cpu_sec: if load.cpu_secs > 0.0 {
+                delivered as f64 / load.cpu_secs
+            } else {
+                0.0
+            },
+        }
+    }
+
+    /// Prints the summary table.
+    pub fn print(&self) {
+        let l = &self.latency_us;
+        println!("scenario               {}", self.scenario);
+        println!(
+            "connections            {} opened, {} failed, {:.0}/s",
+            self.connected, self.failed_connections, self.connects_per_sec
+        );
+        println!(
+            "idle RSS per conn      {:.0} bytes (server RSS {} KiB)",
+            self.idle_rss_per_connection_bytes,
+            self.idle.rss_bytes / 1024
+        );
+        println!(
+            "published              {} in {:.1}s ({} errors)",
+            self.published, self.publish_secs, self.publish_errors
+        );
+        println!(
+            "delivered              {} of {} expected ({:.0}/s)",
+            self.delivered, self.expected_deliveries, self.delivered_per_sec
+        );
+        println!(
+            "lost / dup / reordered {} / {} / {}",
+            self.lost, self.duplicated, self.reordered
+        );
+        if self.slow_connections > 0 {
+            println!(
+                "slow connections       {} (closed by the server: {})",
+                self.slow_connections, self.slow_connections_closed
+            );
+        }
+        println!(
+            "latency µs             p50 {} p90 {} p99 {} p99.9 {} max {}",
+            l.p50, l.p90, l.p99, l.p999, l.max
+        );
+        println!(
+            "server CPU under load  {:.2}s ({:.0} deliveries per CPU-second)",
+            self.load.cpu_secs, self.deliveries_per_server_cpu_sec
+        );
+    }
+
+    /// Writes the JSON result.
+    pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, serde_json::to_vec_pretty(self)?)?;
+        Ok(())
+    }
+}
