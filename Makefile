@@ -17,7 +17,7 @@ CARGO ?= cargo
 export HERALD_NATS_SERVER := $(NATS_SERVER)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
-.PHONY: help run test test-deps lint fmt nats-server sse-clients clean
+.PHONY: help run test test-deps lint fmt nats-server sse-clients loadtest loadtest-all bench-report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -37,6 +37,21 @@ lint: ## rustfmt check and clippy with -D warnings
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
+
+SCENARIO ?= fanout
+SCENARIOS := $(basename $(notdir $(wildcard loadtest/scenarios/*.env)))
+
+loadtest: ## Run one load scenario: make loadtest SCENARIO=fanout (see loadtest/scenarios/)
+	$(CARGO) build --release -p herald-edge -p herald-loadtest
+	loadtest/run-scenario.sh $(SCENARIO)
+
+loadtest-all: ## Run every load scenario, then regenerate the benchmark report
+	$(CARGO) build --release -p herald-edge -p herald-loadtest
+	@for s in $(SCENARIOS); do loadtest/run-scenario.sh $$s || exit 1; done
+	$(MAKE) bench-report
+
+bench-report: ## Regenerate the results table in docs/benchmarks.md from loadtest/results/*.json
+	python3 loadtest/report.py loadtest/results docs/benchmarks.md
 
 nats-server: $(NATS_SERVER) ## Install the pinned nats-server into bin/
 

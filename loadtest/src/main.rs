@@ -72,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let loaded = servers.sample();
+    let slow_disconnects = server_counter(&options.urls, "herald_slow_disconnects_total").await;
 
     let report = Report::new(
         &options,
@@ -80,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         &publish,
         procstat::Delta::between(&idle_before, &idle_after),
         procstat::Delta::between(&idle_after, &loaded),
+        slow_disconnects,
     );
     report.print();
     if let Some(path) = &options.out {
@@ -88,4 +90,28 @@ async fn main() -> anyhow::Result<()> {
     }
     subscribers.close();
     Ok(())
+}
+
+/// Sums a counter from every node's `/metrics` (0 where it cannot be read).
+async fn server_counter(urls: &[String], name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut total = 0;
+    for url in urls {
+        let addr = url.trim_start_matches("http://").trim_end_matches('/');
+        let Ok(mut socket) = tokio::net::TcpStream::connect(addr).await else {
+            continue;
+        };
+        let request = format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+        let mut text = String::new();
+        if socket.write_all(request.as_bytes()).await.is_err()
+            || socket.read_to_string(&mut text).await.is_err()
+        {
+            continue;
+        }
+        total += text
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
 }

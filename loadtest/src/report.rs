@@ -42,6 +42,7 @@ pub struct Report {
     duplicated: u64,
     reordered: u64,
     slow_connections: usize,
+    /// Streams the servers cut as too slow (`herald_slow_disconnects_total`).
     slow_connections_closed: u64,
     latency_us: Latency,
     idle: Delta,
@@ -59,16 +60,15 @@ impl Report {
         published: &Published,
         idle: Delta,
         load: Delta,
+        slow_disconnects: u64,
     ) -> Report {
         let mut expected = 0;
         let mut delivered = 0;
         let mut lost = 0;
         let mut duplicated = 0;
         let mut reordered = 0;
-        let mut slow_closed = 0;
         for connection in &subscribers.connections {
             if connection.slow {
-                slow_closed += connection.ended.load(Ordering::Relaxed);
                 continue;
             }
             let sent = published.sent(connection.target);
@@ -102,7 +102,7 @@ impl Report {
             duplicated,
             reordered,
             slow_connections,
-            slow_connections_closed: slow_closed,
+            slow_connections_closed: slow_disconnects,
             latency_us: Latency {
                 p50: latency.value_at_quantile(0.5),
                 p90: latency.value_at_quantile(0.9),

@@ -24,7 +24,9 @@ const SHARDS: usize = 16;
 /// What one connection has seen.
 #[derive(Debug, Default)]
 pub struct ConnectionStats {
-    /// Index of the target (user, or 0 for the topic) this connection expects.
+    /// Index of the user this connection authenticates as.
+    pub user: usize,
+    /// Index of the target (its user, or 0 for the topic) whose events it expects.
     pub target: usize,
     /// Whether this connection deliberately stops reading.
     pub slow: bool,
@@ -79,6 +81,7 @@ impl Subscribers {
             connections: (0..options.connections)
                 .map(|i| {
                     Arc::new(ConnectionStats {
+                        user: i % options.users,
                         target: if options.topic.is_some() {
                             0
                         } else {
@@ -108,7 +111,7 @@ impl Subscribers {
                 0,
                 1 + (i % options.source_ips as usize) as u8,
             ));
-            let user = format!("lt-u{}", stats.target);
+            let user = format!("lt-u{}", stats.user);
             let token = crate::publishers::subscriber_token(
                 &options.secret,
                 &user,

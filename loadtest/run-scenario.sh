@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs one load scenario end to end: starts an edge node (pinned to CPU 0 where
+# the machine has two or more), runs the load generator (pinned to the others),
+# writes loadtest/results/<scenario>.json, and stops everything it started.
+#
+# Usage: loadtest/run-scenario.sh NAME   (variables in scenarios/NAME.env can be
+# overridden from the environment, e.g. CONNECTIONS=50000 RATE=20000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+name="${1:?usage: run-scenario.sh SCENARIO}"
+scenario="loadtest/scenarios/$name.env"
+[ -f "$scenario" ] || { echo "no scenario $scenario (have: $(ls loadtest/scenarios | sed 's/\.env//' | tr '\n' ' '))"; exit 2; }
+# shellcheck source=/dev/null
+source "$scenario"
+
+edge=target/release/herald-edge
+generator=target/release/herald-loadtest
+secret="loadtest-secret-0123456789abcdef0123"
+port="${PORT:-18080}"
+results="loadtest/results"
+mkdir -p "$results"
+
+if [ "$(nproc)" -ge 2 ]; then
+  pin_server="taskset -c 0"; pin_client="taskset -c 1-$(( $(nproc) - 1 ))"
+else
+  pin_server=""; pin_client=""
+fi
+
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+ulimit -n "$(ulimit -Hn)" || true
+HERALD__AUTH__HS256_SECRET=$secret \
+HERALD__HTTP__LISTEN=127.0.0.1:$port \
+HERALD__STREAM__MAX_CONNECTIONS_PER_USER=1000000 \
+RUST_LOG=${EDGE_LOG:-warn} \
+  $pin_server "$edge" > "$results/$name.edge.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+  curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+
+echo "== $name: $DESCRIPTION"
+$pin_client "$generator" \
+  --label "$name" \
+  --url "http://127.0.0.1:$port" \
+  --secret "$secret" \
+  --connections "$CONNECTIONS" \
+  --users "$USERS" \
+  --topic "${TOPIC:-}" \
+  --rate "$RATE" \
+  --duration "$DURATION" \
+  --payload "${PAYLOAD:-0}" \
+  --publishers "${PUBLISHERS:-4}" \
+  --slow-fraction "${SLOW_FRACTION:-0}" \
+  --source-ips "${SOURCE_IPS:-16}" \
+  --pids "${pids[0]}" \
+  --out "$results/$name.json"
