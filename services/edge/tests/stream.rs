@@ -474,3 +474,51 @@ async fn ten_thousand_connects_and_disconnects_leave_nothing_behind() {
             .contains("herald_connects_total 10001")
     );
 }
+
+/// Before its token expires a stream receives `herald.token-expiring` (with no
+/// id, so the resume position stays put); at expiry the stream ends, and the
+/// same token no longer opens one.
+#[tokio::test]
+async fn a_stream_is_warned_before_its_token_expires_and_ends_at_expiry() {
+    let node = EdgeNode::start(|s| {
+        s.auth.leeway_secs = 0;
+        s.auth.expiry_warning_secs = 1;
+    })
+    .await
+    .expect("node starts");
+    let token = herald_testkit::token(herald_edge::auth::Claims {
+        sub: Some("alice".into()),
+        exp: herald_edge::auth::expiry_in(std::time::Duration::from_secs(2)),
+        ..Default::default()
+    });
+    let url = node.url(&format!("/v1/stream?access_token={token}"));
+    let mut client = SseClient::connect(&url, &[]).await.expect("stream opens");
+    let published = publish_to_user(&node, "alice", "hello")
+        .await
+        .expect("published");
+    assert_eq!(
+        client.next_event(PATIENCE).await.expect("event").id,
+        published
+    );
+
+    let warning = client.next_event(PATIENCE).await.expect("warning");
+    assert_eq!(warning.event_type, "herald.token-expiring");
+    let data: serde_json::Value = serde_json::from_str(&warning.data).expect("json");
+    assert!(data["expires_at"].as_u64().is_some(), "{data}");
+    assert_eq!(
+        warning.id, published,
+        "the warning does not move the resume position"
+    );
+
+    client
+        .until_end(PATIENCE)
+        .await
+        .expect("the stream ends at expiry");
+    assert!(
+        node.handle
+            .metrics_text()
+            .contains("reason=\"token_expired\"")
+    );
+    let again = SseClient::connect(&url, &[]).await.expect("answered");
+    assert_eq!(again.status, 401);
+}

@@ -74,6 +74,11 @@ pub struct HttpSettings {
     /// On shutdown, how long open requests may take to finish before they are
     /// cut, milliseconds. Default 10000.
     pub shutdown_grace_ms: u64,
+    /// Browser origins allowed to call Herald from another origin (CORS), e.g.
+    /// `https://app.example.com`; `*` allows any origin. Credentials (the token
+    /// cookie) are allowed for listed origins. Comma-separated in the
+    /// environment. Default: none (no CORS headers).
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for HttpSettings {
@@ -84,6 +89,7 @@ impl Default for HttpSettings {
             header_read_timeout_ms: 10_000,
             max_header_bytes: 16 * 1024,
             shutdown_grace_ms: 10_000,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -223,6 +229,10 @@ pub struct AuthSettings {
     pub hs256_secret: Option<Secret>,
     /// Clock skew tolerated on `exp` and `nbf`, seconds. Default 30.
     pub leeway_secs: u64,
+    /// How long before a stream's token expires the stream receives a
+    /// `herald.token-expiring` event, seconds; at expiry the stream ends.
+    /// Default 60.
+    pub expiry_warning_secs: u64,
     /// When set, tokens must carry this `iss`.
     pub issuer: Option<String>,
     /// When set, tokens must carry this `aud`.
@@ -234,6 +244,7 @@ impl Default for AuthSettings {
         AuthSettings {
             hs256_secret: None,
             leeway_secs: 30,
+            expiry_warning_secs: 60,
             issuer: None,
             audience: None,
         }
@@ -305,6 +316,8 @@ impl Settings {
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("http.cors_allowed_origins")
                 .source(env),
         );
         let settings: Settings = builder.build()?.try_deserialize()?;
@@ -342,6 +355,16 @@ impl Settings {
                 "http.listen: {:?} is not an address like 127.0.0.1:8080 ({err})",
                 self.http.listen
             ));
+        }
+        for origin in &self.http.cors_allowed_origins {
+            let valid = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/'));
+            if !valid {
+                problems.push(format!(
+                    "http.cors_allowed_origins: {origin:?} is not an origin like https://app.example.com (or *)"
+                ));
+            }
         }
         if self.http.max_header_bytes < 8192 {
             problems.push("http.max_header_bytes must be at least 8192".into());
@@ -399,6 +422,31 @@ mod tests {
         .expect("valid");
         assert_eq!(settings.http.listen, "0.0.0.0:9000");
         assert_eq!(settings.stream.queue_capacity, 8);
+    }
+
+    #[test]
+    fn cors_origins_are_a_comma_separated_list_in_the_environment() {
+        let settings = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            (
+                "HERALD__HTTP__CORS_ALLOWED_ORIGINS",
+                "https://a.example.com,http://localhost:3000",
+            ),
+        ])
+        .expect("valid");
+        assert_eq!(
+            settings.http.cors_allowed_origins,
+            ["https://a.example.com", "http://localhost:3000"]
+        );
+        let err = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__HTTP__CORS_ALLOWED_ORIGINS", "a.example.com/"),
+        ])
+        .expect_err("invalid");
+        assert!(
+            err.to_string().contains("http.cors_allowed_origins"),
+            "{err}"
+        );
     }
 
     #[test]

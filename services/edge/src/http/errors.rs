@@ -97,6 +97,12 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
             "method_not_allowed",
             "this endpoint does not take that method",
         )
+    } else if let Some(forbidden) = rejection.find::<warp::filters::cors::CorsForbidden>() {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cors_forbidden",
+            forbidden.to_string(),
+        )
     } else if let Some(missing) = rejection.find::<warp::reject::MissingHeader>() {
         ApiError::bad_request("missing_header", missing.to_string())
     } else if let Some(invalid) = rejection.find::<warp::reject::InvalidHeader>() {

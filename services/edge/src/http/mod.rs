@@ -21,6 +21,7 @@ use bytes::Bytes;
 use herald_config::Settings;
 use tokio_util::sync::CancellationToken;
 use warp::Filter;
+use warp::filters::BoxedFilter;
 
 use crate::auth::Authenticator;
 use crate::bus::Bus;
@@ -68,14 +69,36 @@ impl AppState {
     }
 }
 
-/// The complete filter tree of a node.
-pub fn routes(
-    state: Arc<AppState>,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible>
-+ Clone
-+ Send
-+ Sync
-+ 'static {
+/// The complete filter tree of a node: the endpoints, CORS when origins are
+/// configured, and one recovery turning every failure into a JSON error.
+pub fn routes(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response,)> {
+    let origins = &state.settings.http.cors_allowed_origins;
+    let endpoints = endpoints(Arc::clone(&state));
+    let endpoints = if origins.is_empty() {
+        endpoints
+    } else {
+        let cors = warp::cors()
+            .allow_methods(["GET", "POST"])
+            .allow_headers([
+                "authorization",
+                "content-type",
+                "last-event-id",
+                "cache-control",
+            ])
+            .allow_credentials(true)
+            .max_age(600);
+        let cors = if origins.iter().any(|o| o == "*") {
+            cors.allow_any_origin()
+        } else {
+            cors.allow_origins(origins.iter().map(String::as_str))
+        };
+        endpoints.with(cors).map(warp::Reply::into_response).boxed()
+    };
+    endpoints.recover(errors::recover).unify().boxed()
+}
+
+/// Every endpoint, failures still as rejections.
+fn endpoints(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response,)> {
     let with_state = {
         let state = Arc::clone(&state);
         warp::any().map(move || Arc::clone(&state))
@@ -114,6 +137,5 @@ pub fn routes(
         .unify()
         .or(metrics)
         .unify()
-        .recover(errors::recover)
-        .unify()
+        .boxed()
 }

@@ -11,7 +11,6 @@
 //!   token and send a `retry:` hint), wait up to `http.shutdown_grace_ms`, then
 //!   cut what is left.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -44,7 +43,7 @@ pub async fn serve<F>(
     limits: ServerLimits,
     shutdown: CancellationToken,
 ) where
-    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
+    F: Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
         + Clone
         + Send
         + Sync

@@ -21,7 +21,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
@@ -181,6 +181,7 @@ pub async fn open(
         state: Arc::clone(&state),
         id,
         targets,
+        expires_at: subscriber.expires_at,
         kill: kill.clone(),
         reason: DisconnectReason::ClientClosed,
         opened: Instant::now(),
@@ -258,6 +259,7 @@ struct Attachment {
     state: Arc<AppState>,
     id: u64,
     targets: Vec<Target>,
+    expires_at: SystemTime,
     kill: Kill,
     reason: DisconnectReason,
     opened: Instant,
@@ -330,11 +332,23 @@ fn session(
         let heartbeat = tokio::time::sleep(heartbeat_every);
         tokio::pin!(heartbeat);
         let mut cursor = Cursor::new(attachment.targets.len(), cursor);
+        // Tokens are accepted until `exp` plus the leeway (whole seconds), so the
+        // stream lives exactly as long as its token would still open one.
+        let accepted_until = attachment.expires_at
+            + Duration::from_secs(state.settings.auth.leeway_secs + 1);
+        let expiry = deadline(accepted_until, Duration::ZERO);
+        let warning = Duration::from_secs(state.settings.auth.expiry_warning_secs);
+        let expiry_warning = tokio::time::sleep_until(deadline(attachment.expires_at, warning));
+        let expiry = tokio::time::sleep_until(expiry);
+        tokio::pin!(expiry_warning, expiry);
+        let mut warned = false;
         loop {
             let step = tokio::select! {
                 biased;
                 _ = kill.killed() => Step::End,
                 _ = state.shutdown.cancelled() => Step::Shutdown,
+                _ = expiry.as_mut() => Step::Expired,
+                _ = expiry_warning.as_mut(), if !warned => Step::ExpiryWarning,
                 frame = frames.recv() => match frame {
                     Some(frame) => Step::Frame(frame),
                     None => Step::End,
@@ -361,6 +375,15 @@ fn session(
                 Step::Heartbeat => {
                     sse::write_comment(&mut buf, "");
                     yield Ok(buf.split().freeze());
+                }
+                Step::ExpiryWarning => {
+                    warned = true;
+                    write_expiry_warning(&mut buf, attachment.expires_at);
+                    yield Ok(buf.split().freeze());
+                }
+                Step::Expired => {
+                    attachment.end_because(DisconnectReason::TokenExpired);
+                    break;
                 }
                 Step::Shutdown => {
                     attachment.end_because(DisconnectReason::Shutdown);
@@ -421,6 +444,8 @@ impl Cursor {
 enum Step {
     Frame(Frame),
     Heartbeat,
+    ExpiryWarning,
+    Expired,
     Shutdown,
     End,
 }
@@ -467,6 +492,27 @@ async fn begin(
             Ok((Vec::new(), head.seq))
         }
     }
+}
+
+/// The tokio instant `before` ahead of the wall-clock time `at` (now, if past).
+fn deadline(at: SystemTime, before: Duration) -> tokio::time::Instant {
+    let left = at
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+        .saturating_sub(before);
+    tokio::time::Instant::now() + left
+}
+
+/// Writes `herald.token-expiring`: the application should open a fresh stream
+/// with a new token and its last event id, then close this one. It has no id,
+/// so it does not move the client's resume position.
+fn write_expiry_warning(buf: &mut BytesMut, expires_at: SystemTime) {
+    let expires_at = expires_at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let event_type = herald_protocol::EventType::system("herald.token-expiring");
+    let data = json!({ "expires_at": expires_at }).to_string();
+    sse::write_event(buf, None, Some(&event_type), &data);
 }
 
 /// Writes the one `herald.reset` event: the application must refetch its state;

@@ -33,6 +33,8 @@ pub enum DisconnectReason {
     Shutdown,
     /// The bus could not serve the stream.
     BusUnavailable,
+    /// The stream's token expired.
+    TokenExpired,
 }
 
 impl DisconnectReason {
@@ -43,6 +45,7 @@ impl DisconnectReason {
             DisconnectReason::Slow => "slow",
             DisconnectReason::Shutdown => "shutdown",
             DisconnectReason::BusUnavailable => "bus_unavailable",
+            DisconnectReason::TokenExpired => "token_expired",
         }
     }
 }
