@@ -1,10 +1,18 @@
 //! Tokens: who may open which stream and who may publish where.
 //!
-//! Herald reads JWTs signed with HS256 (`auth.hs256_secret`). Only HS256 is
-//! accepted: the algorithm allowlist is explicit, so `alg: none` or any other
-//! algorithm is refused before a signature is looked at. `exp` is required;
-//! `exp` and `nbf` are checked with `auth.leeway_secs` of tolerance; `iss` and
-//! `aud` are checked when configured.
+//! Herald reads JWTs. The accepted algorithms are an explicit allowlist
+//! (`auth.algorithms`, default HS256): a token whose header names any other
+//! algorithm, `none` included, is refused before a signature is looked at. The
+//! key is chosen by the algorithm's family, never by the token alone:
+//! - HMAC (HS256/384/512): the shared secret `auth.hs256_secret`;
+//! - RSA, ECDSA, EdDSA: the key in the JWKS (`auth.jwks_file`, re-read on a
+//!   schedule so keys rotate) whose `kid` the token names, or, for a token
+//!   without `kid`, the PEM key in `auth.public_key_file`. A `kid` that is not
+//!   in the JWKS is refused. Symmetric keys in a JWKS are ignored, so a public
+//!   key can never be used as an HMAC secret (key confusion).
+//!
+//! `exp` is required; `exp` and `nbf` are checked with `auth.leeway_secs` of
+//! tolerance; `iss` and `aud` are checked when configured.
 //!
 //! Two kinds of token, never interchangeable:
 //! - a **subscriber** token: `sub` is the user id; an optional `topics` claim
@@ -14,10 +22,13 @@
 //!   A token with `herald_publish` cannot open a stream, and a token without it
 //!   cannot publish.
 
+use std::collections::HashMap;
+use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_config::AuthSettings;
 use herald_protocol::{Target, TargetKind};
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -139,46 +150,163 @@ impl AuthError {
     }
 }
 
-/// Validates tokens with the configured key and rules.
+/// Why the configured keys could not be loaded. Nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A key file could not be read.
+    #[error("{key}: cannot read {path:?}: {source}")]
+    Read {
+        /// The setting naming the file.
+        key: &'static str,
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A key file's content is not a usable key.
+    #[error("{key}: {path:?} is not a valid {what}")]
+    Invalid {
+        /// The setting naming the file.
+        key: &'static str,
+        /// The file.
+        path: String,
+        /// What was expected.
+        what: &'static str,
+    },
+    /// No key can verify tokens.
+    #[error("no key configured: set auth.hs256_secret, auth.public_key_file or auth.jwks_file")]
+    NoKey,
+}
+
+/// Public keys from a JWKS file, by `kid`.
+type KeysById = HashMap<String, DecodingKey>;
+
+/// Validates tokens with the configured keys and rules.
 pub struct Authenticator {
-    key: DecodingKey,
-    validation: Validation,
+    algorithms: Vec<Algorithm>,
+    hmac: Option<DecodingKey>,
+    public_key: Option<DecodingKey>,
+    jwks_file: Option<String>,
+    jwks: RwLock<KeysById>,
+    leeway: u64,
+    issuer: Option<String>,
+    audience: Option<String>,
 }
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authenticator")
-            .field("algorithms", &self.validation.algorithms)
+            .field("algorithms", &self.algorithms)
             .finish_non_exhaustive()
     }
 }
 
 impl Authenticator {
-    /// An authenticator for `settings`; `None` when no secret is configured
-    /// (settings validation refuses that before a node starts).
-    pub fn new(settings: &AuthSettings) -> Option<Self> {
-        let secret = settings.hs256_secret.as_ref()?;
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.algorithms = vec![Algorithm::HS256];
-        validation.leeway = settings.leeway_secs;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
-        match &settings.audience {
-            Some(audience) => validation.set_audience(&[audience]),
-            None => validation.validate_aud = false,
+    /// An authenticator for `settings`, reading any key files now.
+    pub fn new(settings: &AuthSettings) -> Result<Self, KeyError> {
+        let algorithms = settings
+            .algorithms
+            .iter()
+            .filter_map(|name| name.parse::<Algorithm>().ok())
+            .collect();
+        let public_key = match &settings.public_key_file {
+            None => None,
+            Some(path) => Some(read_pem_key(path)?),
+        };
+        let authenticator = Authenticator {
+            algorithms,
+            hmac: settings
+                .hs256_secret
+                .as_ref()
+                .map(|secret| DecodingKey::from_secret(secret.expose().as_bytes())),
+            public_key,
+            jwks_file: settings.jwks_file.clone(),
+            jwks: RwLock::new(HashMap::new()),
+            leeway: settings.leeway_secs,
+            issuer: settings.issuer.clone(),
+            audience: settings.audience.clone(),
+        };
+        authenticator.reload_jwks()?;
+        if authenticator.hmac.is_none()
+            && authenticator.public_key.is_none()
+            && authenticator.jwks_file.is_none()
+        {
+            return Err(KeyError::NoKey);
         }
-        if let Some(issuer) = &settings.issuer {
-            validation.set_issuer(&[issuer]);
-        }
-        Some(Authenticator {
-            key: DecodingKey::from_secret(secret.expose().as_bytes()),
-            validation,
-        })
+        Ok(authenticator)
+    }
+
+    /// Re-reads the JWKS file (if configured); on error the previous keys stay.
+    pub fn reload_jwks(&self) -> Result<usize, KeyError> {
+        let Some(path) = &self.jwks_file else {
+            return Ok(0);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+            key: "auth.jwks_file",
+            path: path.clone(),
+            source,
+        })?;
+        let set: JwkSet = serde_json::from_str(&text).map_err(|_| KeyError::Invalid {
+            key: "auth.jwks_file",
+            path: path.clone(),
+            what: "JWKS document",
+        })?;
+        let keys: KeysById = set
+            .keys
+            .iter()
+            .filter(|jwk| !matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)))
+            .filter_map(|jwk| {
+                let kid = jwk.common.key_id.clone()?;
+                Some((kid, DecodingKey::from_jwk(jwk).ok()?))
+            })
+            .collect();
+        let count = keys.len();
+        *self.jwks.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        Ok(count)
+    }
+
+    /// Whether keys come from a JWKS file that should be re-read periodically.
+    pub fn has_jwks(&self) -> bool {
+        self.jwks_file.is_some()
     }
 
     fn claims(&self, token: &str) -> Result<Claims, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
-        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Invalid("malformed token"))?;
+        if !self.algorithms.contains(&header.alg) {
+            return Err(AuthError::Invalid("algorithm not allowed"));
+        }
+        let jwks_key;
+        let key = match header.alg {
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => self.hmac.as_ref(),
+            _ => match &header.kid {
+                Some(kid) => {
+                    let keys = self.jwks.read().unwrap_or_else(|p| p.into_inner());
+                    jwks_key = keys
+                        .get(kid)
+                        .cloned()
+                        .ok_or(AuthError::Invalid("unknown key id"))?;
+                    Some(&jwks_key)
+                }
+                None => self.public_key.as_ref(),
+            },
+        }
+        .ok_or(AuthError::Invalid("no key for this algorithm"))?;
+
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = self.leeway;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp"]);
+        match &self.audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(issuer) = &self.issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        jsonwebtoken::decode::<Claims>(token, key, &validation)
             .map(|data| data.claims)
             .map_err(|err| match err.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -236,6 +364,23 @@ impl Authenticator {
     }
 }
 
+/// Reads a PEM public key of any supported family.
+fn read_pem_key(path: &str) -> Result<DecodingKey, KeyError> {
+    let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+        key: "auth.public_key_file",
+        path: path.to_owned(),
+        source,
+    })?;
+    DecodingKey::from_rsa_pem(&pem)
+        .or_else(|_| DecodingKey::from_ec_pem(&pem))
+        .or_else(|_| DecodingKey::from_ed_pem(&pem))
+        .map_err(|_| KeyError::Invalid {
+            key: "auth.public_key_file",
+            path: path.to_owned(),
+            what: "PEM public key (RSA, EC or Ed25519)",
+        })
+}
+
 /// Signs `claims` with an HS256 `secret` (the `token` subcommand and tests).
 pub fn mint(secret: &str, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
     jsonwebtoken::encode(
@@ -264,7 +409,7 @@ mod tests {
             hs256_secret: Some(Secret::new(SECRET)),
             ..Default::default()
         })
-        .expect("secret configured")
+        .expect("a secret is a valid key")
     }
 
     fn subscriber_claims(user: &str) -> Claims {
@@ -329,6 +474,136 @@ mod tests {
             auth.publisher(&subscriber).err(),
             Some(AuthError::NotAPublisher)
         );
+    }
+
+    fn keys_dir() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys")
+    }
+
+    fn signed(
+        algorithm: Algorithm,
+        private_pem: &str,
+        kid: Option<&str>,
+        claims: &Claims,
+    ) -> String {
+        let pem = std::fs::read(keys_dir().join(private_pem)).expect("test key");
+        let key = match algorithm {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
+            Algorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+            _ => EncodingKey::from_ed_pem(&pem),
+        }
+        .expect("valid test key");
+        let mut header = Header::new(algorithm);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&header, claims, &key).expect("signed")
+    }
+
+    fn with_keys(configure: impl FnOnce(&mut AuthSettings)) -> Authenticator {
+        let mut settings = AuthSettings::default();
+        configure(&mut settings);
+        Authenticator::new(&settings).expect("keys load")
+    }
+
+    #[test]
+    fn rsa_ecdsa_and_eddsa_tokens_verify_with_their_pem_public_keys() {
+        for (algorithm, name, private, public) in [
+            (
+                Algorithm::RS256,
+                "RS256",
+                "rsa-private.pem",
+                "rsa-public.pem",
+            ),
+            (Algorithm::ES256, "ES256", "ec-private.pem", "ec-public.pem"),
+            (Algorithm::EdDSA, "EdDSA", "ed-private.pem", "ed-public.pem"),
+        ] {
+            let auth = with_keys(|s| {
+                s.algorithms = vec![name.into()];
+                s.public_key_file = Some(keys_dir().join(public).display().to_string());
+            });
+            let token = signed(algorithm, private, None, &subscriber_claims("alice"));
+            assert_eq!(auth.subscriber(&token).expect(name).user.name(), "alice");
+
+            // Tampered payload: same header and signature, other subject.
+            let mut parts: Vec<&str> = token.split('.').collect();
+            let other = mint(SECRET, &subscriber_claims("mallory")).expect("signed");
+            let forged_payload = other.split('.').nth(1).expect("payload");
+            parts[1] = forged_payload;
+            assert_eq!(
+                auth.subscriber(&parts.join(".")).err(),
+                Some(AuthError::Invalid("bad signature"))
+            );
+        }
+    }
+
+    #[test]
+    fn an_hmac_token_signed_with_the_public_key_is_refused() {
+        // Key confusion: the attacker signs HS256 with the (public) RSA key.
+        let public_pem = std::fs::read_to_string(keys_dir().join("rsa-public.pem")).expect("key");
+        let forged = mint(&public_pem, &subscriber_claims("alice")).expect("signed");
+        let rsa_only = with_keys(|s| {
+            s.algorithms = vec!["RS256".into()];
+            s.public_key_file = Some(keys_dir().join("rsa-public.pem").display().to_string());
+        });
+        assert_eq!(
+            rsa_only.subscriber(&forged).err(),
+            Some(AuthError::Invalid("algorithm not allowed"))
+        );
+        let both = with_keys(|s| {
+            s.algorithms = vec!["HS256".into(), "RS256".into()];
+            s.hs256_secret = Some(Secret::new(SECRET));
+            s.public_key_file = Some(keys_dir().join("rsa-public.pem").display().to_string());
+        });
+        assert_eq!(
+            both.subscriber(&forged).err(),
+            Some(AuthError::Invalid("bad signature"))
+        );
+    }
+
+    #[test]
+    fn jwks_keys_are_chosen_by_kid_and_rotate_when_the_file_changes() {
+        let dir = std::env::temp_dir().join(format!("herald-jwks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let jwks_path = dir.join("jwks.json");
+        let jwk = |private: &str, algorithm: Algorithm, kid: &str| {
+            let pem = std::fs::read(keys_dir().join(private)).expect("test key");
+            let key = match algorithm {
+                Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
+                _ => EncodingKey::from_ec_pem(&pem),
+            }
+            .expect("valid key");
+            let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, algorithm).expect("jwk");
+            jwk.common.key_id = Some(kid.into());
+            jwk
+        };
+        let write = |keys: Vec<jsonwebtoken::jwk::Jwk>| {
+            std::fs::write(
+                &jwks_path,
+                serde_json::to_string(&JwkSet { keys }).expect("json"),
+            )
+            .expect("write");
+        };
+        write(vec![jwk("rsa-private.pem", Algorithm::RS256, "2026-a")]);
+        let auth = with_keys(|s| {
+            s.algorithms = vec!["RS256".into(), "ES256".into()];
+            s.jwks_file = Some(jwks_path.display().to_string());
+        });
+        let claims = subscriber_claims("alice");
+        let old = signed(Algorithm::RS256, "rsa-private.pem", Some("2026-a"), &claims);
+        let new = signed(Algorithm::ES256, "ec-private.pem", Some("2026-b"), &claims);
+        assert!(auth.subscriber(&old).is_ok());
+        assert_eq!(
+            auth.subscriber(&new).err(),
+            Some(AuthError::Invalid("unknown key id"))
+        );
+
+        write(vec![jwk("ec-private.pem", Algorithm::ES256, "2026-b")]);
+        assert_eq!(auth.reload_jwks().expect("reloaded"), 1);
+        assert!(auth.subscriber(&new).is_ok());
+        assert_eq!(
+            auth.subscriber(&old).err(),
+            Some(AuthError::Invalid("unknown key id"))
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -91,7 +91,7 @@ impl Node {
     pub async fn bind(settings: Settings) -> Result<Node, StartError> {
         let node_id = settings.node.resolved_id();
         let auth = Authenticator::new(&settings.auth)
-            .ok_or_else(|| StartError::Config("auth.hs256_secret is required".into()))?;
+            .map_err(|err| StartError::Config(err.to_string()))?;
         let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(Registry::new(
             RegistryLimits {
@@ -165,6 +165,9 @@ impl Node {
             bus = state.bus.kind(),
             "herald edge node listening"
         );
+        if state.auth.has_jwks() {
+            tokio::spawn(refresh_jwks(Arc::clone(&state)));
+        }
         let server = tokio::spawn(http::server::serve(
             self.listener,
             http::routes(Arc::clone(&state)),
@@ -184,6 +187,24 @@ impl Node {
             tracing::error!(error = %err, "http server task failed");
         }
         tracing::info!("herald edge node stopped");
+    }
+}
+
+/// Re-reads the JWKS file every `auth.jwks_refresh_secs` until shutdown, so
+/// signing keys can rotate without a restart.
+async fn refresh_jwks(state: Arc<AppState>) {
+    let every = Duration::from_secs(state.settings.auth.jwks_refresh_secs);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match state.auth.reload_jwks() {
+            Ok(keys) => tracing::debug!(keys, "JWKS reloaded"),
+            Err(err) => {
+                tracing::warn!(error = %err, "JWKS reload failed; keeping the previous keys")
+            }
+        }
     }
 }
 

@@ -225,8 +225,23 @@ impl Serialize for Secret {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
-    /// Shared secret for HS256 tokens. Required; at least 32 bytes.
+    /// Shared HMAC secret, for the HS256/HS384/HS512 algorithms in
+    /// `algorithms`; at least 32 bytes. Required unless a public key or a JWKS
+    /// is configured.
     pub hs256_secret: Option<Secret>,
+    /// Accepted token algorithms (the allowlist; anything else, `none`
+    /// included, is refused): any of HS256, HS384, HS512, RS256, RS384, RS512,
+    /// PS256, PS384, PS512, ES256, ES384, EdDSA. Comma-separated in the
+    /// environment. Default `["HS256"]`.
+    pub algorithms: Vec<String>,
+    /// PEM file with the public key (RSA, EC P-256/P-384 or Ed25519) that
+    /// verifies tokens without a `kid`. Default: none.
+    pub public_key_file: Option<String>,
+    /// JWKS file (`{"keys": [...]}`) with public keys selected by the token's
+    /// `kid`; re-read every `jwks_refresh_secs` so keys can rotate. Default: none.
+    pub jwks_file: Option<String>,
+    /// How often the JWKS file is re-read, seconds. Default 60.
+    pub jwks_refresh_secs: u64,
     /// Clock skew tolerated on `exp` and `nbf`, seconds. Default 30.
     pub leeway_secs: u64,
     /// How long before a stream's token expires the stream receives a
@@ -243,10 +258,65 @@ impl Default for AuthSettings {
     fn default() -> Self {
         AuthSettings {
             hs256_secret: None,
+            algorithms: vec!["HS256".into()],
+            public_key_file: None,
+            jwks_file: None,
+            jwks_refresh_secs: 60,
             leeway_secs: 30,
             expiry_warning_secs: 60,
             issuer: None,
             audience: None,
+        }
+    }
+}
+
+/// The token algorithms Herald can verify.
+pub const KNOWN_ALGORITHMS: [&str; 12] = [
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
+    "ES384", "EdDSA",
+];
+
+impl AuthSettings {
+    fn validate(&self, problems: &mut Vec<String>) {
+        let has_asymmetric_keys = self.public_key_file.is_some() || self.jwks_file.is_some();
+        if self.algorithms.is_empty() {
+            problems.push("auth.algorithms must list at least one algorithm".into());
+        }
+        for algorithm in &self.algorithms {
+            if !KNOWN_ALGORITHMS.contains(&algorithm.as_str()) {
+                problems.push(format!(
+                    "auth.algorithms: unknown algorithm {algorithm:?} (known: {})",
+                    KNOWN_ALGORITHMS.join(", ")
+                ));
+            } else if algorithm.starts_with("HS") && self.hs256_secret.is_none() {
+                problems.push(format!(
+                    "auth.hs256_secret is required for {algorithm} (set HERALD__AUTH__HS256_SECRET)"
+                ));
+            } else if !algorithm.starts_with("HS") && !has_asymmetric_keys {
+                problems.push(format!(
+                    "auth.algorithms lists {algorithm}, which needs auth.public_key_file or auth.jwks_file"
+                ));
+            }
+        }
+        if let Some(secret) = &self.hs256_secret {
+            if secret.expose().len() < MIN_SECRET_BYTES {
+                problems.push(format!(
+                    "auth.hs256_secret must be at least {MIN_SECRET_BYTES} bytes long"
+                ));
+            }
+        }
+        for (key, path) in [
+            ("auth.public_key_file", &self.public_key_file),
+            ("auth.jwks_file", &self.jwks_file),
+        ] {
+            if let Some(path) = path {
+                if !Path::new(path).is_file() {
+                    problems.push(format!("{key}: {path:?} is not a readable file"));
+                }
+            }
+        }
+        if self.jwks_refresh_secs == 0 {
+            problems.push("auth.jwks_refresh_secs must be greater than 0".into());
         }
     }
 }
@@ -318,6 +388,7 @@ impl Settings {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("http.cors_allowed_origins")
+                .with_list_parse_key("auth.algorithms")
                 .source(env),
         );
         let settings: Settings = builder.build()?.try_deserialize()?;
@@ -369,14 +440,7 @@ impl Settings {
         if self.http.max_header_bytes < 8192 {
             problems.push("http.max_header_bytes must be at least 8192".into());
         }
-        match &self.auth.hs256_secret {
-            None => problems
-                .push("auth.hs256_secret is required (set HERALD__AUTH__HS256_SECRET)".into()),
-            Some(secret) if secret.expose().len() < MIN_SECRET_BYTES => problems.push(format!(
-                "auth.hs256_secret must be at least {MIN_SECRET_BYTES} bytes long"
-            )),
-            Some(_) => {}
-        }
+        self.auth.validate(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -503,6 +567,27 @@ mod tests {
         ])
         .expect_err("invalid");
         assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn algorithms_are_an_allowlist_that_needs_matching_keys() {
+        let err = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__AUTH__ALGORITHMS", "HS256,RS256,none"),
+        ])
+        .expect_err("invalid");
+        let message = err.to_string();
+        assert!(
+            message.contains("RS256, which needs auth.public_key_file"),
+            "{message}"
+        );
+        assert!(message.contains("unknown algorithm \"none\""), "{message}");
+        let err = load(&[
+            ("HERALD__AUTH__ALGORITHMS", "ES256"),
+            ("HERALD__AUTH__JWKS_FILE", "/nonexistent/jwks.json"),
+        ])
+        .expect_err("invalid");
+        assert!(err.to_string().contains("auth.jwks_file"), "{err}");
     }
 
     #[test]
