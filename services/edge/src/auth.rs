@@ -99,6 +99,9 @@ impl Subscriber {
 /// An authenticated publisher.
 #[derive(Debug, Clone)]
 pub struct Publisher {
+    /// Who publishes, for rate limits: the token's `sub`, or a hash of the
+    /// token when it has none (never the token itself).
+    pub id: String,
     grants: Option<Vec<(TargetKind, Grant)>>,
 }
 
@@ -360,7 +363,13 @@ impl Authenticator {
                     .collect(),
             ),
         };
-        Ok(Publisher { grants })
+        let id = claims.sub.unwrap_or_else(|| {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            token.hash(&mut hasher);
+            format!("token-{:016x}", hasher.finish())
+        });
+        Ok(Publisher { id, grants })
     }
 }
 

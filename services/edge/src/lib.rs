@@ -119,8 +119,10 @@ impl Node {
         let local_addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
+        let throttle = http::throttle::Throttle::new(settings.http.publish_rate_per_sec);
         let state = Arc::new(AppState {
             node_id,
+            throttle,
             settings,
             registry,
             bus,

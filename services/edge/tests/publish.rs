@@ -128,3 +128,37 @@ async fn a_retried_publish_with_the_same_msg_id_is_delivered_once() {
         "no second copy in between"
     );
 }
+
+/// A credential publishing faster than `http.publish_rate_per_sec` gets 429
+/// with `Retry-After`; another credential is not affected.
+#[tokio::test]
+async fn a_publisher_over_its_rate_gets_429_and_others_do_not() {
+    let node = EdgeNode::start(|s| s.http.publish_rate_per_sec = 5)
+        .await
+        .expect("node starts");
+    let credential = |sub: &str| {
+        token(Claims {
+            sub: Some(sub.into()),
+            herald_publish: Some(PublishClaim::All(true)),
+            exp: expiry_in(Duration::from_secs(60)),
+            ..Default::default()
+        })
+    };
+    let (busy, quiet) = (credential("busy-service"), credential("quiet-service"));
+    let body = r#"{"user":"alice","data":"x"}"#;
+    for _ in 0..5 {
+        assert_eq!(post(&node, Some(&busy), body).await.0, 200);
+    }
+    let response = reqwest::Client::new()
+        .post(node.url("/v1/publish"))
+        .bearer_auth(&busy)
+        .body(body)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status().as_u16(), 429);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let error: Value = response.json().await.expect("json");
+    assert_eq!(error["error"], "rate_limited");
+    assert_eq!(post(&node, Some(&quiet), body).await.0, 200);
+}

@@ -522,3 +522,29 @@ async fn a_stream_is_warned_before_its_token_expires_and_ends_at_expiry() {
     let again = SseClient::connect(&url, &[]).await.expect("answered");
     assert_eq!(again.status, 401);
 }
+
+/// A node at `stream.max_connections` answers a new stream with 200, a
+/// `retry:` hint and an immediate end (a browser reconnects after that, while
+/// it would give up for good on a 503).
+#[tokio::test]
+async fn a_full_node_answers_200_with_a_retry_hint_and_ends_the_stream() {
+    let node = EdgeNode::start(|s| s.stream.max_connections = 1)
+        .await
+        .expect("node starts");
+    let _holder = SseClient::open(&node, "alice").await.expect("stream opens");
+    let mut refused = SseClient::open(&node, "bob").await.expect("answered 200");
+    let items = refused.until_end(PATIENCE).await.expect("ends");
+    assert!(
+        items.iter().any(|item| matches!(item, Item::Retry(_))),
+        "{items:?}"
+    );
+    assert!(
+        !items.iter().any(|item| matches!(item, Item::Event(_))),
+        "{items:?}"
+    );
+    assert!(
+        node.handle
+            .metrics_text()
+            .contains("herald_rejected_streams_total{reason=\"node_full\"} 1")
+    );
+}

@@ -79,6 +79,10 @@ pub struct HttpSettings {
     /// cookie) are allowed for listed origins. Comma-separated in the
     /// environment. Default: none (no CORS headers).
     pub cors_allowed_origins: Vec<String>,
+    /// Publishes accepted per second from one publisher credential over HTTP
+    /// (a token bucket allowing bursts of the same size); more get 429 with
+    /// `Retry-After`. Default 1000.
+    pub publish_rate_per_sec: u32,
 }
 
 impl Default for HttpSettings {
@@ -90,6 +94,7 @@ impl Default for HttpSettings {
             max_header_bytes: 16 * 1024,
             shutdown_grace_ms: 10_000,
             cors_allowed_origins: Vec::new(),
+            publish_rate_per_sec: 1000,
         }
     }
 }

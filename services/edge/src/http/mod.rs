@@ -5,6 +5,7 @@
 //! - [`stream`]: `GET /v1/stream`, one SSE stream per client;
 //! - [`publish`]: `POST /v1/publish`;
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`;
+//! - [`throttle`]: per-credential publish rate limits;
 //! - [`server`]: the hyper accept loop (header timeouts, size limits, killing a
 //!   slow client's socket, graceful shutdown).
 
@@ -13,6 +14,7 @@ pub mod health;
 pub mod publish;
 pub mod server;
 pub mod stream;
+pub mod throttle;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,6 +49,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Set when the node stops taking new streams.
     pub draining: AtomicBool,
+    /// Publish rate limits per credential.
+    pub throttle: throttle::Throttle,
 }
 
 impl AppState {

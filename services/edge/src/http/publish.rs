@@ -44,6 +44,18 @@ pub async fn publish(
     let token =
         bearer_token(&headers)?.ok_or_else(|| ApiError::from(crate::auth::AuthError::Missing))?;
     let publisher = state.auth.publisher(&token).map_err(ApiError::from)?;
+    if let Err(wait) = state.throttle.take(&publisher.id) {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "this credential may publish {} events per second",
+                state.settings.http.publish_rate_per_sec
+            ),
+        )
+        .retry_after(wait.as_secs().max(1))
+        .into());
+    }
     let body = read_limited(body, &headers, state.settings.http.max_body_bytes).await?;
     let request = parse(&body)?;
     if !publisher.may_publish(&request.target) {
