@@ -67,7 +67,7 @@ impl Throttle {
     fn prune(&self, now: Instant) {
         let refill = Duration::from_secs_f64(1.0);
         self.buckets.retain(|_, bucket| {
-            let bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
+            let bucket = bucket.get_mut().unwrap_or_else(|p| p.into_inner());
             now.saturating_duration_since(bucket.updated) < refill
         });
     }
