@@ -53,6 +53,17 @@ async fn oversize_headers_get_431() {
     still_healthy(&node).await;
 }
 
+/// A request with more headers than the node accepts gets 431.
+#[tokio::test]
+async fn too_many_headers_get_431() {
+    let node = EdgeNode::start(|_| {}).await.expect("node starts");
+    let headers: String = (0..100).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let request = format!("GET /healthz HTTP/1.1\r\nhost: x\r\n{headers}\r\n");
+    let answer = raw_exchange(&node, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    still_healthy(&node).await;
+}
+
 /// A client that never finishes its headers (slowloris) is disconnected after
 /// `http.header_read_timeout_ms`.
 #[tokio::test]

@@ -3,7 +3,8 @@
 //!
 //! - `http.header_read_timeout_ms`: a client that does not finish its request
 //!   head in time is disconnected (slowloris);
-//! - `http.max_header_bytes`: a larger request head gets 431;
+//! - `http.max_header_bytes`: a larger request head gets 431, and so does a
+//!   request with more than [`MAX_HEADERS`] headers;
 //! - every connection carries a [`Kill`] switch in its request extensions: the
 //!   registry uses it to close a slow client's socket even while nothing can be
 //!   written to it;
@@ -24,6 +25,9 @@ use tokio_util::task::TaskTracker;
 use warp::Filter;
 
 use crate::registry::Kill;
+
+/// Most request headers accepted; more get 431.
+pub const MAX_HEADERS: usize = 64;
 
 /// Limits applied to every HTTP connection.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +62,7 @@ pub async fn serve<F>(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes)
+        .max_headers(MAX_HEADERS)
         .keep_alive(true);
 
     loop {
