@@ -17,7 +17,7 @@ CARGO ?= cargo
 export HERALD_NATS_SERVER := $(NATS_SERVER)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
-.PHONY: help run test test-deps lint fmt nats-server sse-clients loadtest loadtest-all bench-report clean
+.PHONY: help run test test-deps lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -37,6 +37,16 @@ lint: ## rustfmt check and clippy with -D warnings
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
+
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := sse_parser subject_token last_event_id token_extractor
+
+fuzz: ## Fuzz every network-facing parser for FUZZ_SECONDS each (installs cargo-fuzz)
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@# cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain take them.
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O --sanitizer none $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 SCENARIO ?= fanout
 SCENARIOS := $(basename $(notdir $(wildcard loadtest/scenarios/*.env)))

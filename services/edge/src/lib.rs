@@ -20,6 +20,10 @@ pub mod http;
 pub mod metrics;
 pub mod registry;
 
+/// The `http` crate types in Herald's public API (request headers), re-exported
+/// for fuzz targets and tools.
+pub use warp::http as warp_http;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;

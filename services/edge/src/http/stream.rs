@@ -45,14 +45,19 @@ const FOLLOW_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the client asked for, read from the request.
 #[derive(Debug, Default)]
-struct StreamRequest {
-    token: Option<String>,
-    topics: Vec<String>,
-    last_event_id: Option<String>,
+pub struct StreamRequest {
+    /// The token: `Authorization: Bearer`, else `access_token`, else the cookie.
+    pub token: Option<String>,
+    /// Every `topic=` parameter, in order.
+    pub topics: Vec<String>,
+    /// `Last-Event-ID` header, else the `last_event_id` parameter.
+    pub last_event_id: Option<String>,
 }
 
 impl StreamRequest {
-    fn parse(headers: &HeaderMap, query: &str) -> Result<Self, ApiError> {
+    /// Reads the request's headers and raw query string (fuzzed: it takes
+    /// arbitrary client input).
+    pub fn parse(headers: &HeaderMap, query: &str) -> Result<Self, ApiError> {
         let mut request = StreamRequest::default();
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             match &*key {
