@@ -12,13 +12,15 @@
 //! - [`bus`]: the event bus trait (publish, follow, replay) and its embedded
 //!   in-memory implementation;
 //! - [`auth`]: JWT validation for subscribers and publishers;
-//! - [`metrics`]: Prometheus counters and gauges.
+//! - [`metrics`]: Prometheus counters and gauges;
+//! - [`telemetry`]: the sampling decision and span of each delivery.
 
 pub mod auth;
 pub mod bus;
 pub mod http;
 pub mod metrics;
 pub mod registry;
+pub mod telemetry;
 
 /// The `http` crate types in Herald's public API (request headers), re-exported
 /// for fuzz targets and tools.
@@ -124,7 +126,9 @@ impl Node {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
         let throttle = http::throttle::Throttle::new(settings.http.publish_rate_per_sec);
+        let tracing = telemetry::Tracing::new(&settings, &node_id);
         let state = Arc::new(AppState {
+            tracing,
             node_id,
             throttle,
             settings,

@@ -64,7 +64,8 @@ fn main() -> ExitCode {
 }
 
 fn serve(settings: Settings) -> ExitCode {
-    let _telemetry = match herald_telemetry::init(&settings.telemetry) {
+    let _telemetry = match herald_telemetry::init(&settings.telemetry, &settings.node.resolved_id())
+    {
         Ok(guard) => guard,
         Err(err) => {
             eprintln!("herald-edge: {err}");

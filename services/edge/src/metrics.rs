@@ -8,6 +8,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Label for a disconnect reason or reset reason.
@@ -18,8 +19,10 @@ pub struct ReasonLabel {
 }
 
 /// Every metric the node exports.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
+    /// Seconds from the bus storing an event to it being written to a stream.
+    pub delivery_latency: Histogram,
     /// Open SSE streams.
     pub connections_open: Gauge,
     /// Streams opened.
@@ -42,6 +45,26 @@ pub struct Metrics {
     pub resets: Family<ReasonLabel, Counter>,
     /// Stream requests refused by a limit.
     pub rejected_streams: Family<ReasonLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            // 100 µs to ~52 s.
+            delivery_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 20)),
+            connections_open: Gauge::default(),
+            connects: Counter::default(),
+            disconnects: Family::default(),
+            slow_disconnects: Counter::default(),
+            events_published: Counter::default(),
+            events_delivered: Counter::default(),
+            bytes_written: Counter::default(),
+            replays: Counter::default(),
+            replayed_events: Counter::default(),
+            resets: Family::default(),
+            rejected_streams: Family::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -98,6 +121,11 @@ impl Metrics {
             "rejected_streams",
             "Stream requests refused by a limit, by reason",
             self.rejected_streams.clone(),
+        );
+        registry.register(
+            "delivery_latency_seconds",
+            "Time from the bus storing an event to its write to a stream",
+            self.delivery_latency.clone(),
         );
         let mut text = String::new();
         // Writing into a String cannot fail.

@@ -167,13 +167,16 @@ impl Bus for MemoryBus {
             });
         }
         let seq = history.last_seq + 1;
-        let event = Arc::new(Event::new(
-            self.id(seq),
-            request.target,
-            request.event_type,
-            &request.data,
-            SystemTime::now(),
-        ));
+        let event = Arc::new(
+            Event::new(
+                self.id(seq),
+                request.target,
+                request.event_type,
+                &request.data,
+                SystemTime::now(),
+            )
+            .with_trace(request.trace),
+        );
         if event.frame.len() > self.limits.max_bytes {
             return Err(PublishError::TooLarge {
                 size: event.frame.len(),
@@ -262,6 +265,7 @@ mod tests {
             event_type: None,
             data: data.into(),
             msg_id: msg_id.map(str::to_owned),
+            trace: None,
         }
     }
 

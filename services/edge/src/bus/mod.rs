@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
-use herald_protocol::{EventId, EventType, Target, sse};
+use herald_protocol::{EventId, EventType, Target, TraceParent, sse};
 use tokio::sync::watch;
 
 /// One stored event, with its SSE frame encoded once for every connection.
@@ -37,6 +37,8 @@ pub struct Event {
     pub frame: Bytes,
     /// When the bus stored the event.
     pub published_at: SystemTime,
+    /// The publisher's trace context, when it sent one.
+    pub trace: Option<TraceParent>,
 }
 
 impl Event {
@@ -56,7 +58,14 @@ impl Event {
             event_type,
             frame: frame.freeze(),
             published_at,
+            trace: None,
         }
+    }
+
+    /// Attaches the publisher's trace context.
+    pub fn with_trace(mut self, trace: Option<TraceParent>) -> Self {
+        self.trace = trace;
+        self
     }
 }
 
@@ -72,6 +81,8 @@ pub struct PublishRequest {
     /// Idempotency key: a retry with the same key inside the duplicate window
     /// returns the first event's id instead of storing a second event.
     pub msg_id: Option<String>,
+    /// The publisher's trace context, passed on to delivery spans.
+    pub trace: Option<TraceParent>,
 }
 
 /// The bus's answer to a publish.

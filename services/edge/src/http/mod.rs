@@ -51,6 +51,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Publish rate limits per credential.
     pub throttle: throttle::Throttle,
+    /// Which deliveries are traced.
+    pub tracing: crate::telemetry::Tracing,
 }
 
 impl AppState {
@@ -63,6 +65,28 @@ impl AppState {
     pub fn retry_hint_ms(&self) -> u64 {
         let stream = &self.settings.stream;
         stream.retry_ms + fastrand::u64(0..=stream.retry_jitter_ms)
+    }
+
+    /// Records one event about to be written: latency histogram and, when
+    /// sampled, its delivery span.
+    fn delivered(
+        &self,
+        event: &crate::bus::Event,
+        connection: u64,
+        user: &herald_protocol::Target,
+        replayed: bool,
+        queued: std::time::Duration,
+    ) {
+        if let Ok(latency) = std::time::SystemTime::now().duration_since(event.published_at) {
+            self.metrics.delivery_latency.observe(latency.as_secs_f64());
+        }
+        self.tracing.delivered(crate::telemetry::Delivery {
+            event,
+            connection,
+            user,
+            replayed,
+            queued,
+        });
     }
 
     /// Counts bytes (and events) about to be written to a stream.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
-use herald_protocol::{EventType, Target};
+use herald_protocol::{EventType, Target, TraceParent};
 use serde::Deserialize;
 use serde_json::json;
 use warp::http::{HeaderMap, StatusCode};
@@ -57,7 +57,8 @@ pub async fn publish(
         .into());
     }
     let body = read_limited(body, &headers, state.settings.http.max_body_bytes).await?;
-    let request = parse(&body)?;
+    let mut request = parse(&body)?;
+    request.trace = trace_context(&headers);
     if !publisher.may_publish(&request.target) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -185,7 +186,14 @@ fn parse(body: &[u8]) -> Result<PublishRequest, ApiError> {
         event_type,
         data,
         msg_id: body.msg_id,
+        trace: None,
     })
+}
+
+/// The publisher's W3C trace context from `traceparent` / `tracestate`.
+fn trace_context(headers: &HeaderMap) -> Option<TraceParent> {
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    TraceParent::parse(header("traceparent")?, header("tracestate"))
 }
 
 #[cfg(test)]

@@ -325,6 +325,7 @@ fn session(
         let batch_limit = state.settings.stream.max_batch_bytes;
         for event in &replayed {
             buf.extend_from_slice(&event.frame);
+            state.delivered(event, attachment.id, &attachment.targets[0], true, Duration::ZERO);
             if buf.len() >= batch_limit {
                 yield Ok(state.written(buf.split().freeze(), 0));
             }
@@ -367,6 +368,7 @@ fn session(
                     while let Some(frame) = next.take() {
                         if cursor.write(&frame, &mut buf) {
                             delivered += 1;
+                            state.delivered(&frame.event, attachment.id, &attachment.targets[0], false, frame.queued_at.elapsed());
                         }
                         if buf.len() < batch_limit {
                             next = frames.try_recv().ok();
@@ -431,16 +433,17 @@ impl Cursor {
         let Some(cursor) = self.per_target.get_mut(frame.slot) else {
             return false;
         };
-        if frame.id.seq <= *cursor {
+        let id = frame.event.id;
+        if id.seq <= *cursor {
             return false;
         }
-        *cursor = frame.id.seq;
-        buf.extend_from_slice(&frame.bytes);
+        *cursor = id.seq;
+        buf.extend_from_slice(&frame.event.frame);
         match self.highest {
-            Some(highest) if highest.seq > frame.id.seq => {
+            Some(highest) if highest.seq > id.seq => {
                 buf.extend_from_slice(format!("id: {highest}\n\n").as_bytes());
             }
-            _ => self.highest = Some(frame.id),
+            _ => self.highest = Some(id),
         }
         true
     }
@@ -568,13 +571,15 @@ mod tests {
     use herald_protocol::Epoch;
 
     fn frame(slot: usize, seq: u64) -> Frame {
+        let target = Target::user("alice").expect("valid");
+        let id = EventId {
+            epoch: Epoch(1),
+            seq,
+        };
         Frame {
-            id: EventId {
-                epoch: Epoch(1),
-                seq,
-            },
+            event: Arc::new(Event::new(id, target, None, "x", SystemTime::now())),
             slot,
-            bytes: Bytes::from(format!("id: 1-{seq}\ndata: x\n\n")),
+            queued_at: Instant::now(),
         }
     }
 

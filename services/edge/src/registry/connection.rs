@@ -3,23 +3,25 @@
 
 use std::sync::{Arc, OnceLock};
 
-use bytes::Bytes;
-use herald_protocol::EventId;
+use std::time::Instant;
+
+use crate::bus::Event;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-/// An encoded event waiting to be written to one connection.
+/// An event waiting to be written to one connection.
 #[derive(Debug, Clone)]
 pub struct Frame {
-    /// The event's id, to drop what the connection already sent.
-    pub id: EventId,
+    /// The event, shared by every connection it goes to (its SSE frame is
+    /// encoded once).
+    pub event: Arc<Event>,
     /// Which of the connection's targets the event is for (its index in the
     /// target list the connection attached with).
     pub slot: usize,
-    /// The complete SSE frame, shared between all connections.
-    pub bytes: Bytes,
+    /// When the event was queued, for the time it waited in the queue.
+    pub queued_at: Instant,
 }
 
 /// Why a stream ended; logged and counted.

@@ -20,6 +20,7 @@ pub use connection::{ConnectionHandle, DisconnectReason, Frame, Kill};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use dashmap::DashMap;
 use herald_protocol::{Target, TargetKind};
@@ -179,11 +180,12 @@ impl LiveSink for Registry {
         let Some(entry) = self.targets.get(&event.target) else {
             return;
         };
+        let queued_at = Instant::now();
         for (connection, slot) in entry.connections.values() {
             connection.offer(Frame {
-                id: event.id,
+                event: Arc::clone(event),
                 slot: *slot,
-                bytes: event.frame.clone(),
+                queued_at,
             });
         }
     }
@@ -283,7 +285,7 @@ mod tests {
             .attach(&b, std::slice::from_ref(&bob), &interest)
             .expect("attached");
         registry.deliver(&event(&alice, 1));
-        assert_eq!(qa.try_recv().expect("frame").id.seq, 1);
+        assert_eq!(qa.try_recv().expect("frame").event.id.seq, 1);
         assert!(qb.try_recv().is_err());
     }
 

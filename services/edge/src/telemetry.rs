@@ -1,0 +1,191 @@
+//! Delivery traces: one span per event written to a connection, as a child of
+//! the publisher's trace when the event carries one.
+//!
+//! The sampling decision is taken here, before any span exists, so an event
+//! that is not traced costs one branch and no allocation:
+//! - the publisher's decision is followed when it sent a `traceparent`
+//!   (parent-based: its sampled flag);
+//! - otherwise `telemetry.sample_ratio` of deliveries start a root trace.
+//!
+//! Spans use the `herald::trace` target, the only one the OTLP layer exports
+//! (see `herald-telemetry`). Nothing is traced when no exporter is configured.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use herald_config::{Settings, UserIdInTraces};
+use herald_protocol::{Target, TraceParent};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::bus::Event;
+
+/// The `tracing` target of exported spans (matches `herald_telemetry::TRACE_TARGET`).
+const TARGET: &str = "herald::trace";
+
+/// Decides which deliveries are traced and records their spans.
+#[derive(Debug)]
+pub struct Tracing {
+    enabled: bool,
+    ratio: f64,
+    user_id: UserIdInTraces,
+    node_id: String,
+}
+
+/// What is known about one delivery when it is written.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery<'a> {
+    /// The event.
+    pub event: &'a Event,
+    /// The connection it was written to.
+    pub connection: u64,
+    /// The connection's user.
+    pub user: &'a Target,
+    /// Whether it came from a replay rather than the live path.
+    pub replayed: bool,
+    /// Time the event waited in the connection's queue.
+    pub queued: Duration,
+}
+
+impl Tracing {
+    /// Tracing as configured; enabled only when an OTLP endpoint is set.
+    pub fn new(settings: &Settings, node_id: &str) -> Self {
+        let telemetry = &settings.telemetry;
+        let enabled = telemetry.otlp_endpoint.is_some()
+            || std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|v| !v.is_empty());
+        Tracing {
+            enabled,
+            ratio: telemetry.sample_ratio,
+            user_id: telemetry.user_id,
+            node_id: node_id.to_owned(),
+        }
+    }
+
+    /// Whether this event's deliveries are traced.
+    pub fn should_trace(&self, trace: Option<&TraceParent>) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        match trace {
+            Some(parent) => parent.is_sampled(),
+            None => self.ratio > 0.0 && fastrand::f64() < self.ratio,
+        }
+    }
+
+    /// Records the span of one delivery, if it is sampled.
+    pub fn delivered(&self, delivery: Delivery<'_>) {
+        let event = delivery.event;
+        if !self.should_trace(event.trace.as_ref()) {
+            return;
+        }
+        let since_publish = SystemTime::now()
+            .duration_since(event.published_at)
+            .unwrap_or_default();
+        let span = tracing::info_span!(
+            target: TARGET,
+            "herald.deliver",
+            otel.kind = "consumer",
+            herald.node = %self.node_id,
+            herald.seq = as_i64(event.id.seq),
+            herald.event_id = %event.id,
+            herald.target_kind = event.target.kind().as_str(),
+            herald.event_type = event.event_type.as_ref().map_or("message", |t| t.as_str()),
+            herald.connection = as_i64(delivery.connection),
+            herald.replayed = delivery.replayed,
+            herald.bytes = as_i64(event.frame.len() as u64),
+            herald.publish_to_write_ms = since_publish.as_secs_f64() * 1000.0,
+            herald.queue_ms = delivery.queued.as_secs_f64() * 1000.0,
+            herald.user = tracing::field::Empty,
+        );
+        if let Some(user) = self.user_label(delivery.user) {
+            span.record("herald.user", user.as_str());
+        }
+        if let Some(parent) = &event.trace {
+            let _ = span.set_parent(parent_context(parent));
+        }
+    }
+
+    /// The user id as the operator chose to show it.
+    fn user_label(&self, user: &Target) -> Option<String> {
+        match self.user_id {
+            UserIdInTraces::Raw => Some(user.name().to_owned()),
+            UserIdInTraces::Hashed => Some(format!("{:016x}", fnv1a(user.name().as_bytes()))),
+            UserIdInTraces::Omitted => None,
+        }
+    }
+}
+
+/// OTLP integers are signed; `tracing-opentelemetry` would turn a `u64` into text.
+fn as_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// The OpenTelemetry context of the publisher's span.
+fn parent_context(parent: &TraceParent) -> opentelemetry::Context {
+    let mut carrier = HashMap::with_capacity(2);
+    carrier.insert("traceparent".to_owned(), parent.traceparent().to_owned());
+    if let Some(state) = parent.tracestate() {
+        carrier.insert("tracestate".to_owned(), state.to_owned());
+    }
+    TraceContextPropagator::new().extract(&carrier)
+}
+
+/// FNV-1a, 64 bits: a stable, dependency-free hash for pseudonymous user ids.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracing(ratio: f64, enabled: bool) -> Tracing {
+        Tracing {
+            enabled,
+            ratio,
+            user_id: UserIdInTraces::Hashed,
+            node_id: "n".into(),
+        }
+    }
+
+    fn parent(flags: &str) -> TraceParent {
+        TraceParent::parse(
+            &format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}"),
+            None,
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn the_publishers_sampling_decision_is_followed() {
+        let t = tracing(0.0, true);
+        assert!(t.should_trace(Some(&parent("01"))));
+        assert!(!tracing(1.0, true).should_trace(Some(&parent("00"))));
+    }
+
+    #[test]
+    fn root_deliveries_follow_the_ratio_and_nothing_is_traced_without_an_exporter() {
+        assert!(tracing(1.0, true).should_trace(None));
+        assert!(!tracing(0.0, true).should_trace(None));
+        assert!(!tracing(1.0, false).should_trace(Some(&parent("01"))));
+        let half = tracing(0.5, true);
+        let traced = (0..10_000).filter(|_| half.should_trace(None)).count();
+        assert!((4_000..6_000).contains(&traced), "{traced}");
+    }
+
+    #[test]
+    fn user_ids_are_hashed_stably_or_omitted() {
+        let alice = Target::user("alice").expect("valid");
+        let hashed = tracing(1.0, true).user_label(&alice).expect("hashed");
+        assert_eq!(hashed, format!("{:016x}", fnv1a(b"alice")));
+        assert_ne!(hashed, "alice");
+        let omitted = Tracing {
+            user_id: UserIdInTraces::Omitted,
+            ..tracing(1.0, true)
+        };
+        assert_eq!(omitted.user_label(&alice), None);
+    }
+}

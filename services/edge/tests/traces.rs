@@ -1,0 +1,181 @@
+//! One OpenTelemetry span per delivery, exported over OTLP/HTTP to a real
+//! receiver that decodes the official OTLP protobuf, as a child of the
+//! publisher's trace.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use herald_testkit::{EdgeNode, PATIENCE, SseClient, publisher_token, wait_until};
+use http_body_util::BodyExt;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+
+/// Spans received by the test collector.
+#[derive(Clone, Default)]
+struct Collector(Arc<Mutex<Vec<Span>>>);
+
+impl Collector {
+    /// Serves OTLP/HTTP `POST /v1/traces` on an ephemeral loopback port.
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let spans = self.0.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let spans = spans.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: hyper::Request<hyper::body::Incoming>| {
+                            let spans = spans.clone();
+                            async move {
+                                assert_eq!(request.uri().path(), "/v1/traces");
+                                let body = request.into_body().collect().await?.to_bytes();
+                                let export = ExportTraceServiceRequest::decode(body)
+                                    .expect("valid OTLP protobuf");
+                                let mut spans = spans.lock().expect("spans");
+                                for resource in export.resource_spans {
+                                    for scope in resource.scope_spans {
+                                        spans.extend(scope.spans);
+                                    }
+                                }
+                                Ok::<_, hyper::Error>(hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::new()),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(socket), service)
+                        .await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn deliveries(&self) -> Vec<Span> {
+        self.0
+            .lock()
+            .expect("spans")
+            .iter()
+            .filter(|s| s.name == "herald.deliver")
+            .cloned()
+            .collect()
+    }
+}
+
+fn attributes(span: &Span) -> HashMap<String, Value> {
+    span.attributes
+        .iter()
+        .filter_map(|kv| Some((kv.key.clone(), kv.value.as_ref()?.value.clone()?)))
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A publish carrying a sampled `traceparent` yields a delivery span in the
+/// same trace, with the publisher's span as parent and the documented
+/// attributes; an unsampled publish and an untraced one (ratio 0) yield none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_span_joins_the_publishers_trace() {
+    let collector = Collector::default();
+    let endpoint = collector.start().await;
+    let telemetry = herald_config::TelemetrySettings {
+        otlp_endpoint: Some(endpoint),
+        sample_ratio: 0.0,
+        user_id: herald_config::UserIdInTraces::Raw,
+        log_level: "warn".into(),
+        ..Default::default()
+    };
+    let guard = herald_telemetry::init(&telemetry, "trace-test-node").expect("telemetry");
+    assert!(guard.exports_traces());
+
+    let node = EdgeNode::start(|s| s.telemetry = telemetry.clone())
+        .await
+        .expect("node starts");
+    let mut stream = SseClient::open(&node, "alice").await.expect("stream opens");
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_span = "00f067aa0ba902b7";
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for traceparent in [
+        Some(format!("00-{trace_id}-{parent_span}-01")),
+        Some("00-11111111111111111111111111111111-2222222222222222-00".to_owned()),
+        None,
+    ] {
+        let mut request = http
+            .post(node.url("/v1/publish"))
+            .bearer_auth(publisher_token())
+            .body(r#"{"user":"alice","event":"update","data":"x"}"#);
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        let answer: serde_json::Value = request
+            .send()
+            .await
+            .expect("published")
+            .json()
+            .await
+            .expect("json");
+        ids.push(answer["id"].as_str().expect("id").to_owned());
+    }
+    let received: Vec<String> = stream
+        .events(3)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(received, ids);
+
+    drop(stream);
+    node.stop().await.expect("node stops");
+    // Dropping the guard flushes the batch exporter (it blocks, so not on a
+    // runtime worker's critical path).
+    tokio::task::spawn_blocking(move || drop(guard))
+        .await
+        .expect("flushed");
+    wait_until("the delivery span is exported", PATIENCE, || {
+        !collector.deliveries().is_empty()
+    })
+    .await
+    .expect("exported");
+
+    let spans = collector.deliveries();
+    assert_eq!(spans.len(), 1, "only the sampled publish is traced");
+    let span = &spans[0];
+    assert_eq!(hex(&span.trace_id), trace_id);
+    assert_eq!(hex(&span.parent_span_id), parent_span);
+    let attrs = attributes(span);
+    let seq: u64 = ids[0]
+        .rsplit('-')
+        .next()
+        .expect("seq")
+        .parse()
+        .expect("number");
+    assert_eq!(attrs["herald.seq"], Value::IntValue(seq as i64));
+    assert_eq!(attrs["herald.event_id"], Value::StringValue(ids[0].clone()));
+    assert_eq!(attrs["herald.node"], Value::StringValue("test-node".into()));
+    assert_eq!(
+        attrs["herald.target_kind"],
+        Value::StringValue("user".into())
+    );
+    assert_eq!(
+        attrs["herald.event_type"],
+        Value::StringValue("update".into())
+    );
+    assert_eq!(attrs["herald.user"], Value::StringValue("alice".into()));
+    assert_eq!(attrs["herald.replayed"], Value::BoolValue(false));
+    assert!(matches!(attrs["herald.connection"], Value::IntValue(c) if c > 0));
+    assert!(matches!(attrs["herald.bytes"], Value::IntValue(b) if b > 0));
+    assert!(matches!(attrs["herald.publish_to_write_ms"], Value::DoubleValue(ms) if ms >= 0.0));
+    assert!(matches!(attrs["herald.queue_ms"], Value::DoubleValue(ms) if ms >= 0.0));
+}
