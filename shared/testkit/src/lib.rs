@@ -6,7 +6,10 @@
 //! - [`SseClient`]: an HTTP client that reads a stream with the spec-conformant
 //!   parser from `herald-protocol`;
 //! - [`publish`]: `POST /v1/publish`;
-//! - [`wait_until`]: poll a condition with a deadline instead of sleeping.
+//! - [`wait_until`]: poll a condition with a deadline instead of sleeping;
+//! - [`proxy::TcpProxy`]: a loopback TCP proxy that can cut every connection.
+
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,0 +1,136 @@
+//! Guarantees checked with a client we did not write: the npm `eventsource`
+//! package (WHATWG-conformant EventSource for Node), installed by
+//! `make sse-clients` into `tools/sse-clients`.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use herald_testkit::proxy::TcpProxy;
+use herald_testkit::{EdgeNode, PATIENCE, publish, subscriber_token};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+/// The folder holding the npm clients (`HERALD_SSE_CLIENTS`, set by the Makefile).
+fn clients_dir() -> PathBuf {
+    let dir = std::env::var_os("HERALD_SSE_CLIENTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/sse-clients")
+        });
+    assert!(
+        dir.join("node_modules/eventsource").is_dir(),
+        "the npm eventsource client is not installed in {}: run `make sse-clients`",
+        dir.display()
+    );
+    dir
+}
+
+struct NodeClient {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl NodeClient {
+    fn spawn(url: &str, count: usize, types: &[&str]) -> NodeClient {
+        let dir = clients_dir();
+        let mut child = Command::new("node")
+            .arg(dir.join("eventsource-client.mjs"))
+            .arg(url)
+            .arg(count.to_string())
+            .arg("30000")
+            .args(types)
+            .current_dir(&dir)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node is installed");
+        let stdout = child.stdout.take().expect("piped stdout");
+        NodeClient {
+            child,
+            lines: BufReader::new(stdout).lines(),
+        }
+    }
+
+    /// The next JSON line the client printed.
+    async fn next(&mut self) -> Value {
+        let line = tokio::time::timeout(PATIENCE, self.lines.next_line())
+            .await
+            .expect("the client reports in time")
+            .expect("readable stdout")
+            .expect("the client is still running");
+        serde_json::from_str(&line).expect("a JSON line")
+    }
+
+    /// Reads lines until one matches, returning the events seen on the way.
+    async fn until(&mut self, done: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut events = Vec::new();
+        loop {
+            let line = self.next().await;
+            if line.get("id").is_some() {
+                events.push(line.clone());
+            }
+            if done(&line) {
+                return events;
+            }
+        }
+    }
+}
+
+async fn publish_event(node: &EdgeNode, data: &str) -> String {
+    let (status, body) = publish(
+        node,
+        json!({"user": "alice", "event": "greeting", "data": data}),
+    )
+    .await
+    .expect("publish");
+    assert_eq!(status, 200, "{body}");
+    body["id"].as_str().expect("id").to_owned()
+}
+
+/// The npm `eventsource` client receives typed, multi-line events; when the
+/// network drops its connection it reconnects by itself with `Last-Event-ID`,
+/// and across the whole run it receives every event exactly once, in order.
+#[tokio::test]
+async fn the_npm_eventsource_client_resumes_after_a_dropped_connection_without_loss() {
+    let node = EdgeNode::start(|s| {
+        s.stream.retry_ms = 500;
+        s.stream.retry_jitter_ms = 0;
+    })
+    .await
+    .expect("node starts");
+    let proxy = TcpProxy::start(node.addr).await.expect("proxy");
+    let token = subscriber_token("alice", &[]);
+    let url = format!("http://{}/v1/stream?access_token={token}", proxy.addr());
+    let mut client = NodeClient::spawn(&url, 6, &["greeting"]);
+    client.until(|line| line["status"] == "open").await;
+
+    let mut published = Vec::new();
+    for data in ["first", "second\nwith two lines", "third"] {
+        published.push((publish_event(&node, data).await, data));
+    }
+    let mut received = client.until(|line| line["data"] == "third").await;
+
+    proxy.cut_all();
+    client.until(|line| line["status"] == "error").await;
+    // The client waits `retry` (500 ms) before reconnecting: these are
+    // published while it is away, and must come back through the replay.
+    for data in ["fourth", "fifth", "sixth"] {
+        published.push((publish_event(&node, data).await, data));
+    }
+    received.extend(client.until(|line| line["data"] == "sixth").await);
+
+    let expected: Vec<Value> = published
+        .iter()
+        .map(|(id, data)| json!({"type": "greeting", "id": id, "data": data}))
+        .collect();
+    assert_eq!(received, expected);
+    assert!(
+        node.handle
+            .metrics_text()
+            .contains("herald_replays_total 1"),
+        "the missed events came from a Last-Event-ID replay"
+    );
+    let status = client.child.wait().await.expect("client exits");
+    assert!(status.success());
+}
