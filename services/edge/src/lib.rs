@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::bus::Bus;
 use crate::bus::memory::MemoryBus;
+use crate::bus::nats::NatsBus;
 use crate::http::AppState;
 use crate::http::server::ServerLimits;
 use crate::metrics::Metrics;
@@ -50,6 +51,9 @@ pub enum StartError {
     /// The settings are not usable (validation should have caught it).
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The event bus could not be set up.
+    #[error("event bus: {0}")]
+    Bus(String),
     /// The HTTP listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -114,6 +118,16 @@ impl Node {
                 );
                 Arc::new(MemoryBus::new(&settings.memory, registry.clone()))
             }
+            BusKind::Nats => Arc::new(
+                NatsBus::connect(
+                    &settings.nats,
+                    &node_id,
+                    registry.clone(),
+                    Arc::clone(&metrics),
+                )
+                .await
+                .map_err(|err| StartError::Bus(err.to_string()))?,
+            ),
         };
         let addr = settings.http.listen.clone();
         let listener = TcpListener::bind(&addr)

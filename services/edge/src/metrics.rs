@@ -45,6 +45,12 @@ pub struct Metrics {
     pub resets: Family<ReasonLabel, Counter>,
     /// Stream requests refused by a limit.
     pub rejected_streams: Family<ReasonLabel, Counter>,
+    /// Live messages received from the bus (only followed targets).
+    pub bus_messages_received: Counter,
+    /// Live gaps filled from the stream.
+    pub gap_repairs: Counter,
+    /// Bus messages dropped as undeliverable (bad subject, UTF-8, type, size).
+    pub bus_bad_events: Counter,
 }
 
 impl Default for Metrics {
@@ -63,6 +69,9 @@ impl Default for Metrics {
             replayed_events: Counter::default(),
             resets: Family::default(),
             rejected_streams: Family::default(),
+            bus_messages_received: Counter::default(),
+            gap_repairs: Counter::default(),
+            bus_bad_events: Counter::default(),
         }
     }
 }
@@ -121,6 +130,21 @@ impl Metrics {
             "rejected_streams",
             "Stream requests refused by a limit, by reason",
             self.rejected_streams.clone(),
+        );
+        registry.register(
+            "bus_messages_received",
+            "Live messages received from the bus for targets this node follows",
+            self.bus_messages_received.clone(),
+        );
+        registry.register(
+            "gap_repairs",
+            "Live gaps filled from the stream",
+            self.gap_repairs.clone(),
+        );
+        registry.register(
+            "bus_bad_events",
+            "Bus messages dropped as undeliverable",
+            self.bus_bad_events.clone(),
         );
         registry.register(
             "delivery_latency_seconds",

@@ -12,10 +12,11 @@
 //! - **head**: the current position, so a fresh stream can hand its client a
 //!   resume point before any event arrives.
 //!
-//! Implementations: [`memory::MemoryBus`] (embedded, single node). The NATS
-//! JetStream bus plugs in behind the same trait.
+//! Implementations: [`memory::MemoryBus`] (embedded, single node) and
+//! [`nats::NatsBus`] (NATS JetStream, many nodes).
 
 pub mod memory;
+pub mod nats;
 
 use std::sync::Arc;
 use std::time::SystemTime;

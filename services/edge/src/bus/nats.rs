@@ -1,0 +1,816 @@
+//! The NATS JetStream bus: many edge nodes, one durable, ordered history.
+//!
+//! - **Storage.** Every event is a message on `<prefix>.user.<token>` or
+//!   `<prefix>.topic.<token>` in one stream (`HERALD`); the stream sequence is
+//!   the SSE id's sequence, and the stream's creation time is the id's epoch, so
+//!   every node computes the same ids and a recreated stream is recognised.
+//! - **Live path.** The stream RePublishes each stored message under
+//!   `<live_prefix>.…` with `Nats-Sequence` and `Nats-Last-Sequence` (the
+//!   previous sequence on the same subject). A node subscribes (core NATS) only
+//!   to the targets it holds connections for: interest-based fan-out, no
+//!   firehose. The republished copy is not durable, so each followed target
+//!   keeps the last sequence it delivered: a message at or below it is a
+//!   duplicate and dropped; a `Nats-Last-Sequence` above it means a live message
+//!   went missing, and the gap is filled from the stream (Direct Get) before the
+//!   new one is delivered.
+//! - **Outages.** When the connection drops, streams stay open and `/readyz`
+//!   turns unready; when it is back, every followed target fills its gap from
+//!   the stream.
+//! - **Replay.** The targets' messages after the client's position are read from
+//!   the stream with Direct Get, merged in sequence order. History that is gone
+//!   (older than the stream's first message, evicted by the per-subject limit,
+//!   another epoch) is reported, never skipped.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::{self, stream};
+use async_nats::{ConnectOptions, HeaderMap, ServerAddr};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use herald_config::{NatsSettings, NatsStorage};
+use herald_protocol::{Epoch, EventId, EventType, Target, TraceParent};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Bus, Event, FollowState, Interest, LiveSink, LostReason, PublishError, PublishRequest, Receipt,
+    Replay, ReplayError,
+};
+use crate::metrics::Metrics;
+
+/// Header carrying the SSE event type.
+pub const EVENT_TYPE_HEADER: &str = "Herald-Event";
+
+/// Oldest nats-server accepted: multi-subject filters and RePublish as Herald
+/// uses them are reliable from 2.10 on.
+const MIN_SERVER: (u64, u64) = (2, 10);
+
+/// How long one JetStream API call may take.
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the NATS bus could not start. Nothing was created or changed on the
+/// server unless the error says so.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    /// The server could not be reached or refused the credentials.
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect {
+        /// The configured URL(s).
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A settings value could not be used (bad URL, unreadable file).
+    #[error("{key}: {reason}")]
+    Setting {
+        /// The settings key.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The server is older than Herald supports.
+    #[error("nats-server {found} is too old: Herald needs {}.{} or newer (2.10.23+ recommended)", MIN_SERVER.0, MIN_SERVER.1)]
+    ServerTooOld {
+        /// The server's version.
+        found: String,
+    },
+    /// The stream exists with a configuration Herald cannot work with.
+    #[error(
+        "stream {stream} exists but its {field} is {found}, Herald needs {wanted}; \
+         fix it or set nats.update_stream = true to let Herald update it"
+    )]
+    StreamConflict {
+        /// The stream name.
+        stream: String,
+        /// The conflicting field.
+        field: &'static str,
+        /// What the server has.
+        found: String,
+        /// What Herald needs.
+        wanted: String,
+    },
+    /// Creating, reading or updating the stream failed.
+    #[error("stream {stream}: {reason}")]
+    Stream {
+        /// The stream name.
+        stream: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// The NATS JetStream bus.
+pub struct NatsBus {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for NatsBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBus")
+            .field("stream", &self.shared.settings.stream)
+            .field("epoch", &self.shared.epoch())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    stream: stream::Stream,
+    settings: NatsSettings,
+    epoch: AtomicU64,
+    sink: Arc<dyn LiveSink>,
+    metrics: Arc<Metrics>,
+    followers: Mutex<HashMap<Target, Follower>>,
+    connected: Arc<AtomicBool>,
+    reconnects: watch::Sender<u64>,
+}
+
+struct Follower {
+    stop: CancellationToken,
+}
+
+impl NatsBus {
+    /// Connects, checks the server version, creates or validates the stream.
+    pub async fn connect(
+        settings: &NatsSettings,
+        node_id: &str,
+        sink: Arc<dyn LiveSink>,
+        metrics: Arc<Metrics>,
+    ) -> Result<NatsBus, NatsError> {
+        let connected = Arc::new(AtomicBool::new(false));
+        let (reconnects, _) = watch::channel(0u64);
+        let client = connect(
+            settings,
+            node_id,
+            Arc::clone(&connected),
+            reconnects.clone(),
+        )
+        .await?;
+        connected.store(true, Ordering::SeqCst);
+        check_version(&client.server_info().version)?;
+        let jetstream = jetstream::new(client.clone());
+        let (stream, created) = ensure_stream(&jetstream, settings).await?;
+        let epoch = epoch_of(created);
+        tracing::info!(
+            url = %settings.url,
+            stream = %settings.stream,
+            server = %client.server_info().version,
+            epoch = %format!("{epoch:x}"),
+            "connected to NATS JetStream"
+        );
+        Ok(NatsBus {
+            shared: Arc::new(Shared {
+                client,
+                jetstream,
+                stream,
+                settings: settings.clone(),
+                epoch: AtomicU64::new(epoch),
+                sink,
+                metrics,
+                followers: Mutex::new(HashMap::new()),
+                connected,
+                reconnects,
+            }),
+        })
+    }
+}
+
+async fn connect(
+    settings: &NatsSettings,
+    node_id: &str,
+    connected: Arc<AtomicBool>,
+    reconnects: watch::Sender<u64>,
+) -> Result<async_nats::Client, NatsError> {
+    let mut options = ConnectOptions::new()
+        .name(node_id)
+        .connection_timeout(Duration::from_millis(settings.connect_timeout_ms))
+        .require_tls(settings.tls_required)
+        .event_callback(move |event| {
+            let connected = Arc::clone(&connected);
+            let reconnects = reconnects.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        connected.store(true, Ordering::SeqCst);
+                        reconnects.send_modify(|count| *count += 1);
+                        tracing::info!("NATS connection (re)established");
+                    }
+                    async_nats::Event::Disconnected => {
+                        connected.store(false, Ordering::SeqCst);
+                        tracing::warn!(
+                            "NATS connection lost; streams stay open, gaps are filled on reconnect"
+                        );
+                    }
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            }
+        });
+    if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
+        options = options.user_and_password(user.clone(), password.expose().to_owned());
+    }
+    if let Some(token) = &settings.token {
+        options = options.token(token.expose().to_owned());
+    }
+    if let Some(seed) = &settings.nkey_seed {
+        options = options.nkey(seed.expose().to_owned());
+    }
+    if let Some(path) = &settings.creds_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|err| NatsError::Setting {
+                key: "nats.creds_file",
+                reason: err.to_string(),
+            })?;
+    }
+    if let Some(path) = &settings.tls_ca_file {
+        options = options.add_root_certificates(path.into());
+    }
+    let servers = settings
+        .url
+        .split(',')
+        .map(|url| url.trim().parse::<ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| NatsError::Setting {
+            key: "nats.url",
+            reason: err.to_string(),
+        })?;
+    options
+        .connect(servers)
+        .await
+        .map_err(|err| NatsError::Connect {
+            url: settings.url.clone(),
+            reason: err.to_string(),
+        })
+}
+
+/// Refuses servers older than [`MIN_SERVER`].
+fn check_version(version: &str) -> Result<(), NatsError> {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if found < MIN_SERVER {
+        return Err(NatsError::ServerTooOld {
+            found: version.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// The stream configuration Herald needs.
+fn stream_config(settings: &NatsSettings) -> stream::Config {
+    let prefix = &settings.subject_prefix;
+    stream::Config {
+        name: settings.stream.clone(),
+        subjects: vec![format!("{prefix}.user.*"), format!("{prefix}.topic.*")],
+        republish: Some(stream::Republish {
+            source: format!("{prefix}.>"),
+            destination: format!("{}.>", settings.live_prefix),
+            headers_only: false,
+        }),
+        allow_direct: true,
+        storage: match settings.storage {
+            NatsStorage::File => stream::StorageType::File,
+            NatsStorage::Memory => stream::StorageType::Memory,
+        },
+        num_replicas: settings.replicas,
+        max_age: Duration::from_secs(settings.max_age_secs),
+        max_bytes: settings.max_bytes,
+        max_messages_per_subject: settings.max_messages_per_subject,
+        duplicate_window: Duration::from_secs(settings.duplicate_window_secs),
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
+/// The first field of `found` that conflicts with what Herald needs.
+fn conflict(
+    found: &stream::Config,
+    wanted: &stream::Config,
+) -> Option<(&'static str, String, String)> {
+    let mut found_subjects = found.subjects.clone();
+    let mut wanted_subjects = wanted.subjects.clone();
+    found_subjects.sort();
+    wanted_subjects.sort();
+    if found_subjects != wanted_subjects {
+        return Some((
+            "subjects",
+            format!("{found_subjects:?}"),
+            format!("{wanted_subjects:?}"),
+        ));
+    }
+    let republish = |r: &Option<stream::Republish>| {
+        r.as_ref()
+            .map(|r| {
+                format!(
+                    "{} -> {} (headers only: {})",
+                    r.source, r.destination, r.headers_only
+                )
+            })
+            .unwrap_or_else(|| "none".into())
+    };
+    if republish(&found.republish) != republish(&wanted.republish) {
+        return Some((
+            "republish",
+            republish(&found.republish),
+            republish(&wanted.republish),
+        ));
+    }
+    if !found.allow_direct {
+        return Some(("allow_direct", "false".into(), "true".into()));
+    }
+    None
+}
+
+/// Creates the stream if missing; validates (or updates) it if present.
+async fn ensure_stream(
+    jetstream: &jetstream::Context,
+    settings: &NatsSettings,
+) -> Result<(stream::Stream, time::OffsetDateTime), NatsError> {
+    let failed = |reason: String| NatsError::Stream {
+        stream: settings.stream.clone(),
+        reason,
+    };
+    let wanted = stream_config(settings);
+    let mut stream = jetstream
+        .get_or_create_stream(wanted.clone())
+        .await
+        .map_err(|err| failed(err.to_string()))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|err| failed(err.to_string()))?
+        .clone();
+    if let Some((field, found, wanted_value)) = conflict(&info.config, &wanted) {
+        if !settings.update_stream {
+            return Err(NatsError::StreamConflict {
+                stream: settings.stream.clone(),
+                field,
+                found,
+                wanted: wanted_value,
+            });
+        }
+        tracing::warn!(stream = %settings.stream, field, %found, "updating the stream's configuration (nats.update_stream = true)");
+        let mut updated = info.config.clone();
+        updated.subjects = wanted.subjects.clone();
+        updated.republish = wanted.republish.clone();
+        updated.allow_direct = true;
+        jetstream
+            .update_stream(updated)
+            .await
+            .map_err(|err| failed(err.to_string()))?;
+        stream = jetstream
+            .get_stream(&settings.stream)
+            .await
+            .map_err(|err| failed(err.to_string()))?;
+    }
+    Ok((stream, info.created))
+}
+
+/// The epoch of a stream: its creation time, so every node agrees and a
+/// recreated stream gets a new one.
+fn epoch_of(created: time::OffsetDateTime) -> u64 {
+    u64::try_from(created.unix_timestamp_nanos() / 1_000).unwrap_or(0)
+}
+
+impl Shared {
+    fn epoch(&self) -> Epoch {
+        Epoch(self.epoch.load(Ordering::Relaxed))
+    }
+
+    fn id(&self, seq: u64) -> EventId {
+        EventId {
+            epoch: self.epoch(),
+            seq,
+        }
+    }
+
+    /// Reads the stream's state, noticing a recreated stream (new epoch).
+    async fn state(&self) -> Result<stream::State, ReplayError> {
+        let stream = tokio::time::timeout(
+            API_TIMEOUT,
+            self.jetstream.get_stream(&self.settings.stream),
+        )
+        .await
+        .map_err(|_| ReplayError("stream info timed out".into()))?
+        .map_err(|err| ReplayError(err.to_string()))?;
+        let info = stream.cached_info();
+        let epoch = epoch_of(info.created);
+        if self.epoch.swap(epoch, Ordering::Relaxed) != epoch {
+            tracing::warn!(stream = %self.settings.stream, epoch = %format!("{epoch:x}"), "the stream was recreated: old ids now get herald.reset");
+        }
+        Ok(info.state.clone())
+    }
+
+    /// Validates a stored or republished message into an event; a bad one is
+    /// counted, logged and dropped.
+    fn decode(
+        &self,
+        subject: &str,
+        seq: u64,
+        headers: Option<&HeaderMap>,
+        payload: &Bytes,
+        published_at: SystemTime,
+    ) -> Option<Event> {
+        let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+        let refuse = |reason: &str| {
+            self.metrics.bus_bad_events.inc();
+            tracing::warn!(%subject, seq, reason, "dropping an event that cannot be delivered");
+            None
+        };
+        let Ok(target) = Target::from_subject(&self.settings.subject_prefix, subject) else {
+            return refuse("subject does not decode to a user or topic");
+        };
+        if payload.len() > self.settings.max_event_bytes {
+            return refuse("payload larger than nats.max_event_bytes");
+        }
+        let Ok(data) = std::str::from_utf8(payload) else {
+            return refuse("payload is not UTF-8");
+        };
+        let event_type = match header(EVENT_TYPE_HEADER) {
+            None => None,
+            Some(value) => match EventType::new(value) {
+                Ok(event_type) => Some(event_type),
+                Err(_) => return refuse("invalid Herald-Event header"),
+            },
+        };
+        let trace =
+            header("traceparent").and_then(|tp| TraceParent::parse(tp, header("tracestate")));
+        Some(Event::new(self.id(seq), target, event_type, data, published_at).with_trace(trace))
+    }
+
+    fn deliver(&self, event: Event) {
+        self.sink.deliver(&Arc::new(event));
+    }
+
+    /// The sequence of the newest stored message on `subject` (0 if none).
+    async fn last_stored(&self, subject: &str) -> Result<u64, String> {
+        match self.stream.direct_get_last_for_subject(subject).await {
+            Ok(message) => Ok(message.sequence),
+            Err(err) if err.kind() == stream::DirectGetErrorKind::NotFound => Ok(0),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+
+    /// The stored messages of `subject` after `after` (up to `before`, exclusive).
+    async fn stored_after(
+        &self,
+        subject: &str,
+        after: u64,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Event>, String> {
+        let mut events = Vec::new();
+        let mut next = after + 1;
+        loop {
+            let message = match self
+                .stream
+                .direct_get_next_for_subject(subject, Some(next))
+                .await
+            {
+                Ok(message) => message,
+                Err(err) if err.kind() == stream::DirectGetErrorKind::NotFound => break,
+                Err(err) => return Err(err.to_string()),
+            };
+            if before.is_some_and(|before| message.sequence >= before) {
+                break;
+            }
+            next = message.sequence + 1;
+            if let Some(event) = self.decode(
+                message.subject.as_str(),
+                message.sequence,
+                Some(&message.headers),
+                &message.payload,
+                message.time.into(),
+            ) {
+                events.push(event);
+            }
+            if events.len() > limit {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    /// Delivers the stored messages of `subject` after `last` (and before
+    /// `before`); returns the new last delivered sequence.
+    async fn fill_gap(&self, subject: &str, last: u64, before: Option<u64>) -> u64 {
+        match self
+            .stored_after(subject, last, before, usize::MAX - 1)
+            .await
+        {
+            Ok(events) => {
+                let mut last = last;
+                if !events.is_empty() {
+                    self.metrics.gap_repairs.inc();
+                    tracing::info!(%subject, from = last, events = events.len(), "filled a live gap from the stream");
+                }
+                for event in events {
+                    last = event.id.seq;
+                    self.deliver(event);
+                }
+                last
+            }
+            Err(err) => {
+                tracing::warn!(%subject, error = %err, "cannot fill a live gap now; will retry on the next message");
+                last
+            }
+        }
+    }
+
+    /// Handles one republished message; returns the new last delivered sequence.
+    async fn on_live(&self, subject: &str, last: u64, message: async_nats::Message) -> u64 {
+        self.metrics.bus_messages_received.inc();
+        let headers = message.headers.as_ref();
+        let number = |name: &str| {
+            headers
+                .and_then(|h| h.get(name))
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+        };
+        let Some(seq) = number("Nats-Sequence") else {
+            self.metrics.bus_bad_events.inc();
+            tracing::warn!(subject = %message.subject, "live message without Nats-Sequence; dropped");
+            return last;
+        };
+        if seq <= last {
+            return last;
+        }
+        let mut last = last;
+        if number("Nats-Last-Sequence").unwrap_or(0) > last {
+            last = self.fill_gap(subject, last, Some(seq)).await;
+        }
+        let published_at = headers
+            .and_then(|h| h.get("Nats-Time-Stamp"))
+            .and_then(|v| {
+                time::OffsetDateTime::parse(
+                    v.as_str(),
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .ok()
+            })
+            .map_or_else(SystemTime::now, Into::into);
+        if let Some(event) = self.decode(subject, seq, headers, &message.payload, published_at) {
+            self.deliver(event);
+        }
+        last.max(seq)
+    }
+}
+
+/// Live delivery of one target: subscribe, then deliver in order, filling gaps.
+async fn follow_target(
+    shared: Arc<Shared>,
+    target: Target,
+    stop: CancellationToken,
+    state: watch::Sender<FollowState>,
+) {
+    let live = target.subject(&shared.settings.live_prefix);
+    let stored = target.subject(&shared.settings.subject_prefix);
+    let mut subscription = match shared.client.subscribe(live).await {
+        Ok(subscription) => subscription,
+        Err(err) => {
+            let _ = state.send(FollowState::Failed(err.to_string()));
+            return;
+        }
+    };
+    // Once the server has the subscription, nothing stored later is missed;
+    // what was stored before is the replay's job.
+    if let Err(err) = shared.client.flush().await {
+        let _ = state.send(FollowState::Failed(err.to_string()));
+        return;
+    }
+    let mut last = match shared.last_stored(&stored).await {
+        Ok(last) => last,
+        Err(err) => {
+            let _ = state.send(FollowState::Failed(err));
+            return;
+        }
+    };
+    let _ = state.send(FollowState::Ready);
+    let mut reconnects = shared.reconnects.subscribe();
+    reconnects.mark_unchanged();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            changed = reconnects.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                // Republished messages sent while disconnected are lost.
+                last = shared.fill_gap(&stored, last, None).await;
+            }
+            message = subscription.next() => match message {
+                Some(message) => last = shared.on_live(&stored, last, message).await,
+                None => break,
+            },
+        }
+    }
+    let _ = subscription.unsubscribe().await;
+}
+
+impl Interest for NatsBus {
+    fn follow(&self, target: &Target) -> watch::Receiver<FollowState> {
+        let (state, watch) = watch::channel(FollowState::Pending);
+        let stop = CancellationToken::new();
+        let previous = self
+            .shared
+            .followers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(target.clone(), Follower { stop: stop.clone() });
+        if let Some(previous) = previous {
+            previous.stop.cancel();
+        }
+        tokio::spawn(follow_target(
+            Arc::clone(&self.shared),
+            target.clone(),
+            stop,
+            state,
+        ));
+        watch
+    }
+
+    fn unfollow(&self, target: &Target) {
+        let removed = self
+            .shared
+            .followers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(target);
+        if let Some(follower) = removed {
+            follower.stop.cancel();
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Bus for NatsBus {
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    fn is_ready(&self) -> bool {
+        self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    async fn publish(&self, request: PublishRequest) -> Result<Receipt, PublishError> {
+        let limit = self.shared.settings.max_event_bytes;
+        if request.data.len() > limit {
+            return Err(PublishError::TooLarge {
+                size: request.data.len(),
+                limit,
+            });
+        }
+        let mut headers = HeaderMap::new();
+        if let Some(event_type) = &request.event_type {
+            headers.insert(EVENT_TYPE_HEADER, event_type.as_str());
+        }
+        if let Some(msg_id) = &request.msg_id {
+            headers.insert("Nats-Msg-Id", msg_id.as_str());
+        }
+        if let Some(trace) = &request.trace {
+            headers.insert("traceparent", trace.traceparent());
+            if let Some(state) = trace.tracestate() {
+                headers.insert("tracestate", state);
+            }
+        }
+        let subject = request.target.subject(&self.shared.settings.subject_prefix);
+        let unavailable = |reason: String| PublishError::Unavailable(reason);
+        let ack = tokio::time::timeout(API_TIMEOUT, async {
+            self.shared
+                .jetstream
+                .publish_with_headers(subject, headers, Bytes::from(request.data))
+                .await
+                .map_err(|err| unavailable(err.to_string()))?
+                .await
+                .map_err(|err| unavailable(err.to_string()))
+        })
+        .await
+        .map_err(|_| unavailable("JetStream did not acknowledge in time".into()))??;
+        Ok(Receipt {
+            id: self.shared.id(ack.sequence),
+            duplicate: ack.duplicate,
+        })
+    }
+
+    async fn head(&self) -> Result<EventId, ReplayError> {
+        let state = self.shared.state().await?;
+        Ok(self.shared.id(state.last_sequence))
+    }
+
+    async fn replay(
+        &self,
+        targets: &[Target],
+        after: EventId,
+        limit: usize,
+    ) -> Result<Replay, ReplayError> {
+        let shared = &self.shared;
+        let state = shared.state().await?;
+        let head = shared.id(state.last_sequence);
+        let lost = |reason| Ok(Replay::HistoryLost { reason, head });
+        if after.epoch != shared.epoch() {
+            return lost(LostReason::EpochChanged);
+        }
+        if after.seq > state.last_sequence {
+            return lost(LostReason::UnknownPosition);
+        }
+        if after.seq + 1 < state.first_sequence {
+            return lost(LostReason::Expired);
+        }
+        let mut events = Vec::new();
+        for target in targets {
+            let subject = target.subject(&shared.settings.subject_prefix);
+            if self.evicted_after(&subject, after.seq).await? {
+                return lost(LostReason::Expired);
+            }
+            let stored = shared
+                .stored_after(&subject, after.seq, Some(head.seq + 1), limit)
+                .await
+                .map_err(ReplayError)?;
+            events.extend(stored);
+            if events.len() > limit {
+                return lost(LostReason::TooFarBehind);
+            }
+        }
+        events.sort_by_key(|event| event.id.seq);
+        Ok(Replay::Complete {
+            events: events.into_iter().map(Arc::new).collect(),
+            head,
+        })
+    }
+}
+
+impl NatsBus {
+    /// Whether the per-subject limit may have evicted messages of `subject`
+    /// after `after`. The per-subject limit removes a subject's oldest messages
+    /// without moving the stream's first sequence, so compare with the subject
+    /// itself: when the subject is at its cap and its oldest retained message
+    /// is newer than `after + 1`, something after `after` may be gone. This can
+    /// answer "yes" for a gap that never held a message of this subject (a
+    /// needless reset), never "no" for a real eviction (a silent skip).
+    async fn evicted_after(&self, subject: &str, after: u64) -> Result<bool, ReplayError> {
+        let cap = u64::try_from(self.shared.settings.max_messages_per_subject).unwrap_or(u64::MAX);
+        let count = {
+            let mut subjects = self
+                .shared
+                .stream
+                .info_with_subjects(subject)
+                .await
+                .map_err(|err| ReplayError(err.to_string()))?;
+            let mut count = 0u64;
+            while let Some(entry) = subjects.next().await {
+                let (_, messages) = entry.map_err(|err| ReplayError(err.to_string()))?;
+                count += messages as u64;
+            }
+            count
+        };
+        if count < cap {
+            return Ok(false);
+        }
+        match self
+            .shared
+            .stream
+            .direct_get_next_for_subject(subject, None)
+            .await
+        {
+            Ok(oldest) => Ok(oldest.sequence > after + 1),
+            Err(err) if err.kind() == stream::DirectGetErrorKind::NotFound => Ok(false),
+            Err(err) => Err(ReplayError(err.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_older_than_2_10_are_refused() {
+        assert!(check_version("2.9.25").is_err());
+        assert!(check_version("v2.9.10").is_err());
+        assert!(check_version("2.10.23").is_ok());
+        assert!(check_version("2.11.9").is_ok());
+        assert!(check_version("2.12.0-beta.1").is_ok());
+    }
+
+    #[test]
+    fn a_stream_without_republish_or_with_other_subjects_conflicts() {
+        let settings = NatsSettings::default();
+        let wanted = stream_config(&settings);
+        assert!(conflict(&wanted, &wanted).is_none());
+        let mut other = wanted.clone();
+        other.republish = None;
+        assert_eq!(conflict(&other, &wanted).map(|c| c.0), Some("republish"));
+        let mut other = wanted.clone();
+        other.subjects = vec!["herald.>".into()];
+        assert_eq!(conflict(&other, &wanted).map(|c| c.0), Some("subjects"));
+        let mut other = wanted.clone();
+        other.allow_direct = false;
+        assert_eq!(conflict(&other, &wanted).map(|c| c.0), Some("allow_direct"));
+    }
+}
