@@ -7,8 +7,12 @@
 //!   parser from `herald-protocol`;
 //! - [`publish`]: `POST /v1/publish`;
 //! - [`wait_until`]: poll a condition with a deadline instead of sleeping;
-//! - [`proxy::TcpProxy`]: a loopback TCP proxy that can cut every connection.
+//! - [`proxy::TcpProxy`]: a loopback TCP proxy that can cut every connection;
+//! - [`nats::NatsServer`], [`nats::NatsCluster`]: real nats-server processes;
+//! - [`process::EdgeProcess`]: the real `herald-edge` binary, for kill tests.
 
+pub mod nats;
+pub mod process;
 pub mod proxy;
 
 use std::net::SocketAddr;

@@ -1,0 +1,360 @@
+//! The NATS JetStream bus against real nats-server processes: publishing from
+//! any client, interest-based fan-out across nodes, resume on another node,
+//! deduplication, gap repair, outages, recreated streams and isolation.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use herald_config::BusKind;
+use herald_testkit::nats::NatsServer;
+use herald_testkit::{EdgeNode, PATIENCE, SseClient, publish, subscriber_token};
+use serde_json::json;
+
+async fn nats_node(nats: &NatsServer) -> EdgeNode {
+    let url = nats.url();
+    EdgeNode::start(move |s| {
+        s.bus.kind = BusKind::Nats;
+        s.nats.url = url;
+    })
+    .await
+    .expect("node starts on NATS")
+}
+
+fn metric(node: &EdgeNode, name: &str) -> u64 {
+    node.handle
+        .metrics_text()
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn publish_to(node: &EdgeNode, body: serde_json::Value) -> String {
+    let (status, answer) = publish(node, body).await.expect("publish");
+    assert_eq!(status, 200, "{answer}");
+    answer["id"].as_str().expect("id").to_owned()
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// An event published over HTTP on one node reaches a stream held by another.
+#[tokio::test]
+async fn an_event_published_on_one_node_is_delivered_by_another() {
+    let nats = NatsServer::start().expect("nats-server");
+    let (a, b) = (nats_node(&nats).await, nats_node(&nats).await);
+    let mut alice = SseClient::open(&b, "alice").await.expect("stream on b");
+    let id = publish_to(
+        &a,
+        json!({"user": "alice", "event": "greeting", "data": "hi"}),
+    )
+    .await;
+    let event = alice.next_event(PATIENCE).await.expect("event");
+    assert_eq!(
+        (event.id, event.event_type, event.data),
+        (id, "greeting".into(), "hi".into())
+    );
+}
+
+/// Any NATS client can publish: the subject rule, the `Herald-Event` header and
+/// `Nats-Msg-Id` are all a publisher needs.
+#[tokio::test]
+async fn a_plain_nats_client_publishes_typed_deduplicated_events() {
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node(&nats).await;
+    let mut stream = SseClient::open(&node, "alice").await.expect("stream");
+    let client = async_nats::connect(nats.url()).await.expect("client");
+    let js = jetstream::new(client);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Herald-Event", "order.shipped");
+    headers.insert("Nats-Msg-Id", "order-42");
+    let first = js
+        .publish_with_headers(
+            "herald.user.alice",
+            headers.clone(),
+            "line 1\nline 2".into(),
+        )
+        .await
+        .expect("sent")
+        .await
+        .expect("stored");
+    let retry = js
+        .publish_with_headers("herald.user.alice", headers, "line 1\nline 2".into())
+        .await
+        .expect("sent")
+        .await
+        .expect("answered");
+    assert!(retry.duplicate);
+    assert_eq!(retry.sequence, first.sequence);
+    js.publish("herald.user.alice", "after".into())
+        .await
+        .expect("sent")
+        .await
+        .expect("stored");
+
+    let events = stream.events(2).await.expect("events");
+    assert_eq!(events[0].event_type, "order.shipped");
+    assert_eq!(events[0].data, "line 1\nline 2");
+    assert!(events[0].id.ends_with(&format!("-{}", first.sequence)));
+    assert_eq!(
+        events[1].data, "after",
+        "the retry was not delivered a second time"
+    );
+}
+
+/// A node receives only the events of users it holds streams for: node B,
+/// holding bob, never receives alice's events from NATS.
+#[tokio::test]
+async fn a_node_receives_only_the_events_of_the_users_it_holds() {
+    let nats = NatsServer::start().expect("nats-server");
+    let (a, b) = (nats_node(&nats).await, nats_node(&nats).await);
+    let mut alice = SseClient::open(&a, "alice").await.expect("stream");
+    let mut bob = SseClient::open(&b, "bob").await.expect("stream");
+    for i in 0..5 {
+        publish_to(&a, json!({"user": "alice", "data": format!("a{i}")})).await;
+        publish_to(&a, json!({"user": "bob", "data": format!("b{i}")})).await;
+    }
+    alice.events(5).await.expect("alice's events");
+    bob.events(5).await.expect("bob's events");
+    assert_eq!(metric(&a, "herald_bus_messages_received_total"), 5);
+    assert_eq!(metric(&b, "herald_bus_messages_received_total"), 5);
+
+    // Two streams of one user on a node share one subscription.
+    let mut alice_again = SseClient::open(&a, "alice").await.expect("stream");
+    publish_to(&b, json!({"user": "alice", "data": "both"})).await;
+    assert_eq!(
+        alice.next_event(PATIENCE).await.expect("event").data,
+        "both"
+    );
+    assert_eq!(
+        alice_again.next_event(PATIENCE).await.expect("event").data,
+        "both"
+    );
+    assert_eq!(metric(&a, "herald_bus_messages_received_total"), 6);
+}
+
+/// A client that leaves one node and comes back on another with its
+/// `Last-Event-ID` receives exactly what it missed, in order, then live events.
+#[tokio::test]
+async fn resuming_on_another_node_delivers_exactly_the_missed_events() {
+    let nats = NatsServer::start().expect("nats-server");
+    let (a, b) = (nats_node(&nats).await, nats_node(&nats).await);
+    let token = subscriber_token("alice", &["news"]);
+    let mut first = SseClient::connect(
+        &a.url("/v1/stream?topic=news"),
+        &[("authorization", &bearer(&token))],
+    )
+    .await
+    .expect("stream");
+    let mut published = Vec::new();
+    for i in 0..3 {
+        published.push(publish_to(&a, json!({"user": "alice", "data": format!("u{i}")})).await);
+    }
+    let seen = first.events(3).await.expect("events");
+    let last = seen[2].id.clone();
+    drop(first);
+    for i in 0..3 {
+        published.push(publish_to(&b, json!({"user": "alice", "data": format!("m{i}")})).await);
+        published.push(publish_to(&b, json!({"topic": "news", "data": format!("n{i}")})).await);
+        publish_to(&b, json!({"user": "bob", "data": "not for alice"})).await;
+    }
+    let mut resumed = SseClient::connect(
+        &b.url("/v1/stream?topic=news"),
+        &[("authorization", &bearer(&token)), ("last-event-id", &last)],
+    )
+    .await
+    .expect("stream");
+    published.push(publish_to(&a, json!({"user": "alice", "data": "live"})).await);
+    let ids: Vec<String> = resumed
+        .events(7)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, published[3..]);
+}
+
+/// A live message that never reaches the node is detected from the next
+/// message's `Nats-Last-Sequence` and filled from the stream before it.
+#[tokio::test]
+async fn a_lost_live_message_is_detected_and_filled_from_the_stream() {
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node(&nats).await;
+    let mut stream = SseClient::open(&node, "alice").await.expect("stream");
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    let e1 = publish_to(&node, json!({"user": "alice", "data": "e1"})).await;
+    assert_eq!(stream.next_event(PATIENCE).await.expect("e1").id, e1);
+
+    // Fault: republish e2 somewhere the node does not listen, so its live copy is lost.
+    let mut herald = js.get_stream("HERALD").await.expect("stream");
+    let original = herald.info().await.expect("info").config.clone();
+    let mut detour = original.clone();
+    if let Some(republish) = detour.republish.as_mut() {
+        republish.destination = "nowhere.>".into();
+    }
+    js.update_stream(detour).await.expect("detour");
+    let e2 = publish_to(&node, json!({"user": "alice", "data": "e2"})).await;
+    js.update_stream(original).await.expect("restored");
+    let e3 = publish_to(&node, json!({"user": "alice", "data": "e3"})).await;
+
+    let events = stream.events(2).await.expect("events");
+    assert_eq!([events[0].id.clone(), events[1].id.clone()], [e2, e3]);
+    assert_eq!(metric(&node, "herald_gap_repairs_total"), 1);
+}
+
+/// When nats-server restarts under a connected client, the stream stays open,
+/// `/readyz` reports the outage, and afterwards every event reaches the client
+/// once and in order.
+#[tokio::test]
+async fn a_nats_restart_loses_and_duplicates_nothing() {
+    let mut nats = NatsServer::start().expect("nats-server");
+    let node = nats_node(&nats).await;
+    let mut stream = SseClient::open(&node, "alice").await.expect("stream");
+    let mut published = vec![publish_to(&node, json!({"user": "alice", "data": "before"})).await];
+    let ready = || async {
+        reqwest::get(node.url("/readyz"))
+            .await
+            .expect("answered")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(ready().await, 200);
+
+    nats.kill();
+    let mut unready = false;
+    for _ in 0..200 {
+        if ready().await == 503 {
+            unready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(unready, "/readyz stayed ready while NATS was down");
+    nats.restart().expect("nats-server back");
+    // Publish with another client at once: the node may not have resubscribed
+    // yet, and what it misses must come from the stream.
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    for i in 0..5 {
+        let ack = js
+            .publish("herald.user.alice", format!("after {i}").into())
+            .await
+            .expect("sent")
+            .await
+            .expect("stored");
+        published.push(ack.sequence.to_string());
+    }
+    let events = stream
+        .events(6)
+        .await
+        .expect("every event after the restart");
+    assert_eq!(events[0].id, published[0]);
+    for (event, seq) in events[1..].iter().zip(&published[1..]) {
+        assert!(
+            event.id.ends_with(&format!("-{seq}")),
+            "{} vs {seq}",
+            event.id
+        );
+    }
+    let mut ready_again = false;
+    for _ in 0..200 {
+        if ready().await == 200 {
+            ready_again = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready_again, "/readyz did not recover");
+}
+
+/// After the stream is deleted and recreated, an old id gets exactly one
+/// `herald.reset` (epoch changed), not a replay from a reused sequence.
+#[tokio::test]
+async fn a_recreated_stream_resets_clients_with_old_ids() {
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node(&nats).await;
+    let old = publish_to(&node, json!({"user": "alice", "data": "old"})).await;
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    let config = js
+        .get_stream("HERALD")
+        .await
+        .expect("stream")
+        .cached_info()
+        .config
+        .clone();
+    js.delete_stream("HERALD").await.expect("deleted");
+    js.create_stream(config).await.expect("recreated");
+    publish_to(&node, json!({"user": "alice", "data": "new 1"})).await;
+
+    let token = subscriber_token("alice", &[]);
+    let mut stream = SseClient::connect(
+        &node.url("/v1/stream"),
+        &[("authorization", &bearer(&token)), ("last-event-id", &old)],
+    )
+    .await
+    .expect("stream");
+    let reset = stream.next_event(PATIENCE).await.expect("reset");
+    assert_eq!(reset.event_type, "herald.reset");
+    assert!(reset.data.contains("epoch_changed"), "{}", reset.data);
+    assert_ne!(
+        reset.id.split('-').next(),
+        old.split('-').next(),
+        "new epoch in the id"
+    );
+}
+
+/// History evicted by the per-subject limit gives `herald.reset`, never a
+/// silent skip.
+#[tokio::test]
+async fn history_evicted_per_subject_gives_a_reset() {
+    let nats = NatsServer::start().expect("nats-server");
+    let url = nats.url();
+    let node = EdgeNode::start(move |s| {
+        s.bus.kind = BusKind::Nats;
+        s.nats.url = url;
+        s.nats.max_messages_per_subject = 3;
+    })
+    .await
+    .expect("node");
+    let first = publish_to(&node, json!({"user": "alice", "data": "1"})).await;
+    for i in 2..=5 {
+        publish_to(&node, json!({"user": "alice", "data": i.to_string()})).await;
+    }
+    let token = subscriber_token("alice", &[]);
+    let mut stream = SseClient::connect(
+        &node.url("/v1/stream"),
+        &[
+            ("authorization", &bearer(&token)),
+            ("last-event-id", &first),
+        ],
+    )
+    .await
+    .expect("stream");
+    let reset = stream.next_event(PATIENCE).await.expect("reset");
+    assert_eq!(reset.event_type, "herald.reset");
+    assert!(reset.data.contains("expired"), "{}", reset.data);
+}
+
+/// User ids that are NATS wildcards or contain dots are encoded into one safe
+/// subject token: the user `*` or `alice.>` never receives alice's events.
+#[tokio::test]
+async fn wildcard_user_ids_cannot_read_other_users_on_nats() {
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node(&nats).await;
+    for attacker in ["*", ">", "alice.>", "a b"] {
+        let token = subscriber_token(attacker, &[]);
+        let mut stream = SseClient::connect(
+            &node.url("/v1/stream"),
+            &[("authorization", &bearer(&token))],
+        )
+        .await
+        .expect("stream");
+        publish_to(&node, json!({"user": "alice", "data": "secret"})).await;
+        publish_to(&node, json!({"user": attacker, "data": "sentinel"})).await;
+        assert_eq!(
+            stream.next_event(PATIENCE).await.expect("event").data,
+            "sentinel",
+            "{attacker}"
+        );
+    }
+}

@@ -1,0 +1,74 @@
+//! The real `herald-edge` binary as a child process, for tests that kill a node
+//! (SIGKILL) or stop it with a signal. Killed on drop.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::SECRET;
+use crate::nats::free_port;
+
+/// A running `herald-edge` process.
+#[derive(Debug)]
+pub struct EdgeProcess {
+    /// `127.0.0.1:<port>` it listens on.
+    pub addr: String,
+    child: Child,
+}
+
+impl EdgeProcess {
+    /// Starts `binary` on a free port with the test secret and `env` on top,
+    /// and waits until `/readyz` answers 200.
+    pub async fn start(binary: &Path, env: &[(&str, &str)]) -> anyhow::Result<EdgeProcess> {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let mut command = Command::new(binary);
+        command
+            .env("HERALD__HTTP__LISTEN", &addr)
+            .env("HERALD__AUTH__HS256_SECRET", SECRET)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().context("starting herald-edge")?;
+        let mut process = EdgeProcess { addr, child };
+        process.wait_ready().await?;
+        Ok(process)
+    }
+
+    /// `http://<addr><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("herald-edge exited during start-up ({status})");
+            }
+            if let Ok(response) = reqwest::get(self.url("/readyz")).await {
+                if response.status() == 200 {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("herald-edge on {} was not ready within 15 s", self.addr)
+    }
+
+    /// SIGKILL: the node dies without closing anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EdgeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
