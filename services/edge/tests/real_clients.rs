@@ -134,3 +134,60 @@ async fn the_npm_eventsource_client_resumes_after_a_dropped_connection_without_l
     let status = client.child.wait().await.expect("client exits");
     assert!(status.success());
 }
+
+/// A publisher written in another language (the Node `nats` client) needs only
+/// the documented subject rule and headers: its event, for a user id that is
+/// not a plain name, arrives typed on that user's SSE stream, and its retry
+/// with the same `Nats-Msg-Id` is not delivered twice.
+#[tokio::test]
+async fn a_node_nats_client_publishes_to_a_stream() {
+    let nats = herald_testkit::nats::NatsServer::start().expect("nats-server");
+    let url = nats.url();
+    let node = EdgeNode::start(move |s| {
+        s.bus.kind = herald_config::BusKind::Nats;
+        s.nats.url = url;
+    })
+    .await
+    .expect("node starts");
+    let user = "jürgen.müller@example.com";
+    let token = subscriber_token(user, &[]);
+    let mut stream = herald_testkit::SseClient::connect(
+        &node.url("/v1/stream"),
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await
+    .expect("stream");
+    let dir = clients_dir();
+    let mut acks = Vec::new();
+    for _ in 0..2 {
+        let output = Command::new("node")
+            .arg(dir.join("nats-publish.mjs"))
+            .args([
+                nats.url().as_str(),
+                user,
+                "invoice.paid",
+                "{\"amount\":42}",
+                "invoice-7",
+            ])
+            .current_dir(&dir)
+            .output()
+            .await
+            .expect("node runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        acks.push(serde_json::from_slice::<Value>(&output.stdout).expect("ack json"));
+    }
+    assert_eq!(acks[1]["duplicate"], true);
+    let event = stream.next_event(PATIENCE).await.expect("event");
+    assert_eq!(event.event_type, "invoice.paid");
+    assert_eq!(event.data, "{\"amount\":42}");
+    assert!(
+        event.id.ends_with(&format!("-{}", acks[0]["seq"])),
+        "{} vs {}",
+        event.id,
+        acks[0]
+    );
+}
