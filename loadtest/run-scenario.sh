@@ -31,9 +31,18 @@ cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; w
 trap cleanup EXIT
 
 ulimit -n "$(ulimit -Hn)" || true
+if [ "${BUS:-memory}" = nats ]; then
+  nats_port="${NATS_PORT:-14222}"
+  store=$(mktemp -d)
+  $pin_server bin/nats-server -js -a 127.0.0.1 -p "$nats_port" -sd "$store" > "$results/$name.nats.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break; sleep 0.1; done
+  export HERALD__BUS__KIND=nats HERALD__NATS__URL="nats://127.0.0.1:$nats_port" HERALD__NATS__STORAGE="${NATS_STORAGE:-file}"
+fi
 HERALD__AUTH__HS256_SECRET=$secret \
 HERALD__HTTP__LISTEN=127.0.0.1:$port \
 HERALD__STREAM__MAX_CONNECTIONS_PER_USER=1000000 \
+HERALD__HTTP__PUBLISH_RATE_PER_SEC=1000000 \
 RUST_LOG=${EDGE_LOG:-warn} \
   $pin_server "$edge" > "$results/$name.edge.log" 2>&1 &
 pids+=($!)
@@ -56,5 +65,5 @@ $pin_client "$generator" \
   --publishers "${PUBLISHERS:-4}" \
   --slow-fraction "${SLOW_FRACTION:-0}" \
   --source-ips "${SOURCE_IPS:-16}" \
-  --pids "${pids[0]}" \
+  --pids "${pids[-1]}" \
   --out "$results/$name.json"
