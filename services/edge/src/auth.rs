@@ -616,6 +616,68 @@ mod tests {
     }
 
     #[test]
+    fn issuer_audience_and_not_before_are_checked_when_configured() {
+        let auth = with_keys(|s| {
+            s.hs256_secret = Some(Secret::new(SECRET));
+            s.issuer = Some("https://idp.example.com/".into());
+            s.audience = Some("herald".into());
+            s.leeway_secs = 0;
+        });
+        let good = Claims {
+            iss: Some("https://idp.example.com/".into()),
+            aud: Some("herald".into()),
+            ..subscriber_claims("alice")
+        };
+        assert!(
+            auth.subscriber(&mint(SECRET, &good).expect("signed"))
+                .is_ok()
+        );
+        let wrong_issuer = Claims {
+            iss: Some("https://evil.example.com/".into()),
+            ..good.clone()
+        };
+        assert_eq!(
+            auth.subscriber(&mint(SECRET, &wrong_issuer).expect("signed"))
+                .err(),
+            Some(AuthError::Invalid("wrong issuer"))
+        );
+        let wrong_audience = Claims {
+            aud: Some("other".into()),
+            ..good.clone()
+        };
+        assert_eq!(
+            auth.subscriber(&mint(SECRET, &wrong_audience).expect("signed"))
+                .err(),
+            Some(AuthError::Invalid("wrong audience"))
+        );
+
+        #[derive(Serialize)]
+        struct NotBefore<'a> {
+            sub: &'a str,
+            exp: u64,
+            nbf: u64,
+            iss: &'a str,
+            aud: &'a str,
+        }
+        let early = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &NotBefore {
+                sub: "alice",
+                exp: expiry_in(Duration::from_secs(600)),
+                nbf: expiry_in(Duration::from_secs(300)),
+                iss: "https://idp.example.com/",
+                aud: "herald",
+            },
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("signed");
+        assert_eq!(
+            auth.subscriber(&early).err(),
+            Some(AuthError::Invalid("not valid yet (nbf)"))
+        );
+    }
+
+    #[test]
     fn a_publisher_list_allows_only_its_targets() {
         let auth = authenticator();
         let mut claims = subscriber_claims("svc");

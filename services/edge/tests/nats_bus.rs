@@ -358,3 +358,92 @@ async fn wildcard_user_ids_cannot_read_other_users_on_nats() {
         );
     }
 }
+
+/// Events that cannot be delivered safely — a payload that is not UTF-8, a
+/// `Herald-Event` with a control character (NATS framing itself cannot carry a
+/// line break in a header), a reserved event type, an oversize payload — are
+/// dropped and counted; the stream carries on with the next one.
+#[tokio::test]
+async fn undeliverable_events_are_dropped_and_counted_without_harm() {
+    let nats = NatsServer::start().expect("nats-server");
+    let url = nats.url();
+    let node = EdgeNode::start(move |s| {
+        s.bus.kind = BusKind::Nats;
+        s.nats.url = url;
+        s.nats.max_event_bytes = 1024;
+    })
+    .await
+    .expect("node");
+    let mut stream = SseClient::open(&node, "alice").await.expect("stream");
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    let with_type = |event_type: &str| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Herald-Event", event_type);
+        headers
+    };
+    let bad: Vec<(async_nats::HeaderMap, bytes::Bytes)> = vec![
+        (
+            async_nats::HeaderMap::new(),
+            bytes::Bytes::from_static(b"\xff\xfe not utf-8"),
+        ),
+        (with_type("x\u{7}\u{1b}[2Jdata: evil"), "injected".into()),
+        (with_type("herald.reset"), "spoofed".into()),
+        (async_nats::HeaderMap::new(), "x".repeat(2048).into()),
+    ];
+    for (headers, payload) in bad {
+        js.publish_with_headers("herald.user.alice", headers, payload)
+            .await
+            .expect("sent")
+            .await
+            .expect("stored");
+    }
+    js.publish("herald.user.alice", "fine".into())
+        .await
+        .expect("sent")
+        .await
+        .expect("stored");
+    let event = stream.next_event(PATIENCE).await.expect("event");
+    assert_eq!(
+        (event.event_type.as_str(), event.data.as_str()),
+        ("message", "fine")
+    );
+    assert_eq!(metric(&node, "herald_bus_bad_events_total"), 4);
+}
+
+/// An existing stream whose configuration conflicts with what Herald needs
+/// stops the node at start-up with a message naming the field, unless
+/// `nats.update_stream` lets Herald fix it.
+#[tokio::test]
+async fn a_conflicting_stream_is_refused_unless_updates_are_allowed() {
+    let nats = NatsServer::start().expect("nats-server");
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    js.create_stream(jetstream::stream::Config {
+        name: "HERALD".into(),
+        subjects: vec!["herald.user.*".into(), "herald.topic.*".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("a stream without RePublish");
+    let url = nats.url();
+    let refused = EdgeNode::start({
+        let url = url.clone();
+        move |s| {
+            s.bus.kind = BusKind::Nats;
+            s.nats.url = url;
+        }
+    })
+    .await
+    .expect_err("refused");
+    assert!(refused.to_string().contains("republish"), "{refused}");
+
+    let node = EdgeNode::start(move |s| {
+        s.bus.kind = BusKind::Nats;
+        s.nats.url = url;
+        s.nats.update_stream = true;
+    })
+    .await
+    .expect("starts after updating the stream");
+    let mut stream = SseClient::open(&node, "alice").await.expect("stream");
+    let id = publish_to(&node, json!({"user": "alice", "data": "works"})).await;
+    assert_eq!(stream.next_event(PATIENCE).await.expect("event").id, id);
+}
