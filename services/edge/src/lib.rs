@@ -110,6 +110,7 @@ impl Node {
             },
             Arc::clone(&metrics),
         ));
+        let tracing = Arc::new(telemetry::Tracing::new(&settings, &node_id));
         let bus: Arc<dyn Bus> = match settings.bus.kind {
             BusKind::Memory => {
                 tracing::warn!(
@@ -124,6 +125,7 @@ impl Node {
                     &node_id,
                     registry.clone(),
                     Arc::clone(&metrics),
+                    Arc::clone(&tracing),
                 )
                 .await
                 .map_err(|err| StartError::Bus(err.to_string()))?,
@@ -140,7 +142,6 @@ impl Node {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
         let throttle = http::throttle::Throttle::new(settings.http.publish_rate_per_sec);
-        let tracing = telemetry::Tracing::new(&settings, &node_id);
         let state = Arc::new(AppState {
             tracing,
             node_id,

@@ -51,6 +51,11 @@ pub struct Metrics {
     pub gap_repairs: Counter,
     /// Bus messages dropped as undeliverable (bad subject, UTF-8, type, size).
     pub bus_bad_events: Counter,
+    /// 1 while the NATS connection is up (NATS bus only).
+    pub nats_connected: Gauge,
+    /// Events waiting in connection queues, all connections together (set
+    /// when metrics are scraped).
+    pub queued_events: Gauge,
 }
 
 impl Default for Metrics {
@@ -72,6 +77,8 @@ impl Default for Metrics {
             bus_messages_received: Counter::default(),
             gap_repairs: Counter::default(),
             bus_bad_events: Counter::default(),
+            nats_connected: Gauge::default(),
+            queued_events: Gauge::default(),
         }
     }
 }
@@ -145,6 +152,16 @@ impl Metrics {
             "bus_bad_events",
             "Bus messages dropped as undeliverable",
             self.bus_bad_events.clone(),
+        );
+        registry.register(
+            "nats_connected",
+            "1 while the NATS connection is up",
+            self.nats_connected.clone(),
+        );
+        registry.register(
+            "queued_events",
+            "Events waiting in connection queues",
+            self.queued_events.clone(),
         );
         registry.register(
             "delivery_latency_seconds",

@@ -106,6 +106,82 @@ impl Tracing {
         }
     }
 
+    /// The user id for logs, in the form chosen for traces (`-` when omitted).
+    pub fn user_for_logs(&self, user: &Target) -> String {
+        self.user_label(user).unwrap_or_else(|| "-".to_owned())
+    }
+
+    /// Records a `herald.stream.open` span (sampled by ratio).
+    pub fn stream_opened(&self, connection: u64, user: &Target, topics: usize, resumed: bool) {
+        if !self.should_trace(None) {
+            return;
+        }
+        let span = tracing::info_span!(
+            target: TARGET,
+            "herald.stream.open",
+            herald.node = %self.node_id,
+            herald.connection = as_i64(connection),
+            herald.topics = as_i64(topics as u64),
+            herald.resumed = resumed,
+            herald.user = tracing::field::Empty,
+        );
+        if let Some(user) = self.user_label(user) {
+            span.record("herald.user", user.as_str());
+        }
+    }
+
+    /// Records a `herald.stream.close` span (sampled by ratio).
+    pub fn stream_closed(&self, connection: u64, user: &Target, reason: &str, open_for: Duration) {
+        if !self.should_trace(None) {
+            return;
+        }
+        let span = tracing::info_span!(
+            target: TARGET,
+            "herald.stream.close",
+            herald.node = %self.node_id,
+            herald.connection = as_i64(connection),
+            herald.reason = reason,
+            herald.open_ms = open_for.as_secs_f64() * 1000.0,
+            herald.user = tracing::field::Empty,
+        );
+        if let Some(user) = self.user_label(user) {
+            span.record("herald.user", user.as_str());
+        }
+    }
+
+    /// Records a `herald.replay` span (sampled by ratio): how many events a
+    /// resuming stream was sent, or why it was reset.
+    pub fn replayed(&self, connection: u64, events: usize, outcome: &str, took: Duration) {
+        if !self.should_trace(None) {
+            return;
+        }
+        let _span = tracing::info_span!(
+            target: TARGET,
+            "herald.replay",
+            herald.node = %self.node_id,
+            herald.connection = as_i64(connection),
+            herald.events = as_i64(events as u64),
+            herald.outcome = outcome,
+            herald.replay_ms = took.as_secs_f64() * 1000.0,
+        );
+    }
+
+    /// Records a `herald.gap_repair` span (sampled by ratio): live messages
+    /// that were lost and read back from the stream.
+    pub fn gap_repaired(&self, subject: &str, after: u64, events: usize) {
+        if !self.should_trace(None) {
+            return;
+        }
+        let _span = tracing::info_span!(
+            target: TARGET,
+            "herald.gap_repair",
+            herald.node = %self.node_id,
+            herald.subject_kind = if subject.contains(".user.") { "user" } else { "topic" },
+            herald.after_seq = as_i64(after),
+            herald.events = as_i64(events as u64),
+        );
+    }
+
     /// The user id as the operator chose to show it.
     fn user_label(&self, user: &Target) -> Option<String> {
         match self.user_id {

@@ -2,84 +2,9 @@
 //! receiver that decodes the official OTLP protobuf, as a child of the
 //! publisher's trace.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
+use herald_testkit::otlp::{Collector, attributes, hex};
 use herald_testkit::{EdgeNode, PATIENCE, SseClient, publisher_token, wait_until};
-use http_body_util::BodyExt;
-use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use opentelemetry_proto::tonic::trace::v1::Span;
-use prost::Message;
-
-/// Spans received by the test collector.
-#[derive(Clone, Default)]
-struct Collector(Arc<Mutex<Vec<Span>>>);
-
-impl Collector {
-    /// Serves OTLP/HTTP `POST /v1/traces` on an ephemeral loopback port.
-    async fn start(&self) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let spans = self.0.clone();
-        tokio::spawn(async move {
-            while let Ok((socket, _)) = listener.accept().await {
-                let spans = spans.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |request: hyper::Request<hyper::body::Incoming>| {
-                            let spans = spans.clone();
-                            async move {
-                                assert_eq!(request.uri().path(), "/v1/traces");
-                                let body = request.into_body().collect().await?.to_bytes();
-                                let export = ExportTraceServiceRequest::decode(body)
-                                    .expect("valid OTLP protobuf");
-                                let mut spans = spans.lock().expect("spans");
-                                for resource in export.resource_spans {
-                                    for scope in resource.scope_spans {
-                                        spans.extend(scope.spans);
-                                    }
-                                }
-                                Ok::<_, hyper::Error>(hyper::Response::new(
-                                    http_body_util::Full::new(bytes::Bytes::new()),
-                                ))
-                            }
-                        },
-                    );
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(socket), service)
-                        .await;
-                });
-            }
-        });
-        format!("http://{addr}")
-    }
-
-    fn deliveries(&self) -> Vec<Span> {
-        self.0
-            .lock()
-            .expect("spans")
-            .iter()
-            .filter(|s| s.name == "herald.deliver")
-            .cloned()
-            .collect()
-    }
-}
-
-fn attributes(span: &Span) -> HashMap<String, Value> {
-    span.attributes
-        .iter()
-        .filter_map(|kv| Some((kv.key.clone(), kv.value.as_ref()?.value.clone()?)))
-        .collect()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// A publish carrying a sampled `traceparent` yields a delivery span in the
 /// same trace, with the publisher's span as parent and the documented
@@ -87,7 +12,7 @@ fn hex(bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_span_joins_the_publishers_trace() {
     let collector = Collector::default();
-    let endpoint = collector.start().await;
+    let endpoint = collector.start().await.expect("collector");
     let telemetry = herald_config::TelemetrySettings {
         otlp_endpoint: Some(endpoint),
         sample_ratio: 0.0,
@@ -144,12 +69,12 @@ async fn a_delivery_span_joins_the_publishers_trace() {
         .await
         .expect("flushed");
     wait_until("the delivery span is exported", PATIENCE, || {
-        !collector.deliveries().is_empty()
+        !collector.spans("herald.deliver").is_empty()
     })
     .await
     .expect("exported");
 
-    let spans = collector.deliveries();
+    let spans = collector.spans("herald.deliver");
     assert_eq!(spans.len(), 1, "only the sampled publish is traced");
     let span = &spans[0];
     assert_eq!(hex(&span.trace_id), trace_id);

@@ -9,9 +9,11 @@
 //! - [`wait_until`]: poll a condition with a deadline instead of sleeping;
 //! - [`proxy::TcpProxy`]: a loopback TCP proxy that can cut every connection;
 //! - [`nats::NatsServer`], [`nats::NatsCluster`]: real nats-server processes;
-//! - [`process::EdgeProcess`]: the real `herald-edge` binary, for kill tests.
+//! - [`process::EdgeProcess`]: the real `herald-edge` binary, for kill tests;
+//! - [`otlp::Collector`]: an OTLP/HTTP receiver decoding the official protobuf.
 
 pub mod nats;
+pub mod otlp;
 pub mod process;
 pub mod proxy;
 

@@ -40,6 +40,7 @@ use super::{
     Replay, ReplayError,
 };
 use crate::metrics::Metrics;
+use crate::telemetry::Tracing;
 
 /// Header carrying the SSE event type.
 pub const EVENT_TYPE_HEADER: &str = "Herald-Event";
@@ -124,6 +125,7 @@ struct Shared {
     epoch: AtomicU64,
     sink: Arc<dyn LiveSink>,
     metrics: Arc<Metrics>,
+    tracing: Arc<Tracing>,
     followers: Mutex<HashMap<Target, Follower>>,
     connected: Arc<AtomicBool>,
     reconnects: watch::Sender<u64>,
@@ -140,6 +142,7 @@ impl NatsBus {
         node_id: &str,
         sink: Arc<dyn LiveSink>,
         metrics: Arc<Metrics>,
+        tracing: Arc<Tracing>,
     ) -> Result<NatsBus, NatsError> {
         let connected = Arc::new(AtomicBool::new(false));
         let (reconnects, _) = watch::channel(0u64);
@@ -148,9 +151,11 @@ impl NatsBus {
             node_id,
             Arc::clone(&connected),
             reconnects.clone(),
+            Arc::clone(&metrics),
         )
         .await?;
         connected.store(true, Ordering::SeqCst);
+        metrics.nats_connected.set(1);
         check_version(&client.server_info().version)?;
         let jetstream = jetstream::new(client.clone());
         let (stream, created) = ensure_stream(&jetstream, settings).await?;
@@ -171,6 +176,7 @@ impl NatsBus {
                 epoch: AtomicU64::new(epoch),
                 sink,
                 metrics,
+                tracing,
                 followers: Mutex::new(HashMap::new()),
                 connected,
                 reconnects,
@@ -184,6 +190,7 @@ async fn connect(
     node_id: &str,
     connected: Arc<AtomicBool>,
     reconnects: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
 ) -> Result<async_nats::Client, NatsError> {
     let mut options = ConnectOptions::new()
         .name(node_id)
@@ -192,15 +199,18 @@ async fn connect(
         .event_callback(move |event| {
             let connected = Arc::clone(&connected);
             let reconnects = reconnects.clone();
+            let metrics = Arc::clone(&metrics);
             async move {
                 match event {
                     async_nats::Event::Connected => {
                         connected.store(true, Ordering::SeqCst);
+                        metrics.nats_connected.set(1);
                         reconnects.send_modify(|count| *count += 1);
                         tracing::info!("NATS connection (re)established");
                     }
                     async_nats::Event::Disconnected => {
                         connected.store(false, Ordering::SeqCst);
+                        metrics.nats_connected.set(0);
                         tracing::warn!(
                             "NATS connection lost; streams stay open, gaps are filled on reconnect"
                         );
@@ -509,6 +519,7 @@ impl Shared {
                 let mut last = last;
                 if !events.is_empty() {
                     self.metrics.gap_repairs.inc();
+                    self.tracing.gap_repaired(subject, last, events.len());
                     tracing::info!(%subject, from = last, events = events.len(), "filled a live gap from the stream");
                 }
                 for event in events {

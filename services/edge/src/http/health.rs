@@ -37,6 +37,10 @@ pub fn ready(state: Arc<AppState>) -> Response {
 
 /// `GET /metrics`: Prometheus text format.
 pub fn metrics(state: Arc<AppState>) -> Response {
+    state
+        .metrics
+        .queued_events
+        .set(state.registry.queued_events() as i64);
     let mut response = state.metrics.render().into_response();
     response.headers_mut().insert(
         "content-type",

@@ -52,7 +52,7 @@ pub struct AppState {
     /// Publish rate limits per credential.
     pub throttle: throttle::Throttle,
     /// Which deliveries are traced.
-    pub tracing: crate::telemetry::Tracing,
+    pub tracing: Arc<crate::telemetry::Tracing>,
 }
 
 impl AppState {

@@ -197,13 +197,17 @@ pub async fn open(
         return Ok(come_back_later(&state, "bus_unavailable"));
     }
     state.metrics.connects.inc();
+    let user = &attachment.targets[0];
+    let topics = attachment.targets.len() - 1;
+    let resumed = request.last_event_id.is_some();
     tracing::info!(
         connection = id,
-        user = %attachment.targets[0].name(),
-        topics = attachment.targets.len() - 1,
-        resume = request.last_event_id.is_some(),
+        user = %state.tracing.user_for_logs(user),
+        topics,
+        resume = resumed,
         "stream opened"
     );
+    state.tracing.stream_opened(id, user, topics, resumed);
     let body = session(attachment, frames, start, kill);
     Ok(sse_response(warp::reply::stream(body).into_response()))
 }
@@ -290,13 +294,16 @@ impl Drop for Attachment {
                 reason: reason.as_str(),
             })
             .inc();
+        let tracing = &self.state.tracing;
+        let open_for = self.opened.elapsed();
         tracing::info!(
             connection = self.id,
-            user = %self.targets[0].name(),
+            user = %tracing.user_for_logs(&self.targets[0]),
             reason = reason.as_str(),
-            duration_ms = self.opened.elapsed().as_millis() as u64,
+            duration_ms = open_for.as_millis() as u64,
             "stream closed"
         );
+        tracing.stream_closed(self.id, &self.targets[0], reason.as_str(), open_for);
     }
 }
 
@@ -313,7 +320,7 @@ fn session(
         sse::write_comment(&mut buf, "herald stream");
         sse::write_retry(&mut buf, state.retry_hint_ms());
 
-        let (replayed, cursor) = match begin(&state, &attachment.targets, start, &mut buf).await {
+        let (replayed, cursor) = match begin(&state, attachment.id, &attachment.targets, start, &mut buf).await {
             Ok(begun) => begun,
             Err(problem) => {
                 tracing::warn!(connection = attachment.id, %problem, "replay failed; client will retry");
@@ -463,6 +470,7 @@ enum Step {
 /// send and the cursor after them.
 async fn begin(
     state: &AppState,
+    connection: u64,
     targets: &[Target],
     start: Start,
     buf: &mut BytesMut,
@@ -476,6 +484,7 @@ async fn begin(
             return Ok((Vec::new(), head.seq));
         }
     };
+    let started = Instant::now();
     match state
         .bus
         .replay(targets, after, limit)
@@ -491,11 +500,17 @@ async fn begin(
             } else if !events.is_empty() {
                 state.metrics.replays.inc();
                 state.metrics.replayed_events.inc_by(events.len() as u64);
+                state
+                    .tracing
+                    .replayed(connection, events.len(), "complete", started.elapsed());
             }
             let cursor = events.last().map_or(after.seq, |event| event.id.seq);
             Ok((events, cursor))
         }
         Replay::HistoryLost { reason, head } => {
+            state
+                .tracing
+                .replayed(connection, 0, reason.as_str(), started.elapsed());
             write_reset(state, buf, reason, head);
             Ok((Vec::new(), head.seq))
         }

@@ -117,6 +117,11 @@ impl ConnectionHandle {
         (Arc::new(handle), frames)
     }
 
+    /// Events waiting in this connection's queue.
+    pub fn queued(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+
     /// Queues a frame without waiting; a full queue kills the connection.
     pub fn offer(&self, frame: Frame) {
         match self.queue.try_send(frame) {

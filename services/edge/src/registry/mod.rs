@@ -100,6 +100,22 @@ impl Registry {
         self.targets.len()
     }
 
+    /// Events waiting in all connection queues (each connection counted once,
+    /// through its user's entry). Costs one pass over the registry.
+    pub fn queued_events(&self) -> usize {
+        self.targets
+            .iter()
+            .filter(|entry| entry.key().kind() == TargetKind::User)
+            .map(|entry| {
+                entry
+                    .connections
+                    .values()
+                    .map(|(connection, _)| connection.queued())
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
     /// Registers `connection` for every target in `targets` (its user first),
     /// following newly held targets on the bus. Returns one watch per target
     /// that turns ready when live delivery for it is active.
