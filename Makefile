@@ -17,7 +17,7 @@ CARGO ?= cargo
 export HERALD_NATS_SERVER := $(NATS_SERVER)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
-.PHONY: help run test test-deps lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-report clean
+.PHONY: help run test test-deps lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-tracing bench-report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -58,6 +58,12 @@ loadtest: ## Run one load scenario: make loadtest SCENARIO=fanout (see loadtest/
 loadtest-all: ## Run every load scenario, then regenerate the benchmark report
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	@for s in $(SCENARIOS); do loadtest/run-scenario.sh $$s || exit 1; done
+	$(MAKE) bench-report
+
+bench-tracing: ## Measure the cost of delivery tracing: fanout at 100 %, 10 %, 1 % sampling and off
+	$(CARGO) build --release -p herald-edge -p herald-loadtest
+	@for ratio in 1.0 0.1 0.01; do TRACE_RATIO=$$ratio LABEL=fanout-trace-$$ratio RATE=$${RATE:-5000} loadtest/run-scenario.sh fanout || exit 1; done
+	LABEL=fanout-trace-off RATE=$${RATE:-5000} loadtest/run-scenario.sh fanout
 	$(MAKE) bench-report
 
 bench-report: ## Regenerate the results table in docs/benchmarks.md from loadtest/results/*.json

@@ -7,8 +7,10 @@
 # overridden from the environment, e.g. CONNECTIONS=50000 RATE=20000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name="${1:?usage: run-scenario.sh SCENARIO}"
-scenario="loadtest/scenarios/$name.env"
+scenario_name="${1:?usage: run-scenario.sh SCENARIO}"
+scenario="loadtest/scenarios/$scenario_name.env"
+# LABEL names the result (default: the scenario), for variants of one scenario.
+name="${LABEL:-$scenario_name}"
 [ -f "$scenario" ] || { echo "no scenario $scenario (have: $(ls loadtest/scenarios | sed 's/\.env//' | tr '\n' ' '))"; exit 2; }
 # shellcheck source=/dev/null
 source "$scenario"
@@ -38,6 +40,12 @@ if [ "${BUS:-memory}" = nats ]; then
   pids+=($!)
   for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break; sleep 0.1; done
   export HERALD__BUS__KIND=nats HERALD__NATS__URL="nats://127.0.0.1:$nats_port" HERALD__NATS__STORAGE="${NATS_STORAGE:-file}"
+fi
+if [ -n "${TRACE_RATIO:-}" ]; then
+  sink_port="${SINK_PORT:-14318}"
+  $pin_client python3 loadtest/otlp-sink.py "$sink_port" &
+  pids+=($!)
+  export HERALD__TELEMETRY__OTLP_ENDPOINT="http://127.0.0.1:$sink_port" HERALD__TELEMETRY__SAMPLE_RATIO="$TRACE_RATIO"
 fi
 HERALD__AUTH__HS256_SECRET=$secret \
 HERALD__HTTP__LISTEN=127.0.0.1:$port \
