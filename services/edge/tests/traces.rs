@@ -6,9 +6,10 @@ use herald_testkit::otlp::{Collector, attributes, hex};
 use herald_testkit::{EdgeNode, PATIENCE, SseClient, publisher_token, wait_until};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 
-/// A publish carrying a sampled `traceparent` yields a delivery span in the
-/// same trace, with the publisher's span as parent and the documented
-/// attributes; an unsampled publish and an untraced one (ratio 0) yield none.
+/// A publish carrying a sampled `traceparent` — over HTTP, or as a header of a
+/// plain NATS message — yields a delivery span in the same trace, with the
+/// publisher's span as parent and the documented attributes; an unsampled
+/// publish and an untraced one (ratio 0) yield none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_span_joins_the_publishers_trace() {
     let collector = Collector::default();
@@ -63,20 +64,67 @@ async fn a_delivery_span_joins_the_publishers_trace() {
 
     drop(stream);
     node.stop().await.expect("node stops");
+
+    // The same through NATS: a plain NATS publisher's traceparent header.
+    let nats = herald_testkit::nats::NatsServer::start().expect("nats-server");
+    let nats_url = nats.url();
+    let nats_node = EdgeNode::start(|s| {
+        s.telemetry = telemetry.clone();
+        s.bus.kind = herald_config::BusKind::Nats;
+        s.nats.url = nats_url;
+    })
+    .await
+    .expect("node on NATS");
+    let mut bob = SseClient::open(&nats_node, "bob").await.expect("stream");
+    let nats_trace = "0af7651916cd43dd8448eb211c80319c";
+    let nats_parent = "b7ad6b7169203331";
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        format!("00-{nats_trace}-{nats_parent}-01").as_str(),
+    );
+    headers.insert("Herald-Event", "nats-update");
+    js.publish_with_headers("herald.user.bob", headers, "from nats".into())
+        .await
+        .expect("sent")
+        .await
+        .expect("stored");
+    assert_eq!(
+        bob.next_event(PATIENCE).await.expect("event").data,
+        "from nats"
+    );
+    drop(bob);
+    nats_node.stop().await.expect("node stops");
     // Dropping the guard flushes the batch exporter (it blocks, so not on a
     // runtime worker's critical path).
     tokio::task::spawn_blocking(move || drop(guard))
         .await
         .expect("flushed");
-    wait_until("the delivery span is exported", PATIENCE, || {
-        !collector.spans("herald.deliver").is_empty()
+    wait_until("the delivery spans are exported", PATIENCE, || {
+        collector.spans("herald.deliver").len() >= 2
     })
     .await
     .expect("exported");
 
     let spans = collector.spans("herald.deliver");
-    assert_eq!(spans.len(), 1, "only the sampled publish is traced");
-    let span = &spans[0];
+    assert_eq!(spans.len(), 2, "only the sampled publishes are traced");
+    let via_nats = spans
+        .iter()
+        .find(|span| hex(&span.trace_id) == nats_trace)
+        .expect("the NATS publisher's trace");
+    assert_eq!(hex(&via_nats.parent_span_id), nats_parent);
+    let attrs = attributes(via_nats);
+    assert_eq!(
+        attrs["herald.event_type"],
+        Value::StringValue("nats-update".into())
+    );
+    assert_eq!(attrs["herald.user"], Value::StringValue("bob".into()));
+
+    let span = spans
+        .iter()
+        .find(|span| hex(&span.trace_id) == trace_id)
+        .expect("the HTTP publisher's trace");
     assert_eq!(hex(&span.trace_id), trace_id);
     assert_eq!(hex(&span.parent_span_id), parent_span);
     let attrs = attributes(span);
