@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use super::{
     Bus, Event, FollowState, Interest, LiveSink, LostReason, PublishError, PublishRequest, Receipt,
-    Replay, ReplayError,
+    Replay, ReplayError, check_position,
 };
 
 /// The embedded single-node bus.
@@ -213,18 +213,9 @@ impl Bus for MemoryBus {
         history.evict(&self.limits, Instant::now());
         let head = self.id(history.last_seq);
         let lost = |reason| Ok(Replay::HistoryLost { reason, head });
-        if after.epoch != self.epoch {
-            return lost(LostReason::EpochChanged);
-        }
-        if after.seq > history.last_seq {
-            return lost(LostReason::UnknownPosition);
-        }
         let first = history.first_seq();
-        if after.seq + 1 < first {
-            // Something after the client's position was evicted. It may not have
-            // been for these targets, but a false reset is safe and a silent
-            // skip is not.
-            return lost(LostReason::Expired);
+        if let Some(reason) = check_position(after, self.epoch, first, history.last_seq) {
+            return lost(reason);
         }
         // Stored sequences are contiguous, so the position is an index.
         let start = usize::try_from(after.seq + 1 - first).unwrap_or(usize::MAX);

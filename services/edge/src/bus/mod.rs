@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
-use herald_protocol::{EventId, EventType, Target, TraceParent, sse};
+use herald_protocol::{Epoch, EventId, EventType, Target, TraceParent, sse};
 use tokio::sync::watch;
 
 /// One stored event, with its SSE frame encoded once for every connection.
@@ -159,6 +159,23 @@ pub enum Replay {
     },
 }
 
+/// Why a log holding sequences `first..=last` of `epoch` cannot replay
+/// everything after `after`, judged from its bounds alone (`None`: it can, as
+/// far as the bounds tell). When events after the position were evicted they
+/// may not have been for the client's targets: a needless reset is safe, a
+/// silent skip is not.
+pub fn check_position(after: EventId, epoch: Epoch, first: u64, last: u64) -> Option<LostReason> {
+    if after.epoch != epoch {
+        Some(LostReason::EpochChanged)
+    } else if after.seq > last {
+        Some(LostReason::UnknownPosition)
+    } else if after.seq + 1 < first {
+        Some(LostReason::Expired)
+    } else {
+        None
+    }
+}
+
 /// Why a replay or position read failed (the bus was unreachable). Nothing changed.
 #[derive(Debug, thiserror::Error)]
 #[error("event bus unavailable: {0}")]
@@ -217,4 +234,39 @@ pub trait Bus: Interest + std::fmt::Debug {
         after: EventId,
         limit: usize,
     ) -> Result<Replay, ReplayError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(epoch: u64, seq: u64) -> EventId {
+        EventId {
+            epoch: Epoch(epoch),
+            seq,
+        }
+    }
+
+    #[test]
+    fn a_position_inside_the_log_can_be_replayed() {
+        assert_eq!(check_position(at(7, 4), Epoch(7), 5, 9), None);
+        assert_eq!(check_position(at(7, 9), Epoch(7), 5, 9), None);
+        assert_eq!(check_position(at(7, 0), Epoch(7), 0, 0), None, "empty log");
+    }
+
+    #[test]
+    fn another_epoch_a_future_position_or_an_evicted_one_is_history_lost() {
+        assert_eq!(
+            check_position(at(6, 4), Epoch(7), 5, 9),
+            Some(LostReason::EpochChanged)
+        );
+        assert_eq!(
+            check_position(at(7, 10), Epoch(7), 5, 9),
+            Some(LostReason::UnknownPosition)
+        );
+        assert_eq!(
+            check_position(at(7, 3), Epoch(7), 5, 9),
+            Some(LostReason::Expired)
+        );
+    }
 }

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Bus, Event, FollowState, Interest, LiveSink, LostReason, PublishError, PublishRequest, Receipt,
-    Replay, ReplayError,
+    Replay, ReplayError, check_position,
 };
 use crate::metrics::Metrics;
 use crate::telemetry::Tracing;
@@ -724,14 +724,9 @@ impl Bus for NatsBus {
         let state = shared.state().await?;
         let head = shared.id(state.last_sequence);
         let lost = |reason| Ok(Replay::HistoryLost { reason, head });
-        if after.epoch != shared.epoch() {
-            return lost(LostReason::EpochChanged);
-        }
-        if after.seq > state.last_sequence {
-            return lost(LostReason::UnknownPosition);
-        }
-        if after.seq + 1 < state.first_sequence {
-            return lost(LostReason::Expired);
+        let bounds = (state.first_sequence, state.last_sequence);
+        if let Some(reason) = check_position(after, shared.epoch(), bounds.0, bounds.1) {
+            return lost(reason);
         }
         let mut events = Vec::new();
         for target in targets {
