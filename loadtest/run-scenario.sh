@@ -47,22 +47,36 @@ if [ -n "${TRACE_RATIO:-}" ]; then
   pids+=($!)
   export HERALD__TELEMETRY__OTLP_ENDPOINT="http://127.0.0.1:$sink_port" HERALD__TELEMETRY__SAMPLE_RATIO="$TRACE_RATIO"
 fi
-HERALD__AUTH__HS256_SECRET=$secret \
-HERALD__HTTP__LISTEN=127.0.0.1:$port \
-HERALD__STREAM__MAX_CONNECTIONS_PER_USER=1000000 \
-HERALD__HTTP__PUBLISH_RATE_PER_SEC=1000000 \
-RUST_LOG=${EDGE_LOG:-warn} \
-  $pin_server "$edge" > "$results/$name.edge.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do
-  curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
-  sleep 0.1
+urls=()
+edges=()
+for node in $(seq 0 $(( ${NODES:-1} - 1 ))); do
+  node_port=$(( port + node ))
+  HERALD__AUTH__HS256_SECRET=$secret \
+  HERALD__HTTP__LISTEN=127.0.0.1:$node_port \
+  HERALD__NODE__ID=edge-$node \
+  HERALD__STREAM__MAX_CONNECTIONS_PER_USER=1000000 \
+  HERALD__HTTP__PUBLISH_RATE_PER_SEC=1000000 \
+  RUST_LOG=${EDGE_LOG:-warn} \
+    $pin_server "$edge" > "$results/$name.edge-$node.log" 2>&1 &
+  pids+=($!)
+  edges+=($!)
+  urls+=("http://127.0.0.1:$node_port")
+  for _ in $(seq 100); do
+    curl -fsS "http://127.0.0.1:$node_port/readyz" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
 done
+url_list=$(IFS=,; echo "${urls[*]}")
+if [ -n "${KILL_AFTER:-}" ] && [ "${#edges[@]}" -gt 1 ]; then
+  # SIGKILL the last node mid-run; its clients must resume on the others.
+  victim="${edges[-1]}"
+  (sleep "$KILL_AFTER"; kill -9 "$victim" 2>/dev/null && echo "== killed node $victim (SIGKILL) after ${KILL_AFTER}s") &
+fi
 
 echo "== $name: $DESCRIPTION"
 $pin_client "$generator" \
   --label "$name" \
-  --url "http://127.0.0.1:$port" \
+  --url "$url_list" \
   --secret "$secret" \
   --connections "$CONNECTIONS" \
   --users "$USERS" \
@@ -73,5 +87,8 @@ $pin_client "$generator" \
   --publishers "${PUBLISHERS:-4}" \
   --slow-fraction "${SLOW_FRACTION:-0}" \
   --source-ips "${SOURCE_IPS:-16}" \
-  --pids "${pids[-1]}" \
+  --pids "${edges[0]}" \
+  ${OWED:+--owed "$OWED"} \
+  --reconnect "${RECONNECT:-0}" \
+  --honor-retry "${HONOR_RETRY:-0}" \
   --out "$results/$name.json"

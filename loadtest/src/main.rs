@@ -66,7 +66,17 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_after = servers.sample();
 
-    let publish = publishers::run(&options, Arc::clone(&subscribers)).await?;
+    let targets = if options.topic.is_some() {
+        1
+    } else {
+        options.users
+    };
+    let publish = Arc::new(publishers::Published::new(targets));
+    let resume_secs = match options.owed {
+        Some(owed) => Some(replay(&options, &subscribers, &publish, owed).await?),
+        None => None,
+    };
+    publishers::run(&options, &publish).await?;
     let deadline = Instant::now() + Duration::from_secs(options.drain_secs);
     while Instant::now() < deadline && !subscribers.all_received(&publish) {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -82,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         procstat::Delta::between(&idle_before, &idle_after),
         procstat::Delta::between(&idle_after, &loaded),
         slow_disconnects,
+        resume_secs,
     );
     report.print();
     if let Some(path) = &options.out {
@@ -90,6 +101,46 @@ async fn main() -> anyhow::Result<()> {
     }
     subscribers.close();
     Ok(())
+}
+
+/// Sends every client away, publishes `owed` events to each target, brings
+/// every client back at once and returns the seconds until all of them are
+/// streaming again with everything they were owed.
+async fn replay(
+    options: &Options,
+    subscribers: &Subscribers,
+    published: &Arc<publishers::Published>,
+    owed: u64,
+) -> anyhow::Result<f64> {
+    let bounded =
+        |what: &'static str, secs: u64| (what, Instant::now() + Duration::from_secs(secs));
+    subscribers.set_phase(subscribers::Phase::Away);
+    let (what, deadline) = bounded("clients to leave", 30);
+    while subscribers.streaming() > 0 {
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "[{}] all clients away; publishing {owed} event(s) to each target",
+        options.label
+    );
+    publishers::burst(options, published, owed).await?;
+    eprintln!(
+        "[{}] {} clients reconnecting at once",
+        options.label,
+        subscribers.connected()
+    );
+    let started = Instant::now();
+    subscribers.set_phase(subscribers::Phase::Stream);
+    let (what, deadline) = bounded("every client to resume", 120);
+    while subscribers.streaming() < subscribers.connected() || !subscribers.all_received(published)
+    {
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!("[{}] all resumed in {secs:.2}s", options.label);
+    Ok(secs)
 }
 
 /// Sums a counter from every node's `/metrics` (0 where it cannot be read).

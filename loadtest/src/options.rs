@@ -37,6 +37,13 @@ pub struct Options {
     pub slow_fraction: f64,
     /// Server process ids to sample RSS and CPU from.
     pub pids: Vec<u32>,
+    /// Replay mode: send every client away, publish this many events to each
+    /// target, then bring every client back at once with its `Last-Event-ID`.
+    pub owed: Option<u64>,
+    /// Reconnect (to the next URL) when a stream ends, like a browser.
+    pub reconnect: bool,
+    /// Wait the server's `retry:` hint before reconnecting, like a browser.
+    pub honor_retry: bool,
     /// Where to write the JSON result.
     pub out: Option<PathBuf>,
 }
@@ -60,6 +67,9 @@ impl Options {
             publishers: 4,
             slow_fraction: 0.0,
             pids: Vec::new(),
+            owed: None,
+            reconnect: false,
+            honor_retry: false,
             out: None,
         };
         while let Some(flag) = args.next() {
@@ -97,6 +107,9 @@ impl Options {
                         .collect::<anyhow::Result<_>>()?
                 }
                 "--out" => options.out = Some(PathBuf::from(value)),
+                "--owed" => options.owed = Some(number(&value)?),
+                "--reconnect" => options.reconnect = number(&value)? != 0,
+                "--honor-retry" => options.honor_retry = number(&value)? != 0,
                 other => bail!("unknown option {other}"),
             }
         }

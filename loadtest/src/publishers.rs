@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::options::Options;
-use crate::subscribers::{Subscribers, now_micros};
+use crate::subscribers::now_micros;
 
 /// What was published, per target.
 #[derive(Debug)]
@@ -22,11 +22,20 @@ pub struct Published {
     per_target: Vec<AtomicU64>,
     /// Publish requests that failed.
     pub errors: AtomicU64,
-    /// Wall time of the publishing phase, seconds.
-    pub secs: f64,
+    /// Wall time of the paced publishing phase, seconds (as f64 bits).
+    secs: AtomicU64,
 }
 
 impl Published {
+    /// Nothing published yet to `targets` targets.
+    pub fn new(targets: usize) -> Self {
+        Published {
+            per_target: (0..targets).map(|_| AtomicU64::new(0)).collect(),
+            errors: AtomicU64::new(0),
+            secs: AtomicU64::new(0),
+        }
+    }
+
     /// Events published to `target` (its highest sequence).
     pub fn sent(&self, target: usize) -> u64 {
         self.per_target
@@ -41,6 +50,11 @@ impl Published {
             .map(|n| n.load(Ordering::Relaxed))
             .sum()
     }
+
+    /// Wall time of the paced publishing phase, seconds.
+    pub fn secs(&self) -> f64 {
+        f64::from_bits(self.secs.load(Ordering::Relaxed))
+    }
 }
 
 /// A subscriber token for `user`, following `topic` if given.
@@ -54,34 +68,78 @@ pub fn subscriber_token(secret: &str, user: &str, topic: Option<&str>) -> anyhow
     Ok(auth::mint(secret, &claims)?)
 }
 
-/// Publishes at `options.rate` for `options.duration_secs` and returns the counts.
-pub async fn run(options: &Options, _subscribers: Arc<Subscribers>) -> anyhow::Result<Published> {
-    let targets = if options.topic.is_some() {
-        1
-    } else {
-        options.users
-    };
-    let published = Arc::new(Published {
-        per_target: (0..targets).map(|_| AtomicU64::new(0)).collect(),
-        errors: AtomicU64::new(0),
-        secs: 0.0,
-    });
-    if options.duration_secs == 0 || options.rate == 0 {
-        return Arc::try_unwrap(published).map_err(|_| anyhow::anyhow!("publishers still running"));
-    }
-    let token = auth::mint(
+fn publisher_token(options: &Options) -> anyhow::Result<String> {
+    Ok(auth::mint(
         &options.secret,
         &Claims {
             herald_publish: Some(PublishClaim::All(true)),
             exp: auth::expiry_in(Duration::from_secs(24 * 3600)),
             ..Default::default()
         },
-    )?;
-    let server: SocketAddr = options.urls[0]
+    )?)
+}
+
+fn publish_target(options: &Options) -> anyhow::Result<SocketAddr> {
+    options.urls[0]
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .parse()
-        .context("--url: expected http://IP:PORT")?;
+        .context("--url: expected http://IP:PORT")
+}
+
+/// The body of the next event for `target`, numbered `k`.
+fn body(topic: Option<&str>, target: usize, k: u64, padding: &str) -> String {
+    let data = format!(r#"{{"k":{k},"t":{},"p":"{padding}"}}"#, now_micros());
+    match topic {
+        Some(topic) => format!(r#"{{"topic":"{topic}","data":{data}}}"#),
+        None => format!(r#"{{"user":"lt-u{target}","data":{data}}}"#),
+    }
+}
+
+/// Publishes `count` events to every target as fast as the publishers go (the
+/// events clients are owed while they are away).
+pub async fn burst(
+    options: &Options,
+    published: &Arc<Published>,
+    count: u64,
+) -> anyhow::Result<()> {
+    let token = publisher_token(options)?;
+    let server = publish_target(options)?;
+    let targets = published.per_target.len();
+    let mut tasks = Vec::new();
+    for index in 0..options.publishers {
+        let published = Arc::clone(published);
+        let token = token.clone();
+        let topic = options.topic.clone();
+        let publishers = options.publishers;
+        tasks.push(tokio::spawn(async move {
+            let mut client = HttpPublisher::connect(server, token).await?;
+            for target in (index..targets).step_by(publishers) {
+                for _ in 0..count {
+                    let k = published.per_target[target].load(Ordering::Relaxed) + 1;
+                    client
+                        .publish(body(topic.as_deref(), target, k, ""))
+                        .await?;
+                    published.per_target[target].store(k, Ordering::Relaxed);
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await.context("publisher panicked")??;
+    }
+    Ok(())
+}
+
+/// Publishes at `options.rate` for `options.duration_secs`.
+pub async fn run(options: &Options, published: &Arc<Published>) -> anyhow::Result<()> {
+    if options.duration_secs == 0 || options.rate == 0 {
+        return Ok(());
+    }
+    let token = publisher_token(options)?;
+    let server = publish_target(options)?;
+    let targets = published.per_target.len();
     eprintln!(
         "[{}] publishing {} events/s for {}s with {} publisher(s)",
         options.label, options.rate, options.duration_secs, options.publishers
@@ -92,7 +150,7 @@ pub async fn run(options: &Options, _subscribers: Arc<Subscribers>) -> anyhow::R
     let padding = "x".repeat(options.payload_bytes);
     let mut tasks = Vec::new();
     for index in 0..options.publishers {
-        let published = Arc::clone(&published);
+        let published = Arc::clone(published);
         let token = token.clone();
         let topic = options.topic.clone();
         let padding = padding.clone();
@@ -102,7 +160,6 @@ pub async fn run(options: &Options, _subscribers: Arc<Subscribers>) -> anyhow::R
             let owned: Vec<usize> = (index..targets).step_by(publishers).collect();
             let mut ticker = tokio::time::interval(per_publisher);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut turn = 0usize;
             while Instant::now() < deadline {
                 ticker.tick().await;
                 let target = owned[if owned.len() == 1 {
@@ -111,12 +168,10 @@ pub async fn run(options: &Options, _subscribers: Arc<Subscribers>) -> anyhow::R
                     fastrand::usize(..owned.len())
                 }];
                 let k = published.per_target[target].load(Ordering::Relaxed) + 1;
-                let data = format!(r#"{{"k":{k},"t":{},"p":"{padding}"}}"#, now_micros());
-                let body = match &topic {
-                    Some(topic) => format!(r#"{{"topic":"{topic}","data":{data}}}"#),
-                    None => format!(r#"{{"user":"lt-u{target}","data":{data}}}"#),
-                };
-                match client.publish(body).await {
+                match client
+                    .publish(body(topic.as_deref(), target, k, &padding))
+                    .await
+                {
                     Ok(()) => published.per_target[target].store(k, Ordering::Relaxed),
                     Err(err) => {
                         if published.errors.fetch_add(1, Ordering::Relaxed) < 5 {
@@ -125,19 +180,17 @@ pub async fn run(options: &Options, _subscribers: Arc<Subscribers>) -> anyhow::R
                         client = HttpPublisher::connect(server, client.token).await?;
                     }
                 }
-                turn += 1;
             }
-            anyhow::Ok(turn)
+            anyhow::Ok(())
         }));
     }
     for task in tasks {
         task.await.context("publisher panicked")??;
     }
-    let secs = started.elapsed().as_secs_f64();
-    let mut published =
-        Arc::try_unwrap(published).map_err(|_| anyhow::anyhow!("publishers still running"))?;
-    published.secs = secs;
-    Ok(published)
+    published
+        .secs
+        .store(started.elapsed().as_secs_f64().to_bits(), Ordering::Relaxed);
+    Ok(())
 }
 
 /// One keep-alive HTTP/1.1 connection used for publishing.

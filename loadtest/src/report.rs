@@ -44,6 +44,10 @@ pub struct Report {
     slow_connections: usize,
     /// Streams the servers cut as too slow (`herald_slow_disconnects_total`).
     slow_connections_closed: u64,
+    /// Replay mode: seconds from "everyone back" until all resumed with
+    /// everything they were owed.
+    resume_secs: Option<f64>,
+    reconnects: u64,
     latency_us: Latency,
     idle: Delta,
     idle_rss_per_connection_bytes: f64,
@@ -61,6 +65,7 @@ impl Report {
         idle: Delta,
         load: Delta,
         slow_disconnects: u64,
+        resume_secs: Option<f64>,
     ) -> Report {
         let mut expected = 0;
         let mut delivered = 0;
@@ -92,7 +97,7 @@ impl Report {
             connect_secs,
             connects_per_sec: subscribers.connected() as f64 / connect_secs.max(1e-9),
             rate_target: options.rate,
-            publish_secs: published.secs,
+            publish_secs: published.secs(),
             published: published.total(),
             publish_errors: published.errors.load(Ordering::Relaxed),
             expected_deliveries: expected,
@@ -103,6 +108,8 @@ impl Report {
             reordered,
             slow_connections,
             slow_connections_closed: slow_disconnects,
+            resume_secs,
+            reconnects: subscribers.reconnects(),
             latency_us: Latency {
                 p50: latency.value_at_quantile(0.5),
                 p90: latency.value_at_quantile(0.9),
@@ -147,6 +154,14 @@ impl Report {
             "lost / dup / reordered {} / {} / {}",
             self.lost, self.duplicated, self.reordered
         );
+        if let Some(secs) = self.resume_secs {
+            println!(
+                "resumed                all {} clients in {secs:.2}s ({} reconnects)",
+                self.connected, self.reconnects
+            );
+        } else if self.reconnects > 0 {
+            println!("reconnects             {}", self.reconnects);
+        }
         if self.slow_connections > 0 {
             println!(
                 "slow connections       {} (closed by the server: {})",

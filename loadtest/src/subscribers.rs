@@ -13,6 +13,7 @@ use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpSocket;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::options::Options;
@@ -40,6 +41,18 @@ pub struct ConnectionStats {
     pub jumped: AtomicU64,
     /// Times the stream ended (closed by the server).
     pub ended: AtomicU64,
+    /// Times the connection was opened again after the first.
+    pub reconnects: AtomicU64,
+}
+
+/// Whether connections should hold their streams or stay away (to be owed
+/// events, then come back all at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Hold a stream open, reconnecting when it ends (if enabled).
+    Stream,
+    /// Close the stream and wait.
+    Away,
 }
 
 /// All connections of the run.
@@ -50,6 +63,9 @@ pub struct Subscribers {
     latencies: Arc<Vec<Mutex<Histogram<u64>>>>,
     connected: AtomicUsize,
     failed: AtomicUsize,
+    /// Connections with a stream open right now.
+    streaming: Arc<AtomicUsize>,
+    phase: watch::Sender<Phase>,
     stop: CancellationToken,
 }
 
@@ -95,6 +111,8 @@ impl Subscribers {
             latencies,
             connected: AtomicUsize::new(0),
             failed: AtomicUsize::new(0),
+            streaming: Arc::new(AtomicUsize::new(0)),
+            phase: watch::channel(Phase::Stream).0,
             stop: CancellationToken::new(),
         };
         let permits = Arc::new(tokio::sync::Semaphore::new(options.connect_concurrency));
@@ -104,7 +122,6 @@ impl Subscribers {
                 .acquire_owned()
                 .await
                 .context("semaphore closed")?;
-            let server = servers[i % servers.len()];
             let source = IpAddr::V4(Ipv4Addr::new(
                 127,
                 0,
@@ -122,29 +139,25 @@ impl Subscribers {
                 None => format!("/v1/stream?access_token={token}"),
             };
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-            let stats = Arc::clone(stats);
-            let latencies = Arc::clone(&subscribers.latencies);
-            let stop = subscribers.stop.clone();
+            let context = ConnectionContext {
+                servers: servers.clone(),
+                first_server: i % servers.len(),
+                source,
+                path,
+                stats: Arc::clone(stats),
+                latencies: Arc::clone(&subscribers.latencies),
+                shard: i % SHARDS,
+                stop: subscribers.stop.clone(),
+                phase: subscribers.phase.subscribe(),
+                streaming: Arc::clone(&subscribers.streaming),
+                reconnect: options.reconnect,
+                honor_retry: options.honor_retry,
+            };
             let ready = Ready {
                 tx: ready_tx,
                 _permit: permit,
             };
-            tokio::spawn(async move {
-                let result = stream(
-                    server,
-                    source,
-                    path,
-                    &stats,
-                    &latencies,
-                    i % SHARDS,
-                    stop,
-                    ready,
-                )
-                .await;
-                if let Err(err) = result {
-                    tracing_free_log(&format!("connection {i}: {err:#}"));
-                }
-            });
+            tokio::spawn(run_connection(context, ready, i));
             opened.push(ready_rx);
         }
         for ready in opened {
@@ -186,6 +199,24 @@ impl Subscribers {
         merged
     }
 
+    /// Connections with a stream open right now.
+    pub fn streaming(&self) -> usize {
+        self.streaming.load(Ordering::Relaxed)
+    }
+
+    /// Sends every connection away (closing its stream) or back.
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.send_replace(phase);
+    }
+
+    /// Total reconnections.
+    pub fn reconnects(&self) -> u64 {
+        self.connections
+            .iter()
+            .map(|c| c.reconnects.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Ends every connection.
     pub fn close(&self) {
         self.stop.cancel();
@@ -215,51 +246,131 @@ pub fn now_micros() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn stream(
-    server: SocketAddr,
+/// Everything one connection task needs.
+struct ConnectionContext {
+    servers: Vec<SocketAddr>,
+    first_server: usize,
     source: IpAddr,
     path: String,
-    stats: &ConnectionStats,
-    latencies: &[Mutex<Histogram<u64>>],
+    stats: Arc<ConnectionStats>,
+    latencies: Arc<Vec<Mutex<Histogram<u64>>>>,
     shard: usize,
     stop: CancellationToken,
-    ready: Ready,
-) -> anyhow::Result<()> {
+    phase: watch::Receiver<Phase>,
+    streaming: Arc<AtomicUsize>,
+    reconnect: bool,
+    honor_retry: bool,
+}
+
+/// How one stream ended.
+enum Outcome {
+    /// The run is over.
+    Stopped,
+    /// Sent away by the phase.
+    Away,
+    /// The server closed it.
+    Ended,
+    /// Opening or reading it failed (after the first stream: retried, as a
+    /// browser retries network errors).
+    Failed,
+}
+
+/// Holds one logical client across reconnects: like a browser, it resends its
+/// last event id and (optionally) waits the server's `retry:` hint first.
+async fn run_connection(mut context: ConnectionContext, ready: Ready, index: usize) {
+    let mut ready = Some(ready);
+    let mut scanner = Scanner::default();
+    let mut server = context.first_server;
+    loop {
+        let outcome = match stream_once(&mut context, server, &mut scanner, &mut ready).await {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                // Failures to open the first stream end the client and are
+                // reported; later ones (a killed node, say) are retried.
+                if ready.is_some() {
+                    tracing_free_log(&format!("connection {index}: {err:#}"));
+                    Outcome::Stopped
+                } else {
+                    Outcome::Failed
+                }
+            }
+        };
+        if let Some(ready) = ready.take() {
+            ready.send(false);
+        }
+        match outcome {
+            Outcome::Stopped => return,
+            Outcome::Away => {
+                let back = context.phase.wait_for(|phase| *phase == Phase::Stream);
+                tokio::select! {
+                    _ = context.stop.cancelled() => return,
+                    result = back => if result.is_err() { return },
+                }
+            }
+            Outcome::Ended if !context.reconnect => return,
+            Outcome::Ended | Outcome::Failed => {
+                server = (server + 1) % context.servers.len();
+            }
+        }
+        if context.honor_retry || matches!(outcome, Outcome::Ended | Outcome::Failed) {
+            let wait = Duration::from_millis(scanner.retry_ms.max(50));
+            tokio::select! {
+                _ = context.stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        context.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Opens one stream (resuming from the scanner's last id) and reads it until
+/// it ends, the phase sends the client away, or the run stops.
+async fn stream_once(
+    context: &mut ConnectionContext,
+    server: usize,
+    scanner: &mut Scanner,
+    ready: &mut Option<Ready>,
+) -> anyhow::Result<Outcome> {
+    let server = context.servers[server];
     let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    let tcp = match tokio::time::timeout(Duration::from_secs(10), socket.connect(server)).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(err)) => {
-            ready.send(false);
-            return Err(err.into());
-        }
-        Err(_) => {
-            ready.send(false);
-            bail!("connect timed out");
-        }
-    };
+    socket.bind(SocketAddr::new(context.source, 0))?;
+    let tcp = tokio::time::timeout(Duration::from_secs(10), socket.connect(server))
+        .await
+        .map_err(|_| anyhow::anyhow!("connect timed out"))??;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    let request = hyper::Request::get(path)
-        .header("host", server.to_string())
-        .body(Empty::<Bytes>::new())?;
+    let mut request = hyper::Request::get(context.path.as_str()).header("host", server.to_string());
+    if !scanner.last_id.is_empty() {
+        request = request.header("last-event-id", scanner.last_id.as_str());
+    }
+    let request = request.body(Empty::<Bytes>::new())?;
+    scanner.partial.clear();
+    let stats = &context.stats;
+    let latencies = &context.latencies;
+    let shard = context.shard;
+    let stop = context.stop.clone();
+    let streaming = &context.streaming;
+    let phase = &mut context.phase;
     let reading = async {
         let response = sender.send_request(request).await?;
         let ok = response.status() == 200;
-        ready.send(ok);
+        if let Some(ready) = ready.take() {
+            ready.send(ok);
+        }
         if !ok {
             bail!("status {}", response.status());
         }
+        streaming.fetch_add(1, Ordering::Relaxed);
+        let _open = StreamingGuard(streaming);
         if stats.slow {
-            // Hold the connection without reading until the server gives up on it.
+            // Hold the connection without reading until the run ends.
             stop.cancelled().await;
-            return Ok(());
+            return Ok(Outcome::Stopped);
         }
         let mut body = response.into_body();
-        let mut scanner = Scanner::default();
         loop {
             let frame = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => return Ok(Outcome::Stopped),
+                _ = phase.wait_for(|phase| *phase == Phase::Away) => return Ok(Outcome::Away),
                 frame = body.frame() => frame,
             };
             let Some(frame) = frame else { break };
@@ -284,11 +395,20 @@ async fn stream(
             });
         }
         stats.ended.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(Outcome::Ended)
     };
     tokio::select! {
-        result = connection => { result?; Ok(()) }
+        result = connection => { result?; Ok(Outcome::Ended) }
         result = reading => result,
+    }
+}
+
+/// Counts a stream as open while it lives.
+struct StreamingGuard<'a>(&'a AtomicUsize);
+
+impl Drop for StreamingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -297,6 +417,10 @@ async fn stream(
 #[derive(Debug, Default)]
 struct Scanner {
     partial: Vec<u8>,
+    /// The last `id:` seen, resent as `Last-Event-ID` on reconnect.
+    last_id: String,
+    /// The last `retry:` hint, milliseconds.
+    retry_ms: u64,
 }
 
 impl Scanner {
@@ -314,6 +438,13 @@ impl Scanner {
                     (number_after(data, b"\"k\":"), number_after(data, b"\"t\":"))
                 {
                     on_event(k, t);
+                }
+            } else if let Some(id) = line.strip_prefix(b"id: ") {
+                self.last_id.clear();
+                self.last_id.push_str(&String::from_utf8_lossy(id));
+            } else if let Some(retry) = line.strip_prefix(b"retry: ") {
+                if let Some(ms) = std::str::from_utf8(retry).ok().and_then(|r| r.parse().ok()) {
+                    self.retry_ms = ms;
                 }
             }
             self.partial.clear();
@@ -350,5 +481,11 @@ mod tests {
             seen.push((k, t))
         });
         assert_eq!(seen, vec![(1, 500), (2, 7)]);
+        assert_eq!(scanner.last_id, "1-1");
+        scanner.feed(
+            b"retry: 2500\n\nid: 9-3\ndata: {\"k\":3,\"t\":1}\n\n",
+            |_, _| {},
+        );
+        assert_eq!((scanner.retry_ms, scanner.last_id.as_str()), (2500, "9-3"));
     }
 }

@@ -57,6 +57,9 @@ struct History {
     events: VecDeque<(Instant, Arc<Event>)>,
     /// Sum of the stored frames' sizes.
     bytes: usize,
+    /// Each target's stored sequences, oldest first: a replay reads only its
+    /// own targets' events instead of scanning everyone's.
+    by_target: HashMap<Target, VecDeque<u64>>,
     /// `msg_id` → sequence, for publishes inside the duplicate window.
     recent_ids: HashMap<String, u64>,
     /// `msg_id`s in the order they were seen, to expire them.
@@ -113,7 +116,14 @@ impl History {
                 break;
             }
             self.bytes -= event.frame.len();
+            let target = event.target.clone();
             self.events.pop_front();
+            if let Some(seqs) = self.by_target.get_mut(&target) {
+                seqs.pop_front();
+                if seqs.is_empty() {
+                    self.by_target.remove(&target);
+                }
+            }
         }
         while let Some((seen, _)) = self.recent_order.front() {
             if now.duration_since(*seen) <= limits.duplicate_window {
@@ -185,6 +195,11 @@ impl Bus for MemoryBus {
         }
         history.last_seq = seq;
         history.bytes += event.frame.len();
+        history
+            .by_target
+            .entry(event.target.clone())
+            .or_default()
+            .push_back(seq);
         history.events.push_back((now, Arc::clone(&event)));
         if let Some(msg_id) = request.msg_id {
             history.recent_ids.insert(msg_id.clone(), seq);
@@ -217,17 +232,24 @@ impl Bus for MemoryBus {
         if let Some(reason) = check_position(after, self.epoch, first, history.last_seq) {
             return lost(reason);
         }
-        // Stored sequences are contiguous, so the position is an index.
-        let start = usize::try_from(after.seq + 1 - first).unwrap_or(usize::MAX);
+        // Stored sequences are contiguous, so a sequence is an index.
         let mut events = Vec::new();
-        for (_, event) in history.events.iter().skip(start) {
-            if targets.contains(&event.target) {
+        for target in targets {
+            let Some(seqs) = history.by_target.get(target) else {
+                continue;
+            };
+            let start = seqs.partition_point(|&seq| seq <= after.seq);
+            for &seq in seqs.range(start..) {
                 if events.len() == limit {
                     return lost(LostReason::TooFarBehind);
                 }
-                events.push(Arc::clone(event));
+                let index = usize::try_from(seq - first).unwrap_or(usize::MAX);
+                if let Some((_, event)) = history.events.get(index) {
+                    events.push(Arc::clone(event));
+                }
             }
         }
+        events.sort_by_key(|event| event.id.seq);
         Ok(Replay::Complete { events, head })
     }
 }
@@ -393,6 +415,12 @@ mod tests {
             let history = bus.lock();
             assert!(history.bytes <= 200, "{} bytes kept", history.bytes);
             assert_eq!(history.last_seq, 10);
+            let indexed: usize = history.by_target.values().map(VecDeque::len).sum();
+            assert_eq!(
+                indexed,
+                history.events.len(),
+                "the per-target index follows eviction"
+            );
         }
         let err = bus
             .publish(publish_to(&alice, &"x".repeat(300), None))
