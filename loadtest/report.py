@@ -33,12 +33,14 @@ def row(r: dict) -> str:
     lat = r["latency_us"]
     ms = lambda us: f"{us / 1000:.1f}"
     per_conn = r["idle_rss_per_connection_bytes"]
+    resume = f"{r['resume_secs']:.2f} s" if r.get("resume_secs") is not None else "—"
     return (
         f"| {r['scenario']} | {r['connected']:,} | {r['rate_target']:,} | {r['published']:,} "
         f"| {r['delivered']:,} ({r['delivered_per_sec']:,.0f}/s) | {r['lost']} / {r['duplicated']} / {r['reordered']} "
         f"| {ms(lat['p50'])} / {ms(lat['p99'])} / {ms(lat['max'])} "
         f"| {per_conn / 1024:.1f} KiB | {r['load']['cpu_secs']:.2f} s "
-        f"| {r['deliveries_per_server_cpu_sec']:,.0f} |"
+        f"| {r['deliveries_per_server_cpu_sec']:,.0f} "
+        f"| {resume} |"
     )
 
 
@@ -50,8 +52,9 @@ def main() -> None:
         f"Machine: {machine()}. Server pinned to CPU 0, load generator to the other core(s).",
         "",
         "| scenario | connections | target rate (ev/s) | published | delivered | lost / dup / reordered "
-        "| latency p50 / p99 / max (ms) | idle RSS per connection | server CPU under load | deliveries per server CPU-s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| latency p50 / p99 / max (ms) | idle RSS per connection | server CPU under load | deliveries per server CPU-s "
+        "| all resumed in |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *[row(r) for r in results],
         END,
     ]
