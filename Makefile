@@ -17,7 +17,7 @@ CARGO ?= cargo
 export HERALD_NATS_SERVER := $(NATS_SERVER)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
-.PHONY: help run test test-deps lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-tracing bench-report clean
+.PHONY: help run test test-deps lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-tracing bench-baseline baseline-deps bench-report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -64,6 +64,21 @@ bench-tracing: ## Measure the cost of delivery tracing: fanout at 100 %, 10 %, 1
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	@for ratio in 1.0 0.1 0.01; do TRACE_RATIO=$$ratio LABEL=fanout-trace-$$ratio RATE=$${RATE:-5000} loadtest/run-scenario.sh fanout || exit 1; done
 	LABEL=fanout-trace-off RATE=$${RATE:-5000} loadtest/run-scenario.sh fanout
+	$(MAKE) bench-report
+
+BASELINE_DIR := loadtest/baselines/express-redis
+
+baseline-deps: $(BASELINE_DIR)/node_modules/.installed
+	@command -v redis-server >/dev/null || (apt-get install -y redis-server || sudo apt-get install -y redis-server)
+
+$(BASELINE_DIR)/node_modules/.installed: $(BASELINE_DIR)/package.json $(BASELINE_DIR)/package-lock.json
+	cd $(BASELINE_DIR) && npm ci --no-audit --no-fund
+	@touch $@
+
+bench-baseline: baseline-deps ## Run fanout and broadcast against the seed article's Express + Redis design too
+	$(CARGO) build --release -p herald-edge -p herald-loadtest
+	BASELINE=1 LABEL=fanout-baseline loadtest/run-scenario.sh fanout
+	BASELINE=1 LABEL=broadcast-baseline loadtest/run-scenario.sh broadcast
 	$(MAKE) bench-report
 
 bench-report: ## Regenerate the results table in docs/benchmarks.md from loadtest/results/*.json

@@ -49,6 +49,24 @@ if [ -n "${TRACE_RATIO:-}" ]; then
 fi
 urls=()
 edges=()
+if [ -n "${BASELINE:-}" ]; then
+  # The seed article's design instead of Herald: Express + Redis pub/sub.
+  redis_port="${REDIS_PORT:-16379}"
+  $pin_server redis-server --port "$redis_port" --save '' --appendonly no > "$results/$name.redis.log" 2>&1 &
+  pids+=($!)
+  redis_pid=$!
+  sleep 0.3
+  PORT=$port REDIS_URL="redis://127.0.0.1:$redis_port" \
+    $pin_server node loadtest/baselines/express-redis/server.mjs > "$results/$name.baseline.log" 2>&1 &
+  pids+=($!)
+  edges+=("$!,$redis_pid")
+  urls+=("http://127.0.0.1:$port")
+  for _ in $(seq 100); do
+    curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  NODES=0
+fi
 for node in $(seq 0 $(( ${NODES:-1} - 1 ))); do
   node_port=$(( port + node ))
   HERALD__AUTH__HS256_SECRET=$secret \
