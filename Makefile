@@ -51,11 +51,11 @@ fuzz: ## Fuzz every network-facing parser for FUZZ_SECONDS each (installs cargo-
 SCENARIO ?= fanout
 SCENARIOS := $(basename $(notdir $(wildcard loadtest/scenarios/*.env)))
 
-loadtest: ## Run one load scenario: make loadtest SCENARIO=fanout (see loadtest/scenarios/)
+loadtest: nats-server ## Run one load scenario: make loadtest SCENARIO=fanout (see loadtest/scenarios/)
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	loadtest/run-scenario.sh $(SCENARIO)
 
-loadtest-all: ## Run every load scenario, then regenerate the benchmark report
+loadtest-all: nats-server ## Run every load scenario, then regenerate the benchmark report
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	@for s in $(SCENARIOS); do loadtest/run-scenario.sh $$s || exit 1; done
 	$(MAKE) bench-report
