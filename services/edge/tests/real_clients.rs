@@ -26,9 +26,12 @@ fn clients_dir() -> PathBuf {
     dir
 }
 
+/// The Node script `eventsource-client.mjs`, and what it printed so far.
 struct NodeClient {
     child: Child,
     lines: Lines<BufReader<ChildStdout>>,
+    /// `{"status":"open"}` lines seen: one per (re)connection.
+    opens: usize,
 }
 
 impl NodeClient {
@@ -49,6 +52,7 @@ impl NodeClient {
         NodeClient {
             child,
             lines: BufReader::new(stdout).lines(),
+            opens: 0,
         }
     }
 
@@ -59,7 +63,11 @@ impl NodeClient {
             .expect("the client reports in time")
             .expect("readable stdout")
             .expect("the client is still running");
-        serde_json::from_str(&line).expect("a JSON line")
+        let line: Value = serde_json::from_str(&line).expect("a JSON line");
+        if line["status"] == "open" {
+            self.opens += 1;
+        }
+        line
     }
 
     /// Reads lines until one matches, returning the events seen on the way.
@@ -77,25 +85,29 @@ impl NodeClient {
     }
 }
 
-async fn publish_event(node: &EdgeNode, data: &str) -> String {
-    let (status, body) = publish(
-        node,
-        json!({"user": "alice", "event": "greeting", "data": data}),
-    )
-    .await
-    .expect("publish");
+/// Publishes `data` to alice, typed when `event` is given; returns the event
+/// as the client must report it.
+async fn publish_event(node: &EdgeNode, event: Option<&str>, data: &str) -> Value {
+    let mut body = json!({"user": "alice", "data": data});
+    if let Some(event) = event {
+        body["event"] = json!(event);
+    }
+    let (status, body) = publish(node, body).await.expect("publish");
     assert_eq!(status, 200, "{body}");
-    body["id"].as_str().expect("id").to_owned()
+    let id = body["id"].as_str().expect("id");
+    json!({"type": event.unwrap_or("message"), "id": id, "data": data})
 }
 
-/// The npm `eventsource` client receives typed, multi-line events; when the
-/// network drops its connection it reconnects by itself with `Last-Event-ID`,
-/// and across the whole run it receives every event exactly once, in order.
+/// The npm `eventsource` client receives typed, untyped and multi-line
+/// events; when the network drops its connection it reconnects by itself
+/// (a second `open`) with `Last-Event-ID`, the events published while it was
+/// away come back through the replay, and across the whole run it receives
+/// every published event exactly once, in order, with its type and data.
 #[tokio::test]
 async fn the_npm_eventsource_client_resumes_after_a_dropped_connection_without_loss() {
-    let node = EdgeNode::start(|s| {
-        s.stream.retry_ms = 500;
-        s.stream.retry_jitter_ms = 0;
+    let node = EdgeNode::start(|settings| {
+        settings.stream.retry_ms = 100;
+        settings.stream.retry_jitter_ms = 100;
     })
     .await
     .expect("node starts");
@@ -105,32 +117,40 @@ async fn the_npm_eventsource_client_resumes_after_a_dropped_connection_without_l
     let mut client = NodeClient::spawn(&url, 6, &["greeting"]);
     client.until(|line| line["status"] == "open").await;
 
-    let mut published = Vec::new();
-    for data in ["first", "second\nwith two lines", "third"] {
-        published.push((publish_event(&node, data).await, data));
-    }
-    let mut received = client.until(|line| line["data"] == "third").await;
+    let mut published = vec![
+        publish_event(&node, Some("greeting"), "first").await,
+        publish_event(&node, None, "second\nwith two lines").await,
+        publish_event(&node, Some("greeting"), "third").await,
+    ];
+    let last = published[2]["id"].clone();
+    let mut received = client.until(|line| line["id"] == last).await;
 
+    // The network drops, and stays down until the events below are stored:
+    // the client's reconnect attempt is held by the proxy, not timed.
+    proxy.hold();
     proxy.cut_all();
     client.until(|line| line["status"] == "error").await;
-    // The client waits `retry` (500 ms) before reconnecting: these are
-    // published while it is away, and must come back through the replay.
-    for data in ["fourth", "fifth", "sixth"] {
-        published.push((publish_event(&node, data).await, data));
-    }
-    received.extend(client.until(|line| line["data"] == "sixth").await);
+    herald_testkit::wait_until("the client tries to reconnect", PATIENCE, || {
+        proxy.held() == 1
+    })
+    .await
+    .expect("the client reconnects by itself");
+    published.push(publish_event(&node, Some("greeting"), "fourth").await);
+    published.push(publish_event(&node, None, "fifth\n\nafter a blank line").await);
+    published.push(publish_event(&node, Some("greeting"), "sixth").await);
+    proxy.release();
+    let last = published[5]["id"].clone();
+    received.extend(client.until(|line| line["id"] == last).await);
 
-    let expected: Vec<Value> = published
-        .iter()
-        .map(|(id, data)| json!({"type": "greeting", "id": id, "data": data}))
-        .collect();
-    assert_eq!(received, expected);
-    assert!(
-        node.handle
-            .metrics_text()
-            .contains("herald_replays_total 1"),
-        "the missed events came from a Last-Event-ID replay"
-    );
+    assert_eq!(received, published);
+    assert_eq!(client.opens, 2, "one connection, one reconnection");
+    let metrics = node.handle.metrics_text();
+    for expected in ["herald_replays_total 1", "herald_replayed_events_total 3"] {
+        assert!(
+            metrics.lines().any(|line| line == expected),
+            "the missed events came from one Last-Event-ID replay: {expected}\n{metrics}"
+        );
+    }
     let status = client.child.wait().await.expect("client exits");
     assert!(status.success());
 }

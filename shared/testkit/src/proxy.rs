@@ -1,6 +1,12 @@
 //! A loopback TCP proxy the test controls: it forwards connections to an
 //! upstream and can drop all of them at once, as a network failure or a load
 //! balancer reload would, while still accepting new ones.
+//!
+//! It can also *hold* new connections: they are accepted but not forwarded
+//! until [`TcpProxy::release`], like a route that is down. A test uses this to
+//! know, without timing, that a client which lost its connection cannot be
+//! back before the test is ready (for example, to publish events the client
+//! must then receive through a `Last-Event-ID` replay).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,27 +19,40 @@ use tokio_util::sync::CancellationToken;
 /// A running proxy; stops (and drops every connection) when dropped.
 #[derive(Debug)]
 pub struct TcpProxy {
+    /// Where clients connect (loopback, ephemeral port).
     addr: SocketAddr,
+    /// Bumped by [`TcpProxy::cut_all`]; every forwarding task watches it and
+    /// ends (closing both sockets) when it changes.
     generation: watch::Sender<u64>,
+    /// `true` while new connections are held instead of forwarded.
+    holding: watch::Sender<bool>,
+    /// Connections currently forwarded to the upstream.
     open: Arc<AtomicUsize>,
+    /// Connections accepted and waiting for [`TcpProxy::release`].
+    waiting: Arc<AtomicUsize>,
+    /// Cancelled on drop: ends the accept loop and every task.
     stop: CancellationToken,
 }
 
 impl TcpProxy {
     /// Starts a proxy on an ephemeral loopback port forwarding to `upstream`.
+    /// Fails only if no loopback port can be bound.
     pub async fn start(upstream: SocketAddr) -> std::io::Result<TcpProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let (generation, _) = watch::channel(0u64);
-        let open = Arc::new(AtomicUsize::new(0));
-        let stop = CancellationToken::new();
+        let (generation, cuts) = watch::channel(0u64);
+        let (holding, gate) = watch::channel(false);
         let proxy = TcpProxy {
             addr,
             generation,
-            open: Arc::clone(&open),
-            stop: stop.clone(),
+            holding,
+            open: Arc::new(AtomicUsize::new(0)),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            stop: CancellationToken::new(),
         };
-        let cuts = proxy.generation.subscribe();
+        let open = Arc::clone(&proxy.open);
+        let waiting = Arc::clone(&proxy.waiting);
+        let stop = proxy.stop.clone();
         tokio::spawn(async move {
             loop {
                 let (client, _) = tokio::select! {
@@ -43,23 +62,19 @@ impl TcpProxy {
                         Err(_) => continue,
                     },
                 };
+                // Only cuts made from now on end this connection.
                 let mut cut = cuts.clone();
                 cut.mark_unchanged();
-                let stop = stop.clone();
-                let open = Arc::clone(&open);
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    let mut client = client;
-                    open.fetch_add(1, Ordering::SeqCst);
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.changed() => {}
-                        _ = stop.cancelled() => {}
-                    }
-                    open.fetch_sub(1, Ordering::SeqCst);
-                });
+                let connection = Connection {
+                    client,
+                    upstream,
+                    cut,
+                    gate: gate.clone(),
+                    open: Arc::clone(&open),
+                    waiting: Arc::clone(&waiting),
+                    stop: stop.clone(),
+                };
+                tokio::spawn(connection.forward());
             }
         });
         Ok(proxy)
@@ -70,19 +85,78 @@ impl TcpProxy {
         self.addr
     }
 
-    /// Closes every proxied connection now; later connections work again.
+    /// Closes every proxied connection now, on both sides; later connections
+    /// work again. Connections being held are not affected.
     pub fn cut_all(&self) {
         self.generation.send_modify(|generation| *generation += 1);
     }
 
-    /// Connections currently proxied.
+    /// From now on, accepts new connections but does not forward them until
+    /// [`TcpProxy::release`]: a client trying to reconnect waits, connected to
+    /// the proxy but not to the upstream.
+    pub fn hold(&self) {
+        self.holding.send_replace(true);
+    }
+
+    /// Forwards the held connections and every later one.
+    pub fn release(&self) {
+        self.holding.send_replace(false);
+    }
+
+    /// Connections currently forwarded to the upstream.
     pub fn connections(&self) -> usize {
         self.open.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted while holding, waiting to be forwarded.
+    pub fn held(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
     }
 }
 
 impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// One accepted client connection and what it needs to be forwarded.
+struct Connection {
+    client: TcpStream,
+    upstream: SocketAddr,
+    cut: watch::Receiver<u64>,
+    gate: watch::Receiver<bool>,
+    open: Arc<AtomicUsize>,
+    waiting: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Connection {
+    /// Waits while the proxy holds, then copies bytes both ways until either
+    /// side closes, the proxy cuts, or the proxy is dropped.
+    async fn forward(mut self) {
+        if *self.gate.borrow() {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let released = tokio::select! {
+                _ = self.stop.cancelled() => false,
+                released = self.gate.wait_for(|holding| !holding) => released.is_ok(),
+            };
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            if !released {
+                return;
+            }
+            // A cut made while it waited was not meant for it.
+            self.cut.mark_unchanged();
+        }
+        let Ok(mut server) = TcpStream::connect(self.upstream).await else {
+            return;
+        };
+        self.open.fetch_add(1, Ordering::SeqCst);
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut self.client, &mut server) => {}
+            _ = self.cut.changed() => {}
+            _ = self.stop.cancelled() => {}
+        }
+        self.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
