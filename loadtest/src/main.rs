@@ -86,13 +86,15 @@ async fn main() -> anyhow::Result<()> {
 
     let report = Report::new(
         &options,
-        connect_secs,
         &subscribers,
         &publish,
-        procstat::Delta::between(&idle_before, &idle_after),
-        procstat::Delta::between(&idle_after, &loaded),
-        slow_disconnects,
-        resume_secs,
+        report::Measured {
+            connect_secs,
+            idle: procstat::Delta::between(&idle_before, &idle_after),
+            load: procstat::Delta::between(&idle_after, &loaded),
+            slow_disconnects,
+            resume_secs,
+        },
     );
     report.print();
     if let Some(path) = &options.out {

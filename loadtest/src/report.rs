@@ -55,18 +55,36 @@ pub struct Report {
     deliveries_per_server_cpu_sec: f64,
 }
 
+/// What the run measured besides the clients' own counters.
+#[derive(Debug)]
+pub struct Measured {
+    /// Seconds to open every connection.
+    pub connect_secs: f64,
+    /// Server change while connections sat idle.
+    pub idle: Delta,
+    /// Server change over the publishing phase.
+    pub load: Delta,
+    /// `herald_slow_disconnects_total` summed over the nodes.
+    pub slow_disconnects: u64,
+    /// Replay mode: seconds until every client resumed.
+    pub resume_secs: Option<f64>,
+}
+
 impl Report {
     /// Assembles the report from what was measured.
     pub fn new(
         options: &Options,
-        connect_secs: f64,
         subscribers: &Subscribers,
         published: &Published,
-        idle: Delta,
-        load: Delta,
-        slow_disconnects: u64,
-        resume_secs: Option<f64>,
+        measured: Measured,
     ) -> Report {
+        let Measured {
+            connect_secs,
+            idle,
+            load,
+            slow_disconnects,
+            resume_secs,
+        } = measured;
         let mut expected = 0;
         let mut delivered = 0;
         let mut lost = 0;

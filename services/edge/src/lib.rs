@@ -151,6 +151,7 @@ impl Node {
             bus,
             auth,
             metrics,
+            drain: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             draining: AtomicBool::new(false),
         });
@@ -173,9 +174,11 @@ impl Node {
         }
     }
 
-    /// Serves until `shutdown` resolves, then ends every stream (each gets a
-    /// `retry:` hint so its client reconnects elsewhere) and waits for open
-    /// requests up to `http.shutdown_grace_ms`.
+    /// Serves until `shutdown` resolves, then drains: `/readyz` fails and new
+    /// streams are told to retry, open streams end (each with a `retry:` hint,
+    /// so its client reconnects elsewhere) at random moments spread over
+    /// `stream.drain_ms`, then the listener closes and open requests get up to
+    /// `http.shutdown_grace_ms`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let state = self.state;
         let http = &state.settings.http;
@@ -200,13 +203,20 @@ impl Node {
             state.shutdown.clone(),
         ));
         shutdown.await;
+        let drain_window = Duration::from_millis(state.settings.stream.drain_ms);
         tracing::info!(
             connections = state.registry.connection_count(),
-            "shutting down: closing streams"
+            drain_ms = drain_window.as_millis() as u64,
+            "draining: not ready, closing streams over the drain window"
         );
         state
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        state.drain.cancel();
+        let deadline = tokio::time::Instant::now() + drain_window + Duration::from_millis(500);
+        while state.registry.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         state.shutdown.cancel();
         if let Err(err) = server.await {
             tracing::error!(error = %err, "http server task failed");

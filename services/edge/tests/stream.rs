@@ -548,3 +548,50 @@ async fn a_full_node_answers_200_with_a_retry_hint_and_ends_the_stream() {
             .contains("herald_rejected_streams_total{reason=\"node_full\"} 1")
     );
 }
+
+/// Draining on shutdown: `/readyz` fails at once, a new stream is answered 200
+/// with a `retry:` hint and ended (never an error a browser would give up on),
+/// and every open stream ends with a `retry:` hint within the drain window.
+#[tokio::test]
+async fn draining_turns_unready_refuses_softly_and_closes_streams_with_retry() {
+    let node = EdgeNode::start(|s| s.stream.drain_ms = 2_000)
+        .await
+        .expect("node starts");
+    let mut open = Vec::new();
+    for i in 0..5 {
+        let mut client = SseClient::open(&node, &format!("user-{i}"))
+            .await
+            .expect("stream");
+        client.next_item(PATIENCE).await.expect("preamble");
+        open.push(client);
+    }
+    let readyz = node.url("/readyz");
+    let stream_url = node.url("/v1/stream");
+    let stopping = tokio::spawn(node.stop());
+
+    let mut unready = false;
+    for _ in 0..100 {
+        if reqwest::get(&readyz)
+            .await
+            .is_ok_and(|r| r.status().as_u16() == 503)
+        {
+            unready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(unready, "/readyz never turned 503 while draining");
+    let token = subscriber_token("late", &[]);
+    let mut late = SseClient::connect(&stream_url, &[("authorization", &bearer(&token))])
+        .await
+        .expect("answered");
+    assert_eq!(late.status, 200);
+    let items = late.until_end(PATIENCE).await.expect("ends");
+    assert!(matches!(items.last(), Some(Item::Retry(_))), "{items:?}");
+
+    for mut client in open {
+        let rest = client.until_end(PATIENCE).await.expect("stream ends");
+        assert!(matches!(rest.last(), Some(Item::Retry(_))), "{rest:?}");
+    }
+    stopping.await.expect("joined").expect("node stops");
+}

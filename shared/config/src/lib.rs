@@ -138,6 +138,10 @@ pub struct StreamSettings {
     pub max_connections: usize,
     /// Most open streams of one user on this node. Default 32.
     pub max_connections_per_user: usize,
+    /// On shutdown, open streams are closed (each with a `retry:` hint) at
+    /// random moments spread over this window, milliseconds, so their clients
+    /// do not all reconnect elsewhere at once. Default 3000.
+    pub drain_ms: u64,
 }
 
 impl Default for StreamSettings {
@@ -152,6 +156,7 @@ impl Default for StreamSettings {
             max_replay_events: 10_000,
             max_connections: 100_000,
             max_connections_per_user: 32,
+            drain_ms: 3_000,
         }
     }
 }

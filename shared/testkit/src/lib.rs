@@ -41,6 +41,7 @@ pub fn test_settings() -> Settings {
     settings.auth.hs256_secret = Some(Secret::new(SECRET));
     settings.node.id = Some("test-node".into());
     settings.http.shutdown_grace_ms = 2_000;
+    settings.stream.drain_ms = 100;
     settings
 }
 

@@ -45,7 +45,10 @@ pub struct AppState {
     pub auth: Authenticator,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
-    /// Cancelled when the node shuts down; every stream watches it.
+    /// Cancelled when the node starts draining: every stream then ends at a
+    /// random moment within `stream.drain_ms`.
+    pub drain: CancellationToken,
+    /// Cancelled when the node stops serving; every stream still open ends.
     pub shutdown: CancellationToken,
     /// Set when the node stops taking new streams.
     pub draining: AtomicBool,

@@ -355,11 +355,13 @@ fn session(
         let expiry = tokio::time::sleep_until(expiry);
         tokio::pin!(expiry_warning, expiry);
         let mut warned = false;
+        let drained = drained(Arc::clone(&state));
+        tokio::pin!(drained);
         loop {
             let step = tokio::select! {
                 biased;
                 _ = kill.killed() => Step::End,
-                _ = state.shutdown.cancelled() => Step::Shutdown,
+                _ = drained.as_mut() => Step::Shutdown,
                 _ = expiry.as_mut() => Step::Expired,
                 _ = expiry_warning.as_mut(), if !warned => Step::ExpiryWarning,
                 frame = frames.recv() => match frame {
@@ -514,6 +516,20 @@ async fn begin(
             write_reset(state, buf, reason, head);
             Ok((Vec::new(), head.seq))
         }
+    }
+}
+
+/// Resolves when this stream should end because the node is going away: at a
+/// random moment within the drain window after draining starts, or at once
+/// when the node stops serving.
+async fn drained(state: Arc<AppState>) {
+    tokio::select! {
+        _ = state.shutdown.cancelled() => {}
+        _ = async {
+            state.drain.cancelled().await;
+            let window = state.settings.stream.drain_ms;
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=window))).await;
+        } => {}
     }
 }
 
