@@ -141,6 +141,22 @@ async fn an_r3_stream_survives_the_loss_of_its_leader() {
     }
     let node = node.expect("an edge node starts once the JetStream cluster is up");
     let mut stream = open(&node.url("/v1/stream"), "alice", None).await;
+    let http = reqwest::Client::new();
+    let before: serde_json::Value = http
+        .post(node.url("/v1/publish"))
+        .bearer_auth(publisher_token())
+        .body(r#"{"user":"alice","data":"before failover"}"#)
+        .send()
+        .await
+        .expect("published")
+        .json()
+        .await
+        .expect("json");
+    // The stream is live (its start-up replay is done) before the leader dies.
+    assert_eq!(
+        stream.next_event(PATIENCE).await.expect("before").id,
+        before["id"].as_str().expect("id")
+    );
 
     let servers: Vec<async_nats::ServerAddr> = cluster
         .servers
@@ -162,7 +178,6 @@ async fn an_r3_stream_survives_the_loss_of_its_leader() {
         .expect("server name n<i>");
     cluster.servers[index].kill();
 
-    let http = reqwest::Client::new();
     let mut answer = None;
     for _ in 0..100 {
         let response = http
