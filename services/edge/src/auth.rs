@@ -328,7 +328,8 @@ impl Authenticator {
     /// Validates a subscriber token.
     pub fn subscriber(&self, token: &str) -> Result<Subscriber, AuthError> {
         let claims = self.claims(token)?;
-        if claims.herald_publish.is_some() {
+        // `herald_publish: false` grants nothing: such a token is a subscriber's.
+        if !matches!(claims.herald_publish, None | Some(PublishClaim::All(false))) {
             return Err(AuthError::PublisherOnStream);
         }
         let user = claims
@@ -675,6 +676,21 @@ mod tests {
             auth.subscriber(&early).err(),
             Some(AuthError::Invalid("not valid yet (nbf)"))
         );
+    }
+
+    #[test]
+    fn a_token_whose_publish_claim_is_false_is_a_subscribers() {
+        let claims = Claims {
+            herald_publish: Some(PublishClaim::All(false)),
+            ..subscriber_claims("alice")
+        };
+        let token = mint(SECRET, &claims).expect("signed");
+        let auth = authenticator();
+        assert_eq!(
+            auth.subscriber(&token).expect("a subscriber").user.name(),
+            "alice"
+        );
+        assert_eq!(auth.publisher(&token).err(), Some(AuthError::NotAPublisher));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! ```text
 //! herald-edge [--config FILE]
 //! herald-edge token --user ID [--topic NAME]... [--ttl SECS] [--config FILE]
-//! herald-edge token --publish [TARGET]... [--ttl SECS] [--config FILE]
+//! herald-edge token --publish [--publish-to user:ID|topic:NAME]... [--ttl SECS] [--config FILE]
 //! ```
 //! Configuration comes from defaults, the optional TOML file and `HERALD__*`
 //! variables; invalid configuration exits with status 64 and a message naming
@@ -84,7 +84,12 @@ fn serve(settings: Settings) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %err, "herald edge node failed to start");
-            ExitCode::FAILURE
+            eprintln!("herald-edge: {err}");
+            match err {
+                // Unusable keys and the like are configuration problems too.
+                herald_edge::StartError::Config(_) => ExitCode::from(EXIT_CONFIG),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

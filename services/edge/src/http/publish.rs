@@ -41,8 +41,13 @@ pub async fn publish(
     headers: HeaderMap,
     body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
 ) -> Result<Response, Rejection> {
-    let token =
-        bearer_token(&headers)?.ok_or_else(|| ApiError::from(crate::auth::AuthError::Missing))?;
+    let token = bearer_token(&headers)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "no credential: send Authorization: Bearer <publisher jwt>",
+        )
+    })?;
     let publisher = state.auth.publisher(&token).map_err(ApiError::from)?;
     if let Err(wait) = state.throttle.take(&publisher.id) {
         return Err(ApiError::new(
