@@ -36,6 +36,10 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// Logs (and, later, traces and metrics export).
     pub telemetry: TelemetrySettings,
+    /// Gossip membership: the cluster view, draining and rebalancing.
+    pub gossip: GossipSettings,
+    /// Moving streams off a node that holds more than its share.
+    pub rebalance: RebalanceSettings,
 }
 
 /// This node's identity.
@@ -45,6 +49,10 @@ pub struct NodeSettings {
     /// Node id shown in logs and cluster views. Default: the `HOSTNAME`
     /// environment variable, else `herald-<process id>`.
     pub id: Option<String>,
+    /// The URL other nodes and operators use to reach this node's HTTP
+    /// listener, shown in `/v1/cluster`, e.g. `http://edge-1:8080`. Default:
+    /// `http://<gossip.advertise host>:<http.listen port>`.
+    pub http_advertise: Option<String>,
 }
 
 impl NodeSettings {
@@ -157,6 +165,145 @@ impl Default for StreamSettings {
             max_connections: 100_000,
             max_connections_per_user: 32,
             drain_ms: 3_000,
+        }
+    }
+}
+
+/// Gossip membership (chitchat: scuttlebutt with a phi-accrual failure
+/// detector). Delivery never depends on it; it gives every node a view of its
+/// peers for `/v1/cluster`, draining and rebalancing.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GossipSettings {
+    /// Run gossip at all. Default `true`; without it the node knows no peers,
+    /// `/v1/cluster` lists only itself and rebalancing is off.
+    pub enabled: bool,
+    /// UDP address to gossip on. Default `127.0.0.1:7946`; use `0.0.0.0:7946`
+    /// in containers. Port 0 picks a free port (tests).
+    pub listen: String,
+    /// `host:port` peers use to reach this node's gossip (NAT, containers);
+    /// the host may be a DNS name, resolved at start. Default: `gossip.listen`
+    /// (with `127.0.0.1` for an unspecified address, which only works on one
+    /// machine).
+    pub advertise: Option<String>,
+    /// Peers to join through, `host:port` each (comma-separated in the
+    /// environment). DNS names are re-resolved every 60 s, so a Kubernetes
+    /// headless Service finds every pod. Default: none (the node runs alone).
+    pub seeds: Vec<String>,
+    /// Nodes only gossip with nodes of the same cluster id, so two clusters on
+    /// one network never merge. Default `herald`.
+    pub cluster_id: String,
+    /// Milliseconds between gossip rounds (each round talks to up to three
+    /// peers). Default 500.
+    pub interval_ms: u64,
+    /// Phi-accrual threshold: a peer is suspected when the time since its last
+    /// heartbeat exceeds this many mean heartbeat intervals. Default 8.0 (about
+    /// 4 to 5 s with the default interval).
+    pub phi_threshold: f64,
+    /// Milliseconds a suspected peer stays `suspect` (since it was last heard)
+    /// before it is shown as `dead`. Default 30000.
+    pub dead_after_ms: u64,
+    /// Seconds after which a dead or departed peer is forgotten. Default 3600.
+    pub forget_after_secs: u64,
+    /// Milliseconds between updates of this node's gossiped load (open
+    /// connections, users held); an update is sent only when a value changed.
+    /// Default 1000.
+    pub state_update_ms: u64,
+    /// At start, how long to keep retrying seed DNS names that resolve to
+    /// nothing (pods starting together), milliseconds. Default 5000.
+    pub seed_resolve_timeout_ms: u64,
+}
+
+impl Default for GossipSettings {
+    fn default() -> Self {
+        GossipSettings {
+            enabled: true,
+            listen: "127.0.0.1:7946".into(),
+            advertise: None,
+            seeds: Vec::new(),
+            cluster_id: "herald".into(),
+            interval_ms: 500,
+            phi_threshold: 8.0,
+            dead_after_ms: 30_000,
+            forget_after_secs: 3_600,
+            state_update_ms: 1_000,
+            seed_resolve_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl GossipSettings {
+    fn validate(&self, problems: &mut Vec<String>) {
+        if let Err(err) = self.listen.parse::<SocketAddr>() {
+            problems.push(format!(
+                "gossip.listen: {:?} is not an address like 0.0.0.0:7946 ({err})",
+                self.listen
+            ));
+        }
+        let host_port = |value: &str| {
+            value
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+        };
+        if let Some(advertise) = &self.advertise {
+            if !host_port(advertise) {
+                problems.push(format!("gossip.advertise: {advertise:?} is not host:port"));
+            }
+        }
+        for seed in &self.seeds {
+            if !host_port(seed) {
+                problems.push(format!("gossip.seeds: {seed:?} is not host:port"));
+            }
+        }
+        if self.cluster_id.is_empty() {
+            problems.push("gossip.cluster_id must not be empty".into());
+        }
+        if !(self.phi_threshold.is_finite() && self.phi_threshold > 1.0) {
+            problems.push("gossip.phi_threshold must be greater than 1.0".into());
+        }
+        for (key, value) in [
+            ("gossip.interval_ms", self.interval_ms),
+            ("gossip.dead_after_ms", self.dead_after_ms),
+            ("gossip.forget_after_secs", self.forget_after_secs),
+            ("gossip.state_update_ms", self.state_update_ms),
+        ] {
+            if value == 0 {
+                problems.push(format!("{key} must be greater than 0"));
+            }
+        }
+    }
+}
+
+/// Moving streams off a node that holds more than its share, so a node added
+/// to a running cluster gets its part of the long-lived connections. A moved
+/// stream ends with a jittered `retry:` and resumes, from its last id, wherever
+/// the load balancer sends it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RebalanceSettings {
+    /// Default `true` (needs gossip). `false`: a node never moves streams.
+    pub enabled: bool,
+    /// A node sheds streams only above the mean of the ready members plus this
+    /// share of the mean, percent. Default 10.
+    pub slack_percent: u32,
+    /// ... and only when it holds at least this many more than the mean (small
+    /// clusters do not churn over a handful of streams). Default 20.
+    pub min_excess: usize,
+    /// At most this share of its streams a node moves per minute, percent.
+    /// Default 10.
+    pub max_moved_per_minute_percent: u32,
+    /// Milliseconds between rebalancing decisions. Default 5000.
+    pub interval_ms: u64,
+}
+
+impl Default for RebalanceSettings {
+    fn default() -> Self {
+        RebalanceSettings {
+            enabled: true,
+            slack_percent: 10,
+            min_excess: 20,
+            max_moved_per_minute_percent: 10,
+            interval_ms: 5_000,
         }
     }
 }
@@ -607,6 +754,7 @@ impl Settings {
                 .with_list_parse_key("http.cors_allowed_origins")
                 .with_list_parse_key("auth.algorithms")
                 .with_list_parse_key("telemetry.otlp_headers")
+                .with_list_parse_key("gossip.seeds")
                 .source(env),
         );
         let settings: Settings = builder.build()?.try_deserialize()?;
@@ -659,6 +807,21 @@ impl Settings {
             problems.push("http.max_header_bytes must be at least 8192".into());
         }
         self.auth.validate(&mut problems);
+        self.gossip.validate(&mut problems);
+        if self.rebalance.interval_ms == 0 {
+            problems.push("rebalance.interval_ms must be greater than 0".into());
+        }
+        if !(1..=100).contains(&self.rebalance.max_moved_per_minute_percent) {
+            problems
+                .push("rebalance.max_moved_per_minute_percent must be between 1 and 100".into());
+        }
+        if let Some(url) = &self.node.http_advertise {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                problems.push(format!(
+                    "node.http_advertise: {url:?} is not a URL like http://edge-1:8080"
+                ));
+            }
+        }
         if self.bus.kind == BusKind::Nats {
             self.nats.validate(&mut problems);
         }
@@ -743,6 +906,29 @@ mod tests {
             err.to_string().contains("http.cors_allowed_origins"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn gossip_seeds_are_a_comma_separated_list_and_each_must_be_host_port() {
+        let settings = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__GOSSIP__SEEDS", "edge-1:7946,10.0.0.7:7946"),
+            ("HERALD__GOSSIP__ADVERTISE", "edge-2:7946"),
+        ])
+        .expect("valid");
+        assert_eq!(settings.gossip.seeds, ["edge-1:7946", "10.0.0.7:7946"]);
+        assert_eq!(settings.gossip.advertise.as_deref(), Some("edge-2:7946"));
+        let err = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__GOSSIP__SEEDS", "edge-1"),
+            ("HERALD__GOSSIP__LISTEN", "everywhere"),
+            ("HERALD__NODE__HTTP_ADVERTISE", "edge-1:8080"),
+        ])
+        .expect_err("invalid");
+        let message = err.to_string();
+        for key in ["gossip.seeds", "gossip.listen", "node.http_advertise"] {
+            assert!(message.contains(key), "{key} not named in: {message}");
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ use super::AppState;
 use super::errors::ApiError;
 use crate::bus::{Event, FollowState, LostReason, Replay};
 use crate::metrics::ReasonLabel;
-use crate::registry::{AttachError, ConnectionHandle, DisconnectReason, Frame, Kill};
+use crate::registry::{AttachError, ConnectionHandle, DisconnectReason, Frame, Kill, Queued};
 
 /// Name of the cookie that may carry the token.
 pub const TOKEN_COOKIE: &str = "herald_token";
@@ -310,7 +310,7 @@ impl Drop for Attachment {
 /// The body of one stream; see the module docs for the sequence.
 fn session(
     mut attachment: Attachment,
-    mut frames: tokio::sync::mpsc::Receiver<Frame>,
+    mut frames: tokio::sync::mpsc::Receiver<Queued>,
     start: Start,
     kill: Kill,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + Sync + 'static {
@@ -361,11 +361,12 @@ fn session(
             let step = tokio::select! {
                 biased;
                 _ = kill.killed() => Step::End,
-                _ = drained.as_mut() => Step::Shutdown,
+                _ = drained.as_mut() => Step::Leave(DisconnectReason::Shutdown),
                 _ = expiry.as_mut() => Step::Expired,
                 _ = expiry_warning.as_mut(), if !warned => Step::ExpiryWarning,
-                frame = frames.recv() => match frame {
-                    Some(frame) => Step::Frame(frame),
+                queued = frames.recv() => match queued {
+                    Some(Queued::Event(frame)) => Step::Frame(frame),
+                    Some(Queued::Move) => Step::Leave(DisconnectReason::Moved),
                     None => Step::End,
                 },
                 _ = heartbeat.as_mut() => Step::Heartbeat,
@@ -373,6 +374,7 @@ fn session(
             match step {
                 Step::Frame(first) => {
                     let mut delivered = 0;
+                    let mut moving = false;
                     let mut next = Some(first);
                     while let Some(frame) = next.take() {
                         if cursor.write(&frame, &mut buf) {
@@ -380,8 +382,21 @@ fn session(
                             state.delivered(&frame.event, attachment.id, &attachment.targets[0], false, frame.queued_at.elapsed());
                         }
                         if buf.len() < batch_limit {
-                            next = frames.try_recv().ok();
+                            next = match frames.try_recv() {
+                                Ok(Queued::Event(frame)) => Some(frame),
+                                Ok(Queued::Move) => {
+                                    moving = true;
+                                    None
+                                }
+                                Err(_) => None,
+                            };
                         }
+                    }
+                    if moving {
+                        attachment.end_because(DisconnectReason::Moved);
+                        sse::write_retry(&mut buf, state.retry_hint_ms());
+                        yield Ok(state.written(buf.split().freeze(), delivered));
+                        break;
                     }
                     if buf.is_empty() {
                         continue;
@@ -401,8 +416,8 @@ fn session(
                     attachment.end_because(DisconnectReason::TokenExpired);
                     break;
                 }
-                Step::Shutdown => {
-                    attachment.end_because(DisconnectReason::Shutdown);
+                Step::Leave(reason) => {
+                    attachment.end_because(reason);
                     sse::write_retry(&mut buf, state.retry_hint_ms());
                     yield Ok(buf.split().freeze());
                     break;
@@ -463,7 +478,8 @@ enum Step {
     Heartbeat,
     ExpiryWarning,
     Expired,
-    Shutdown,
+    /// End with a `retry:` hint so the client reconnects (to another node).
+    Leave(DisconnectReason),
     End,
 }
 

@@ -24,6 +24,16 @@ pub struct Frame {
     pub queued_at: Instant,
 }
 
+/// What a connection's queue carries.
+#[derive(Debug, Clone)]
+pub enum Queued {
+    /// An event to write.
+    Event(Frame),
+    /// The node asks this stream to move to another node (rebalancing): write
+    /// what is queued before it, then end with a `retry:` hint.
+    Move,
+}
+
 /// Why a stream ended; logged and counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DisconnectReason {
@@ -37,6 +47,8 @@ pub enum DisconnectReason {
     BusUnavailable,
     /// The stream's token expired.
     TokenExpired,
+    /// The node moved the stream to spread load (rebalancing).
+    Moved,
 }
 
 impl DisconnectReason {
@@ -48,6 +60,7 @@ impl DisconnectReason {
             DisconnectReason::Shutdown => "shutdown",
             DisconnectReason::BusUnavailable => "bus_unavailable",
             DisconnectReason::TokenExpired => "token_expired",
+            DisconnectReason::Moved => "moved",
         }
     }
 }
@@ -95,7 +108,7 @@ pub struct ConnectionHandle {
     pub id: u64,
     /// Ends the connection (used when its queue overflows).
     pub kill: Kill,
-    queue: mpsc::Sender<Frame>,
+    queue: mpsc::Sender<Queued>,
     metrics: Arc<Metrics>,
 }
 
@@ -106,7 +119,7 @@ impl ConnectionHandle {
         capacity: usize,
         kill: Kill,
         metrics: Arc<Metrics>,
-    ) -> (Arc<Self>, mpsc::Receiver<Frame>) {
+    ) -> (Arc<Self>, mpsc::Receiver<Queued>) {
         let (queue, frames) = mpsc::channel(capacity);
         let handle = ConnectionHandle {
             id,
@@ -124,7 +137,7 @@ impl ConnectionHandle {
 
     /// Queues a frame without waiting; a full queue kills the connection.
     pub fn offer(&self, frame: Frame) {
-        match self.queue.try_send(frame) {
+        match self.queue.try_send(Queued::Event(frame)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 if !self.kill.is_killed() {
@@ -140,5 +153,12 @@ impl ConnectionHandle {
             // The stream is already gone and detaching.
             Err(TrySendError::Closed(_)) => {}
         }
+    }
+
+    /// Asks the stream to end after what is already queued and reconnect
+    /// elsewhere. Returns `false` when its queue is full (the stream is about
+    /// to be cut as slow anyway) or it already ended.
+    pub fn ask_to_move(&self) -> bool {
+        self.queue.try_send(Queued::Move).is_ok()
     }
 }

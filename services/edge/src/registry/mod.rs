@@ -15,7 +15,7 @@
 
 mod connection;
 
-pub use connection::{ConnectionHandle, DisconnectReason, Frame, Kill};
+pub use connection::{ConnectionHandle, DisconnectReason, Frame, Kill, Queued};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -59,6 +59,7 @@ struct TargetEntry {
 pub struct Registry {
     targets: DashMap<Target, TargetEntry>,
     connections: AtomicUsize,
+    users: AtomicUsize,
     next_id: AtomicU64,
     limits: RegistryLimits,
     metrics: Arc<Metrics>,
@@ -79,6 +80,7 @@ impl Registry {
         Registry {
             targets: DashMap::new(),
             connections: AtomicUsize::new(0),
+            users: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             limits,
             metrics,
@@ -98,6 +100,41 @@ impl Registry {
     /// Targets with at least one local connection (what the node follows).
     pub fn target_count(&self) -> usize {
         self.targets.len()
+    }
+
+    /// Users with at least one local connection.
+    pub fn user_count(&self) -> usize {
+        self.users.load(Ordering::Relaxed)
+    }
+
+    /// Asks up to `count` streams, chosen at random, to move to another node
+    /// (see [`ConnectionHandle::ask_to_move`]). Returns how many were asked.
+    /// Costs one pass over the registry.
+    pub fn move_streams(&self, count: usize) -> usize {
+        if count == 0 {
+            return 0;
+        }
+        // Reservoir sampling over every connection, each counted once through
+        // its user's entry.
+        let mut chosen: Vec<Arc<ConnectionHandle>> = Vec::with_capacity(count);
+        let mut seen = 0usize;
+        for entry in self.targets.iter() {
+            if entry.key().kind() != TargetKind::User {
+                continue;
+            }
+            for (connection, _) in entry.connections.values() {
+                seen += 1;
+                if chosen.len() < count {
+                    chosen.push(Arc::clone(connection));
+                } else {
+                    let pick = fastrand::usize(0..seen);
+                    if pick < count {
+                        chosen[pick] = Arc::clone(connection);
+                    }
+                }
+            }
+        }
+        chosen.iter().filter(|c| c.ask_to_move()).count()
     }
 
     /// Events waiting in all connection queues (each connection counted once,
@@ -132,13 +169,15 @@ impl Registry {
         }
         let mut follows = Vec::with_capacity(targets.len());
         for (index, target) in targets.iter().enumerate() {
-            let mut entry = self
-                .targets
-                .entry(target.clone())
-                .or_insert_with(|| TargetEntry {
+            let mut entry = self.targets.entry(target.clone()).or_insert_with(|| {
+                if target.kind() == TargetKind::User {
+                    self.users.fetch_add(1, Ordering::Relaxed);
+                }
+                TargetEntry {
                     connections: HashMap::new(),
                     follow: interest.follow(target),
-                });
+                }
+            });
             if target.kind() == TargetKind::User
                 && entry.connections.len() >= self.limits.max_connections_per_user
             {
@@ -187,7 +226,9 @@ impl Registry {
             }
             empty
         });
-        drop(removed);
+        if removed.is_some() && target.kind() == TargetKind::User {
+            self.users.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -241,7 +282,7 @@ mod tests {
     fn connection(
         registry: &Registry,
         capacity: usize,
-    ) -> (Arc<ConnectionHandle>, tokio::sync::mpsc::Receiver<Frame>) {
+    ) -> (Arc<ConnectionHandle>, tokio::sync::mpsc::Receiver<Queued>) {
         ConnectionHandle::new(
             registry.next_connection_id(),
             capacity,
@@ -301,7 +342,10 @@ mod tests {
             .attach(&b, std::slice::from_ref(&bob), &interest)
             .expect("attached");
         registry.deliver(&event(&alice, 1));
-        assert_eq!(qa.try_recv().expect("frame").event.id.seq, 1);
+        let Ok(Queued::Event(frame)) = qa.try_recv() else {
+            panic!("alice's connection got no event");
+        };
+        assert_eq!(frame.event.id.seq, 1);
         assert!(qb.try_recv().is_err());
     }
 
@@ -358,5 +402,67 @@ mod tests {
         registry.detach(d.id, std::slice::from_ref(&bob), &interest);
         assert_eq!(registry.target_count(), 0);
         assert_eq!(registry.connection_count(), 0);
+        assert_eq!(registry.user_count(), 0);
+    }
+
+    #[test]
+    fn users_are_counted_once_however_many_streams_and_topics_they_hold() {
+        let registry = registry(10, 10);
+        let interest = CountingInterest::default();
+        let alice = [
+            Target::user("alice").expect("valid"),
+            Target::topic("news").expect("valid"),
+        ];
+        let bob = [Target::user("bob").expect("valid")];
+        let (a1, _q1) = connection(&registry, 1);
+        let (a2, _q2) = connection(&registry, 1);
+        let (b, _q3) = connection(&registry, 1);
+        registry.attach(&a1, &alice, &interest).expect("attached");
+        registry.attach(&a2, &alice, &interest).expect("attached");
+        registry.attach(&b, &bob, &interest).expect("attached");
+        assert_eq!(registry.user_count(), 2);
+        registry.detach(a1.id, &alice, &interest);
+        assert_eq!(registry.user_count(), 2);
+        registry.detach(a2.id, &alice, &interest);
+        assert_eq!(registry.user_count(), 1);
+    }
+
+    #[test]
+    fn moving_streams_asks_distinct_connections_after_their_queued_events() {
+        let registry = registry(10, 10);
+        let interest = CountingInterest::default();
+        let alice = Target::user("alice").expect("valid");
+        let mut queues = Vec::new();
+        let mut handles = Vec::new();
+        for user in ["alice", "bob", "carol", "dave"] {
+            let target = [Target::user(user).expect("valid")];
+            let (handle, queue) = connection(&registry, 4);
+            registry
+                .attach(&handle, &target, &interest)
+                .expect("attached");
+            queues.push(queue);
+            handles.push(handle);
+        }
+        registry.deliver(&event(&alice, 1));
+        assert_eq!(registry.move_streams(3), 3);
+        let mut asked = 0;
+        for queue in &mut queues {
+            let mut items = Vec::new();
+            while let Ok(item) = queue.try_recv() {
+                items.push(item);
+            }
+            match items.as_slice() {
+                [] => {}
+                [Queued::Move] => asked += 1,
+                [Queued::Event(frame), Queued::Move] => {
+                    assert_eq!(frame.event.id.seq, 1);
+                    asked += 1;
+                }
+                [Queued::Event(_)] => {}
+                other => panic!("unexpected queue content {other:?}"),
+            }
+        }
+        assert_eq!(asked, 3, "three distinct streams were asked to move");
+        assert_eq!(registry.move_streams(0), 0);
     }
 }
