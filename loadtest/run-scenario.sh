@@ -72,6 +72,8 @@ for node in $(seq 0 $(( ${NODES:-1} - 1 ))); do
   HERALD__AUTH__HS256_SECRET=$secret \
   HERALD__HTTP__LISTEN=127.0.0.1:$node_port \
   HERALD__NODE__ID=edge-$node \
+  HERALD__GOSSIP__LISTEN=127.0.0.1:$(( port + 100 + node )) \
+  HERALD__GOSSIP__SEEDS=127.0.0.1:$(( port + 100 )) \
   HERALD__STREAM__MAX_CONNECTIONS_PER_USER=1000000 \
   HERALD__HTTP__PUBLISH_RATE_PER_SEC=1000000 \
   RUST_LOG=${EDGE_LOG:-warn} \

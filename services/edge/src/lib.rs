@@ -12,11 +12,14 @@
 //! - [`bus`]: the event bus trait (publish, follow, replay) and its embedded
 //!   in-memory implementation;
 //! - [`auth`]: JWT validation for subscribers and publishers;
+//! - [`cluster`]: gossip membership (the cluster view, the departure
+//!   announcement, rebalancing);
 //! - [`metrics`]: Prometheus counters and gauges;
 //! - [`telemetry`]: the sampling decision and span of each delivery.
 
 pub mod auth;
 pub mod bus;
+pub mod cluster;
 pub mod http;
 pub mod metrics;
 pub mod registry;
@@ -54,6 +57,12 @@ pub enum StartError {
     /// The event bus could not be set up.
     #[error("event bus: {0}")]
     Bus(String),
+    /// Gossip membership could not start.
+    #[error("{0}")]
+    Gossip(#[from] cluster::ClusterError),
+    /// The gossip task ended while the node ran (the node drained and stopped).
+    #[error("gossip membership stopped unexpectedly")]
+    GossipStopped,
     /// The HTTP listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -93,6 +102,16 @@ impl NodeHandle {
     /// The metrics in Prometheus text form.
     pub fn metrics_text(&self) -> String {
         self.state.metrics.render()
+    }
+
+    /// The cluster as this node sees it.
+    pub fn cluster(&self) -> Arc<cluster::ClusterView> {
+        self.state.cluster.view()
+    }
+
+    /// This node's gossip address (`None` with gossip disabled).
+    pub fn gossip_addr(&self) -> Option<SocketAddr> {
+        self.state.cluster.gossip_addr()
     }
 }
 
@@ -141,6 +160,9 @@ impl Node {
         let local_addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
+        let cluster = Arc::new(
+            cluster::Cluster::start(&settings, &node_id, local_addr, Arc::clone(&metrics)).await?,
+        );
         let throttle = http::throttle::Throttle::new(settings.http.publish_rate_per_sec);
         let state = Arc::new(AppState {
             tracing,
@@ -151,6 +173,7 @@ impl Node {
             bus,
             auth,
             metrics,
+            cluster,
             drain: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             draining: AtomicBool::new(false),
@@ -179,7 +202,7 @@ impl Node {
     /// so its client reconnects elsewhere) at random moments spread over
     /// `stream.drain_ms`, then the listener closes and open requests get up to
     /// `http.shutdown_grace_ms`.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         let state = self.state;
         let http = &state.settings.http;
         let limits = ServerLimits {
@@ -202,27 +225,62 @@ impl Node {
             limits,
             state.shutdown.clone(),
         ));
-        shutdown.await;
-        let drain_window = Duration::from_millis(state.settings.stream.drain_ms);
-        tracing::info!(
-            connections = state.registry.connection_count(),
-            drain_ms = drain_window.as_millis() as u64,
-            "draining: not ready, closing streams over the drain window"
-        );
-        state
-            .draining
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        state.drain.cancel();
-        let deadline = tokio::time::Instant::now() + drain_window + Duration::from_millis(500);
-        while state.registry.connection_count() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let membership = tokio::spawn(gossip_load(Arc::clone(&state)));
+        tokio::spawn(cluster::rebalance::run(
+            Arc::clone(&state.cluster),
+            Arc::clone(&state.registry),
+            Arc::clone(&state.metrics),
+            state.settings.rebalance.clone(),
+            state.drain.clone(),
+        ));
+
+        let outcome = tokio::select! {
+            _ = shutdown => Ok(()),
+            _ = state.cluster.failed() => Err(StartError::GossipStopped),
+        };
+        drain(&state).await;
         state.shutdown.cancel();
+        let _ = membership.await;
+        state.cluster.stop().await;
         if let Err(err) = server.await {
             tracing::error!(error = %err, "http server task failed");
         }
         tracing::info!("herald edge node stopped");
+        outcome
     }
+}
+
+/// Drain: announce the departure, fail `/readyz` and tell new streams to retry
+/// elsewhere, end open streams at random moments over `stream.drain_ms` (each
+/// with a `retry:` hint), and return when none is left or at the deadline.
+async fn drain(state: &Arc<AppState>) {
+    let drain_window = Duration::from_millis(state.settings.stream.drain_ms);
+    state
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        connections = state.registry.connection_count(),
+        drain_ms = drain_window.as_millis() as u64,
+        "draining: not ready, closing streams over the drain window"
+    );
+    state.cluster.leave().await;
+    state.drain.cancel();
+    let deadline = tokio::time::Instant::now() + drain_window + Duration::from_millis(500);
+    while state.registry.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Gossips this node's load until the node stops serving (it keeps going
+/// while the node drains, so peers see its streams go).
+async fn gossip_load(state: Arc<AppState>) {
+    let load = || cluster::LocalLoad {
+        connections: state.registry.connection_count() as u64,
+        users: state.registry.user_count() as u64,
+        ready: state.bus.is_ready() && !state.is_draining(),
+        draining: state.is_draining(),
+    };
+    state.cluster.run(load, state.shutdown.clone()).await;
 }
 
 /// Re-reads the JWKS file every `auth.jwks_refresh_secs` until shutdown, so
@@ -245,6 +303,5 @@ async fn refresh_jwks(state: Arc<AppState>) {
 
 /// Binds and runs a node until `shutdown` resolves.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    Node::bind(settings).await?.run(shutdown).await;
-    Ok(())
+    Node::bind(settings).await?.run(shutdown).await
 }

@@ -18,6 +18,13 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Label for a gossip member state.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// `alive`, `suspect`, `dead` or `left`.
+    pub state: &'static str,
+}
+
 /// Every metric the node exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -56,6 +63,10 @@ pub struct Metrics {
     /// Events waiting in connection queues, all connections together (set
     /// when metrics are scraped).
     pub queued_events: Gauge,
+    /// Cluster members as this node sees them, by state (itself included).
+    pub cluster_members: Family<StateLabel, Gauge>,
+    /// Streams this node asked to move elsewhere (rebalancing).
+    pub streams_moved: Counter,
 }
 
 impl Default for Metrics {
@@ -79,6 +90,8 @@ impl Default for Metrics {
             bus_bad_events: Counter::default(),
             nats_connected: Gauge::default(),
             queued_events: Gauge::default(),
+            cluster_members: Family::default(),
+            streams_moved: Counter::default(),
         }
     }
 }
@@ -162,6 +175,16 @@ impl Metrics {
             "queued_events",
             "Events waiting in connection queues",
             self.queued_events.clone(),
+        );
+        registry.register(
+            "cluster_members",
+            "Cluster members as this node sees them through gossip, by state",
+            self.cluster_members.clone(),
+        );
+        registry.register(
+            "streams_moved",
+            "Streams asked to reconnect to another node by rebalancing",
+            self.streams_moved.clone(),
         );
         registry.register(
             "delivery_latency_seconds",

@@ -16,6 +16,7 @@ pub mod nats;
 pub mod otlp;
 pub mod process;
 pub mod proxy;
+pub mod udp_relay;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -42,6 +43,9 @@ pub fn test_settings() -> Settings {
     settings.node.id = Some("test-node".into());
     settings.http.shutdown_grace_ms = 2_000;
     settings.stream.drain_ms = 100;
+    // One node per test unless a test builds a cluster; port 0 when it does.
+    settings.gossip.enabled = false;
+    settings.gossip.listen = "127.0.0.1:0".into();
     settings
 }
 
@@ -67,7 +71,11 @@ impl EdgeNode {
         let handle = node.handle();
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
-        let task = tokio::spawn(async move { node.run(stop.cancelled_owned()).await });
+        let task = tokio::spawn(async move {
+            if let Err(err) = node.run(stop.cancelled_owned()).await {
+                eprintln!("test node failed: {err}");
+            }
+        });
         Ok(EdgeNode {
             addr,
             handle,

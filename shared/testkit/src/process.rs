@@ -28,6 +28,8 @@ impl EdgeProcess {
             .env("HERALD__HTTP__LISTEN", &addr)
             .env("HERALD__AUTH__HS256_SECRET", SECRET)
             .env("RUST_LOG", "warn")
+            // Gossip on a free port unless `env` says otherwise.
+            .env("HERALD__GOSSIP__LISTEN", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         for (key, value) in env {
@@ -58,6 +60,26 @@ impl EdgeProcess {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         bail!("herald-edge on {} was not ready within 15 s", self.addr)
+    }
+
+    /// SIGTERM, then waits (up to `timeout`) for the node to drain and exit;
+    /// returns whether it exited successfully.
+    pub async fn terminate(&mut self, timeout: Duration) -> anyhow::Result<bool> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .context("running kill -TERM")?;
+        if !status.success() {
+            bail!("kill -TERM failed ({status})");
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.success());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("herald-edge did not exit within {timeout:?} of SIGTERM")
     }
 
     /// SIGKILL: the node dies without closing anything.

@@ -28,6 +28,8 @@ pub struct TcpProxy {
     holding: watch::Sender<bool>,
     /// Connections currently forwarded to the upstream.
     open: Arc<AtomicUsize>,
+    /// Where connections go, in turn (round robin).
+    upstreams: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
     /// Connections accepted and waiting for [`TcpProxy::release`].
     waiting: Arc<AtomicUsize>,
     /// Cancelled on drop: ends the accept loop and every task.
@@ -38,6 +40,12 @@ impl TcpProxy {
     /// Starts a proxy on an ephemeral loopback port forwarding to `upstream`.
     /// Fails only if no loopback port can be bound.
     pub async fn start(upstream: SocketAddr) -> std::io::Result<TcpProxy> {
+        Self::balanced(vec![upstream]).await
+    }
+
+    /// Starts a proxy that sends each new connection to the next of
+    /// `upstreams` in turn, as a round-robin load balancer does.
+    pub async fn balanced(upstreams: Vec<SocketAddr>) -> std::io::Result<TcpProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (generation, cuts) = watch::channel(0u64);
@@ -47,12 +55,15 @@ impl TcpProxy {
             generation,
             holding,
             open: Arc::new(AtomicUsize::new(0)),
+            upstreams: Arc::new(std::sync::Mutex::new(upstreams)),
             waiting: Arc::new(AtomicUsize::new(0)),
             stop: CancellationToken::new(),
         };
         let open = Arc::clone(&proxy.open);
         let waiting = Arc::clone(&proxy.waiting);
         let stop = proxy.stop.clone();
+        let upstreams = Arc::clone(&proxy.upstreams);
+        let mut turn = 0usize;
         tokio::spawn(async move {
             loop {
                 let (client, _) = tokio::select! {
@@ -65,6 +76,14 @@ impl TcpProxy {
                 // Only cuts made from now on end this connection.
                 let mut cut = cuts.clone();
                 cut.mark_unchanged();
+                let upstream = {
+                    let upstreams = upstreams.lock().unwrap_or_else(|e| e.into_inner());
+                    turn = turn.wrapping_add(1);
+                    match upstreams.get(turn % upstreams.len().max(1)) {
+                        Some(upstream) => *upstream,
+                        None => continue,
+                    }
+                };
                 let connection = Connection {
                     client,
                     upstream,
@@ -83,6 +102,14 @@ impl TcpProxy {
     /// Where clients connect.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Adds an upstream to the rotation (a node joining behind the balancer).
+    pub fn add_upstream(&self, upstream: SocketAddr) {
+        self.upstreams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(upstream);
     }
 
     /// Closes every proxied connection now, on both sides; later connections

@@ -1,4 +1,5 @@
-//! Liveness, readiness and metrics endpoints for load balancers and Prometheus.
+//! Liveness, readiness, cluster view and metrics endpoints for load balancers,
+//! operators and Prometheus.
 
 use std::sync::Arc;
 
@@ -33,6 +34,12 @@ pub fn ready(state: Arc<AppState>) -> Response {
         )
         .into_response()
     }
+}
+
+/// `GET /v1/cluster`: the members as this node sees them through gossip, with
+/// cluster totals.
+pub fn cluster(state: Arc<AppState>) -> Response {
+    warp::reply::json(&*state.cluster.view()).into_response()
 }
 
 /// `GET /metrics`: Prometheus text format.

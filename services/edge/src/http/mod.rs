@@ -45,6 +45,8 @@ pub struct AppState {
     pub auth: Authenticator,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// Gossip membership.
+    pub cluster: Arc<crate::cluster::Cluster>,
     /// Cancelled when the node starts draining: every stream then ends at a
     /// random moment within `stream.drain_ms`.
     pub drain: CancellationToken,
@@ -154,6 +156,10 @@ fn endpoints(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response,)> {
         .and(warp::get())
         .and(with_state.clone())
         .map(health::ready);
+    let cluster = warp::path!("v1" / "cluster")
+        .and(warp::get())
+        .and(with_state.clone())
+        .map(health::cluster);
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(with_state)
@@ -165,6 +171,8 @@ fn endpoints(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response,)> {
         .or(healthz)
         .unify()
         .or(readyz)
+        .unify()
+        .or(cluster)
         .unify()
         .or(metrics)
         .unify()

@@ -1,0 +1,525 @@
+//! Gossip membership: every node's view of its peers.
+//!
+//! Delivery never depends on this module (NATS carries the events); it makes
+//! the cluster operable: `GET /v1/cluster`, the `left`/draining announcement
+//! on shutdown, and the load figures that [`rebalance`] acts on.
+//!
+//! Built on `chitchat` (scuttlebutt anti-entropy with a phi-accrual failure
+//! detector, per-node versioned key/value state); nothing outside this module
+//! names it, so a change of crate or of its pre-1.0 API stays here.
+//! docs/architecture.md explains the choice and the timers.
+//!
+//! - [`Cluster::start`] binds the UDP socket and joins through the seeds;
+//! - [`Cluster::run`] refreshes the view every gossip interval and gossips this
+//!   node's load (at most every `gossip.state_update_ms`, only when changed);
+//! - [`Cluster::leave`] announces the departure at once (SIGTERM);
+//! - [`Cluster::stop`] ends the gossip task.
+
+pub mod member;
+pub mod rebalance;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chitchat::transport::UdpTransport;
+use chitchat::{
+    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, Heartbeat, ProtocolVersion,
+    spawn_chitchat,
+};
+use herald_config::{GossipSettings, Settings};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, StateLabel};
+
+pub use member::{ClusterView, Member, MemberState, NodeInfo};
+
+/// Why gossip could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// `gossip.listen` or `gossip.advertise` is not usable.
+    #[error("{key}: {message}")]
+    Address {
+        /// The configuration key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The gossip socket could not be opened.
+    #[error("gossip: {0}")]
+    Start(String),
+}
+
+/// This node's load, as gossiped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LocalLoad {
+    /// Open SSE streams.
+    pub connections: u64,
+    /// Users held.
+    pub users: u64,
+    /// `/readyz` would answer 200.
+    pub ready: bool,
+    /// Refusing new streams.
+    pub draining: bool,
+}
+
+/// The membership of one node.
+pub struct Cluster {
+    cluster_id: String,
+    node_id: String,
+    settings: GossipSettings,
+    /// This node's own state (load fields updated by [`Cluster::run`]).
+    info: RwLock<NodeInfo>,
+    gossip: Option<Gossip>,
+    view: RwLock<Arc<ClusterView>>,
+    metrics: Arc<Metrics>,
+    /// Set when the gossip task ended without being asked to.
+    failed: CancellationToken,
+    /// Set by [`Cluster::stop`], so the end it asks for is not a failure.
+    stopping: Arc<AtomicBool>,
+}
+
+struct Gossip {
+    handle: tokio::sync::Mutex<Option<ChitchatHandle>>,
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    id: ChitchatId,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("cluster_id", &self.cluster_id)
+            .field("node_id", &self.node_id)
+            .field(
+                "gossip",
+                &self.gossip.as_ref().map(|g| g.id.gossip_advertise_addr),
+            )
+            .finish()
+    }
+}
+
+impl Cluster {
+    /// Joins the cluster (or, with `gossip.enabled = false`, runs alone
+    /// without a socket). `http_addr` is the bound HTTP listener, for the
+    /// default `node.http_advertise`.
+    pub async fn start(
+        settings: &Settings,
+        node_id: &str,
+        http_addr: SocketAddr,
+        metrics: Arc<Metrics>,
+    ) -> Result<Cluster, ClusterError> {
+        let gossip_settings = settings.gossip.clone();
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut info = NodeInfo {
+            http: String::new(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at_ms: started.as_millis() as u64,
+            ..NodeInfo::default()
+        };
+        let mut cluster = Cluster {
+            cluster_id: gossip_settings.cluster_id.clone(),
+            node_id: node_id.to_string(),
+            info: RwLock::new(NodeInfo::default()),
+            gossip: None,
+            view: RwLock::new(Arc::new(ClusterView::new(
+                &gossip_settings.cluster_id,
+                node_id,
+                false,
+                Vec::new(),
+                Duration::ZERO,
+            ))),
+            settings: gossip_settings,
+            metrics,
+            failed: CancellationToken::new(),
+            stopping: Arc::new(AtomicBool::new(false)),
+        };
+        if !cluster.settings.enabled {
+            info.http = settings
+                .node
+                .http_advertise
+                .clone()
+                .unwrap_or_else(|| format!("http://{http_addr}"));
+            *write(&cluster.info) = info;
+            tracing::info!("gossip disabled (gossip.enabled = false): this node runs alone");
+            cluster.refresh_alone();
+            return Ok(cluster);
+        }
+
+        let listen = listen_addr(&cluster.settings.listen)?;
+        let advertise = advertise_addr(&cluster.settings, listen).await?;
+        info.http = settings
+            .node
+            .http_advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{}:{}", advertise.ip(), http_addr.port()));
+        wait_for_seeds(&cluster.settings).await;
+
+        let id = ChitchatId::new(node_id, started.as_micros() as u64, advertise);
+        let interval = Duration::from_millis(cluster.settings.interval_ms);
+        let forget_after = Duration::from_secs(cluster.settings.forget_after_secs);
+        let config = ChitchatConfig {
+            chitchat_id: id.clone(),
+            cluster_id: cluster.cluster_id.clone(),
+            gossip_interval: interval,
+            listen_addr: listen,
+            seed_nodes: cluster.settings.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                phi_threshold: cluster.settings.phi_threshold,
+                sampling_window_size: 1_000,
+                max_interval: Duration::from_secs(10),
+                initial_interval: interval,
+                dead_node_grace_period: forget_after,
+            },
+            marked_for_deletion_grace_period: forget_after,
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: ProtocolVersion::V0,
+        };
+        let handle = spawn_chitchat(config, info.to_key_values(), &UdpTransport)
+            .await
+            .map_err(|err| ClusterError::Start(format!("{err:#}")))?;
+        let chitchat = handle.chitchat();
+        let termination = handle.termination_watcher();
+        let failed = cluster.failed.clone();
+        let stopping = Arc::clone(&cluster.stopping);
+        tokio::spawn(async move {
+            let outcome = termination.await;
+            if stopping.load(Ordering::Acquire) {
+                return;
+            }
+            match outcome {
+                Err(err) => tracing::error!(error = %err, "gossip task failed"),
+                Ok(()) => tracing::error!("gossip task ended unexpectedly"),
+            }
+            failed.cancel();
+        });
+        if cluster.settings.seeds.is_empty() {
+            tracing::warn!(
+                gossip = %advertise,
+                "gossip.seeds is empty: this node runs alone until another node seeds to it"
+            );
+        }
+        tracing::info!(
+            cluster_id = %cluster.cluster_id,
+            listen = %listen,
+            advertise = %advertise,
+            http = %info.http,
+            seeds = ?cluster.settings.seeds,
+            "gossip membership started"
+        );
+        *write(&cluster.info) = info;
+        cluster.gossip = Some(Gossip {
+            handle: tokio::sync::Mutex::new(Some(handle)),
+            chitchat,
+            id,
+        });
+        cluster.refresh_alone();
+        Ok(cluster)
+    }
+
+    /// The cluster as this node currently sees it.
+    pub fn view(&self) -> Arc<ClusterView> {
+        Arc::clone(&self.view.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// This node's gossip address (`None` with gossip disabled).
+    pub fn gossip_addr(&self) -> Option<SocketAddr> {
+        self.gossip.as_ref().map(|g| g.id.gossip_advertise_addr)
+    }
+
+    /// Resolves if the gossip task ends on its own (a fatal condition).
+    pub async fn failed(&self) {
+        if self.gossip.is_some() {
+            self.failed.cancelled().await
+        } else {
+            std::future::pending().await
+        }
+    }
+
+    /// Refreshes the view every gossip interval and gossips `load()` when it
+    /// changed (at most every `gossip.state_update_ms`), until `shutdown`.
+    pub async fn run(&self, load: impl Fn() -> LocalLoad, shutdown: CancellationToken) {
+        let Some(gossip) = &self.gossip else {
+            self.update_self(load());
+            self.refresh_alone();
+            return;
+        };
+        let interval = Duration::from_millis(self.settings.interval_ms.min(250));
+        let state_every = Duration::from_millis(self.settings.state_update_ms);
+        let mut last_state = Instant::now() - state_every;
+        let mut heard: HashMap<ChitchatId, (Heartbeat, Instant)> = HashMap::new();
+        loop {
+            if last_state.elapsed() >= state_every {
+                last_state = Instant::now();
+                if self.update_self(load()) {
+                    self.publish_self(gossip).await;
+                }
+            }
+            self.refresh(gossip, &mut heard).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.failed.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// Announces that this node is leaving (draining, not ready) and pushes
+    /// that to every live peer at once instead of waiting for a gossip round.
+    pub async fn leave(&self) {
+        {
+            let mut info = write(&self.info);
+            info.left = true;
+            info.draining = true;
+            info.ready = false;
+        }
+        let Some(gossip) = &self.gossip else {
+            return;
+        };
+        self.publish_self(gossip).await;
+        let peers: Vec<SocketAddr> = {
+            let chitchat = gossip.chitchat.lock().await;
+            chitchat
+                .live_nodes()
+                .filter(|id| **id != gossip.id)
+                .map(|id| id.gossip_advertise_addr)
+                .collect()
+        };
+        if let Some(handle) = gossip.handle.lock().await.as_ref() {
+            for peer in &peers {
+                if let Err(err) = handle.gossip(*peer) {
+                    tracing::debug!(%peer, error = %err, "could not push the departure");
+                }
+            }
+        }
+        tracing::info!(peers = peers.len(), "announced departure to the cluster");
+    }
+
+    /// Ends gossip (after the drain, so peers saw the streams go).
+    pub async fn stop(&self) {
+        let Some(gossip) = &self.gossip else {
+            return;
+        };
+        let Some(handle) = gossip.handle.lock().await.take() else {
+            return;
+        };
+        self.stopping.store(true, Ordering::Release);
+        if let Err(err) = handle.shutdown().await {
+            tracing::warn!(error = %err, "gossip task did not stop cleanly");
+        }
+    }
+
+    /// Records `load` in this node's state; returns whether anything changed.
+    fn update_self(&self, load: LocalLoad) -> bool {
+        let mut info = write(&self.info);
+        let before = info.clone();
+        info.connections = load.connections;
+        info.users = load.users;
+        if !info.left {
+            info.ready = load.ready;
+            info.draining = load.draining;
+        }
+        *info != before
+    }
+
+    async fn publish_self(&self, gossip: &Gossip) {
+        let pairs = read(&self.info).to_key_values();
+        let mut chitchat = gossip.chitchat.lock().await;
+        let state = chitchat.self_node_state();
+        for (key, value) in pairs {
+            if state.get(&key) != Some(value.as_str()) {
+                state.set(key, value);
+            }
+        }
+    }
+
+    async fn refresh(
+        &self,
+        gossip: &Gossip,
+        heard: &mut HashMap<ChitchatId, (Heartbeat, Instant)>,
+    ) {
+        let now = Instant::now();
+        let observations: Vec<member::Observation> = {
+            let chitchat = gossip.chitchat.lock().await;
+            let live: std::collections::HashSet<&ChitchatId> = chitchat.live_nodes().collect();
+            chitchat
+                .node_states()
+                .iter()
+                .map(|(id, state)| {
+                    let beat = state.heartbeat();
+                    let entry = heard.entry(id.clone()).or_insert((beat, now));
+                    if entry.0 != beat {
+                        *entry = (beat, now);
+                    }
+                    let is_self = *id == gossip.id;
+                    member::Observation {
+                        id: id.node_id.to_string(),
+                        generation: id.generation_id,
+                        gossip: id.gossip_advertise_addr,
+                        info: if is_self {
+                            read(&self.info).clone()
+                        } else {
+                            NodeInfo::from_key_values(state.key_values())
+                        },
+                        live: live.contains(id),
+                        last_heard: if is_self {
+                            Duration::ZERO
+                        } else {
+                            now.duration_since(entry.1)
+                        },
+                        is_self,
+                    }
+                })
+                .collect()
+        };
+        heard.retain(|id, _| {
+            observations
+                .iter()
+                .any(|o| o.id == *id.node_id && o.generation == id.generation_id)
+        });
+        let view = ClusterView::new(
+            &self.cluster_id,
+            &self.node_id,
+            true,
+            observations,
+            Duration::from_millis(self.settings.dead_after_ms),
+        );
+        self.publish_view(view);
+    }
+
+    /// A view of this node alone: with gossip disabled, or before the first
+    /// gossip round.
+    fn refresh_alone(&self) {
+        let info = read(&self.info).clone();
+        let me = member::Observation {
+            id: self.node_id.clone(),
+            generation: self.gossip.as_ref().map_or(0, |g| g.id.generation_id),
+            gossip: self
+                .gossip_addr()
+                .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)),
+            info,
+            live: true,
+            last_heard: Duration::ZERO,
+            is_self: true,
+        };
+        let view = ClusterView::new(
+            &self.cluster_id,
+            &self.node_id,
+            self.gossip.is_some(),
+            vec![me],
+            Duration::ZERO,
+        );
+        self.publish_view(view);
+    }
+
+    fn publish_view(&self, view: ClusterView) {
+        for state in MemberState::ALL {
+            self.metrics
+                .cluster_members
+                .get_or_create(&StateLabel {
+                    state: state.as_str(),
+                })
+                .set(view.count(state) as i64);
+        }
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+    }
+}
+
+fn read(lock: &RwLock<NodeInfo>) -> std::sync::RwLockReadGuard<'_, NodeInfo> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write(lock: &RwLock<NodeInfo>) -> std::sync::RwLockWriteGuard<'_, NodeInfo> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `gossip.listen`; port 0 becomes a free port (chitchat needs to know its
+/// port before it binds, to advertise it).
+fn listen_addr(listen: &str) -> Result<SocketAddr, ClusterError> {
+    let mut addr: SocketAddr = listen.parse().map_err(|err| ClusterError::Address {
+        key: "gossip.listen",
+        message: format!("{listen:?} is not an address ({err})"),
+    })?;
+    if addr.port() == 0 {
+        let probe = std::net::UdpSocket::bind(addr).map_err(|err| ClusterError::Address {
+            key: "gossip.listen",
+            message: format!("cannot bind {addr}: {err}"),
+        })?;
+        let port = probe
+            .local_addr()
+            .map_err(|err| ClusterError::Start(err.to_string()))?
+            .port();
+        addr.set_port(port);
+    }
+    Ok(addr)
+}
+
+/// `gossip.advertise` resolved, or the listen address (loopback for an
+/// unspecified one).
+async fn advertise_addr(
+    settings: &GossipSettings,
+    listen: SocketAddr,
+) -> Result<SocketAddr, ClusterError> {
+    match &settings.advertise {
+        Some(advertise) => {
+            let resolved = tokio::net::lookup_host(advertise.as_str())
+                .await
+                .map_err(|err| ClusterError::Address {
+                    key: "gossip.advertise",
+                    message: format!("cannot resolve {advertise:?}: {err}"),
+                })?
+                .min_by_key(|addr| addr.is_ipv6());
+            resolved.ok_or_else(|| ClusterError::Address {
+                key: "gossip.advertise",
+                message: format!("{advertise:?} resolves to no address"),
+            })
+        }
+        None if listen.ip().is_unspecified() => {
+            if !settings.seeds.is_empty() {
+                tracing::warn!(
+                    listen = %listen,
+                    "gossip.advertise is not set and gossip.listen is a wildcard: advertising \
+                     127.0.0.1, which peers on other hosts cannot reach"
+                );
+            }
+            Ok(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                listen.port(),
+            ))
+        }
+        None => Ok(listen),
+    }
+}
+
+/// Seeds given as DNS names may resolve to nothing while the pods behind them
+/// start; retry for `gossip.seed_resolve_timeout_ms` before running alone
+/// (they are re-resolved every 60 s after that anyway).
+async fn wait_for_seeds(settings: &GossipSettings) {
+    let names: Vec<&String> = settings
+        .seeds
+        .iter()
+        .filter(|seed| seed.parse::<SocketAddr>().is_err())
+        .collect();
+    if names.is_empty() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_millis(settings.seed_resolve_timeout_ms);
+    loop {
+        for name in &names {
+            if let Ok(mut addrs) = tokio::net::lookup_host(name.as_str()).await {
+                if addrs.next().is_some() {
+                    return;
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(seeds = ?names, "no gossip seed resolved yet; starting alone, retrying every 60 s");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
