@@ -16,6 +16,7 @@ pub mod nats;
 pub mod otlp;
 pub mod process;
 pub mod proxy;
+pub mod resuming;
 pub mod udp_relay;
 
 use std::net::SocketAddr;
