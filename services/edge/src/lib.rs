@@ -130,6 +130,7 @@ impl Node {
             Arc::clone(&metrics),
         ));
         let tracing = Arc::new(telemetry::Tracing::new(&settings, &node_id));
+        let mut nats_client = None;
         let bus: Arc<dyn Bus> = match settings.bus.kind {
             BusKind::Memory => {
                 tracing::warn!(
@@ -138,8 +139,8 @@ impl Node {
                 );
                 Arc::new(MemoryBus::new(&settings.memory, registry.clone()))
             }
-            BusKind::Nats => Arc::new(
-                NatsBus::connect(
+            BusKind::Nats => {
+                let bus = NatsBus::connect(
                     &settings.nats,
                     &node_id,
                     registry.clone(),
@@ -147,8 +148,10 @@ impl Node {
                     Arc::clone(&tracing),
                 )
                 .await
-                .map_err(|err| StartError::Bus(err.to_string()))?,
-            ),
+                .map_err(|err| StartError::Bus(err.to_string()))?;
+                nats_client = Some(bus.client());
+                Arc::new(bus)
+            }
         };
         let addr = settings.http.listen.clone();
         let listener = TcpListener::bind(&addr)
@@ -163,6 +166,13 @@ impl Node {
         let cluster = Arc::new(
             cluster::Cluster::start(&settings, &node_id, local_addr, Arc::clone(&metrics)).await?,
         );
+        let presence = cluster::presence::Presence::new(
+            nats_client,
+            &settings.nats.live_prefix,
+            &node_id,
+            Arc::clone(&registry),
+            Duration::from_millis(settings.nats.presence_timeout_ms),
+        );
         let throttle = http::throttle::Throttle::new(settings.http.publish_rate_per_sec);
         let state = Arc::new(AppState {
             tracing,
@@ -174,6 +184,7 @@ impl Node {
             auth,
             metrics,
             cluster,
+            presence,
             drain: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             draining: AtomicBool::new(false),
@@ -226,6 +237,7 @@ impl Node {
             state.shutdown.clone(),
         ));
         let membership = tokio::spawn(gossip_load(Arc::clone(&state)));
+        tokio::spawn(state.presence.clone().serve(state.shutdown.clone()));
         tokio::spawn(cluster::rebalance::run(
             Arc::clone(&state.cluster),
             Arc::clone(&state.registry),

@@ -342,3 +342,87 @@ async fn a_partitioned_node_keeps_delivering_is_suspected_and_rejoins_after_heal
         .expect("healed");
     }
 }
+
+/// Presence is asked of every node over NATS request/reply and is complete
+/// once every alive member answered.
+#[tokio::test]
+async fn presence_counts_a_users_streams_on_every_node() {
+    let nats = herald_testkit::nats::NatsServer::start().expect("nats-server");
+    let start = |id: &'static str, seeds: Vec<String>| {
+        let url = nats.url();
+        async move {
+            EdgeNode::start(|settings| {
+                settings.node.id = Some(id.into());
+                settings.bus.kind = herald_config::BusKind::Nats;
+                settings.nats.url = url;
+                settings.gossip.enabled = true;
+                settings.gossip.seeds = seeds;
+                settings.gossip.interval_ms = 200;
+            })
+            .await
+            .expect("node starts")
+        }
+    };
+    let a = start("pres-a", Vec::new()).await;
+    let seed = vec![gossip_addr(&a).to_string()];
+    let b = start("pres-b", seed.clone()).await;
+    let c = start("pres-c", seed).await;
+    let ids = ["pres-a", "pres-b", "pres-c"];
+    wait_until("a sees three alive members", GOSSIP_PATIENCE, || {
+        all_alive(&a.handle.cluster(), &ids)
+    })
+    .await
+    .expect("converged");
+    let _streams = [
+        SseClient::open(&b, "alice").await.expect("stream"),
+        SseClient::open(&b, "alice").await.expect("stream"),
+        SseClient::open(&c, "alice").await.expect("stream"),
+        SseClient::open(&c, "bob.with.dots").await.expect("stream"),
+    ];
+
+    let ask = |user: &str, token: Option<String>| {
+        let url = a.url(&format!("/v1/presence/{user}"));
+        async move {
+            let mut request = reqwest::Client::new().get(url);
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.expect("presence");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.expect("JSON"))
+        }
+    };
+    let publisher = Some(herald_testkit::publisher_token());
+    let (status, body) = ask("alice", publisher.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["online"], true);
+    assert_eq!(body["connections"], 3);
+    assert_eq!(
+        body["nodes"],
+        serde_json::json!([
+            {"node": "pres-b", "connections": 2},
+            {"node": "pres-c", "connections": 1}
+        ])
+    );
+    assert_eq!(body["answered"], 3);
+    assert_eq!(body["expected"], 3);
+    assert_eq!(body["complete"], true);
+
+    let (_, body) = ask("bob.with.dots", publisher.clone()).await;
+    assert_eq!(body["connections"], 1, "{body}");
+    let (_, body) = ask("nobody", publisher.clone()).await;
+    assert_eq!(body["online"], false);
+    assert_eq!(body["complete"], true);
+
+    let (status, body) = ask("alice", None).await;
+    assert_eq!(status, 401, "{body}");
+    let subscriber = Some(herald_testkit::subscriber_token("alice", &[]));
+    let (status, body) = ask("alice", subscriber).await;
+    assert!(
+        matches!(status, 401 | 403),
+        "a subscriber token may not ask: {status} {body}"
+    );
+    let (status, body) = ask("%FF%FE", publisher).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "invalid_user");
+}

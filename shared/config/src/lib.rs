@@ -395,6 +395,9 @@ pub struct NatsSettings {
     pub tls_required: bool,
     /// Time allowed to connect at start-up, milliseconds. Default 5000.
     pub connect_timeout_ms: u64,
+    /// How long `GET /v1/presence/{user}` waits for the nodes' answers when not
+    /// every alive member answered, milliseconds. Default 500.
+    pub presence_timeout_ms: u64,
     /// Stream storage: `file` (default) or `memory`.
     pub storage: NatsStorage,
     /// Stream replicas (1, 3 or 5 in a cluster). Default 1.
@@ -429,6 +432,7 @@ impl Default for NatsSettings {
             tls_ca_file: None,
             tls_required: false,
             connect_timeout_ms: 5_000,
+            presence_timeout_ms: 500,
             storage: NatsStorage::File,
             replicas: 1,
             max_age_secs: 86_400,
@@ -496,6 +500,7 @@ impl NatsSettings {
             ("nats.max_age_secs", self.max_age_secs),
             ("nats.duplicate_window_secs", self.duplicate_window_secs),
             ("nats.connect_timeout_ms", self.connect_timeout_ms),
+            ("nats.presence_timeout_ms", self.presence_timeout_ms),
             ("nats.max_event_bytes", self.max_event_bytes as u64),
         ] {
             if value == 0 {

@@ -752,6 +752,12 @@ impl Bus for NatsBus {
 }
 
 impl NatsBus {
+    /// The NATS connection, for request/reply outside the event stream
+    /// (cluster presence).
+    pub fn client(&self) -> async_nats::Client {
+        self.shared.client.clone()
+    }
+
     /// Whether the per-subject limit may have evicted messages of `subject`
     /// after `after`. The per-subject limit removes a subject's oldest messages
     /// without moving the stream's first sequence, so compare with the subject

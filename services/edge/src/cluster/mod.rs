@@ -16,6 +16,7 @@
 //! - [`Cluster::stop`] ends the gossip task.
 
 pub mod member;
+pub mod presence;
 pub mod rebalance;
 
 use std::collections::HashMap;

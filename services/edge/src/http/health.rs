@@ -8,7 +8,14 @@ use warp::Reply;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+use herald_protocol::Target;
+use warp::Rejection;
+use warp::http::HeaderMap;
+
 use super::AppState;
+use super::errors::ApiError;
+use super::stream::bearer_token;
+use crate::cluster::MemberState;
 
 /// `GET /healthz`: the process is up and serving HTTP.
 pub fn alive() -> Response {
@@ -40,6 +47,52 @@ pub fn ready(state: Arc<AppState>) -> Response {
 /// cluster totals.
 pub fn cluster(state: Arc<AppState>) -> Response {
     warp::reply::json(&*state.cluster.view()).into_response()
+}
+
+/// `GET /v1/presence/{user}` (publisher credential that may publish to the
+/// user): which nodes hold streams of the user, asked over NATS.
+pub async fn presence(
+    raw_user: String,
+    state: Arc<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, Rejection> {
+    let token = bearer_token(&headers)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "no credential: send Authorization: Bearer <publisher jwt>",
+        )
+    })?;
+    let publisher = state.auth.publisher(&token).map_err(ApiError::from)?;
+    let name = percent_encoding::percent_decode_str(&raw_user)
+        .decode_utf8()
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_user",
+                "the user id is not valid percent-encoded UTF-8",
+            )
+        })?;
+    let user = Target::user(name.into_owned())
+        .map_err(|err| ApiError::new(StatusCode::BAD_REQUEST, "invalid_user", err.to_string()))?;
+    if !publisher.may_publish(&user) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this credential may not publish to this user, so it may not ask about them",
+        )
+        .into());
+    }
+    let view = state.cluster.view();
+    let expected = view.gossip.then(|| {
+        view.members
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .map(|m| m.id.clone())
+            .collect()
+    });
+    let answer = state.presence.ask(&user, expected).await;
+    Ok(warp::reply::json(&answer).into_response())
 }
 
 /// `GET /metrics`: Prometheus text format.

@@ -47,6 +47,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Gossip membership.
     pub cluster: Arc<crate::cluster::Cluster>,
+    /// Cluster-wide presence over NATS request/reply.
+    pub presence: crate::cluster::presence::Presence,
     /// Cancelled when the node starts draining: every stream then ends at a
     /// random moment within `stream.drain_ms`.
     pub drain: CancellationToken,
@@ -156,6 +158,11 @@ fn endpoints(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response,)> {
         .and(warp::get())
         .and(with_state.clone())
         .map(health::ready);
+    let presence = warp::path!("v1" / "presence" / String)
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(warp::header::headers_cloned())
+        .and_then(health::presence);
     let cluster = warp::path!("v1" / "cluster")
         .and(warp::get())
         .and(with_state.clone())
@@ -173,6 +180,8 @@ fn endpoints(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response,)> {
         .or(readyz)
         .unify()
         .or(cluster)
+        .unify()
+        .or(presence)
         .unify()
         .or(metrics)
         .unify()

@@ -102,6 +102,13 @@ impl Registry {
         self.targets.len()
     }
 
+    /// Open streams of `target` on this node.
+    pub fn connections_of(&self, target: &Target) -> usize {
+        self.targets
+            .get(target)
+            .map_or(0, |entry| entry.connections.len())
+    }
+
     /// Users with at least one local connection.
     pub fn user_count(&self) -> usize {
         self.users.load(Ordering::Relaxed)
