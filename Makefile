@@ -17,7 +17,7 @@ CARGO ?= cargo
 export HERALD_NATS_SERVER := $(NATS_SERVER)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
-.PHONY: help run test test-deps lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-tracing bench-baseline baseline-deps bench-report clean
+.PHONY: help run test test-deps lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -59,6 +59,13 @@ loadtest-all: nats-server ## Run every load scenario, then regenerate the benchm
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	@for s in $(SCENARIOS); do loadtest/run-scenario.sh $$s || exit 1; done
 	$(MAKE) bench-report
+
+LOAD_SECS ?= 60
+
+bench-membership: ## Gossip on 5 local nodes: join, SIGKILL and SIGTERM detection times, false suspicions under full CPU load
+	$(CARGO) build --release -p herald-edge -p herald-loadtest
+	@mkdir -p loadtest/results
+	target/release/membership --edge target/release/herald-edge --rounds 3 --load-secs $(LOAD_SECS) --out loadtest/results/membership.json
 
 bench-tracing: ## Measure the cost of delivery tracing: fanout at 100 %, 10 %, 1 % sampling and off
 	$(CARGO) build --release -p herald-edge -p herald-loadtest

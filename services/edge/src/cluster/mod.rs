@@ -80,6 +80,8 @@ pub struct Cluster {
     failed: CancellationToken,
     /// Set by [`Cluster::stop`], so the end it asks for is not a failure.
     stopping: Arc<AtomicBool>,
+    /// When [`Cluster::leave`] announced the departure.
+    left_at: std::sync::Mutex<Option<Instant>>,
 }
 
 struct Gossip {
@@ -137,6 +139,7 @@ impl Cluster {
             metrics,
             failed: CancellationToken::new(),
             stopping: Arc::new(AtomicBool::new(false)),
+            left_at: std::sync::Mutex::new(None),
         };
         if !cluster.settings.enabled {
             info.http = settings
@@ -249,7 +252,7 @@ impl Cluster {
             self.refresh_alone();
             return;
         };
-        let interval = Duration::from_millis(self.settings.interval_ms.min(250));
+        let interval = Duration::from_millis(self.settings.interval_ms.min(100));
         let state_every = Duration::from_millis(self.settings.state_update_ms);
         let mut last_state = Instant::now() - state_every;
         let mut heard: HashMap<ChitchatId, (Heartbeat, Instant)> = HashMap::new();
@@ -281,7 +284,15 @@ impl Cluster {
         let Some(gossip) = &self.gossip else {
             return;
         };
+        *self.left_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         self.publish_self(gossip).await;
+        let peers = self.push_to_live_peers(gossip).await;
+        tracing::info!(peers, "announced departure to the cluster");
+    }
+
+    /// Starts a gossip exchange with every live peer now (instead of at the
+    /// next round); returns how many were contacted.
+    async fn push_to_live_peers(&self, gossip: &Gossip) -> usize {
         let peers: Vec<SocketAddr> = {
             let chitchat = gossip.chitchat.lock().await;
             chitchat
@@ -297,14 +308,24 @@ impl Cluster {
                 }
             }
         }
-        tracing::info!(peers = peers.len(), "announced departure to the cluster");
+        peers.len()
     }
 
-    /// Ends gossip (after the drain, so peers saw the streams go).
+    /// Ends gossip (after the drain, so peers saw the streams go). After a
+    /// departure it first lingers for a few gossip rounds: a gossip exchange
+    /// takes a round trip and a half, and a node that vanished mid-exchange
+    /// would be seen as failed instead of `left`.
     pub async fn stop(&self) {
         let Some(gossip) = &self.gossip else {
             return;
         };
+        let left_at = *self.left_at.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(left_at) = left_at {
+            self.push_to_live_peers(gossip).await;
+            let linger = Duration::from_millis(self.settings.interval_ms * 3)
+                .max(Duration::from_millis(500));
+            tokio::time::sleep_until((left_at + linger).into()).await;
+        }
         let Some(handle) = gossip.handle.lock().await.take() else {
             return;
         };
