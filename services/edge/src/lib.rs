@@ -238,13 +238,17 @@ impl Node {
         ));
         let membership = tokio::spawn(gossip_load(Arc::clone(&state)));
         tokio::spawn(state.presence.clone().serve(state.shutdown.clone()));
-        tokio::spawn(cluster::rebalance::run(
-            Arc::clone(&state.cluster),
-            Arc::clone(&state.registry),
-            Arc::clone(&state.metrics),
-            state.settings.rebalance.clone(),
-            state.drain.clone(),
-        ));
+        // Moving a stream to another node only makes sense when every node
+        // reads the same history (NATS), not one memory bus per process.
+        if state.settings.bus.kind == BusKind::Nats {
+            tokio::spawn(cluster::rebalance::run(
+                Arc::clone(&state.cluster),
+                Arc::clone(&state.registry),
+                Arc::clone(&state.metrics),
+                state.settings.rebalance.clone(),
+                state.drain.clone(),
+            ));
+        }
 
         let outcome = tokio::select! {
             _ = shutdown => Ok(()),

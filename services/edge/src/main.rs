@@ -82,6 +82,11 @@ fn serve(settings: Settings) -> ExitCode {
     tracing::info!(settings = %serde_json::to_string(&settings).unwrap_or_default(), "effective configuration");
     match runtime.block_on(herald_edge::run(settings, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err @ herald_edge::StartError::GossipStopped) => {
+            tracing::error!(error = %err, "herald edge node stopped after a fatal error");
+            eprintln!("herald-edge: {err}");
+            ExitCode::FAILURE
+        }
         Err(err) => {
             tracing::error!(error = %err, "herald edge node failed to start");
             eprintln!("herald-edge: {err}");
