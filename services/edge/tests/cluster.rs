@@ -21,6 +21,11 @@ const GOSSIP_PATIENCE: Duration = Duration::from_secs(30);
 /// A node gossiping on a free loopback port, joining through `seeds`.
 async fn node(id: &str, seeds: &[SocketAddr], cluster_id: &str) -> EdgeNode {
     let seeds: Vec<String> = seeds.iter().map(ToString::to_string).collect();
+    node_seeded_by_name(id, seeds, cluster_id).await
+}
+
+/// A node joining through seeds given as text (addresses or DNS names).
+async fn node_seeded_by_name(id: &str, seeds: Vec<String>, cluster_id: &str) -> EdgeNode {
     EdgeNode::start(|settings| {
         settings.node.id = Some(id.into());
         settings.gossip.enabled = true;
@@ -57,7 +62,9 @@ async fn cluster_json(url: &str) -> Value {
 async fn members_find_each_other_share_their_load_and_a_stopped_node_is_marked_left() {
     let a = node("node-a", &[], "herald").await;
     let b = node("node-b", &[gossip_addr(&a)], "herald").await;
-    let c = node("node-c", &[gossip_addr(&a)], "herald").await;
+    // A seed can be a DNS name (a Kubernetes headless Service, say).
+    let by_name = format!("localhost:{}", gossip_addr(&a).port());
+    let c = node_seeded_by_name("node-c", vec![by_name], "herald").await;
     let ids = ["node-a", "node-b", "node-c"];
     for n in [&a, &b, &c] {
         wait_until(
