@@ -5,7 +5,11 @@ Usage: loadtest/report.py RESULTS_DIR BENCHMARKS_MD
 
 Replaces what stands between the markers `<!-- results:begin -->` and
 `<!-- results:end -->` with a table of every RESULTS_DIR/*.json (one row per
-scenario) and a line describing the machine the numbers were taken on.
+scenario) and a line describing the machine the numbers were taken on. Rows
+already in the table whose scenario has no JSON in RESULTS_DIR are kept, so
+re-running one scenario updates its row without dropping the others. JSON files
+that are not load-test results (no "scenario" key, e.g. membership.json) are
+skipped.
 """
 import json
 import pathlib
@@ -47,6 +51,14 @@ def row(r: dict) -> str:
 def main() -> None:
     results_dir, doc = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
     results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    results = [r for r in results if isinstance(r, dict) and "scenario" in r]
+    text = doc.read_text() if doc.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    rows = {r["scenario"]: row(r) for r in results}
+    old = re.search(re.escape(BEGIN) + "(.*?)" + re.escape(END), text, flags=re.S)
+    for line in (old.group(1).splitlines() if old else []):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] not in ("scenario",) and not cells[0].startswith("---"):
+            rows.setdefault(cells[0], line)
     lines = [
         BEGIN,
         f"Machine: {machine()}. Server pinned to CPU 0, load generator to the other core(s).",
@@ -55,15 +67,14 @@ def main() -> None:
         "| latency p50 / p99 / max (ms) | idle RSS per connection | server CPU under load | deliveries per server CPU-s "
         "| all resumed in |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
-        *[row(r) for r in results],
+        *[rows[name] for name in sorted(rows)],
         END,
     ]
-    text = doc.read_text() if doc.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text:
         text += f"\n{BEGIN}\n{END}\n"
     text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), "\n".join(lines), text, flags=re.S)
     doc.write_text(text)
-    print(f"{doc}: {len(results)} scenario(s)")
+    print(f"{doc}: {len(results)} scenario(s) updated, {len(rows)} in the table")
 
 
 if __name__ == "__main__":
