@@ -40,6 +40,8 @@ if [ "${BUS:-memory}" = nats ]; then
   pids+=($!)
   for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break; sleep 0.1; done
   export HERALD__BUS__KIND=nats HERALD__NATS__URL="nats://127.0.0.1:$nats_port" HERALD__NATS__STORAGE="${NATS_STORAGE:-file}"
+  # Publish straight into JetStream as applications do (PUBLISH_VIA=http: POST /v1/publish).
+  if [ "${PUBLISH_VIA:-nats}" = nats ]; then nats_publish="nats://127.0.0.1:$nats_port"; fi
 fi
 if [ -n "${TRACE_RATIO:-}" ]; then
   sink_port="${SINK_PORT:-14318}"
@@ -109,6 +111,7 @@ $pin_client "$generator" \
   --source-ips "${SOURCE_IPS:-16}" \
   --pids "${edges[0]}" \
   ${OWED:+--owed "$OWED"} \
+  ${nats_publish:+--nats "$nats_publish"} \
   --reconnect "${RECONNECT:-0}" \
   --honor-retry "${HONOR_RETRY:-0}" \
   --out "$results/$name.json"

@@ -44,6 +44,11 @@ pub struct Options {
     pub reconnect: bool,
     /// Wait the server's `retry:` hint before reconnecting, like a browser.
     pub honor_retry: bool,
+    /// Publish straight into NATS JetStream at this URL (as any application
+    /// would) instead of `POST /v1/publish`.
+    pub nats: Option<String>,
+    /// Subject prefix of the Herald stream (`nats.subject_prefix`).
+    pub nats_prefix: String,
     /// Where to write the JSON result.
     pub out: Option<PathBuf>,
 }
@@ -70,6 +75,8 @@ impl Options {
             owed: None,
             reconnect: false,
             honor_retry: false,
+            nats: None,
+            nats_prefix: "herald".into(),
             out: None,
         };
         while let Some(flag) = args.next() {
@@ -110,6 +117,8 @@ impl Options {
                 "--owed" => options.owed = Some(number(&value)?),
                 "--reconnect" => options.reconnect = number(&value)? != 0,
                 "--honor-retry" => options.honor_retry = number(&value)? != 0,
+                "--nats" => options.nats = Some(value).filter(|v| !v.is_empty()),
+                "--nats-prefix" => options.nats_prefix = value,
                 other => bail!("unknown option {other}"),
             }
         }

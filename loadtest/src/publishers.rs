@@ -1,5 +1,6 @@
-//! The publishing side: paced events over `POST /v1/publish`, each target's
-//! events numbered in order by the one publisher that owns that target.
+//! The publishing side: paced events over `POST /v1/publish`, or straight into
+//! NATS JetStream as any application would (`--nats`), each target's events
+//! numbered in order by the one publisher that owns that target.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -87,12 +88,115 @@ fn publish_target(options: &Options) -> anyhow::Result<SocketAddr> {
         .context("--url: expected http://IP:PORT")
 }
 
-/// The body of the next event for `target`, numbered `k`.
-fn body(topic: Option<&str>, target: usize, k: u64, padding: &str) -> String {
-    let data = format!(r#"{{"k":{k},"t":{},"p":"{padding}"}}"#, now_micros());
-    match topic {
-        Some(topic) => format!(r#"{{"topic":"{topic}","data":{data}}}"#),
-        None => format!(r#"{{"user":"lt-u{target}","data":{data}}}"#),
+/// The next event for `target`, numbered `k`: its data (carrying the sequence
+/// and the publish time) and whom it is for.
+struct Outgoing<'a> {
+    topic: Option<&'a str>,
+    target: usize,
+    data: String,
+}
+
+fn event<'a>(topic: Option<&'a str>, target: usize, k: u64, padding: &str) -> Outgoing<'a> {
+    Outgoing {
+        topic,
+        target,
+        data: format!(r#"{{"k":{k},"t":{},"p":"{padding}"}}"#, now_micros()),
+    }
+}
+
+impl Outgoing<'_> {
+    /// The `POST /v1/publish` body.
+    fn http_body(&self) -> String {
+        match self.topic {
+            Some(topic) => format!(r#"{{"topic":"{topic}","data":{}}}"#, self.data),
+            None => format!(r#"{{"user":"lt-u{}","data":{}}}"#, self.target, self.data),
+        }
+    }
+
+    /// The NATS subject under `prefix` (load-test ids are plain tokens).
+    fn subject(&self, prefix: &str) -> String {
+        match self.topic {
+            Some(topic) => format!("{prefix}.topic.{topic}"),
+            None => format!("{prefix}.user.lt-u{}", self.target),
+        }
+    }
+}
+
+/// How events leave the generator.
+enum Publisher {
+    Http(HttpPublisher),
+    Nats(NatsPublisher),
+}
+
+impl Publisher {
+    async fn connect(options: &Options, token: &str) -> anyhow::Result<Self> {
+        match &options.nats {
+            Some(url) => Ok(Publisher::Nats(
+                NatsPublisher::connect(url, &options.nats_prefix).await?,
+            )),
+            None => Ok(Publisher::Http(
+                HttpPublisher::connect(publish_target(options)?, token.to_owned()).await?,
+            )),
+        }
+    }
+
+    async fn publish(&mut self, event: Outgoing<'_>) -> anyhow::Result<()> {
+        match self {
+            Publisher::Http(http) => http.publish(event.http_body()).await,
+            Publisher::Nats(nats) => nats.publish(&event).await,
+        }
+    }
+
+    /// Waits for every acknowledgement still outstanding.
+    async fn finish(&mut self) -> anyhow::Result<()> {
+        match self {
+            Publisher::Http(_) => Ok(()),
+            Publisher::Nats(nats) => nats.finish().await,
+        }
+    }
+}
+
+/// A JetStream publisher with up to [`NatsPublisher::WINDOW`] acknowledgements
+/// in flight (one connection keeps its publishes in order).
+struct NatsPublisher {
+    jetstream: async_nats::jetstream::Context,
+    prefix: String,
+    in_flight: std::collections::VecDeque<async_nats::jetstream::context::PublishAckFuture>,
+}
+
+impl NatsPublisher {
+    const WINDOW: usize = 256;
+
+    async fn connect(url: &str, prefix: &str) -> anyhow::Result<Self> {
+        let client = async_nats::connect(url)
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        Ok(NatsPublisher {
+            jetstream: async_nats::jetstream::new(client),
+            prefix: prefix.to_owned(),
+            in_flight: Default::default(),
+        })
+    }
+
+    async fn publish(&mut self, event: &Outgoing<'_>) -> anyhow::Result<()> {
+        let ack = self
+            .jetstream
+            .publish(event.subject(&self.prefix), Bytes::from(event.data.clone()))
+            .await?;
+        self.in_flight.push_back(ack);
+        while self.in_flight.len() > Self::WINDOW {
+            if let Some(ack) = self.in_flight.pop_front() {
+                ack.await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> anyhow::Result<()> {
+        while let Some(ack) = self.in_flight.pop_front() {
+            ack.await?;
+        }
+        Ok(())
     }
 }
 
@@ -104,26 +208,23 @@ pub async fn burst(
     count: u64,
 ) -> anyhow::Result<()> {
     let token = publisher_token(options)?;
-    let server = publish_target(options)?;
     let targets = published.per_target.len();
     let mut tasks = Vec::new();
     for index in 0..options.publishers {
         let published = Arc::clone(published);
         let token = token.clone();
-        let topic = options.topic.clone();
-        let publishers = options.publishers;
+        let options = options.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = HttpPublisher::connect(server, token).await?;
-            for target in (index..targets).step_by(publishers) {
+            let mut client = Publisher::connect(&options, &token).await?;
+            let topic = options.topic.as_deref();
+            for target in (index..targets).step_by(options.publishers) {
                 for _ in 0..count {
                     let k = published.per_target[target].load(Ordering::Relaxed) + 1;
-                    client
-                        .publish(body(topic.as_deref(), target, k, ""))
-                        .await?;
+                    client.publish(event(topic, target, k, "")).await?;
                     published.per_target[target].store(k, Ordering::Relaxed);
                 }
             }
-            anyhow::Ok(())
+            client.finish().await
         }));
     }
     for task in tasks {
@@ -138,11 +239,17 @@ pub async fn run(options: &Options, published: &Arc<Published>) -> anyhow::Resul
         return Ok(());
     }
     let token = publisher_token(options)?;
-    let server = publish_target(options)?;
     let targets = published.per_target.len();
     eprintln!(
-        "[{}] publishing {} events/s for {}s with {} publisher(s)",
-        options.label, options.rate, options.duration_secs, options.publishers
+        "[{}] publishing {} events/s for {}s with {} publisher(s) {}",
+        options.label,
+        options.rate,
+        options.duration_secs,
+        options.publishers,
+        match &options.nats {
+            Some(url) => format!("into NATS JetStream at {url}"),
+            None => "over HTTP".to_owned(),
+        }
     );
     let started = Instant::now();
     let deadline = started + Duration::from_secs(options.duration_secs);
@@ -152,12 +259,12 @@ pub async fn run(options: &Options, published: &Arc<Published>) -> anyhow::Resul
     for index in 0..options.publishers {
         let published = Arc::clone(published);
         let token = token.clone();
-        let topic = options.topic.clone();
         let padding = padding.clone();
-        let publishers = options.publishers;
+        let options = options.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = HttpPublisher::connect(server, token).await?;
-            let owned: Vec<usize> = (index..targets).step_by(publishers).collect();
+            let mut client = Publisher::connect(&options, &token).await?;
+            let topic = options.topic.as_deref();
+            let owned: Vec<usize> = (index..targets).step_by(options.publishers).collect();
             let mut ticker = tokio::time::interval(per_publisher);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             while Instant::now() < deadline {
@@ -168,20 +275,17 @@ pub async fn run(options: &Options, published: &Arc<Published>) -> anyhow::Resul
                     fastrand::usize(..owned.len())
                 }];
                 let k = published.per_target[target].load(Ordering::Relaxed) + 1;
-                match client
-                    .publish(body(topic.as_deref(), target, k, &padding))
-                    .await
-                {
+                match client.publish(event(topic, target, k, &padding)).await {
                     Ok(()) => published.per_target[target].store(k, Ordering::Relaxed),
                     Err(err) => {
                         if published.errors.fetch_add(1, Ordering::Relaxed) < 5 {
                             eprintln!("publish failed: {err:#}");
                         }
-                        client = HttpPublisher::connect(server, client.token).await?;
+                        client = Publisher::connect(&options, &token).await?;
                     }
                 }
             }
-            anyhow::Ok(())
+            client.finish().await
         }));
     }
     for task in tasks {
