@@ -48,6 +48,75 @@ def row(r: dict) -> str:
     )
 
 
+def svg_chart(title: str, x_label: str, y_label: str, series: dict, log_y: bool = False) -> str:
+    """A small line chart as SVG, no dependencies: `series` maps a name to
+    [(x, y), ...]."""
+    import math
+    width, height, left, right, top, bottom = 720, 400, 70, 170, 40, 50
+    points = [p for values in series.values() for p in values]
+    if not points:
+        return ""
+    fy = (lambda v: math.log10(max(v, 1e-3))) if log_y else (lambda v: v)
+    x_max = max(x for x, _ in points) or 1
+    ys = [fy(y) for _, y in points]
+    y_min, y_max = (min(ys), max(ys)) if log_y else (0, max(ys) or 1)
+    if y_max == y_min:
+        y_max = y_min + 1
+    px = lambda x: left + (width - left - right) * x / x_max
+    py = lambda y: top + (height - top - bottom) * (1 - (fy(y) - y_min) / (y_max - y_min))
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf"]
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15">{title}</text>',
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
+        f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">{x_label}</text>',
+        f'<text x="16" y="{(top + height - bottom) / 2}" text-anchor="middle" transform="rotate(-90 16 {(top + height - bottom) / 2})">{y_label}</text>',
+    ]
+    for i in range(5):
+        fx = x_max * i / 4
+        out.append(f'<text x="{px(fx)}" y="{height - bottom + 16}" text-anchor="middle">{fx:,.0f}</text>')
+        gy = y_min + (y_max - y_min) * i / 4
+        value = 10 ** gy if log_y else gy
+        y = top + (height - top - bottom) * (1 - i / 4)
+        out.append(f'<line x1="{left}" y1="{y}" x2="{width - right}" y2="{y}" stroke="#ddd"/>')
+        out.append(f'<text x="{left - 6}" y="{y + 4}" text-anchor="end">{value:,.3g}</text>')
+    for i, (name, values) in enumerate(sorted(series.items())):
+        color = colors[i % len(colors)]
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in values)
+        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{path}"/>')
+        for x, y in values:
+            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>')
+        out.append(f'<text x="{width - right + 10}" y="{top + 16 * i + 10}" fill="{color}">{name}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def plots(results: list, out_dir: pathlib.Path) -> None:
+    """docs/plots/: p99 latency per second of every run with a timeline, and
+    server RSS against idle connections."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    latency = {
+        r["scenario"]: [(t["t_secs"], t["p99_us"] / 1000) for t in r["timeline"] if t["delivered_per_sec"] > 0]
+        for r in results
+        if r.get("timeline") and r.get("owed") is None
+    }
+    latency = {k: v for k, v in latency.items() if v}
+    if latency:
+        (out_dir / "latency-over-time.svg").write_text(
+            svg_chart("p99 publish-to-receive latency, per second", "seconds into the run", "p99 (ms, log scale)", latency, log_y=True))
+    memory = sorted(
+        (r["connected"], r["idle"]["rss_bytes"] / 2**20)
+        for r in results
+        if r["scenario"].startswith("idle") and r["connected"] > 0
+    )
+    if memory:
+        (out_dir / "memory-vs-connections.svg").write_text(
+            svg_chart("Edge node RSS with idle SSE streams (memory bus)", "idle streams", "RSS (MiB)",
+                      {"herald-edge": memory}))
+
+
 def main() -> None:
     results_dir, doc = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
     results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
@@ -74,6 +143,7 @@ def main() -> None:
         text += f"\n{BEGIN}\n{END}\n"
     text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), "\n".join(lines), text, flags=re.S)
     doc.write_text(text)
+    plots(results, doc.parent / "plots")
     print(f"{doc}: {len(results)} scenario(s) updated, {len(rows)} in the table")
 
 

@@ -15,6 +15,7 @@
 
 mod options;
 mod procstat;
+mod progress;
 mod publishers;
 mod report;
 mod subscribers;
@@ -76,11 +77,20 @@ async fn main() -> anyhow::Result<()> {
         Some(owed) => Some(replay(&options, &subscribers, &publish, owed).await?),
         None => None,
     };
+    let stop_progress = tokio_util::sync::CancellationToken::new();
+    let timeline = tokio::spawn(progress::run(
+        options.label.clone(),
+        Arc::clone(&subscribers),
+        options.pids.clone(),
+        stop_progress.clone(),
+    ));
     publishers::run(&options, &publish).await?;
     let deadline = Instant::now() + Duration::from_secs(options.drain_secs);
     while Instant::now() < deadline && !subscribers.all_received(&publish) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    stop_progress.cancel();
+    let timeline = timeline.await.unwrap_or_default();
     let loaded = servers.sample();
     let slow_disconnects = server_counter(&options.urls, "herald_slow_disconnects_total").await;
 
@@ -94,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
             load: procstat::Delta::between(&idle_after, &loaded),
             slow_disconnects,
             resume_secs,
+            timeline,
         },
     );
     report.print();

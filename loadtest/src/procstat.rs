@@ -29,6 +29,13 @@ pub struct Delta {
     pub wall_secs: f64,
 }
 
+impl Sample {
+    /// RSS of the sampled processes together, bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        self.rss_bytes
+    }
+}
+
 impl Sampler {
     /// A sampler for `pids` (none: every sample is zero).
     pub fn new(pids: &[u32]) -> Self {

@@ -53,6 +53,8 @@ pub struct Report {
     idle_rss_per_connection_bytes: f64,
     load: Delta,
     deliveries_per_server_cpu_sec: f64,
+    /// One entry per second of the publishing phase.
+    timeline: Vec<crate::progress::Tick>,
 }
 
 /// What the run measured besides the clients' own counters.
@@ -68,6 +70,8 @@ pub struct Measured {
     pub slow_disconnects: u64,
     /// Replay mode: seconds until every client resumed.
     pub resume_secs: Option<f64>,
+    /// Per-second progress while events flowed.
+    pub timeline: Vec<crate::progress::Tick>,
 }
 
 impl Report {
@@ -84,6 +88,7 @@ impl Report {
             load,
             slow_disconnects,
             resume_secs,
+            timeline,
         } = measured;
         let mut expected = 0;
         let mut delivered = 0;
@@ -144,6 +149,7 @@ impl Report {
             } else {
                 0.0
             },
+            timeline,
         }
     }
 
