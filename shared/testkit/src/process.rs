@@ -20,8 +20,24 @@ pub struct EdgeProcess {
 
 impl EdgeProcess {
     /// Starts `binary` on a free port with the test secret and `env` on top,
-    /// and waits until `/readyz` answers 200.
+    /// and waits until `/readyz` answers 200. The port is picked before the
+    /// process binds it, so another test can take it in between: a start that
+    /// fails is retried on a fresh port (twice).
     pub async fn start(binary: &Path, env: &[(&str, &str)]) -> anyhow::Result<EdgeProcess> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(binary, env).await {
+                Ok(process) => return Ok(process),
+                Err(err) if attempt < 3 => {
+                    eprintln!("herald-edge start failed ({err:#}); retrying")
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    async fn start_once(binary: &Path, env: &[(&str, &str)]) -> anyhow::Result<EdgeProcess> {
         let addr = format!("127.0.0.1:{}", free_port()?);
         let mut command = Command::new(binary);
         command

@@ -28,6 +28,9 @@ pub struct MemoryBus {
     limits: Limits,
     sink: Arc<dyn LiveSink>,
     state: Mutex<History>,
+    /// Handed to every follower: the memory bus is always live. One shared
+    /// receiver instead of a channel per target keeps followed targets cheap.
+    ready: watch::Receiver<FollowState>,
 }
 
 impl std::fmt::Debug for MemoryBus {
@@ -81,6 +84,7 @@ impl MemoryBus {
             },
             sink,
             state: Mutex::new(History::default()),
+            ready: watch::channel(FollowState::Ready).1,
         }
     }
 
@@ -146,7 +150,7 @@ impl History {
 impl Interest for MemoryBus {
     fn follow(&self, _target: &Target) -> watch::Receiver<FollowState> {
         // Every publish is handed to the sink, which drops what no one holds.
-        watch::channel(FollowState::Ready).1
+        self.ready.clone()
     }
 
     fn unfollow(&self, _target: &Target) {}

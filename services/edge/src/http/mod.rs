@@ -9,6 +9,7 @@
 //! - [`server`]: the hyper accept loop (header timeouts, size limits, killing a
 //!   slow client's socket, graceful shutdown).
 
+pub mod direct;
 pub mod errors;
 pub mod health;
 pub mod publish;

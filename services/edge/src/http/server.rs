@@ -5,6 +5,9 @@
 //!   head in time is disconnected (slowloris);
 //! - `http.max_header_bytes`: a larger request head gets 431, and so does a
 //!   request with more than [`MAX_HEADERS`] headers;
+//! - the first request of a connection is read here: a stream request is
+//!   served straight on the socket ([`direct`], no hyper buffers kept for the
+//!   stream's life), anything else goes to hyper;
 //! - every connection carries a [`Kill`] switch in its request extensions: the
 //!   registry uses it to close a slow client's socket even while nothing can be
 //!   written to it;
@@ -24,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warp::Filter;
 
+use super::direct::{self, FirstRequest};
 use crate::registry::Kill;
 
 /// Most request headers accepted; more get 431.
@@ -90,21 +94,44 @@ pub async fn serve<F>(
                 async move { tower_service::Service::call(&mut routes, request).await }
             })
         };
-        let connection = builder.serve_connection(TokioIo::new(socket), service);
-        let connection = graceful.watch(connection);
+        let direct_routes = warp::service(routes.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         let cut = cut.clone();
         connections.spawn(async move {
-            tokio::select! {
-                _ = cut.cancelled() => {}
-                result = connection => {
-                    if let Err(err) = result {
-                        tracing::debug!(%peer, error = %err, "connection ended with an error");
+            let mut socket = socket;
+            let first = direct::read_first_request(
+                &mut socket,
+                limits.max_header_bytes,
+                limits.header_read_timeout,
+            )
+            .await;
+            let prefix = match first {
+                FirstRequest::Gone => return,
+                FirstRequest::Stream(request) => {
+                    direct::serve_stream(socket, request, direct_routes, kill, peer, cut).await;
+                    return;
+                }
+                FirstRequest::Other(prefix) => prefix,
+            };
+            // Boxed: hyper's connection state is large, and a stream's task
+            // (the common, long-lived case) should not carry its size.
+            Box::pin(async move {
+                let io = TokioIo::new(direct::Rewind::new(prefix, socket));
+                let connection = watcher.watch(builder.serve_connection(io, service));
+                tokio::select! {
+                    _ = cut.cancelled() => {}
+                    result = connection => {
+                        if let Err(err) = result {
+                            tracing::debug!(%peer, error = %err, "connection ended with an error");
+                        }
+                    }
+                    _ = kill.killed() => {
+                        tracing::debug!(%peer, reason = ?kill.reason(), "connection killed");
                     }
                 }
-                _ = kill.killed() => {
-                    tracing::debug!(%peer, reason = ?kill.reason(), "connection killed");
-                }
-            }
+            })
+            .await;
         });
     }
 

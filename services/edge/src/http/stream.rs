@@ -454,7 +454,7 @@ impl Cursor {
 
     /// Appends `frame` to `buf` unless already written; returns whether it was.
     fn write(&mut self, frame: &Frame, buf: &mut BytesMut) -> bool {
-        let Some(cursor) = self.per_target.get_mut(frame.slot) else {
+        let Some(cursor) = self.per_target.get_mut(frame.slot as usize) else {
             return false;
         };
         let id = frame.event.id;
@@ -617,7 +617,7 @@ mod tests {
     use super::*;
     use herald_protocol::Epoch;
 
-    fn frame(slot: usize, seq: u64) -> Frame {
+    fn frame(slot: u32, seq: u64) -> Frame {
         let target = Target::user("alice").expect("valid");
         let id = EventId {
             epoch: Epoch(1),
@@ -626,7 +626,7 @@ mod tests {
         Frame {
             event: Arc::new(Event::new(id, target, None, "x", SystemTime::now())),
             slot,
-            queued_at: Instant::now(),
+            queued_at: crate::registry::QueuedAt::now(),
         }
     }
 

@@ -15,12 +15,11 @@
 
 mod connection;
 
-pub use connection::{ConnectionHandle, DisconnectReason, Frame, Kill, Queued};
+pub use connection::{ConnectionHandle, DisconnectReason, Frame, Kill, Queued, QueuedAt};
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
 
 use dashmap::DashMap;
 use herald_protocol::{Target, TargetKind};
@@ -244,11 +243,11 @@ impl LiveSink for Registry {
         let Some(entry) = self.targets.get(&event.target) else {
             return;
         };
-        let queued_at = Instant::now();
+        let queued_at = QueuedAt::now();
         for (connection, slot) in entry.connections.values() {
             connection.offer(Frame {
                 event: Arc::clone(event),
-                slot: *slot,
+                slot: *slot as u32,
                 queued_at,
             });
         }
