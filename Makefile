@@ -82,9 +82,11 @@ $(BASELINE_DIR)/node_modules/.installed: $(BASELINE_DIR)/package.json $(BASELINE
 	cd $(BASELINE_DIR) && npm ci --no-audit --no-fund
 	@touch $@
 
-bench-baseline: baseline-deps ## Run fanout and broadcast against the seed article's Express + Redis design too
+bench-baseline: baseline-deps ## Run fanout and broadcast on Herald and on the seed article's Express + Redis design, back to back; the report shows the ratio
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
+	loadtest/run-scenario.sh fanout
 	BASELINE=1 LABEL=fanout-baseline loadtest/run-scenario.sh fanout
+	loadtest/run-scenario.sh broadcast
 	BASELINE=1 LABEL=broadcast-baseline loadtest/run-scenario.sh broadcast
 	$(MAKE) bench-report
 

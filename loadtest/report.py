@@ -117,6 +117,35 @@ def plots(results: list, out_dir: pathlib.Path) -> None:
                       {"herald-edge": memory}))
 
 
+def baseline_ratios(results: list) -> list:
+    """Herald against the seed article's Express + Redis design, for every
+    scenario run both ways (`X` and `X-baseline`)."""
+    by_name = {r["scenario"]: r for r in results}
+    lines = []
+    for name in sorted(by_name):
+        base = by_name.get(f"{name}-baseline")
+        if base is None or name.endswith("-baseline"):
+            continue
+        herald = by_name[name]
+        per_cpu = lambda r: r["deliveries_per_server_cpu_sec"] or 0
+        ratio = per_cpu(herald) / per_cpu(base) if per_cpu(base) else float("nan")
+        p99 = lambda r: r["latency_us"]["p99"] / 1000
+        lines.append(
+            f"| {name} | {per_cpu(herald):,.0f} | {per_cpu(base):,.0f} | **{ratio:.1f}×** "
+            f"| {p99(herald):.1f} ms | {p99(base):.1f} ms |"
+        )
+    if not lines:
+        return []
+    return [
+        "",
+        "Herald against the seed article's design (Express + Redis pub/sub, `loadtest/baselines/`), same load:",
+        "",
+        "| scenario | Herald deliveries per server CPU-s | baseline | ratio | Herald p99 | baseline p99 |",
+        "|---|---|---|---|---|---|",
+        *lines,
+    ]
+
+
 def main() -> None:
     results_dir, doc = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
     results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
@@ -137,6 +166,7 @@ def main() -> None:
         "| all resumed in |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *[rows[name] for name in sorted(rows)],
+        *baseline_ratios(results),
         END,
     ]
     if BEGIN not in text:
