@@ -17,7 +17,7 @@ CARGO ?= cargo
 export HERALD_NATS_SERVER := $(NATS_SERVER)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
-.PHONY: help run test test-deps lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
+.PHONY: help run test test-deps deploy-check lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -26,8 +26,9 @@ run: ## Build and start one node on 127.0.0.1:8080 (memory bus, dev secret) and 
 	@$(CARGO) build --release -p herald-edge
 	@HERALD__AUTH__HS256_SECRET=$(DEV_SECRET) HERALD__HTTP__LISTEN=$(LISTEN) scripts/quickstart.sh target/release/herald-edge $(LISTEN)
 
-test: test-deps ## Run every test (installs nats-server and the npm SSE client first)
+test: test-deps ## Run every test (installs nats-server and the npm SSE client first), then check the deployment files
 	$(CARGO) test --workspace --locked
+	$(MAKE) deploy-check
 
 test-deps: nats-server sse-clients
 
@@ -92,6 +93,35 @@ bench-baseline: baseline-deps ## Run fanout and broadcast on Herald and on the s
 
 bench-report: ## Regenerate the results table in docs/benchmarks.md from loadtest/results/*.json
 	python3 loadtest/report.py loadtest/results docs/benchmarks.md
+
+HELM_VERSION ?= v3.16.4
+HELM := $(BIN)/helm
+DEPLOY_VENV := $(BIN)/deploy-venv
+CHART := deploy/helm/herald
+CHART_SECRET := --set auth.hs256Secret=0123456789abcdef0123456789abcdef
+
+deploy-check: $(HELM) $(DEPLOY_VENV)/.installed ## Lint and render the Helm chart, validate the compose file, nginx -t, Dockerfile rules
+	$(CARGO) build -p herald-edge --locked
+	$(HELM) lint --strict $(CHART) $(CHART_SECRET)
+	$(HELM) lint --strict $(CHART) -f $(CHART)/ci/full-values.yaml
+	$(HELM) template herald $(CHART) --namespace herald $(CHART_SECRET) > $(BIN)/rendered-default.yaml
+	$(HELM) template herald $(CHART) --namespace herald -f $(CHART)/ci/full-values.yaml > $(BIN)/rendered-full.yaml
+	$(DEPLOY_VENV)/bin/python deploy/check/check.py $(DEPLOY_VENV)/compose_spec.json target/debug/herald-edge \
+	  $(BIN)/rendered-default.yaml $(BIN)/rendered-full.yaml
+	deploy/check/nginx.sh
+
+$(HELM):
+	@mkdir -p $(BIN)
+	GOBIN=$(BIN) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+
+# jsonschema and PyYAML from PyPI; the Compose specification's JSON schema from
+# the pinned docker-compose wheel (not installed, only read).
+$(DEPLOY_VENV)/.installed:
+	python3 -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install -q --disable-pip-version-check jsonschema==4.23.0 pyyaml==6.0.2
+	$(DEPLOY_VENV)/bin/pip download -q --disable-pip-version-check --no-deps docker-compose==1.29.2 -d $(DEPLOY_VENV)/wheels
+	$(DEPLOY_VENV)/bin/python -c "import zipfile, glob; z = zipfile.ZipFile(glob.glob('$(DEPLOY_VENV)/wheels/docker_compose-*.whl')[0]); open('$(DEPLOY_VENV)/compose_spec.json', 'wb').write(z.read('compose/config/compose_spec.json'))"
+	@touch $@
 
 nats-server: $(NATS_SERVER) ## Install the pinned nats-server into bin/
 
