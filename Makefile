@@ -17,7 +17,7 @@ CARGO ?= cargo
 export HERALD_NATS_SERVER := $(NATS_SERVER)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
-.PHONY: help run test test-deps deploy-check lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
+.PHONY: help run test test-deps deploy-check cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -109,6 +109,16 @@ deploy-check: $(HELM) $(DEPLOY_VENV)/.installed ## Lint and render the Helm char
 	$(DEPLOY_VENV)/bin/python deploy/check/check.py $(DEPLOY_VENV)/compose_spec.json target/debug/herald-edge \
 	  $(BIN)/rendered-default.yaml $(BIN)/rendered-full.yaml
 	deploy/check/nginx.sh
+	@# The compose topology as processes (3 NATS, 3 edges, nginx), on ports of its own.
+	CLUSTER_DIR=$(CURDIR)/.cluster-check EDGE_BIN=$(CURDIR)/target/debug/herald-edge BASE_PORT=18080 NATS_PORT=14422 GOSSIP_PORT=17946 \
+	  bash -c 'deploy/local/cluster.sh down >/dev/null; deploy/local/cluster.sh up >/dev/null && deploy/local/cluster.sh check; status=$$?; deploy/local/cluster.sh down >/dev/null; exit $$status'
+
+cluster-up: nats-server ## Start the compose topology as local processes: 3 NATS, 3 edges, nginx on 127.0.0.1:8080
+	$(CARGO) build --release -p herald-edge
+	deploy/local/cluster.sh up
+
+cluster-down: ## Stop what make cluster-up started
+	deploy/local/cluster.sh down
 
 $(HELM):
 	@mkdir -p $(BIN)

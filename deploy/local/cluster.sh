@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# The docker compose topology as local processes on loopback:
+#
+#   deploy/local/cluster.sh up      three nats-servers (JetStream cluster, R3
+#                                   stream), three herald-edge nodes in one
+#                                   gossip cluster, nginx in front with the
+#                                   shared SSE proxy rules
+#   deploy/local/cluster.sh check   publish through nginx and read it back
+#   deploy/local/cluster.sh down    stop everything (edges drain on SIGTERM)
+#
+# `make cluster-up` / `make cluster-down` call this. State, logs and data live
+# in .cluster/ (ignored by git). Ports: nginx 8080, edges 8081-8083 (gossip
+# 7946-7948), NATS 4222-4224 (cluster 6222-6224, monitoring 8222-8224);
+# BASE_PORT shifts the HTTP
+# ones. EDGE_BIN picks the binary (default target/release/herald-edge).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+STATE=${CLUSTER_DIR:-$PWD/.cluster}
+EDGE_BIN=${EDGE_BIN:-$PWD/target/release/herald-edge}
+NATS_BIN=${NATS_BIN:-$PWD/bin/nats-server}
+BASE_PORT=${BASE_PORT:-8080}
+NATS_PORT=${NATS_PORT:-4222}
+GOSSIP_PORT=${GOSSIP_PORT:-7946}
+SECRET=${HERALD_SECRET:-herald-dev-secret-change-me-0123456789}
+NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
+
+wait_for() { # what, command...
+  local what=$1; shift
+  for _ in $(seq 150); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "cluster: $what did not come up; logs in $STATE/logs" >&2
+  return 1
+}
+
+up() {
+  if [ -f "$STATE/pids" ]; then echo "cluster: already up (deploy/local/cluster.sh down first)" >&2; exit 1; fi
+  [ -x "$EDGE_BIN" ] || { echo "cluster: $EDGE_BIN missing (cargo build --release -p herald-edge)" >&2; exit 1; }
+  [ -x "$NATS_BIN" ] || { echo "cluster: $NATS_BIN missing (make nats-server)" >&2; exit 1; }
+  rm -rf "$STATE/logs"
+  mkdir -p "$STATE/logs" "$STATE/nginx"
+  : > "$STATE/pids"
+  # A start that fails half-way leaves nothing running.
+  trap 'echo "cluster: start failed, stopping what was started" >&2; down >/dev/null' ERR
+  local routes="" i
+  for i in 0 1 2; do routes+="\"nats-route://127.0.0.1:$((NATS_PORT + 2000 + i))\", "; done
+  for i in 0 1 2; do
+    mkdir -p "$STATE/nats-$i"
+    cat > "$STATE/nats-$i.conf" <<CONF
+server_name: nats-$i
+listen: "127.0.0.1:$((NATS_PORT + i))"
+http: "127.0.0.1:$((NATS_PORT + 4000 + i))"
+jetstream { store_dir: "$STATE/nats-$i", sync_interval: always }
+cluster { name: herald, listen: "127.0.0.1:$((NATS_PORT + 2000 + i))", routes: [ ${routes%, } ] }
+CONF
+    "$NATS_BIN" -c "$STATE/nats-$i.conf" > "$STATE/logs/nats-$i.log" 2>&1 &
+    echo $! >> "$STATE/pids"
+  done
+  # Healthy once JetStream has a meta leader (the edges create the stream).
+  for i in 0 1 2; do wait_for "nats-$i" curl -fsS "http://127.0.0.1:$((NATS_PORT + 4000 + i))/healthz"; done
+
+  local urls seeds
+  urls=$(printf 'nats://127.0.0.1:%s,' $NATS_PORT $((NATS_PORT + 1)) $((NATS_PORT + 2)))
+  seeds=$(printf '127.0.0.1:%s,' $GOSSIP_PORT $((GOSSIP_PORT + 1)) $((GOSSIP_PORT + 2)))
+  for i in 0 1 2; do
+    HERALD__NODE__ID=edge-$((i + 1)) \
+    HERALD__AUTH__HS256_SECRET=$SECRET \
+    HERALD__HTTP__LISTEN=127.0.0.1:$((BASE_PORT + 1 + i)) \
+    HERALD__BUS__KIND=nats \
+    HERALD__NATS__URL=${urls%,} \
+    HERALD__NATS__REPLICAS=3 \
+    HERALD__GOSSIP__LISTEN=127.0.0.1:$((GOSSIP_PORT + i)) \
+    HERALD__GOSSIP__SEEDS=${seeds%,} \
+    HERALD__TELEMETRY__OTLP_ENDPOINT=${OTLP_ENDPOINT:-} \
+    RUST_LOG=${RUST_LOG:-info} \
+      "$EDGE_BIN" > "$STATE/logs/edge-$((i + 1)).log" 2>&1 &
+    echo $! >> "$STATE/pids"
+    # The first edge creates the R3 stream; the others find it.
+    wait_for "edge-$((i + 1))" curl -fsS "http://127.0.0.1:$((BASE_PORT + 1 + i))/readyz"
+  done
+
+  sed -e "s/edge-\([0-9]\):8080/127.0.0.1:EDGE\1/" \
+      -e "s|/etc/nginx/herald/sse-proxy.conf|$PWD/deploy/nginx/sse-proxy.conf|" \
+      -e "s|listen 80;|listen 127.0.0.1:$BASE_PORT;|" \
+      -e "s|root /usr/share/nginx/html;|root $STATE/nginx/html;|" \
+      deploy/compose/nginx/herald.conf > "$STATE/nginx/herald.conf"
+  for i in 1 2 3; do sed -i "s/127.0.0.1:EDGE$i/127.0.0.1:$((BASE_PORT + i))/" "$STATE/nginx/herald.conf"; done
+  mkdir -p "$STATE/nginx/html/demo"
+  cp deploy/compose/demo/index.html "$STATE/nginx/html/index.html"
+  HERALD__AUTH__HS256_SECRET=$SECRET "$EDGE_BIN" token --user alice --ttl 86400 > "$STATE/nginx/html/demo/token.txt"
+  cat > "$STATE/nginx/nginx.conf" <<CONF
+pid $STATE/nginx/nginx.pid;
+error_log $STATE/logs/nginx-error.log;
+events {}
+http {
+    access_log $STATE/logs/nginx-access.log;
+    client_body_temp_path $STATE/nginx/body;
+    proxy_temp_path $STATE/nginx/proxy;
+    fastcgi_temp_path $STATE/nginx/fastcgi;
+    uwsgi_temp_path $STATE/nginx/uwsgi;
+    scgi_temp_path $STATE/nginx/scgi;
+    types { text/html html; text/plain txt; }
+    include $STATE/nginx/herald.conf;
+}
+CONF
+  "$NGINX_BIN" -p "$STATE/nginx" -c "$STATE/nginx/nginx.conf"
+  wait_for nginx curl -fsS "http://127.0.0.1:$BASE_PORT/"
+  wait_for "three alive members" bash -c \
+    "curl -fsS http://127.0.0.1:$((BASE_PORT + 1))/v1/cluster | grep -o '\"state\":\"alive\"' | wc -l | grep -qx 3"
+
+  cat <<EOF
+Herald cluster up: nginx http://127.0.0.1:$BASE_PORT (demo page), edges :$((BASE_PORT + 1))-$((BASE_PORT + 3)), NATS :$NATS_PORT-$((NATS_PORT + 2)).
+  curl -s http://127.0.0.1:$((BASE_PORT + 1))/v1/cluster
+  SUB=\$(HERALD__AUTH__HS256_SECRET=$SECRET $EDGE_BIN token --user alice)
+  curl -N -H "Authorization: Bearer \$SUB" http://127.0.0.1:$BASE_PORT/v1/stream
+  publish from any NATS client to subject herald.user.alice at nats://127.0.0.1:$NATS_PORT
+Logs: $STATE/logs. Stop: make cluster-down
+EOF
+}
+
+check() {
+  # Through nginx: a stream on one edge, a publish through another.
+  local sub pub out
+  sub=$(HERALD__AUTH__HS256_SECRET=$SECRET "$EDGE_BIN" token --user cluster-check)
+  pub=$(HERALD__AUTH__HS256_SECRET=$SECRET "$EDGE_BIN" token --publish)
+  out=$(mktemp)
+  curl -sN --max-time 10 -H "Authorization: Bearer $sub" "http://127.0.0.1:$BASE_PORT/v1/stream" > "$out" &
+  local reader=$!
+  wait_for "the stream through nginx" grep -q '^id: ' "$out"
+  curl -fsS -H "Authorization: Bearer $pub" -H 'content-type: application/json' \
+    -d '{"user":"cluster-check","data":"through nginx"}' "http://127.0.0.1:$BASE_PORT/v1/publish" > /dev/null
+  wait_for "the event through nginx" grep -q '^data: through nginx' "$out"
+  kill "$reader" 2>/dev/null || true
+  rm -f "$out"
+  echo "cluster: an event published through nginx reached a stream opened through nginx"
+}
+
+down() {
+  [ -f "$STATE/nginx/nginx.pid" ] && "$NGINX_BIN" -p "$STATE/nginx" -c "$STATE/nginx/nginx.conf" -s quit 2>/dev/null || true
+  if [ -f "$STATE/pids" ]; then
+    # Edges first (they drain), then NATS.
+    tac "$STATE/pids" | while read -r pid; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 100); do
+      alive=0
+      while read -r pid; do kill -0 "$pid" 2>/dev/null && alive=1; done < "$STATE/pids"
+      [ $alive = 0 ] && break
+      sleep 0.1
+    done
+    while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done < "$STATE/pids"
+  fi
+  # Keep the logs for a look after a failure; drop data and state.
+  rm -rf "$STATE"/nats-* "$STATE/nginx" "$STATE/pids"
+  echo "cluster: down (logs kept in $STATE/logs)"
+}
+
+case "${1:-}" in
+  up) up ;;
+  check) check ;;
+  down) down ;;
+  *) echo "usage: $0 up|check|down" >&2; exit 64 ;;
+esac
