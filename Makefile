@@ -17,7 +17,7 @@ CARGO ?= cargo
 export HERALD_NATS_SERVER := $(NATS_SERVER)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
-.PHONY: help run test test-deps deploy-check cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
+.PHONY: help run test test-deps deploy-check chaos chaos-fast cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -26,9 +26,10 @@ run: ## Build and start one node on 127.0.0.1:8080 (memory bus, dev secret) and 
 	@$(CARGO) build --release -p herald-edge
 	@HERALD__AUTH__HS256_SECRET=$(DEV_SECRET) HERALD__HTTP__LISTEN=$(LISTEN) scripts/quickstart.sh target/release/herald-edge $(LISTEN)
 
-test: test-deps ## Run every test (installs nats-server and the npm SSE client first), then check the deployment files
+test: test-deps ## Run every test (installs nats-server and the npm SSE client first), then the deployment checks and the fast chaos scenarios
 	$(CARGO) test --workspace --locked
 	$(MAKE) deploy-check
+	$(MAKE) chaos-fast
 
 test-deps: nats-server sse-clients
 
@@ -112,6 +113,17 @@ deploy-check: $(HELM) $(DEPLOY_VENV)/.installed ## Lint and render the Helm char
 	@# The compose topology as processes (3 NATS, 3 edges, nginx), on ports of its own.
 	CLUSTER_DIR=$(CURDIR)/.cluster-check EDGE_BIN=$(CURDIR)/target/debug/herald-edge BASE_PORT=18080 NATS_PORT=14422 GOSSIP_PORT=17946 \
 	  bash -c 'deploy/local/cluster.sh down >/dev/null; deploy/local/cluster.sh up >/dev/null && deploy/local/cluster.sh check; status=$$?; deploy/local/cluster.sh down >/dev/null; exit $$status'
+
+CHAOS_FAST := edge-sigkill rolling-restart
+
+chaos: nats-server ## Fault-injection suite through nginx on the local cluster: prints lost/dup/reordered and non-200 per scenario
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || (apt-get install -y nginx-light || sudo apt-get install -y nginx-light)
+	$(CARGO) build --release -p herald-edge -p herald-loadtest
+	chaos/run.sh $(SCENARIOS_CHAOS)
+
+chaos-fast: nats-server ## The chaos scenarios CI runs (debug builds, about a minute)
+	$(CARGO) build -p herald-edge -p herald-loadtest --locked
+	EDGE_BIN=$(CURDIR)/target/debug/herald-edge LOADTEST_BIN=$(CURDIR)/target/debug/herald-loadtest chaos/run.sh $(CHAOS_FAST)
 
 cluster-up: nats-server ## Start the compose topology as local processes: 3 NATS, 3 edges, nginx on 127.0.0.1:8080
 	$(CARGO) build --release -p herald-edge

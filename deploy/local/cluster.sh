@@ -32,6 +32,40 @@ wait_for() { # what, command...
   return 1
 }
 
+start_nats() { # index 0..2
+  "$NATS_BIN" -c "$STATE/nats-$1.conf" >> "$STATE/logs/nats-$1.log" 2>&1 &
+  echo $! > "$STATE/pid.nats-$1"
+  echo $! >> "$STATE/pids"
+}
+
+start_edge() { # number 1..3; returns when it is ready
+  local i=$(( $1 - 1 )) urls seeds
+  urls=$(printf 'nats://127.0.0.1:%s,' $NATS_PORT $((NATS_PORT + 1)) $((NATS_PORT + 2)))
+  seeds=$(printf '127.0.0.1:%s,' $GOSSIP_PORT $((GOSSIP_PORT + 1)) $((GOSSIP_PORT + 2)))
+  HERALD__NODE__ID=edge-$1 \
+  HERALD__AUTH__HS256_SECRET=$SECRET \
+  HERALD__HTTP__LISTEN=127.0.0.1:$((BASE_PORT + 1 + i)) \
+  HERALD__BUS__KIND=nats \
+  HERALD__NATS__URL=${urls%,} \
+  HERALD__NATS__REPLICAS=3 \
+  HERALD__GOSSIP__LISTEN=127.0.0.1:$((GOSSIP_PORT + i)) \
+  HERALD__GOSSIP__SEEDS=${seeds%,} \
+  HERALD__TELEMETRY__OTLP_ENDPOINT=${OTLP_ENDPOINT:-} \
+  RUST_LOG=${RUST_LOG:-info} \
+    "$EDGE_BIN" >> "$STATE/logs/edge-$1.log" 2>&1 &
+  echo $! > "$STATE/pid.edge-$1"
+  echo $! >> "$STATE/pids"
+  wait_for "edge-$1" curl -fsS "http://127.0.0.1:$((BASE_PORT + 1 + i))/readyz"
+}
+
+stop_one() { # component signal: waits until it exited
+  local pid
+  pid=$(cat "$STATE/pid.$1")
+  kill "-$2" "$pid" 2>/dev/null || true
+  for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
 up() {
   if [ -f "$STATE/pids" ]; then echo "cluster: already up (deploy/local/cluster.sh down first)" >&2; exit 1; fi
   [ -x "$EDGE_BIN" ] || { echo "cluster: $EDGE_BIN missing (cargo build --release -p herald-edge)" >&2; exit 1; }
@@ -52,30 +86,14 @@ http: "127.0.0.1:$((NATS_PORT + 4000 + i))"
 jetstream { store_dir: "$STATE/nats-$i", sync_interval: always }
 cluster { name: herald, listen: "127.0.0.1:$((NATS_PORT + 2000 + i))", routes: [ ${routes%, } ] }
 CONF
-    "$NATS_BIN" -c "$STATE/nats-$i.conf" > "$STATE/logs/nats-$i.log" 2>&1 &
-    echo $! >> "$STATE/pids"
+    start_nats "$i"
   done
   # Healthy once JetStream has a meta leader (the edges create the stream).
   for i in 0 1 2; do wait_for "nats-$i" curl -fsS "http://127.0.0.1:$((NATS_PORT + 4000 + i))/healthz"; done
 
-  local urls seeds
-  urls=$(printf 'nats://127.0.0.1:%s,' $NATS_PORT $((NATS_PORT + 1)) $((NATS_PORT + 2)))
-  seeds=$(printf '127.0.0.1:%s,' $GOSSIP_PORT $((GOSSIP_PORT + 1)) $((GOSSIP_PORT + 2)))
-  for i in 0 1 2; do
-    HERALD__NODE__ID=edge-$((i + 1)) \
-    HERALD__AUTH__HS256_SECRET=$SECRET \
-    HERALD__HTTP__LISTEN=127.0.0.1:$((BASE_PORT + 1 + i)) \
-    HERALD__BUS__KIND=nats \
-    HERALD__NATS__URL=${urls%,} \
-    HERALD__NATS__REPLICAS=3 \
-    HERALD__GOSSIP__LISTEN=127.0.0.1:$((GOSSIP_PORT + i)) \
-    HERALD__GOSSIP__SEEDS=${seeds%,} \
-    HERALD__TELEMETRY__OTLP_ENDPOINT=${OTLP_ENDPOINT:-} \
-    RUST_LOG=${RUST_LOG:-info} \
-      "$EDGE_BIN" > "$STATE/logs/edge-$((i + 1)).log" 2>&1 &
-    echo $! >> "$STATE/pids"
+  for i in 1 2 3; do
     # The first edge creates the R3 stream; the others find it.
-    wait_for "edge-$((i + 1))" curl -fsS "http://127.0.0.1:$((BASE_PORT + 1 + i))/readyz"
+    start_edge "$i"
   done
 
   sed -e "s/edge-\([0-9]\):8080/127.0.0.1:EDGE\1/" \
@@ -90,7 +108,8 @@ CONF
   cat > "$STATE/nginx/nginx.conf" <<CONF
 pid $STATE/nginx/nginx.pid;
 error_log $STATE/logs/nginx-error.log;
-events {}
+worker_rlimit_nofile 16384;
+events { worker_connections 8192; }
 http {
     access_log $STATE/logs/nginx-access.log;
     client_body_temp_path $STATE/nginx/body;
@@ -148,7 +167,7 @@ down() {
     while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done < "$STATE/pids"
   fi
   # Keep the logs for a look after a failure; drop data and state.
-  rm -rf "$STATE"/nats-* "$STATE/nginx" "$STATE/pids"
+  rm -rf "$STATE"/nats-* "$STATE/nginx" "$STATE/pids" "$STATE"/pid.*
   echo "cluster: down (logs kept in $STATE/logs)"
 }
 
@@ -156,5 +175,11 @@ case "${1:-}" in
   up) up ;;
   check) check ;;
   down) down ;;
-  *) echo "usage: $0 up|check|down" >&2; exit 64 ;;
+  # Fault injection for the chaos suite: edge N is 1..3, nats N is 0..2.
+  kill-edge) stop_one "edge-$2" KILL ;;
+  start-edge) start_edge "$2" ;;
+  restart-edge) stop_one "edge-$2" TERM; start_edge "$2" ;;
+  restart-nats) stop_one "nats-$2" TERM; start_nats "$2"
+    wait_for "nats-$2" curl -fsS "http://127.0.0.1:$((NATS_PORT + 4000 + $2))/healthz" ;;
+  *) echo "usage: $0 up|check|down|kill-edge N|start-edge N|restart-edge N|restart-nats N" >&2; exit 64 ;;
 esac

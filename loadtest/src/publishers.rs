@@ -168,7 +168,9 @@ impl NatsPublisher {
     const WINDOW: usize = 256;
 
     async fn connect(url: &str, prefix: &str) -> anyhow::Result<Self> {
-        let client = async_nats::connect(url)
+        // Several servers, comma-separated, like `nats.url`.
+        let servers: Vec<&str> = url.split(',').map(str::trim).collect();
+        let client = async_nats::connect(servers)
             .await
             .with_context(|| format!("connecting to {url}"))?;
         Ok(NatsPublisher {

@@ -343,7 +343,10 @@ async fn stream_once(
         request = request.header("last-event-id", scanner.last_id.as_str());
     }
     let request = request.body(Empty::<Bytes>::new())?;
+    // Whatever the last connection left half-read is gone with it.
     scanner.partial.clear();
+    scanner.pending_id = None;
+    scanner.pending_event = None;
     let stats = &context.stats;
     let latencies = &context.latencies;
     let shard = context.shard;
@@ -383,8 +386,12 @@ async fn stream_once(
                 if k <= last {
                     stats.duplicated.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    if k != last + 1 {
-                        stats.jumped.fetch_add(1, Ordering::Relaxed);
+                    if k != last + 1 && stats.jumped.fetch_add(1, Ordering::Relaxed) < 3 {
+                        eprintln!(
+                            "target {}: event {k} after {last} (a gap), {} reconnect(s) so far",
+                            stats.target,
+                            stats.reconnects.load(Ordering::Relaxed)
+                        );
                     }
                     stats.last.store(k, Ordering::Relaxed);
                 }
@@ -413,12 +420,18 @@ impl Drop for StreamingGuard<'_> {
 }
 
 /// Finds `data:` lines in SSE bytes and extracts `"k":N` and `"t":N` from them,
-/// without allocating per event.
+/// without allocating per event. Like a browser, it takes an event (and its
+/// `id:`) only when the blank line that ends it arrives: a stream cut in the
+/// middle of an event leaves that event to the resumed stream.
 #[derive(Debug, Default)]
 struct Scanner {
     partial: Vec<u8>,
-    /// The last `id:` seen, resent as `Last-Event-ID` on reconnect.
+    /// The last `id:` of a complete event, resent as `Last-Event-ID`.
     last_id: String,
+    /// The `id:` of the event being read, until its blank line.
+    pending_id: Option<String>,
+    /// The `(k, t)` of the event being read, until its blank line.
+    pending_event: Option<(u64, u64)>,
     /// The last `retry:` hint, milliseconds.
     retry_ms: u64,
 }
@@ -433,15 +446,22 @@ impl Scanner {
                 self.partial.extend_from_slice(&rest[..at]);
                 &self.partial[..]
             };
-            if let Some(data) = line.strip_prefix(b"data: ") {
+            if line.is_empty() {
+                // Dispatch: the event and its id count from now.
+                if let Some(id) = self.pending_id.take() {
+                    self.last_id = id;
+                }
+                if let Some((k, t)) = self.pending_event.take() {
+                    on_event(k, t);
+                }
+            } else if let Some(data) = line.strip_prefix(b"data: ") {
                 if let (Some(k), Some(t)) =
                     (number_after(data, b"\"k\":"), number_after(data, b"\"t\":"))
                 {
-                    on_event(k, t);
+                    self.pending_event = Some((k, t));
                 }
             } else if let Some(id) = line.strip_prefix(b"id: ") {
-                self.last_id.clear();
-                self.last_id.push_str(&String::from_utf8_lossy(id));
+                self.pending_id = Some(String::from_utf8_lossy(id).into_owned());
             } else if let Some(retry) = line.strip_prefix(b"retry: ") {
                 if let Some(ms) = std::str::from_utf8(retry).ok().and_then(|r| r.parse().ok()) {
                     self.retry_ms = ms;
@@ -487,5 +507,18 @@ mod tests {
             |_, _| {},
         );
         assert_eq!((scanner.retry_ms, scanner.last_id.as_str()), (2500, "9-3"));
+    }
+
+    #[test]
+    fn an_event_cut_before_its_blank_line_is_neither_counted_nor_resumed_from() {
+        let mut scanner = Scanner::default();
+        let mut seen = Vec::new();
+        scanner.feed(
+            b"id: 1-4\ndata: {\"k\":4,\"t\":1}\n\nid: 1-5\ndata: {\"k\":5,\"t\":1}\n",
+            |k, t| seen.push((k, t)),
+        );
+        // The connection ends here: event 5 never completed.
+        assert_eq!(seen, vec![(4, 1)]);
+        assert_eq!(scanner.last_id, "1-4");
     }
 }

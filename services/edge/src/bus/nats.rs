@@ -348,10 +348,27 @@ async fn ensure_stream(
         reason,
     };
     let wanted = stream_config(settings);
-    let mut stream = jetstream
-        .get_or_create_stream(wanted.clone())
-        .await
-        .map_err(|err| failed(err.to_string()))?;
+    // A JetStream cluster that is still electing its leaders (all servers
+    // started together) times requests out for a while: retry those for a
+    // bounded time instead of failing the start. Anything else fails at once.
+    let patience = Duration::from_millis(settings.connect_timeout_ms.max(1_000) * 6);
+    let started = std::time::Instant::now();
+    let mut stream = loop {
+        match jetstream.get_or_create_stream(wanted.clone()).await {
+            Ok(stream) => break stream,
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    jetstream::context::CreateStreamErrorKind::TimedOut
+                        | jetstream::context::CreateStreamErrorKind::JetStreamUnavailable
+                ) && started.elapsed() < patience =>
+            {
+                tracing::warn!(stream = %settings.stream, error = %err, "JetStream not answering yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(err) => return Err(failed(err.to_string())),
+        }
+    };
     let info = stream
         .info()
         .await
