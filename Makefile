@@ -17,7 +17,7 @@ CARGO ?= cargo
 export HERALD_NATS_SERVER := $(NATS_SERVER)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
-.PHONY: help run test test-deps deploy-check chaos chaos-fast cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
+.PHONY: help run test test-deps deploy-check chaos chaos-deps chaos-fast cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -114,14 +114,18 @@ deploy-check: $(HELM) $(DEPLOY_VENV)/.installed ## Lint and render the Helm char
 	CLUSTER_DIR=$(CURDIR)/.cluster-check EDGE_BIN=$(CURDIR)/target/debug/herald-edge BASE_PORT=18080 NATS_PORT=14422 GOSSIP_PORT=17946 \
 	  bash -c 'deploy/local/cluster.sh down >/dev/null; deploy/local/cluster.sh up >/dev/null && deploy/local/cluster.sh check; status=$$?; deploy/local/cluster.sh down >/dev/null; exit $$status'
 
-CHAOS_FAST := edge-sigkill rolling-restart
+CHAOS_FAST := edge-sigkill rolling-restart chromium-edge-kill
 
-chaos: nats-server ## Fault-injection suite through nginx on the local cluster: prints lost/dup/reordered and non-200 per scenario
+chaos-deps: nats-server sse-clients
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || (apt-get install -y nginx-light || sudo apt-get install -y nginx-light)
+	@# Debian's Chromium for the real-browser scenario (never a downloaded browser).
+	@[ -x /usr/bin/chromium ] || (apt-get install -y chromium || sudo apt-get install -y chromium)
+
+chaos: chaos-deps ## Fault-injection suite through nginx on the local cluster (incl. headless Chromium): lost/dup/reordered and non-200 per scenario
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	chaos/run.sh $(SCENARIOS_CHAOS)
 
-chaos-fast: nats-server ## The chaos scenarios CI runs (debug builds, about a minute)
+chaos-fast: chaos-deps ## The chaos scenarios CI runs (debug builds, about a minute and a half)
 	$(CARGO) build -p herald-edge -p herald-loadtest --locked
 	EDGE_BIN=$(CURDIR)/target/debug/herald-edge LOADTEST_BIN=$(CURDIR)/target/debug/herald-loadtest chaos/run.sh $(CHAOS_FAST)
 
