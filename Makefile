@@ -17,7 +17,7 @@ CARGO ?= cargo
 export HERALD_NATS_SERVER := $(NATS_SERVER)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
-.PHONY: help run test test-deps deploy-check chaos chaos-deps chaos-fast cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
+.PHONY: help run test test-deps deploy-check chaos chaos-deps chaos-fast soak cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -124,6 +124,12 @@ chaos-deps: nats-server sse-clients
 chaos: chaos-deps ## Fault-injection suite through nginx on the local cluster (incl. headless Chromium): lost/dup/reordered and non-200 per scenario
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	chaos/run.sh $(SCENARIOS_CHAOS)
+
+SOAK_SECS ?= 600
+
+soak: chaos-deps ## Steady load with a fault every minute for SOAK_SECS (600); reports lost/dup and RSS/descriptor slopes
+	$(CARGO) build --release -p herald-edge -p herald-loadtest
+	SOAK_SECS=$(SOAK_SECS) chaos/soak.sh
 
 chaos-fast: chaos-deps ## The chaos scenarios CI runs (debug builds, about a minute and a half)
 	$(CARGO) build -p herald-edge -p herald-loadtest --locked

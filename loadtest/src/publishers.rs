@@ -93,6 +93,7 @@ fn publish_target(options: &Options) -> anyhow::Result<SocketAddr> {
 struct Outgoing<'a> {
     topic: Option<&'a str>,
     target: usize,
+    k: u64,
     data: String,
 }
 
@@ -100,6 +101,7 @@ fn event<'a>(topic: Option<&'a str>, target: usize, k: u64, padding: &str) -> Ou
     Outgoing {
         topic,
         target,
+        k,
         data: format!(r#"{{"k":{k},"t":{},"p":"{padding}"}}"#, now_micros()),
     }
 }
@@ -107,10 +109,26 @@ fn event<'a>(topic: Option<&'a str>, target: usize, k: u64, padding: &str) -> Ou
 impl Outgoing<'_> {
     /// The `POST /v1/publish` body.
     fn http_body(&self) -> String {
+        let msg_id = self.msg_id();
         match self.topic {
-            Some(topic) => format!(r#"{{"topic":"{topic}","data":{}}}"#, self.data),
-            None => format!(r#"{{"user":"lt-u{}","data":{}}}"#, self.target, self.data),
+            Some(topic) => {
+                format!(
+                    r#"{{"topic":"{topic}","data":{},"msg_id":"{msg_id}"}}"#,
+                    self.data
+                )
+            }
+            None => format!(
+                r#"{{"user":"lt-u{}","data":{},"msg_id":"{msg_id}"}}"#,
+                self.target, self.data
+            ),
         }
+    }
+
+    /// One id per (target, sequence): a publish retried after a failure that
+    /// was in fact stored is deduplicated by JetStream, as a careful
+    /// application's would be.
+    fn msg_id(&self) -> String {
+        format!("lt-{}-{}", self.target, self.k)
     }
 
     /// The NATS subject under `prefix` (load-test ids are plain tokens).
@@ -181,9 +199,15 @@ impl NatsPublisher {
     }
 
     async fn publish(&mut self, event: &Outgoing<'_>) -> anyhow::Result<()> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", event.msg_id().as_str());
         let ack = self
             .jetstream
-            .publish(event.subject(&self.prefix), Bytes::from(event.data.clone()))
+            .publish_with_headers(
+                event.subject(&self.prefix),
+                headers,
+                Bytes::from(event.data.clone()),
+            )
             .await?;
         self.in_flight.push_back(ack);
         while self.in_flight.len() > Self::WINDOW {
