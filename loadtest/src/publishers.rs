@@ -175,15 +175,29 @@ impl Publisher {
 }
 
 /// A JetStream publisher with up to [`NatsPublisher::WINDOW`] acknowledgements
-/// in flight (one connection keeps its publishes in order).
+/// in flight, at most one per target (so a retried event is never overtaken by
+/// a later one for the same user or topic). An event whose
+/// acknowledgement fails (a server restarting, a leader election) is published
+/// again with the same `Nats-Msg-Id` until JetStream stores it, as a careful
+/// application does: an event counted as published is an event in the stream.
 struct NatsPublisher {
     jetstream: async_nats::jetstream::Context,
     prefix: String,
-    in_flight: std::collections::VecDeque<async_nats::jetstream::context::PublishAckFuture>,
+    in_flight: std::collections::VecDeque<InFlight>,
+}
+
+/// One unacknowledged publish and what it takes to send it again.
+struct InFlight {
+    ack: async_nats::jetstream::context::PublishAckFuture,
+    subject: String,
+    msg_id: String,
+    payload: Bytes,
 }
 
 impl NatsPublisher {
     const WINDOW: usize = 256;
+    /// Attempts to store one event before giving up (about 15 s).
+    const ATTEMPTS: u32 = 60;
 
     async fn connect(url: &str, prefix: &str) -> anyhow::Result<Self> {
         // Several servers, comma-separated, like `nats.url`.
@@ -198,29 +212,85 @@ impl NatsPublisher {
         })
     }
 
-    async fn publish(&mut self, event: &Outgoing<'_>) -> anyhow::Result<()> {
+    async fn send(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        payload: &Bytes,
+    ) -> anyhow::Result<async_nats::jetstream::context::PublishAckFuture> {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", event.msg_id().as_str());
-        let ack = self
+        headers.insert("Nats-Msg-Id", msg_id);
+        Ok(self
             .jetstream
-            .publish_with_headers(
-                event.subject(&self.prefix),
-                headers,
-                Bytes::from(event.data.clone()),
-            )
-            .await?;
-        self.in_flight.push_back(ack);
+            .publish_with_headers(subject.to_owned(), headers, payload.clone())
+            .await?)
+    }
+
+    async fn publish(&mut self, event: &Outgoing<'_>) -> anyhow::Result<()> {
+        let subject = event.subject(&self.prefix);
+        // At most one unacknowledged event per target: if a publish has to be
+        // retried, nothing later for the same target may overtake it.
+        while self.in_flight.iter().any(|f| f.subject == subject) {
+            if let Some(in_flight) = self.in_flight.pop_front() {
+                self.settle(in_flight).await?;
+            }
+        }
+        let msg_id = event.msg_id();
+        let payload = Bytes::from(event.data.clone());
+        let ack = self.send(&subject, &msg_id, &payload).await?;
+        self.in_flight.push_back(InFlight {
+            ack,
+            subject,
+            msg_id,
+            payload,
+        });
         while self.in_flight.len() > Self::WINDOW {
-            if let Some(ack) = self.in_flight.pop_front() {
-                ack.await?;
+            if let Some(in_flight) = self.in_flight.pop_front() {
+                self.settle(in_flight).await?;
             }
         }
         Ok(())
     }
 
+    /// Waits for one acknowledgement, publishing the event again (same id)
+    /// until it is stored.
+    async fn settle(&self, in_flight: InFlight) -> anyhow::Result<()> {
+        let InFlight {
+            mut ack,
+            subject,
+            msg_id,
+            payload,
+        } = in_flight;
+        let mut attempt = 1;
+        loop {
+            let err = match ack.await {
+                Ok(_) => return Ok(()),
+                Err(err) => err,
+            };
+            if attempt >= Self::ATTEMPTS {
+                return Err(err.into());
+            }
+            if attempt == 1 {
+                eprintln!(
+                    "publish of {msg_id} not acknowledged ({err}); retrying with the same Nats-Msg-Id"
+                );
+            }
+            // Send it again, waiting out a connection that is down.
+            ack = loop {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                match self.send(&subject, &msg_id, &payload).await {
+                    Ok(ack) => break ack,
+                    Err(err) if attempt >= Self::ATTEMPTS => return Err(err),
+                    Err(_) => {}
+                }
+            };
+        }
+    }
+
     async fn finish(&mut self) -> anyhow::Result<()> {
-        while let Some(ack) = self.in_flight.pop_front() {
-            ack.await?;
+        while let Some(in_flight) = self.in_flight.pop_front() {
+            self.settle(in_flight).await?;
         }
         Ok(())
     }
