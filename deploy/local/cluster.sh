@@ -12,7 +12,8 @@
 # in .cluster/ (ignored by git). Ports: nginx 8080, edges 8081-8083 (gossip
 # 7946-7948), NATS 4222-4224 (cluster 6222-6224, monitoring 8222-8224);
 # BASE_PORT shifts the HTTP
-# ones. EDGE_BIN picks the binary (default target/release/herald-edge).
+# ones. EDGE_BIN picks the binary (default target/release/herald-edge);
+# EDGE_ENV_<n> adds settings to edge n (see start_edge).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -39,19 +40,24 @@ start_nats() { # index 0..2
 }
 
 start_edge() { # number 1..3; returns when it is ready
-  local i=$(( $1 - 1 )) urls seeds
+  local i=$(( $1 - 1 )) urls seeds overrides
   urls=$(printf 'nats://127.0.0.1:%s,' $NATS_PORT $((NATS_PORT + 1)) $((NATS_PORT + 2)))
   seeds=$(printf '127.0.0.1:%s,' $GOSSIP_PORT $((GOSSIP_PORT + 1)) $((GOSSIP_PORT + 2)))
-  HERALD__NODE__ID=edge-$1 \
-  HERALD__AUTH__HS256_SECRET=$SECRET \
-  HERALD__HTTP__LISTEN=127.0.0.1:$((BASE_PORT + 1 + i)) \
-  HERALD__BUS__KIND=nats \
-  HERALD__NATS__URL=${urls%,} \
-  HERALD__NATS__REPLICAS=3 \
-  HERALD__GOSSIP__LISTEN=127.0.0.1:$((GOSSIP_PORT + i)) \
-  HERALD__GOSSIP__SEEDS=${seeds%,} \
-  HERALD__TELEMETRY__OTLP_ENDPOINT=${OTLP_ENDPOINT:-} \
-  RUST_LOG=${RUST_LOG:-info} \
+  # EDGE_ENV_<n>: extra VAR=value words for edge n, applied last (the chaos
+  # suite routes one edge's NATS or gossip traffic through a proxy this way).
+  overrides="EDGE_ENV_$1"
+  # shellcheck disable=SC2086 # the overrides are words on purpose
+  env HERALD__NODE__ID="edge-$1" \
+    HERALD__AUTH__HS256_SECRET="$SECRET" \
+    HERALD__HTTP__LISTEN="127.0.0.1:$((BASE_PORT + 1 + i))" \
+    HERALD__BUS__KIND=nats \
+    HERALD__NATS__URL="${urls%,}" \
+    HERALD__NATS__REPLICAS=3 \
+    HERALD__GOSSIP__LISTEN="127.0.0.1:$((GOSSIP_PORT + i))" \
+    HERALD__GOSSIP__SEEDS="${seeds%,}" \
+    HERALD__TELEMETRY__OTLP_ENDPOINT="${OTLP_ENDPOINT:-}" \
+    RUST_LOG="${RUST_LOG:-info}" \
+    ${!overrides:-} \
     "$EDGE_BIN" >> "$STATE/logs/edge-$1.log" 2>&1 &
   echo $! > "$STATE/pid.edge-$1"
   echo $! >> "$STATE/pids"
