@@ -95,7 +95,7 @@ CONF
     start_nats "$i"
   done
   # Healthy once JetStream has a meta leader (the edges create the stream).
-  for i in 0 1 2; do wait_for "nats-$i" curl -fsS "http://127.0.0.1:$((NATS_PORT + 4000 + i))/healthz"; done
+  for i in 0 1 2; do nats_healthy "$i"; done
 
   for i in 1 2 3; do
     # The first edge creates the R3 stream; the others find it.
@@ -159,6 +159,38 @@ check() {
   echo "cluster: an event published through nginx reached a stream opened through nginx"
 }
 
+nats_healthy() { # index 0..2
+  wait_for "nats-$1" curl -fsS "http://127.0.0.1:$((NATS_PORT + 4000 + $1))/healthz"
+}
+
+# Prints the index (0..2) of the server leading the HERALD stream's replicas,
+# as the servers' monitoring endpoints report it.
+nats_leader() {
+  local i leader
+  for i in 0 1 2; do
+    leader=$(curl -fsS "http://127.0.0.1:$((NATS_PORT + 4000 + i))/jsz?streams=true&accounts=true" 2>/dev/null \
+      | python3 -c '
+import json, sys
+for account in json.load(sys.stdin).get("account_details") or []:
+    for stream in account.get("stream_detail") or []:
+        if stream["name"] == "HERALD" and (stream.get("cluster") or {}).get("leader"):
+            print(stream["cluster"]["leader"])
+') && [ -n "$leader" ] && { echo "${leader#nats-}"; return 0; }
+  done
+  echo "cluster: no server reports a leader for the HERALD stream" >&2
+  return 1
+}
+
+# Stops nginx at once (every client connection closes) and starts it again.
+restart_nginx() {
+  local pid
+  pid=$(cat "$STATE/nginx/nginx.pid")
+  "$NGINX_BIN" -p "$STATE/nginx" -c "$STATE/nginx/nginx.conf" -s stop
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  "$NGINX_BIN" -p "$STATE/nginx" -c "$STATE/nginx/nginx.conf"
+  wait_for nginx curl -fsS "http://127.0.0.1:$BASE_PORT/"
+}
+
 down() {
   [ -f "$STATE/nginx/nginx.pid" ] && "$NGINX_BIN" -p "$STATE/nginx" -c "$STATE/nginx/nginx.conf" -s quit 2>/dev/null || true
   if [ -f "$STATE/pids" ]; then
@@ -185,7 +217,11 @@ case "${1:-}" in
   kill-edge) stop_one "edge-$2" KILL ;;
   start-edge) start_edge "$2" ;;
   restart-edge) stop_one "edge-$2" TERM; start_edge "$2" ;;
-  restart-nats) stop_one "nats-$2" TERM; start_nats "$2"
-    wait_for "nats-$2" curl -fsS "http://127.0.0.1:$((NATS_PORT + 4000 + $2))/healthz" ;;
-  *) echo "usage: $0 up|check|down|kill-edge N|start-edge N|restart-edge N|restart-nats N" >&2; exit 64 ;;
+  restart-nats) stop_one "nats-$2" TERM; start_nats "$2"; nats_healthy "$2" ;;
+  kill-nats) stop_one "nats-$2" KILL ;;
+  start-nats) start_nats "$2"; nats_healthy "$2" ;;
+  nats-leader) nats_leader ;;
+  restart-nginx) restart_nginx ;;
+  *) echo "usage: $0 up|check|down|kill-edge N|start-edge N|restart-edge N|restart-nats N|kill-nats N|start-nats N|nats-leader|restart-nginx" >&2
+     exit 64 ;;
 esac

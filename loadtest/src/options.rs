@@ -49,6 +49,10 @@ pub struct Options {
     pub nats: Option<String>,
     /// Subject prefix of the Herald stream (`nats.subject_prefix`).
     pub nats_prefix: String,
+    /// With `--nats`: send every event a second time with the same
+    /// `Nats-Msg-Id` once it is stored (a publisher retrying after a lost
+    /// acknowledgement); each must be acknowledged as a duplicate.
+    pub publish_twice: bool,
     /// Where to write the JSON result.
     pub out: Option<PathBuf>,
 }
@@ -77,6 +81,7 @@ impl Options {
             honor_retry: false,
             nats: None,
             nats_prefix: "herald".into(),
+            publish_twice: false,
             out: None,
         };
         while let Some(flag) = args.next() {
@@ -119,11 +124,15 @@ impl Options {
                 "--honor-retry" => options.honor_retry = number(&value)? != 0,
                 "--nats" => options.nats = Some(value).filter(|v| !v.is_empty()),
                 "--nats-prefix" => options.nats_prefix = value,
+                "--publish-twice" => options.publish_twice = number(&value)? != 0,
                 other => bail!("unknown option {other}"),
             }
         }
         if options.secret.is_empty() {
             bail!("give --secret or set HERALD__AUTH__HS256_SECRET");
+        }
+        if options.publish_twice && options.nats.is_none() {
+            bail!("--publish-twice needs --nats");
         }
         if options.users == 0 || options.users > options.connections {
             options.users = options.connections.max(1);

@@ -23,6 +23,15 @@ pub struct Published {
     per_target: Vec<AtomicU64>,
     /// Publish requests that failed.
     pub errors: AtomicU64,
+    /// Events (through NATS) whose first acknowledgement failed, so they were
+    /// published again with the same `Nats-Msg-Id`.
+    pub retried: AtomicU64,
+    /// Acknowledgements with `duplicate: true`: JetStream recognised the
+    /// `Nats-Msg-Id` and stored nothing.
+    pub duplicate_acks: AtomicU64,
+    /// Longest time from an event's first publish to its stored
+    /// acknowledgement, microseconds (how long publishing stalled in a fault).
+    pub max_stall_us: AtomicU64,
     /// Wall time of the paced publishing phase, seconds (as f64 bits).
     secs: AtomicU64,
 }
@@ -33,6 +42,9 @@ impl Published {
         Published {
             per_target: (0..targets).map(|_| AtomicU64::new(0)).collect(),
             errors: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            duplicate_acks: AtomicU64::new(0),
+            max_stall_us: AtomicU64::new(0),
             secs: AtomicU64::new(0),
         }
     }
@@ -147,10 +159,14 @@ enum Publisher {
 }
 
 impl Publisher {
-    async fn connect(options: &Options, token: &str) -> anyhow::Result<Self> {
+    async fn connect(
+        options: &Options,
+        token: &str,
+        published: &Arc<Published>,
+    ) -> anyhow::Result<Self> {
         match &options.nats {
             Some(url) => Ok(Publisher::Nats(
-                NatsPublisher::connect(url, &options.nats_prefix).await?,
+                NatsPublisher::connect(url, options, Arc::clone(published)).await?,
             )),
             None => Ok(Publisher::Http(
                 HttpPublisher::connect(publish_target(options)?, token.to_owned()).await?,
@@ -180,9 +196,13 @@ impl Publisher {
 /// acknowledgement fails (a server restarting, a leader election) is published
 /// again with the same `Nats-Msg-Id` until JetStream stores it, as a careful
 /// application does: an event counted as published is an event in the stream.
+/// With `--publish-twice`, every stored event is sent once more with the same
+/// id, as a publisher that retries after a lost acknowledgement would.
 struct NatsPublisher {
     jetstream: async_nats::jetstream::Context,
     prefix: String,
+    publish_twice: bool,
+    published: Arc<Published>,
     in_flight: std::collections::VecDeque<InFlight>,
 }
 
@@ -192,6 +212,7 @@ struct InFlight {
     subject: String,
     msg_id: String,
     payload: Bytes,
+    first_sent: Instant,
 }
 
 impl NatsPublisher {
@@ -199,7 +220,11 @@ impl NatsPublisher {
     /// Attempts to store one event before giving up (about 15 s).
     const ATTEMPTS: u32 = 60;
 
-    async fn connect(url: &str, prefix: &str) -> anyhow::Result<Self> {
+    async fn connect(
+        url: &str,
+        options: &Options,
+        published: Arc<Published>,
+    ) -> anyhow::Result<Self> {
         // Several servers, comma-separated, like `nats.url`.
         let servers: Vec<&str> = url.split(',').map(str::trim).collect();
         let client = async_nats::connect(servers)
@@ -207,7 +232,9 @@ impl NatsPublisher {
             .with_context(|| format!("connecting to {url}"))?;
         Ok(NatsPublisher {
             jetstream: async_nats::jetstream::new(client),
-            prefix: prefix.to_owned(),
+            prefix: options.nats_prefix.clone(),
+            publish_twice: options.publish_twice,
+            published,
             in_flight: Default::default(),
         })
     }
@@ -243,6 +270,7 @@ impl NatsPublisher {
             subject,
             msg_id,
             payload,
+            first_sent: Instant::now(),
         });
         while self.in_flight.len() > Self::WINDOW {
             if let Some(in_flight) = self.in_flight.pop_front() {
@@ -260,17 +288,22 @@ impl NatsPublisher {
             subject,
             msg_id,
             payload,
+            first_sent,
         } = in_flight;
         let mut attempt = 1;
         loop {
             let err = match ack.await {
-                Ok(_) => return Ok(()),
+                Ok(stored) => {
+                    self.stored(stored.duplicate, first_sent);
+                    return self.send_again(&subject, &msg_id, &payload).await;
+                }
                 Err(err) => err,
             };
             if attempt >= Self::ATTEMPTS {
                 return Err(err.into());
             }
             if attempt == 1 {
+                self.published.retried.fetch_add(1, Ordering::Relaxed);
                 eprintln!(
                     "publish of {msg_id} not acknowledged ({err}); retrying with the same Nats-Msg-Id"
                 );
@@ -286,6 +319,34 @@ impl NatsPublisher {
                 }
             };
         }
+    }
+
+    /// Counts one stored acknowledgement.
+    fn stored(&self, duplicate: bool, first_sent: Instant) {
+        if duplicate {
+            self.published
+                .duplicate_acks
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let stall = first_sent.elapsed().as_micros() as u64;
+        self.published
+            .max_stall_us
+            .fetch_max(stall, Ordering::Relaxed);
+    }
+
+    /// With `--publish-twice`: the same event once more, same id, after it
+    /// was stored. JetStream must answer `duplicate: true` and store nothing.
+    async fn send_again(&self, subject: &str, msg_id: &str, payload: &Bytes) -> anyhow::Result<()> {
+        if !self.publish_twice {
+            return Ok(());
+        }
+        let ack = self.send(subject, msg_id, payload).await?.await?;
+        if ack.duplicate {
+            self.published
+                .duplicate_acks
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     async fn finish(&mut self) -> anyhow::Result<()> {
@@ -311,7 +372,7 @@ pub async fn burst(
         let token = token.clone();
         let options = options.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = Publisher::connect(&options, &token).await?;
+            let mut client = Publisher::connect(&options, &token, &published).await?;
             let topic = options.topic.as_deref();
             for target in (index..targets).step_by(options.publishers) {
                 for _ in 0..count {
@@ -358,7 +419,7 @@ pub async fn run(options: &Options, published: &Arc<Published>) -> anyhow::Resul
         let padding = padding.clone();
         let options = options.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = Publisher::connect(&options, &token).await?;
+            let mut client = Publisher::connect(&options, &token, &published).await?;
             let topic = options.topic.as_deref();
             let owned: Vec<usize> = (index..targets).step_by(options.publishers).collect();
             let mut ticker = tokio::time::interval(per_publisher);
@@ -377,7 +438,7 @@ pub async fn run(options: &Options, published: &Arc<Published>) -> anyhow::Resul
                         if published.errors.fetch_add(1, Ordering::Relaxed) < 5 {
                             eprintln!("publish failed: {err:#}");
                         }
-                        client = Publisher::connect(&options, &token).await?;
+                        client = Publisher::connect(&options, &token, &published).await?;
                     }
                 }
             }

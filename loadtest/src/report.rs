@@ -35,6 +35,13 @@ pub struct Report {
     publish_secs: f64,
     published: u64,
     publish_errors: u64,
+    /// Events (through NATS) published again with the same `Nats-Msg-Id`
+    /// after their acknowledgement failed.
+    publish_retries: u64,
+    /// Acknowledgements JetStream marked `duplicate: true`.
+    duplicate_acks: u64,
+    /// Longest time one event took from its first publish to being stored.
+    publish_stall_max_secs: f64,
     expected_deliveries: u64,
     delivered: u64,
     delivered_per_sec: f64,
@@ -123,6 +130,9 @@ impl Report {
             publish_secs: published.secs(),
             published: published.total(),
             publish_errors: published.errors.load(Ordering::Relaxed),
+            publish_retries: published.retried.load(Ordering::Relaxed),
+            duplicate_acks: published.duplicate_acks.load(Ordering::Relaxed),
+            publish_stall_max_secs: published.max_stall_us.load(Ordering::Relaxed) as f64 / 1e6,
             expected_deliveries: expected,
             delivered,
             delivered_per_sec: delivered as f64 / load.wall_secs.max(1e-9),
@@ -170,6 +180,12 @@ impl Report {
             "published              {} in {:.1}s ({} errors)",
             self.published, self.publish_secs, self.publish_errors
         );
+        if self.publish_retries > 0 || self.duplicate_acks > 0 {
+            println!(
+                "publish retries        {} (duplicate acks {}, longest stall {:.2}s)",
+                self.publish_retries, self.duplicate_acks, self.publish_stall_max_secs
+            );
+        }
         println!(
             "delivered              {} of {} expected ({:.0}/s)",
             self.delivered, self.expected_deliveries, self.delivered_per_sec

@@ -395,6 +395,15 @@ pub struct NatsSettings {
     pub tls_required: bool,
     /// Time allowed to connect at start-up, milliseconds. Default 5000.
     pub connect_timeout_ms: u64,
+    /// How often the edge pings its NATS server, milliseconds. A connection
+    /// that leaves three pings unanswered is dropped and re-established, so a
+    /// silent network partition is noticed within about three intervals.
+    /// Default 10000.
+    pub ping_interval_ms: u64,
+    /// Connect only to the servers in `url`, never to the addresses the
+    /// cluster advertises (set when those are not reachable from the edge:
+    /// NAT, proxies). Default false.
+    pub ignore_discovered_servers: bool,
     /// How long `GET /v1/presence/{user}` waits for the nodes' answers when not
     /// every alive member answered, milliseconds. Default 500.
     pub presence_timeout_ms: u64,
@@ -432,6 +441,8 @@ impl Default for NatsSettings {
             tls_ca_file: None,
             tls_required: false,
             connect_timeout_ms: 5_000,
+            ping_interval_ms: 10_000,
+            ignore_discovered_servers: false,
             presence_timeout_ms: 500,
             storage: NatsStorage::File,
             replicas: 1,
@@ -500,6 +511,7 @@ impl NatsSettings {
             ("nats.max_age_secs", self.max_age_secs),
             ("nats.duplicate_window_secs", self.duplicate_window_secs),
             ("nats.connect_timeout_ms", self.connect_timeout_ms),
+            ("nats.ping_interval_ms", self.ping_interval_ms),
             ("nats.presence_timeout_ms", self.presence_timeout_ms),
             ("nats.max_event_bytes", self.max_event_bytes as u64),
         ] {

@@ -195,6 +195,7 @@ async fn connect(
     let mut options = ConnectOptions::new()
         .name(node_id)
         .connection_timeout(Duration::from_millis(settings.connect_timeout_ms))
+        .ping_interval(Duration::from_millis(settings.ping_interval_ms))
         .require_tls(settings.tls_required)
         .event_callback(move |event| {
             let connected = Arc::clone(&connected);
@@ -249,6 +250,9 @@ async fn connect(
             key: "nats.url",
             reason: err.to_string(),
         })?;
+    if settings.ignore_discovered_servers {
+        options = options.ignore_discovered_servers();
+    }
     options
         .connect(servers)
         .await
