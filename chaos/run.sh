@@ -72,10 +72,10 @@ edge_url() { echo "http://127.0.0.1:$((BASE_PORT + $1))"; }
 # How edge $1 sees edge $2 in GET /v1/cluster (alive, suspect, dead, left).
 member_state() {
   curl -fsS "$(edge_url "$1")/v1/cluster" \
-    | python3 -c "import json,sys; print(next((m['state'] for m in json.load(sys.stdin)['members'] if m['node_id']=='edge-$2'), 'absent'))"
+    | python3 -c "import json,sys; print(next((m['state'] for m in json.load(sys.stdin)['members'] if m['id']=='edge-$2'), 'absent'))"
 }
-not_alive() { [ "$(member_state "$1" "$2")" != alive ]; }
-is_alive() { [ "$(member_state "$1" "$2")" = alive ]; }
+not_alive() { local state; state=$(member_state "$1" "$2") && [ "$state" != alive ]; }
+is_alive() { local state; state=$(member_state "$1" "$2") && [ "$state" = alive ]; }
 unready() { ! curl -fsS "$(edge_url "$1")/readyz"; }
 ready() { curl -fsS "$(edge_url "$1")/readyz"; }
 converged() { is_alive 1 3 && is_alive 3 1 && is_alive 2 3; }
