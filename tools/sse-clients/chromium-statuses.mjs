@@ -87,8 +87,12 @@ async function holdStream() {
     return { status: response.status, retryAfter: response.headers.get('retry-after'), body: await response.text() };
   }
   const reader = response.body.getReader();
-  (async () => { while (!(await reader.read()).done); })().catch(() => {});
-  return { status: 200, release: () => controller.abort() };
+  const stream = { status: 200, endedEarly: false, release: () => controller.abort() };
+  (async () => {
+    while (!(await reader.read()).done);
+    stream.endedEarly = true; // the edge ended it (e.g. a rebalancing move)
+  })().catch(() => {});
+  return stream;
 }
 
 const browser = await chromium.launch({
@@ -97,13 +101,14 @@ const browser = await chromium.launch({
          '--disable-background-networking', '--disable-component-update', '--disable-sync'],
 });
 const held = [];
+let page;
+const requests = {};
 try {
-  const page = await browser.newPage();
+  page = await browser.newPage();
   page.on('console', message => console.error(`page: ${message.text()}`));
 
   // Stream requests the page made, by their case= parameter (Herald ignores
   // parameters it does not know).
-  const requests = {};
   page.on('request', request => {
     const url = new URL(request.url());
     if (url.pathname === '/v1/stream') {
@@ -252,8 +257,12 @@ try {
     window.wrappers['429-recovery'] = window.subscribe('429-recovery', async () => token,
       e => window.received.push({ id: e.lastEventId, data: e.data }), lastId);
   }, [subToken, lastId]);
-  await page.waitForFunction(() => window.wrappers['429-recovery'].closedForGood >= 2, null, { timeout: 15000 });
+  await page.waitForFunction(() => window.wrappers['429-recovery'].closedForGood >= 2 ||
+    window.wrappers['429-recovery'].opens > 0, null, { timeout: 15000 });
   const whileFull = await page.evaluate(() => window.statsOf('429-recovery'));
+  const stillOpen = held.filter(stream => !stream.endedEarly).length;
+  check('Node: its streams stay open while the page is refused', `${maxPerUser} of ${maxPerUser} open`,
+    `${stillOpen} of ${held.length} open`);
   for (const stream of held.splice(0)) stream.release();
   await page.waitForFunction(() => window.wrappers['429-recovery'].opens > 0, null, { timeout: 20000 });
   await publish('s3');
@@ -274,6 +283,9 @@ try {
 } catch (err) {
   checks.push({ name: 'the run', expected: 'completes', got: String(err.message ?? err).split('\n')[0], pass: false });
   console.error(err);
+  console.error(`requests ${JSON.stringify(requests)}; wrappers ` +
+    JSON.stringify(await page?.evaluate(() => Object.fromEntries(
+      Object.keys(window.wrappers ?? {}).map(name => [name, window.statsOf(name)]))).catch(e => String(e))));
 } finally {
   for (const stream of held) stream.release();
   await browser.close();
