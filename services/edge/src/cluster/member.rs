@@ -217,7 +217,13 @@ pub struct ClusterView {
 
 impl ClusterView {
     /// Builds the view from observations. When a node id appears with several
-    /// generations (it restarted), only the newest is a member.
+    /// generations (it restarted), only one is a member: this node's own
+    /// incarnation, else one the failure detector finds live and that has not
+    /// left, else the newest. Generations are wall-clock start times, so a
+    /// node restarted after its clock was stepped back (an NTP correction)
+    /// has a lower generation than the incarnation it replaces; by generation
+    /// alone every node, itself included, would list it as `left` until
+    /// `gossip.forget_after_secs`.
     pub fn new(
         cluster_id: &str,
         node: &str,
@@ -225,7 +231,12 @@ impl ClusterView {
         mut observations: Vec<Observation>,
         dead_after: Duration,
     ) -> Self {
-        observations.sort_by(|a, b| a.id.cmp(&b.id).then(b.generation.cmp(&a.generation)));
+        let current = |o: &Observation| (o.is_self, o.live && !o.info.left);
+        observations.sort_by(|a, b| {
+            a.id.cmp(&b.id)
+                .then(current(b).cmp(&current(a)))
+                .then(b.generation.cmp(&a.generation))
+        });
         observations.dedup_by(|later, first| later.id == first.id);
         let members: Vec<Member> = observations
             .into_iter()
@@ -383,6 +394,57 @@ mod tests {
         assert_eq!(ids, [("a", 2), ("b", 7)]);
         assert_eq!(view.totals.alive, 2);
         assert_eq!(view.totals.dead, 0);
+    }
+
+    #[test]
+    fn a_node_restarted_with_its_clock_stepped_back_is_listed_with_its_live_generation() {
+        // Generation 9 ran with a clock ahead and left; generation 5 is the
+        // same node restarted after the clock was corrected.
+        let mut before = observed("a", 9, true, 0);
+        before.info.left = true;
+        let view = ClusterView::new(
+            "herald",
+            "b",
+            true,
+            vec![before, observed("a", 5, true, 0), observed("b", 1, true, 0)],
+            DEAD_AFTER,
+        );
+        let ids: Vec<(&str, u64, MemberState)> = view
+            .members
+            .iter()
+            .map(|m| (m.id.as_str(), m.generation, m.state))
+            .collect();
+        assert_eq!(
+            ids,
+            [("a", 5, MemberState::Alive), ("b", 1, MemberState::Alive)]
+        );
+        assert_eq!(view.totals.left, 0);
+
+        // A crashed higher generation the detector has given up on.
+        let view = ClusterView::new(
+            "herald",
+            "b",
+            true,
+            vec![observed("a", 9, false, 40), observed("a", 5, true, 0)],
+            DEAD_AFTER,
+        );
+        assert_eq!(view.members[0].generation, 5);
+        assert_eq!(view.members[0].state, MemberState::Alive);
+
+        // The node itself lists its own incarnation, even before the failure
+        // detector has an opinion of the older one.
+        let mut itself = observed("a", 5, false, 0);
+        itself.is_self = true;
+        let view = ClusterView::new(
+            "herald",
+            "a",
+            true,
+            vec![observed("a", 9, true, 0), itself],
+            DEAD_AFTER,
+        );
+        assert_eq!(view.members.len(), 1);
+        assert!(view.members[0].is_self);
+        assert_eq!(view.members[0].generation, 5);
     }
 
     #[test]
