@@ -33,6 +33,8 @@ LEEWAY=${LEEWAY_SECS:-30}
 MARGIN=${MARGIN_SECS:-5}
 if [ ! -r "$FAKETIME_LIB" ]; then
   echo "clock-skew: libfaketime not found at $FAKETIME_LIB (Debian: apt-get install libfaketime)" >&2
+  python3 -c 'import json,sys; print(json.dumps({"checks": [{"name": "libfaketime installed (Debian package libfaketime)",
+    "expected": sys.argv[1], "got": "missing", "pass": False}]}))' "$FAKETIME_LIB" > "$RESULTS/$name.json"
   exit 1
 fi
 NATS_URLS="nats://127.0.0.1:$NATS_PORT,nats://127.0.0.1:$((NATS_PORT + 1)),nats://127.0.0.1:$((NATS_PORT + 2))"
