@@ -36,8 +36,8 @@ export cluster=$PWD/deploy/local/cluster.sh
 NATS_URLS="nats://127.0.0.1:$NATS_PORT,nats://127.0.0.1:$((NATS_PORT + 1)),nats://127.0.0.1:$((NATS_PORT + 2))"
 
 SCENARIOS=(edge-sigkill rolling-restart nats-restart stream-leader-kill edge-nats-cut gossip-partition
-           slow-consumers reconnect-storm publisher-retries chromium-edge-kill chromium-statuses
-           clock-skew)
+           slow-consumers reconnect-storm publisher-retries nats-power-loss nats-history-rewound
+           chromium-edge-kill chromium-statuses clock-skew)
 declare -A DESCRIBE=(
   [edge-sigkill]="an edge killed with SIGKILL under load, back 3 s later"
   [rolling-restart]="every edge restarted in turn with SIGTERM (drain)"
@@ -48,6 +48,8 @@ declare -A DESCRIBE=(
   [slow-consumers]="10 % of clients stop reading next to fast ones"
   [reconnect-storm]="nginx stopped and started: every client reconnects at once"
   [publisher-retries]="every event published twice with the same Nats-Msg-Id"
+  [nats-power-loss]="every NATS server killed with SIGKILL at once (sync_interval: always), back 2 s later"
+  [nats-history-rewound]="the NATS stores put back to a copy taken 5 s earlier: acknowledged events gone"
   [chromium-edge-kill]="headless Chromium's EventSource across a SIGKILL of its edge"
   [chromium-statuses]="headless Chromium's EventSource against forced 401, 429, 503 and 204 answers"
   [clock-skew]="edge-3's clock 5 minutes off (libfaketime): resume, order and token checks"
@@ -122,6 +124,23 @@ fault_gossip_partition() {
   t=$(waited 20 converged) \
     || fault_failed "membership did not converge within 20 s of healing"
   note "membership converged ${t} s after healing"
+}
+fault_nats_power_loss() {
+  sleep 5
+  local i
+  for i in 0 1 2; do $cluster kill-nats "$i"; done
+  note "killed every NATS server with SIGKILL"
+  sleep 2
+  for i in 0 1 2; do $cluster start-nats "$i" >/dev/null & done
+  wait
+}
+fault_nats_history_rewound() {
+  sleep 4
+  $cluster snapshot-nats >/dev/null
+  note "copied every store (servers stopped for it), then ran on"
+  sleep 5
+  $cluster restore-nats >/dev/null
+  note "killed every server and put the copies back: the stream's history went back 5 s"
 }
 fault_reconnect_storm() {
   sleep 5
@@ -244,6 +263,10 @@ for name in sys.argv[3:]:
         problems.append("the fault did not take effect")
     if name == "publisher-retries" and r.get("duplicate_acks", 0) < r["published"]:
         problems.append("a repeated Nats-Msg-Id was not acknowledged as a duplicate")
+    if name == "nats-history-rewound" and r.get("connections_reset", 0) < connections:
+        problems.append(f"only {r.get('connections_reset', 0)} of {connections} clients were told (herald.reset) that history went back")
+    if name != "nats-history-rewound" and r.get("resets", 0):
+        problems.append(f"{r['resets']} unexpected herald.reset")
     if name == "reconnect-storm" and r["reconnects"] < connections:
         problems.append("not every client reconnected")
     failed += bool(problems)

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CLUSTER_DIR=${CLUSTER_DIR:-$PWD/.cluster-soak}
-export BASE_PORT=${BASE_PORT:-38080} NATS_PORT=${NATS_PORT:-34222} GOSSIP_PORT=${GOSSIP_PORT:-37946}
+export BASE_PORT=${BASE_PORT:-18080} NATS_PORT=${NATS_PORT:-14222} GOSSIP_PORT=${GOSSIP_PORT:-17946}
 export EDGE_BIN=${EDGE_BIN:-$PWD/target/release/herald-edge}
 export RUST_LOG=${RUST_LOG:-warn}
 LOADTEST_BIN=${LOADTEST_BIN:-$PWD/target/release/herald-loadtest}

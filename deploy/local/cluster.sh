@@ -181,6 +181,26 @@ for account in json.load(sys.stdin).get("account_details") or []:
   return 1
 }
 
+# Stops every NATS server cleanly, copies their stores aside and starts them
+# again; `restore-nats` later kills them all and puts the copies back: the
+# stream's history goes back in time, as after losing acknowledged writes.
+snapshot_nats() {
+  local i
+  for i in 0 1 2; do stop_one "nats-$i" TERM; done
+  for i in 0 1 2; do rm -rf "$STATE/snapshot-$i"; cp -a "$STATE/nats-$i" "$STATE/snapshot-$i"; done
+  for i in 0 1 2; do start_nats "$i"; done
+  for i in 0 1 2; do nats_healthy "$i"; done
+  wait_for "a leader for the HERALD stream" nats_leader
+}
+restore_nats() {
+  local i
+  for i in 0 1 2; do stop_one "nats-$i" KILL; done
+  for i in 0 1 2; do rm -rf "$STATE/nats-$i"; mv "$STATE/snapshot-$i" "$STATE/nats-$i"; done
+  for i in 0 1 2; do start_nats "$i"; done
+  for i in 0 1 2; do nats_healthy "$i"; done
+  wait_for "a leader for the HERALD stream" nats_leader
+}
+
 # Stops nginx at once (every client connection closes) and starts it again.
 restart_nginx() {
   local pid
@@ -205,7 +225,7 @@ down() {
     while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done < "$STATE/pids"
   fi
   # Keep the logs for a look after a failure; drop data and state.
-  rm -rf "$STATE"/nats-* "$STATE/nginx" "$STATE/pids" "$STATE"/pid.*
+  rm -rf "$STATE"/nats-* "$STATE"/snapshot-* "$STATE/nginx" "$STATE/pids" "$STATE"/pid.*
   echo "cluster: down (logs kept in $STATE/logs)"
 }
 
@@ -221,7 +241,9 @@ case "${1:-}" in
   kill-nats) stop_one "nats-$2" KILL ;;
   start-nats) start_nats "$2"; nats_healthy "$2" ;;
   nats-leader) nats_leader ;;
+  snapshot-nats) snapshot_nats ;;
+  restore-nats) restore_nats ;;
   restart-nginx) restart_nginx ;;
-  *) echo "usage: $0 up|check|down|kill-edge N|start-edge N|restart-edge N|restart-nats N|kill-nats N|start-nats N|nats-leader|restart-nginx" >&2
+  *) echo "usage: $0 up|check|down|kill-edge N|start-edge N|restart-edge N|restart-nats N|kill-nats N|start-nats N|nats-leader|snapshot-nats|restore-nats|restart-nginx" >&2
      exit 64 ;;
 esac

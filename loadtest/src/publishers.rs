@@ -155,7 +155,7 @@ impl Outgoing<'_> {
 /// How events leave the generator.
 enum Publisher {
     Http(HttpPublisher),
-    Nats(NatsPublisher),
+    Nats(Box<NatsPublisher>),
 }
 
 impl Publisher {
@@ -165,9 +165,9 @@ impl Publisher {
         published: &Arc<Published>,
     ) -> anyhow::Result<Self> {
         match &options.nats {
-            Some(url) => Ok(Publisher::Nats(
+            Some(url) => Ok(Publisher::Nats(Box::new(
                 NatsPublisher::connect(url, options, Arc::clone(published)).await?,
-            )),
+            ))),
             None => Ok(Publisher::Http(
                 HttpPublisher::connect(publish_target(options)?, token.to_owned()).await?,
             )),

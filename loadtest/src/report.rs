@@ -48,6 +48,13 @@ pub struct Report {
     lost: u64,
     duplicated: u64,
     reordered: u64,
+    /// `herald.reset` events clients received (history lost, told).
+    resets: u64,
+    /// Connections that received at least one `herald.reset`.
+    connections_reset: usize,
+    /// Events clients did not get because a `herald.reset` came before them
+    /// (excused: not counted in `lost`).
+    skipped_after_reset: u64,
     slow_connections: usize,
     /// Streams the servers cut as too slow (`herald_slow_disconnects_total`).
     slow_connections_closed: u64,
@@ -102,6 +109,9 @@ impl Report {
         let mut lost = 0;
         let mut duplicated = 0;
         let mut reordered = 0;
+        let mut resets = 0;
+        let mut connections_reset = 0;
+        let mut skipped_after_reset = 0;
         for connection in &subscribers.connections {
             if connection.slow {
                 continue;
@@ -113,7 +123,17 @@ impl Report {
             delivered += received;
             duplicated += dups;
             reordered += connection.jumped.load(Ordering::Relaxed);
-            lost += sent.saturating_sub(received - dups);
+            let connection_resets = connection.resets.load(Ordering::Relaxed);
+            resets += connection_resets;
+            connections_reset += usize::from(connection_resets > 0);
+            // A reset excuses what it skipped: up to the next event, or to
+            // the end when nothing came after it.
+            let mut skipped = connection.skipped_after_reset.load(Ordering::Relaxed);
+            if connection.reset_pending.load(Ordering::Relaxed) {
+                skipped += sent.saturating_sub(connection.last.load(Ordering::Relaxed));
+            }
+            skipped_after_reset += skipped;
+            lost += sent.saturating_sub(received - dups + skipped);
         }
         let latency = subscribers.latency();
         let slow_connections = subscribers.connections.iter().filter(|c| c.slow).count();
@@ -139,6 +159,9 @@ impl Report {
             lost,
             duplicated,
             reordered,
+            resets,
+            connections_reset,
+            skipped_after_reset,
             slow_connections,
             slow_connections_closed: slow_disconnects,
             resume_secs,
@@ -194,6 +217,12 @@ impl Report {
             "lost / dup / reordered {} / {} / {}",
             self.lost, self.duplicated, self.reordered
         );
+        if self.resets > 0 {
+            println!(
+                "herald.reset           {} on {} connections (skipped after them, not lost: {})",
+                self.resets, self.connections_reset, self.skipped_after_reset
+            );
+        }
         if let Some(secs) = self.resume_secs {
             println!(
                 "resumed                all {} clients in {secs:.2}s ({} reconnects)",

@@ -43,6 +43,15 @@ pub struct ConnectionStats {
     pub ended: AtomicU64,
     /// Times the connection was opened again after the first.
     pub reconnects: AtomicU64,
+    /// `herald.reset` events received: history was lost and the stream
+    /// continues from the current position.
+    pub resets: AtomicU64,
+    /// Events skipped right after a `herald.reset`: the reset told the client,
+    /// so they are not counted as lost (the reliability contract's exception).
+    pub skipped_after_reset: AtomicU64,
+    /// Whether the last thing dispatched was a `herald.reset` (what it
+    /// skipped shows only when the next event arrives, or at the end).
+    pub reset_pending: std::sync::atomic::AtomicBool,
 }
 
 /// Whether connections should hold their streams or stay away (to be owed
@@ -380,11 +389,25 @@ async fn stream_once(
             let Ok(data) = frame?.into_data() else {
                 continue;
             };
-            scanner.feed(&data, |k, t| {
+            scanner.feed(&data, |dispatched| {
+                let (k, t) = match dispatched {
+                    Dispatched::Event { k, t } => (k, t),
+                    Dispatched::Reset => {
+                        stats.resets.fetch_add(1, Ordering::Relaxed);
+                        stats.reset_pending.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                };
                 let now = now_micros();
                 let last = stats.last.load(Ordering::Relaxed);
+                let after_reset = stats.reset_pending.swap(false, Ordering::Relaxed);
                 if k <= last {
                     stats.duplicated.fetch_add(1, Ordering::Relaxed);
+                } else if k != last + 1 && after_reset {
+                    stats
+                        .skipped_after_reset
+                        .fetch_add(k - last - 1, Ordering::Relaxed);
+                    stats.last.store(k, Ordering::Relaxed);
                 } else {
                     if k != last + 1 && stats.jumped.fetch_add(1, Ordering::Relaxed) < 3 {
                         eprintln!(
@@ -419,8 +442,17 @@ impl Drop for StreamingGuard<'_> {
     }
 }
 
+/// What the scanner hands over when an event is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dispatched {
+    /// A load-test event: its per-target sequence and publish time.
+    Event { k: u64, t: u64 },
+    /// `herald.reset`: history was lost; the stream continues from now.
+    Reset,
+}
+
 /// Finds `data:` lines in SSE bytes and extracts `"k":N` and `"t":N` from them,
-/// without allocating per event. Like a browser, it takes an event (and its
+/// and notices `herald.reset`, without allocating per event. Like a browser, it takes an event (and its
 /// `id:`) only when the blank line that ends it arrives: a stream cut in the
 /// middle of an event leaves that event to the resumed stream.
 #[derive(Debug, Default)]
@@ -430,14 +462,14 @@ struct Scanner {
     last_id: String,
     /// The `id:` of the event being read, until its blank line.
     pending_id: Option<String>,
-    /// The `(k, t)` of the event being read, until its blank line.
-    pending_event: Option<(u64, u64)>,
+    /// What the event being read is, until its blank line.
+    pending_event: Option<Dispatched>,
     /// The last `retry:` hint, milliseconds.
     retry_ms: u64,
 }
 
 impl Scanner {
-    fn feed(&mut self, bytes: &[u8], mut on_event: impl FnMut(u64, u64)) {
+    fn feed(&mut self, bytes: &[u8], mut on_event: impl FnMut(Dispatched)) {
         let mut rest = bytes;
         while let Some(at) = rest.iter().position(|&b| b == b'\n') {
             let line = if self.partial.is_empty() {
@@ -451,15 +483,17 @@ impl Scanner {
                 if let Some(id) = self.pending_id.take() {
                     self.last_id = id;
                 }
-                if let Some((k, t)) = self.pending_event.take() {
-                    on_event(k, t);
+                if let Some(dispatched) = self.pending_event.take() {
+                    on_event(dispatched);
                 }
             } else if let Some(data) = line.strip_prefix(b"data: ") {
                 if let (Some(k), Some(t)) =
                     (number_after(data, b"\"k\":"), number_after(data, b"\"t\":"))
                 {
-                    self.pending_event = Some((k, t));
+                    self.pending_event.get_or_insert(Dispatched::Event { k, t });
                 }
+            } else if line == b"event: herald.reset" {
+                self.pending_event = Some(Dispatched::Reset);
             } else if let Some(id) = line.strip_prefix(b"id: ") {
                 self.pending_id = Some(String::from_utf8_lossy(id).into_owned());
             } else if let Some(retry) = line.strip_prefix(b"retry: ") {
@@ -494,17 +528,23 @@ mod tests {
     fn the_scanner_reads_numbers_from_data_lines_split_across_chunks() {
         let mut scanner = Scanner::default();
         let mut seen = Vec::new();
-        scanner.feed(b"id: 1-1\ndata: {\"k\":1,\"p\":\"x\",\"t\":5", |k, t| {
-            seen.push((k, t))
+        scanner.feed(b"id: 1-1\ndata: {\"k\":1,\"p\":\"x\",\"t\":5", |d| {
+            seen.push(d)
         });
-        scanner.feed(b"00}\n\n: hb\n\ndata: {\"k\":2,\"t\":7}\n\n", |k, t| {
-            seen.push((k, t))
+        scanner.feed(b"00}\n\n: hb\n\ndata: {\"k\":2,\"t\":7}\n\n", |d| {
+            seen.push(d)
         });
-        assert_eq!(seen, vec![(1, 500), (2, 7)]);
+        assert_eq!(
+            seen,
+            vec![
+                Dispatched::Event { k: 1, t: 500 },
+                Dispatched::Event { k: 2, t: 7 }
+            ]
+        );
         assert_eq!(scanner.last_id, "1-1");
         scanner.feed(
             b"retry: 2500\n\nid: 9-3\ndata: {\"k\":3,\"t\":1}\n\n",
-            |_, _| {},
+            |_| {},
         );
         assert_eq!((scanner.retry_ms, scanner.last_id.as_str()), (2500, "9-3"));
     }
@@ -515,10 +555,26 @@ mod tests {
         let mut seen = Vec::new();
         scanner.feed(
             b"id: 1-4\ndata: {\"k\":4,\"t\":1}\n\nid: 1-5\ndata: {\"k\":5,\"t\":1}\n",
-            |k, t| seen.push((k, t)),
+            |d| seen.push(d),
         );
         // The connection ends here: event 5 never completed.
-        assert_eq!(seen, vec![(4, 1)]);
+        assert_eq!(seen, vec![Dispatched::Event { k: 4, t: 1 }]);
         assert_eq!(scanner.last_id, "1-4");
+    }
+
+    #[test]
+    fn a_reset_is_handed_over_with_its_id_and_never_as_an_event() {
+        let mut scanner = Scanner::default();
+        let mut seen = Vec::new();
+        scanner.feed(
+            b"id: 7-80\nevent: herald.reset\ndata: {\"reason\":\"epoch_changed\"}\n\n\
+              id: 7-81\ndata: {\"k\":9,\"t\":1}\n\n",
+            |d| seen.push(d),
+        );
+        assert_eq!(
+            seen,
+            vec![Dispatched::Reset, Dispatched::Event { k: 9, t: 1 }]
+        );
+        assert_eq!(scanner.last_id, "7-81");
     }
 }

@@ -56,6 +56,9 @@ pub struct Metrics {
     pub bus_messages_received: Counter,
     /// Live gaps filled from the stream.
     pub gap_repairs: Counter,
+    /// Times this node found the stored history changed under it (lost
+    /// acknowledged writes, a recreated stream) and ended every stream.
+    pub history_changes: Counter,
     /// Bus messages dropped as undeliverable (bad subject, UTF-8, type, size).
     pub bus_bad_events: Counter,
     /// 1 while the NATS connection is up (NATS bus only).
@@ -87,6 +90,7 @@ impl Default for Metrics {
             rejected_streams: Family::default(),
             bus_messages_received: Counter::default(),
             gap_repairs: Counter::default(),
+            history_changes: Counter::default(),
             bus_bad_events: Counter::default(),
             nats_connected: Gauge::default(),
             queued_events: Gauge::default(),
@@ -160,6 +164,11 @@ impl Metrics {
             "gap_repairs",
             "Live gaps filled from the stream",
             self.gap_repairs.clone(),
+        );
+        registry.register(
+            "history_changes",
+            "Times the stored history changed under this node (lost writes, recreated stream); every stream resumed with herald.reset",
+            self.history_changes.clone(),
         );
         registry.register(
             "bus_bad_events",

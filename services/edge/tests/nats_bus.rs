@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use herald_config::BusKind;
+use herald_protocol::sse::Item;
 use herald_testkit::nats::NatsServer;
 use herald_testkit::{EdgeNode, PATIENCE, SseClient, publish, subscriber_token};
 use serde_json::json;
@@ -36,6 +37,20 @@ async fn publish_to(node: &EdgeNode, body: serde_json::Value) -> String {
 
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
+}
+
+/// Opens `user`'s stream on `node`, resuming after `last_event_id`.
+async fn resume(node: &EdgeNode, user: &str, last_event_id: &str) -> SseClient {
+    let token = subscriber_token(user, &[]);
+    SseClient::connect(
+        &node.url("/v1/stream"),
+        &[
+            ("authorization", &bearer(&token)),
+            ("last-event-id", last_event_id),
+        ],
+    )
+    .await
+    .expect("resume")
 }
 
 /// An event published over HTTP on one node reaches a stream held by another.
@@ -291,13 +306,7 @@ async fn a_recreated_stream_resets_clients_with_old_ids() {
     js.create_stream(config).await.expect("recreated");
     publish_to(&node, json!({"user": "alice", "data": "new 1"})).await;
 
-    let token = subscriber_token("alice", &[]);
-    let mut stream = SseClient::connect(
-        &node.url("/v1/stream"),
-        &[("authorization", &bearer(&token)), ("last-event-id", &old)],
-    )
-    .await
-    .expect("stream");
+    let mut stream = resume(&node, "alice", &old).await;
     let reset = stream.next_event(PATIENCE).await.expect("reset");
     assert_eq!(reset.event_type, "herald.reset");
     assert!(reset.data.contains("epoch_changed"), "{}", reset.data);
@@ -305,6 +314,134 @@ async fn a_recreated_stream_resets_clients_with_old_ids() {
         reset.id.split('-').next(),
         old.split('-').next(),
         "new epoch in the id"
+    );
+}
+
+/// A stream deleted and recreated while clients are streaming: the new
+/// history's first events reuse sequences already sent, so the open stream is
+/// ended (with a `retry:` hint) instead of silently dropping them, and the
+/// client's resume gets one `herald.reset`.
+#[tokio::test]
+async fn a_stream_recreated_under_open_streams_ends_them_and_resets_on_resume() {
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node(&nats).await;
+    let mut stream = SseClient::open(&node, "alice").await.expect("stream");
+    for data in ["old 1", "old 2"] {
+        publish_to(&node, json!({"user": "alice", "data": data})).await;
+    }
+    assert_eq!(stream.events(2).await.expect("old events")[1].data, "old 2");
+    let seen = stream.last_event_id().to_owned();
+
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    let config = js
+        .get_stream("HERALD")
+        .await
+        .expect("stream")
+        .cached_info()
+        .config
+        .clone();
+    js.delete_stream("HERALD").await.expect("deleted");
+    js.create_stream(config).await.expect("recreated");
+    // Sequence 1 again: below what the open stream has seen.
+    js.publish("herald.user.alice", "new 1".into())
+        .await
+        .expect("sent")
+        .await
+        .expect("stored");
+
+    let rest = stream.until_end(PATIENCE).await.expect("the stream ends");
+    assert!(
+        !rest
+            .iter()
+            .any(|item| matches!(item, Item::Event(e) if e.data == "new 1")),
+        "an event of the new history was sent on the old stream: {rest:?}"
+    );
+    assert!(
+        rest.iter().any(|item| matches!(item, Item::Retry(_))),
+        "{rest:?}"
+    );
+    let mut resumed = resume(&node, "alice", &seen).await;
+    let reset = resumed.next_event(PATIENCE).await.expect("reset");
+    assert_eq!(reset.event_type, "herald.reset", "{reset:?}");
+    publish_to(&node, json!({"user": "alice", "data": "new 2"})).await;
+    assert_eq!(
+        resumed.next_event(PATIENCE).await.expect("live").data,
+        "new 2"
+    );
+}
+
+/// Acknowledged events lost by NATS (the store went back to an older copy,
+/// as after lost writes): new events reuse sequences already sent under the
+/// same epoch. The node notices before filling any gap, moves the epoch for
+/// every node, and ends the stream; the resume gets one `herald.reset` — no
+/// event is ever sent under an id the client already had.
+#[tokio::test]
+async fn acknowledged_events_lost_by_nats_end_streams_and_reset_them_on_resume() {
+    let mut nats = NatsServer::start().expect("nats-server");
+    let node = nats_node(&nats).await;
+    let mut stream = SseClient::open(&node, "alice").await.expect("stream");
+    publish_to(&node, json!({"user": "alice", "data": "kept"})).await;
+    assert_eq!(
+        stream.next_event(PATIENCE).await.expect("kept").data,
+        "kept"
+    );
+    nats.copy_store().expect("store copied");
+    let mut sent = Vec::new();
+    for data in ["lost 1", "lost 2"] {
+        sent.push(publish_to(&node, json!({"user": "alice", "data": data})).await);
+    }
+    let lost = stream.events(2).await.expect("events the store will lose");
+    assert_eq!(lost.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), sent);
+
+    nats.rewind().expect("store rewound");
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    let mut reused = None;
+    for _ in 0..100 {
+        let attempt = async { js.publish("herald.user.alice", "after".into()).await?.await };
+        match attempt.await {
+            Ok(ack) => {
+                reused = Some(ack.sequence);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let reused = reused.expect("NATS stores again after the rewind");
+    assert!(
+        sent.iter().any(|id| id.ends_with(&format!("-{reused}"))),
+        "the rewound stream reuses a sequence already sent ({reused}, sent {sent:?})"
+    );
+
+    let rest = stream.until_end(PATIENCE).await.expect("the stream ends");
+    assert!(
+        !rest
+            .iter()
+            .any(|item| matches!(item, Item::Event(e) if e.data == "after")),
+        "an event was sent under a sequence the client already had: {rest:?}"
+    );
+    // While the node checks the history, a resume is answered "come back
+    // later" (200, a retry hint, the end); then it is served.
+    let mut attempts = 0;
+    let (mut resumed, reset) = loop {
+        let mut client = resume(&node, "alice", &sent[1]).await;
+        assert_eq!(client.status, 200);
+        if let Ok(event) = client.next_event(PATIENCE).await {
+            break (client, event);
+        }
+        attempts += 1;
+        assert!(attempts < 100, "the resume was never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(reset.event_type, "herald.reset", "{reset:?}");
+    assert_ne!(
+        reset.id.split('-').next(),
+        sent[1].split('-').next(),
+        "a new epoch"
+    );
+    publish_to(&node, json!({"user": "alice", "data": "next"})).await;
+    assert_eq!(
+        resumed.next_event(PATIENCE).await.expect("live").data,
+        "next"
     );
 }
 
@@ -325,16 +462,7 @@ async fn history_evicted_per_subject_gives_a_reset() {
     for i in 2..=5 {
         publish_to(&node, json!({"user": "alice", "data": i.to_string()})).await;
     }
-    let token = subscriber_token("alice", &[]);
-    let mut stream = SseClient::connect(
-        &node.url("/v1/stream"),
-        &[
-            ("authorization", &bearer(&token)),
-            ("last-event-id", &first),
-        ],
-    )
-    .await
-    .expect("stream");
+    let mut stream = resume(&node, "alice", &first).await;
     let reset = stream.next_event(PATIENCE).await.expect("reset");
     assert_eq!(reset.event_type, "herald.reset");
     assert!(reset.data.contains("expired"), "{}", reset.data);

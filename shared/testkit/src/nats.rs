@@ -105,12 +105,52 @@ impl NatsServer {
         self.kill();
         self.spawn()
     }
+
+    /// Stops the server, copies its store aside and starts it again; a later
+    /// [`NatsServer::rewind`] puts the copy back.
+    pub fn copy_store(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let copy = self.store_copy();
+        let _ = std::fs::remove_dir_all(&copy);
+        copy_dir(&self.store, &copy)?;
+        self.spawn()
+    }
+
+    /// Kills the server and restarts it from the copy [`NatsServer::copy_store`]
+    /// made: every event stored since is gone, acknowledged or not, as when
+    /// writes are lost or a store is restored from an older backup.
+    pub fn rewind(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        std::fs::remove_dir_all(&self.store)?;
+        std::fs::rename(self.store_copy(), &self.store)
+            .context("no copy of the store to rewind to")?;
+        self.spawn()
+    }
+
+    fn store_copy(&self) -> PathBuf {
+        self.store.with_extension("copy")
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.store);
+        let _ = std::fs::remove_dir_all(self.store_copy());
     }
 }
 

@@ -269,6 +269,9 @@ mod tests {
         fn deliver(&self, event: &Arc<Event>) {
             self.0.lock().expect("lock").push(event.id.seq);
         }
+
+        // The memory bus's history only changes with the process.
+        fn history_changed(&self) {}
     }
 
     fn bus(settings: MemoryBusSettings) -> (MemoryBus, Arc<Recorder>) {

@@ -197,6 +197,12 @@ pub trait LiveSink: Send + Sync {
     /// Called once per event for every followed target, in sequence order per
     /// target. Must not block.
     fn deliver(&self, event: &Arc<Event>);
+
+    /// The stored history changed under every followed target (acknowledged
+    /// events lost, the stream recreated): ids already sent may now name
+    /// other events. Every stream must end and resume, so that its client is
+    /// told with one `herald.reset`. Must not block.
+    fn history_changed(&self);
 }
 
 /// Live-delivery interest: what the registry asks of a bus.

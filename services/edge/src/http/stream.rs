@@ -366,7 +366,7 @@ fn session(
                 _ = expiry_warning.as_mut(), if !warned => Step::ExpiryWarning,
                 queued = frames.recv() => match queued {
                     Some(Queued::Event(frame)) => Step::Frame(frame),
-                    Some(Queued::Move) => Step::Leave(DisconnectReason::Moved),
+                    Some(Queued::Leave(reason)) => Step::Leave(reason),
                     None => Step::End,
                 },
                 _ = heartbeat.as_mut() => Step::Heartbeat,
@@ -374,7 +374,7 @@ fn session(
             match step {
                 Step::Frame(first) => {
                     let mut delivered = 0;
-                    let mut moving = false;
+                    let mut leaving = None;
                     let mut next = Some(first);
                     while let Some(frame) = next.take() {
                         if cursor.write(&frame, &mut buf) {
@@ -384,16 +384,16 @@ fn session(
                         if buf.len() < batch_limit {
                             next = match frames.try_recv() {
                                 Ok(Queued::Event(frame)) => Some(frame),
-                                Ok(Queued::Move) => {
-                                    moving = true;
+                                Ok(Queued::Leave(reason)) => {
+                                    leaving = Some(reason);
                                     None
                                 }
                                 Err(_) => None,
                             };
                         }
                     }
-                    if moving {
-                        attachment.end_because(DisconnectReason::Moved);
+                    if let Some(reason) = leaving {
+                        attachment.end_because(reason);
                         sse::write_retry(&mut buf, state.retry_hint_ms());
                         yield Ok(state.written(buf.split().freeze(), delivered));
                         break;

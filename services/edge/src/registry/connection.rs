@@ -52,9 +52,11 @@ impl QueuedAt {
 pub enum Queued {
     /// An event to write.
     Event(Frame),
-    /// The node asks this stream to move to another node (rebalancing): write
-    /// what is queued before it, then end with a `retry:` hint.
-    Move,
+    /// The node asks this stream to end: write what is queued before it, then
+    /// end with a `retry:` hint so the client reconnects and resumes — on
+    /// another node when rebalancing (`Moved`), or to be told with one
+    /// `herald.reset` that the history changed (`HistoryChanged`).
+    Leave(DisconnectReason),
 }
 
 /// Why a stream ended; logged and counted.
@@ -72,6 +74,9 @@ pub enum DisconnectReason {
     TokenExpired,
     /// The node moved the stream to spread load (rebalancing).
     Moved,
+    /// The stored history changed under the stream (acknowledged events lost,
+    /// the stream recreated): the client comes back and gets `herald.reset`.
+    HistoryChanged,
 }
 
 impl DisconnectReason {
@@ -84,6 +89,7 @@ impl DisconnectReason {
             DisconnectReason::BusUnavailable => "bus_unavailable",
             DisconnectReason::TokenExpired => "token_expired",
             DisconnectReason::Moved => "moved",
+            DisconnectReason::HistoryChanged => "history_changed",
         }
     }
 }
@@ -182,6 +188,21 @@ impl ConnectionHandle {
     /// elsewhere. Returns `false` when its queue is full (the stream is about
     /// to be cut as slow anyway) or it already ended.
     pub fn ask_to_move(&self) -> bool {
-        self.queue.try_send(Queued::Move).is_ok()
+        self.queue
+            .try_send(Queued::Leave(DisconnectReason::Moved))
+            .is_ok()
+    }
+
+    /// Asks the stream to end behind what is queued, because the history it
+    /// follows changed; a stream whose queue is full is ended at once (it was
+    /// about to be, as too slow). Either way the client resumes and is told.
+    pub fn ask_to_leave_for_history(&self) {
+        if self
+            .queue
+            .try_send(Queued::Leave(DisconnectReason::HistoryChanged))
+            .is_err()
+        {
+            self.kill.kill(DisconnectReason::HistoryChanged);
+        }
     }
 }

@@ -143,6 +143,22 @@ impl Registry {
         chosen.iter().filter(|c| c.ask_to_move()).count()
     }
 
+    /// Asks every stream to end behind what is queued and resume (see
+    /// [`ConnectionHandle::ask_to_leave_for_history`]). Returns how many.
+    pub fn end_streams_for_history(&self) -> usize {
+        let mut asked = 0;
+        for entry in self.targets.iter() {
+            if entry.key().kind() != TargetKind::User {
+                continue;
+            }
+            for (connection, _) in entry.connections.values() {
+                connection.ask_to_leave_for_history();
+                asked += 1;
+            }
+        }
+        asked
+    }
+
     /// Events waiting in all connection queues (each connection counted once,
     /// through its user's entry). Costs one pass over the registry.
     pub fn queued_events(&self) -> usize {
@@ -251,6 +267,14 @@ impl LiveSink for Registry {
                 queued_at,
             });
         }
+    }
+
+    fn history_changed(&self) {
+        let streams = self.end_streams_for_history();
+        tracing::warn!(
+            streams,
+            "the stored history changed: every stream resumes and is told with herald.reset"
+        );
     }
 }
 
@@ -459,8 +483,8 @@ mod tests {
             }
             match items.as_slice() {
                 [] => {}
-                [Queued::Move] => asked += 1,
-                [Queued::Event(frame), Queued::Move] => {
+                [Queued::Leave(DisconnectReason::Moved)] => asked += 1,
+                [Queued::Event(frame), Queued::Leave(DisconnectReason::Moved)] => {
                     assert_eq!(frame.event.id.seq, 1);
                     asked += 1;
                 }

@@ -35,6 +35,10 @@ use herald_protocol::{Epoch, EventId, EventType, Target, TraceParent};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+mod history;
+
+use history::History;
+
 use super::{
     Bus, Event, FollowState, Interest, LiveSink, LostReason, PublishError, PublishRequest, Receipt,
     Replay, ReplayError, check_position,
@@ -129,6 +133,15 @@ struct Shared {
     followers: Mutex<HashMap<Target, Follower>>,
     connected: Arc<AtomicBool>,
     reconnects: watch::Sender<u64>,
+    history: Arc<History>,
+    /// Cancelled when the bus is dropped: ends the history watch.
+    stop: CancellationToken,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 struct Follower {
@@ -146,11 +159,13 @@ impl NatsBus {
     ) -> Result<NatsBus, NatsError> {
         let connected = Arc::new(AtomicBool::new(false));
         let (reconnects, _) = watch::channel(0u64);
+        let history = History::new();
         let client = connect(
             settings,
             node_id,
             Arc::clone(&connected),
             reconnects.clone(),
+            Arc::clone(&history),
             Arc::clone(&metrics),
         )
         .await?;
@@ -158,8 +173,7 @@ impl NatsBus {
         metrics.nats_connected.set(1);
         check_version(&client.server_info().version)?;
         let jetstream = jetstream::new(client.clone());
-        let (stream, created) = ensure_stream(&jetstream, settings).await?;
-        let epoch = epoch_of(created);
+        let (stream, epoch) = ensure_stream(&jetstream, settings).await?;
         tracing::info!(
             url = %settings.url,
             stream = %settings.stream,
@@ -167,21 +181,31 @@ impl NatsBus {
             epoch = %format!("{epoch:x}"),
             "connected to NATS JetStream"
         );
-        Ok(NatsBus {
-            shared: Arc::new(Shared {
-                client,
-                jetstream,
-                stream,
-                settings: settings.clone(),
-                epoch: AtomicU64::new(epoch),
-                sink,
-                metrics,
-                tracing,
-                followers: Mutex::new(HashMap::new()),
-                connected,
-                reconnects,
-            }),
-        })
+        let connections = reconnects.subscribe();
+        history.checked_up_to(*connections.borrow());
+        let stop = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            client,
+            jetstream,
+            stream,
+            settings: settings.clone(),
+            epoch: AtomicU64::new(epoch),
+            sink,
+            metrics,
+            tracing,
+            followers: Mutex::new(HashMap::new()),
+            connected,
+            reconnects,
+            history: Arc::clone(&history),
+            stop: stop.clone(),
+        });
+        tokio::spawn(history::watch(
+            Arc::downgrade(&shared),
+            history,
+            connections,
+            stop,
+        ));
+        Ok(NatsBus { shared })
     }
 }
 
@@ -190,6 +214,7 @@ async fn connect(
     node_id: &str,
     connected: Arc<AtomicBool>,
     reconnects: watch::Sender<u64>,
+    history: Arc<History>,
     metrics: Arc<Metrics>,
 ) -> Result<async_nats::Client, NatsError> {
     let mut options = ConnectOptions::new()
@@ -200,6 +225,7 @@ async fn connect(
         .event_callback(move |event| {
             let connected = Arc::clone(&connected);
             let reconnects = reconnects.clone();
+            let history = Arc::clone(&history);
             let metrics = Arc::clone(&metrics);
             async move {
                 match event {
@@ -210,6 +236,7 @@ async fn connect(
                         tracing::info!("NATS connection (re)established");
                     }
                     async_nats::Event::Disconnected => {
+                        history.disconnected();
                         connected.store(false, Ordering::SeqCst);
                         metrics.nats_connected.set(0);
                         tracing::warn!(
@@ -346,7 +373,7 @@ fn conflict(
 async fn ensure_stream(
     jetstream: &jetstream::Context,
     settings: &NatsSettings,
-) -> Result<(stream::Stream, time::OffsetDateTime), NatsError> {
+) -> Result<(stream::Stream, u64), NatsError> {
     let failed = |reason: String| NatsError::Stream {
         stream: settings.stream.clone(),
         reason,
@@ -401,13 +428,19 @@ async fn ensure_stream(
             .await
             .map_err(|err| failed(err.to_string()))?;
     }
-    Ok((stream, info.created))
+    Ok((stream, epoch_of(&info)))
 }
 
 /// The epoch of a stream: its creation time, so every node agrees and a
-/// recreated stream gets a new one.
-fn epoch_of(created: time::OffsetDateTime) -> u64 {
-    u64::try_from(created.unix_timestamp_nanos() / 1_000).unwrap_or(0)
+/// recreated stream gets a new one — or, once a node found that acknowledged
+/// events were lost, the epoch it wrote into the stream's metadata (see
+/// [`history`]).
+fn epoch_of(info: &stream::Info) -> u64 {
+    info.config
+        .metadata
+        .get(history::EPOCH_METADATA)
+        .and_then(|epoch| u64::from_str_radix(epoch, 16).ok())
+        .unwrap_or_else(|| u64::try_from(info.created.unix_timestamp_nanos() / 1_000).unwrap_or(0))
 }
 
 impl Shared {
@@ -422,6 +455,19 @@ impl Shared {
         }
     }
 
+    /// Fails while the history has not been checked since the last
+    /// reconnect: a position read from a history that went back would resume
+    /// clients past events they never got.
+    fn history_checked(&self) -> Result<(), ReplayError> {
+        if self.history.is_checked(*self.reconnects.borrow()) {
+            Ok(())
+        } else {
+            Err(ReplayError(
+                "the stream's history is being checked after a reconnect".into(),
+            ))
+        }
+    }
+
     /// Reads the stream's state, noticing a recreated stream (new epoch).
     async fn state(&self) -> Result<stream::State, ReplayError> {
         let stream = tokio::time::timeout(
@@ -432,7 +478,7 @@ impl Shared {
         .map_err(|_| ReplayError("stream info timed out".into()))?
         .map_err(|err| ReplayError(err.to_string()))?;
         let info = stream.cached_info();
-        let epoch = epoch_of(info.created);
+        let epoch = epoch_of(info);
         if self.epoch.swap(epoch, Ordering::Relaxed) != epoch {
             tracing::warn!(stream = %self.settings.stream, epoch = %format!("{epoch:x}"), "the stream was recreated: old ids now get herald.reset");
         }
@@ -476,7 +522,10 @@ impl Shared {
         Some(Event::new(self.id(seq), target, event_type, data, published_at).with_trace(trace))
     }
 
-    fn deliver(&self, event: Event) {
+    /// Hands one event to the registry; `stored_at` is its store time when
+    /// the stream gave it.
+    fn deliver(&self, event: Event, stored_at: Option<SystemTime>) {
+        self.history.delivered(event.id.seq, stored_at);
         self.sink.deliver(&Arc::new(event));
     }
 
@@ -545,7 +594,8 @@ impl Shared {
                 }
                 for event in events {
                     last = event.id.seq;
-                    self.deliver(event);
+                    let stored_at = Some(event.published_at);
+                    self.deliver(event, stored_at);
                 }
                 last
             }
@@ -570,14 +620,7 @@ impl Shared {
             tracing::warn!(subject = %message.subject, "live message without Nats-Sequence; dropped");
             return last;
         };
-        if seq <= last {
-            return last;
-        }
-        let mut last = last;
-        if number("Nats-Last-Sequence").unwrap_or(0) > last {
-            last = self.fill_gap(subject, last, Some(seq)).await;
-        }
-        let published_at = headers
+        let stored_at: Option<SystemTime> = headers
             .and_then(|h| h.get("Nats-Time-Stamp"))
             .and_then(|v| {
                 time::OffsetDateTime::parse(
@@ -586,9 +629,19 @@ impl Shared {
                 )
                 .ok()
             })
-            .map_or_else(SystemTime::now, Into::into);
+            .map(Into::into);
+        // Not delivered: the history check decides (and ends every stream if
+        // the history changed).
+        if self.history.suspicious(seq, stored_at) || seq <= last {
+            return last;
+        }
+        let mut last = last;
+        if number("Nats-Last-Sequence").unwrap_or(0) > last {
+            last = self.fill_gap(subject, last, Some(seq)).await;
+        }
+        let published_at = stored_at.unwrap_or_else(SystemTime::now);
         if let Some(event) = self.decode(subject, seq, headers, &message.payload, published_at) {
-            self.deliver(event);
+            self.deliver(event, stored_at);
         }
         last.max(seq)
     }
@@ -633,7 +686,15 @@ async fn follow_target(
                 if changed.is_err() {
                     break;
                 }
-                // Republished messages sent while disconnected are lost.
+                // Republished messages sent while disconnected are lost: fill
+                // the gap from the stream, once the node has checked that the
+                // stream still holds what was delivered (filling from a
+                // history that went back would send other events under ids
+                // already sent).
+                let connection = *reconnects.borrow_and_update();
+                if !shared.history.checked_after(connection, &stop).await {
+                    break;
+                }
                 last = shared.fill_gap(&stored, last, None).await;
             }
             message = subscription.next() => match message {
@@ -731,6 +792,7 @@ impl Bus for NatsBus {
     }
 
     async fn head(&self) -> Result<EventId, ReplayError> {
+        self.shared.history_checked()?;
         let state = self.shared.state().await?;
         Ok(self.shared.id(state.last_sequence))
     }
@@ -742,6 +804,7 @@ impl Bus for NatsBus {
         limit: usize,
     ) -> Result<Replay, ReplayError> {
         let shared = &self.shared;
+        shared.history_checked()?;
         let state = shared.state().await?;
         let head = shared.id(state.last_sequence);
         let lost = |reason| Ok(Replay::HistoryLost { reason, head });

@@ -1,0 +1,305 @@
+//! Noticing that the stored history changed under a running node.
+//!
+//! An SSE id is the stream's epoch and sequence. Two things can make an id
+//! the node already sent name a different event, or none:
+//!
+//! - **The stream was recreated** (deleted and created again, or lost with
+//!   every server's data): its creation time, hence its epoch, changed.
+//! - **Acknowledged writes were lost** (servers restarted from storage that
+//!   missed its last writes, a store restored from a backup): the creation
+//!   time is the same, but the sequence went back and new events reuse
+//!   sequences the node already sent. Left alone, a follower would drop those
+//!   events as duplicates and a resuming client would skip them: a silent
+//!   loss.
+//!
+//! The node keeps a [`Mark`]: the sequence and store time of the newest event
+//! it delivered. When the NATS connection drops it copies the mark aside (the
+//! checkpoint); once reconnected, before any follower fills its gap, it
+//! checks that the stream still holds that event at that sequence. When it
+//! does not, the node moves the epoch for every node (stream metadata
+//! `herald_epoch`) and ends every stream with a `retry:` hint: each client
+//! resumes with its old id, which is now from another epoch, and gets exactly
+//! one `herald.reset`. A live message that could only come from a changed
+//! history (at or below the mark's sequence but stored after it) asks for
+//! the same check.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::stream;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{API_TIMEOUT, Shared, epoch_of};
+use crate::bus::ReplayError;
+
+/// Stream metadata key holding the epoch once a node found that the history
+/// went back; without it the epoch is the stream's creation time.
+pub(super) const EPOCH_METADATA: &str = "herald_epoch";
+
+/// The newest event a node delivered: its sequence and, when the stream said,
+/// its store time (a sequence reused after lost writes has another time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Mark {
+    seq: u64,
+    stored_at: Option<SystemTime>,
+}
+
+/// The node's marks and the coordination between the check and the followers.
+#[derive(Debug)]
+pub(super) struct History {
+    mark: Mutex<Mark>,
+    /// The mark when the connection dropped (or when a live message looked
+    /// wrong): what the check compares with the stream.
+    checkpoint: Mutex<Mark>,
+    /// Wakes the check for a live message that looked wrong.
+    recheck: Notify,
+    /// The connection count up to which the history has been checked;
+    /// followers wait for it before filling the gap a reconnect left.
+    checked: watch::Sender<u64>,
+}
+
+impl History {
+    pub(super) fn new() -> Arc<History> {
+        Arc::new(History {
+            mark: Mutex::new(Mark::default()),
+            checkpoint: Mutex::new(Mark::default()),
+            recheck: Notify::new(),
+            checked: watch::channel(0).0,
+        })
+    }
+
+    /// Records a delivered event (called for every event, live or filled).
+    pub(super) fn delivered(&self, seq: u64, stored_at: Option<SystemTime>) {
+        let mut mark = lock(&self.mark);
+        if seq > mark.seq {
+            *mark = Mark { seq, stored_at };
+        }
+    }
+
+    /// The connection dropped: what was delivered until now is what the
+    /// stream must still hold when it is back.
+    pub(super) fn disconnected(&self) {
+        let mark = *lock(&self.mark);
+        *lock(&self.checkpoint) = mark;
+    }
+
+    /// A live message at `seq`, stored at `stored_at`: one at or below the
+    /// newest delivered sequence but stored after it cannot be a late copy of
+    /// an event already delivered, only an event of a changed history. Asks
+    /// for the check and returns `true` then.
+    pub(super) fn suspicious(&self, seq: u64, stored_at: Option<SystemTime>) -> bool {
+        let mark = *lock(&self.mark);
+        let suspicious = seq <= mark.seq
+            && matches!((stored_at, mark.stored_at), (Some(at), Some(newest)) if at > newest);
+        if suspicious {
+            *lock(&self.checkpoint) = mark;
+            self.recheck.notify_one();
+        }
+        suspicious
+    }
+
+    /// Records that the history needs no check for connections up to
+    /// `connection` (the one the bus started with).
+    pub(super) fn checked_up_to(&self, connection: u64) {
+        self.checked.send_replace(connection);
+    }
+
+    /// Whether the history was checked after connection number `connection`.
+    pub(super) fn is_checked(&self, connection: u64) -> bool {
+        *self.checked.borrow() >= connection
+    }
+
+    /// Waits until the history was checked after connection number
+    /// `connection` (or `stop`). Returns `false` when stopped.
+    pub(super) async fn checked_after(&self, connection: u64, stop: &CancellationToken) -> bool {
+        let mut checked = self.checked.subscribe();
+        tokio::select! {
+            _ = stop.cancelled() => false,
+            result = checked.wait_for(|&checked| checked >= connection) => result.is_ok(),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    /// Whether the history changed under this node since the checkpoint: the
+    /// epoch moved (stream recreated, or another node found lost writes), or
+    /// the stream no longer holds the checkpoint's event at its sequence (then
+    /// this node moves the epoch for everyone).
+    async fn history_changed(&self) -> Result<bool, ReplayError> {
+        let known = self.epoch.load(Ordering::Relaxed);
+        let state = self.state().await?;
+        if self.epoch.load(Ordering::Relaxed) != known {
+            return Ok(true);
+        }
+        let checkpoint = *lock(&self.history.checkpoint);
+        if checkpoint.seq == 0 {
+            return Ok(false);
+        }
+        let held = match tokio::time::timeout(API_TIMEOUT, self.stream.direct_get(checkpoint.seq))
+            .await
+            .map_err(|_| ReplayError("direct get timed out".into()))?
+        {
+            Ok(message) => checkpoint
+                .stored_at
+                .is_none_or(|at| SystemTime::from(message.time) == at),
+            // Removed by the limits or a purge: gone forward, not back.
+            Err(err) if err.kind() == stream::DirectGetErrorKind::NotFound => {
+                checkpoint.seq <= state.last_sequence
+            }
+            Err(err) => return Err(ReplayError(err.to_string())),
+        };
+        if held {
+            return Ok(false);
+        }
+        tracing::warn!(
+            stream = %self.settings.stream,
+            delivered = checkpoint.seq,
+            stored = state.last_sequence,
+            "the stream lost events this node delivered (acknowledged writes lost, or restored from an older copy)"
+        );
+        self.move_epoch(known).await?;
+        Ok(true)
+    }
+
+    /// Gives the stream a new epoch (stream metadata), unless another node
+    /// already did: every id sent before becomes another epoch's.
+    async fn move_epoch(&self, known: u64) -> Result<(), ReplayError> {
+        let failed = |err: String| ReplayError(format!("cannot move the epoch: {err}"));
+        let mut stream = self
+            .jetstream
+            .get_stream(&self.settings.stream)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let info = stream.info().await.map_err(|e| failed(e.to_string()))?;
+        let current = epoch_of(info);
+        if current != known {
+            self.epoch.store(current, Ordering::Relaxed);
+            return Ok(());
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let next = now.max(known + 1);
+        let mut config = info.config.clone();
+        config
+            .metadata
+            .insert(EPOCH_METADATA.to_owned(), format!("{next:x}"));
+        self.jetstream
+            .update_stream(config)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        self.epoch.store(next, Ordering::Relaxed);
+        tracing::warn!(stream = %self.settings.stream, epoch = %format!("{next:x}"), "moved the epoch: old ids now get herald.reset");
+        Ok(())
+    }
+}
+
+/// Checks the history after every reconnect and whenever a live message
+/// looked wrong, until the stream answers; ends every stream when it changed.
+/// Runs until `stop` (the bus is dropped).
+pub(super) async fn watch(
+    shared: Weak<Shared>,
+    history: Arc<History>,
+    mut connections: watch::Receiver<u64>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = connections.changed() => if changed.is_err() { return },
+            _ = history.recheck.notified() => {}
+        }
+        let connection = *connections.borrow_and_update();
+        loop {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            match shared.history_changed().await {
+                Ok(changed) => {
+                    if changed {
+                        *lock(&history.mark) = Mark::default();
+                        shared.metrics.history_changes.inc();
+                        shared.sink.history_changed();
+                    }
+                    history.checked.send_replace(connection);
+                    break;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot check the stream's history yet; live gaps wait for it");
+                }
+            }
+            drop(shared);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(micros: u64) -> Option<SystemTime> {
+        Some(UNIX_EPOCH + Duration::from_micros(micros))
+    }
+
+    #[test]
+    fn a_late_copy_of_a_delivered_event_is_not_suspicious() {
+        let history = History::new();
+        history.delivered(10, at(1_000));
+        history.delivered(12, at(1_200));
+        assert!(!history.suspicious(11, at(1_100)));
+        assert!(!history.suspicious(12, at(1_200)));
+        assert!(
+            !history.suspicious(13, at(1_300)),
+            "newer events are simply new"
+        );
+    }
+
+    #[test]
+    fn a_reused_sequence_stored_later_is_suspicious_and_sets_the_checkpoint() {
+        let history = History::new();
+        history.delivered(12, at(1_200));
+        assert!(history.suspicious(11, at(5_000)));
+        assert_eq!(
+            *lock(&history.checkpoint),
+            Mark {
+                seq: 12,
+                stored_at: at(1_200)
+            }
+        );
+    }
+
+    #[test]
+    fn the_checkpoint_is_the_mark_when_the_connection_dropped() {
+        let history = History::new();
+        history.delivered(7, at(700));
+        history.disconnected();
+        // Events delivered after the drop do not move what is checked.
+        history.delivered(9, at(900));
+        assert_eq!(
+            *lock(&history.checkpoint),
+            Mark {
+                seq: 7,
+                stored_at: at(700)
+            }
+        );
+    }
+
+    #[test]
+    fn without_store_times_nothing_is_suspicious() {
+        let history = History::new();
+        history.delivered(12, None);
+        assert!(!history.suspicious(3, at(9_999)));
+    }
+}
