@@ -2,15 +2,19 @@
 # The soak (`make soak`): steady load through nginx on the local cluster for
 # SOAK_SECS (default 600) with a fault every FAULT_EVERY seconds (default 60),
 # rotating through: SIGKILL of edge-3 (restarted 3 s later), a SIGTERM restart
-# of edge-3, a restart of one NATS server. edge-1 and edge-2 run throughout:
-# their RSS and open descriptors are sampled every 10 s and must stay flat (the
-# least-squares slope is reported per hour). At the end the load generator's
+# of edge-3, a restart of one NATS server, SIGKILL of the stream's leader
+# (restarted 5 s later), nginx stopped and started (every client reconnects at
+# once). edge-1 and edge-2 run throughout: their RSS, open descriptors and
+# open streams are sampled every 10 s. Faults move streams between edges, so
+# besides the plain least-squares slope per hour the report gives the slope
+# with the number of open streams factored out (RSS ~ a + b*streams + c*t:
+# c is growth that streams do not explain). At the end the load generator's
 # invariants must hold: zero lost, duplicated, reordered.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CLUSTER_DIR=${CLUSTER_DIR:-$PWD/.cluster-soak}
-export BASE_PORT=${BASE_PORT:-18080} NATS_PORT=${NATS_PORT:-14222} GOSSIP_PORT=${GOSSIP_PORT:-17946}
+export BASE_PORT=${BASE_PORT:-19080} NATS_PORT=${NATS_PORT:-15222} GOSSIP_PORT=${GOSSIP_PORT:-19946}
 export EDGE_BIN=${EDGE_BIN:-$PWD/target/release/herald-edge}
 export RUST_LOG=${RUST_LOG:-warn}
 LOADTEST_BIN=${LOADTEST_BIN:-$PWD/target/release/herald-loadtest}
@@ -36,7 +40,7 @@ trap '$cluster down >/dev/null 2>&1 || true' EXIT
 loadgen=$!
 
 samples="$RESULTS/soak-samples.csv"
-echo "t_secs,node,rss_kib,fds" > "$samples"
+echo "t_secs,node,rss_kib,fds,streams" > "$samples"
 started=$(date +%s)
 next_fault=$FAULT_EVERY
 fault=0
@@ -46,13 +50,18 @@ while kill -0 "$loadgen" 2>/dev/null; do
     pid=$(cat "$CLUSTER_DIR/pid.$node")
     rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
     fds=$(ls "/proc/$pid/fd" 2>/dev/null | wc -l)
-    echo "$now,$node,$rss,$fds" >> "$samples"
+    streams=$(curl -fsS "http://127.0.0.1:$((BASE_PORT + ${node#edge-}))/metrics" 2>/dev/null \
+      | awk '$1 == "herald_connections_open" {print $2}')
+    echo "$now,$node,$rss,$fds,${streams:-0}" >> "$samples"
   done
   if [ "$now" -ge "$next_fault" ] && [ "$now" -lt "$SOAK_SECS" ]; then
-    case $(( fault % 3 )) in
+    case $(( fault % 5 )) in
       0) echo "[$now s] SIGKILL edge-3"; $cluster kill-edge 3; sleep 3; $cluster start-edge 3 >/dev/null ;;
       1) echo "[$now s] SIGTERM restart of edge-3"; $cluster restart-edge 3 >/dev/null ;;
       2) echo "[$now s] restart nats-1"; $cluster restart-nats 1 >/dev/null ;;
+      3) leader=$($cluster nats-leader) && { echo "[$now s] SIGKILL the stream leader nats-$leader"
+           $cluster kill-nats "$leader"; sleep 5; $cluster start-nats "$leader" >/dev/null; } ;;
+      4) echo "[$now s] nginx stopped and started"; $cluster restart-nginx >/dev/null ;;
     esac
     fault=$(( fault + 1 ))
     next_fault=$(( next_fault + FAULT_EVERY ))
@@ -78,13 +87,35 @@ def slope(points):
     my = sum(y for _, y in points) / n
     den = sum((x - mx) ** 2 for x, _ in points) or 1
     return sum((x - mx) * (y - my) for x, y in points) / den
+def fit(rows):
+    """Least squares y ~ a + b*streams + c*t; returns (b, c). Solved from
+    the centred normal equations (2x2), no numpy needed."""
+    n = len(rows)
+    mt = sum(t for t, _, _ in rows) / n
+    ms = sum(s for _, s, _ in rows) / n
+    my = sum(y for _, _, y in rows) / n
+    sss = sum((s - ms) ** 2 for _, s, _ in rows)
+    stt = sum((t - mt) ** 2 for t, _, _ in rows)
+    sst = sum((s - ms) * (t - mt) for t, s, _ in rows)
+    ssy = sum((s - ms) * (y - my) for _, s, y in rows)
+    sty = sum((t - mt) * (y - my) for t, _, y in rows)
+    det = sss * stt - sst * sst
+    if n < 3 or det == 0:
+        return 0.0, slope([(t, y) for t, _, y in rows])
+    return (ssy * stt - sty * sst) / det, (sty * sss - ssy * sst) / det
 for node in ("edge-1", "edge-2"):
-    points = [(int(r["t_secs"]), int(r["rss_kib"]), int(r["fds"])) for r in rows if r["node"] == node]
+    points = [(int(r["t_secs"]), int(r["rss_kib"]), int(r["fds"]), int(float(r.get("streams") or 0)))
+              for r in rows if r["node"] == node]
     # Skip the first minute (connections arriving, caches warming).
     steady = [p for p in points if p[0] >= 60] or points
-    rss = slope([(t, r) for t, r, _ in steady]) * 3600
-    fds = slope([(t, f) for t, _, f in steady]) * 3600
-    print(f"soak: {node}: RSS {steady[0][1]}→{steady[-1][1]} KiB (slope {rss:+.0f} KiB/h), "
-          f"descriptors {steady[0][2]}→{steady[-1][2]} (slope {fds:+.1f}/h) over {len(steady)} samples")
+    rss = slope([(t, r) for t, r, _, _ in steady]) * 3600
+    fds = slope([(t, f) for t, _, f, _ in steady]) * 3600
+    per_stream, rss_beyond = fit([(t, s, r) for t, r, _, s in steady])
+    fd_per_stream, fds_beyond = fit([(t, s, f) for t, _, f, s in steady])
+    print(f"soak: {node}: RSS {steady[0][1]}→{steady[-1][1]} KiB (slope {rss:+.0f} KiB/h; "
+          f"{per_stream:.1f} KiB per open stream, {rss_beyond * 3600:+.0f} KiB/h beyond that), "
+          f"descriptors {steady[0][2]}→{steady[-1][2]} (slope {fds:+.1f}/h; "
+          f"{fds_beyond * 3600:+.1f}/h beyond open streams), "
+          f"streams {steady[0][3]}→{steady[-1][3]}, {len(steady)} samples")
 sys.exit(0 if ok else 1)
 PY
