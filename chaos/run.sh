@@ -35,7 +35,7 @@ mkdir -p "$RESULTS"
 export cluster=$PWD/deploy/local/cluster.sh
 NATS_URLS="nats://127.0.0.1:$NATS_PORT,nats://127.0.0.1:$((NATS_PORT + 1)),nats://127.0.0.1:$((NATS_PORT + 2))"
 
-SCENARIOS=(edge-sigkill rolling-restart nats-restart stream-leader-kill edge-nats-cut gossip-partition
+SCENARIOS=(edge-sigkill rolling-restart nats-restart stream-leader-kill edge-nats-cut edge-nats-partition gossip-partition
            slow-consumers reconnect-storm publisher-retries nats-power-loss nats-history-rewound
            chromium-edge-kill chromium-statuses clock-skew)
 declare -A DESCRIBE=(
@@ -43,7 +43,8 @@ declare -A DESCRIBE=(
   [rolling-restart]="every edge restarted in turn with SIGTERM (drain)"
   [nats-restart]="one of the three NATS servers restarted"
   [stream-leader-kill]="the JetStream stream leader killed with SIGKILL, back 5 s later"
-  [edge-nats-cut]="edge-3's network to every NATS server cut for CUT_SECS, then restored"
+  [edge-nats-cut]="edge-3's connections to every NATS server reset and refused for CUT_SECS"
+  [edge-nats-partition]="edge-3's traffic to every NATS server silently frozen for CUT_SECS (nothing closes)"
   [gossip-partition]="edge-3 cut off from its peers' gossip (not from NATS) for CUT_SECS"
   [slow-consumers]="10 % of clients stop reading next to fast ones"
   [reconnect-storm]="nginx stopped and started: every client reconnects at once"
@@ -112,6 +113,18 @@ fault_edge_nats_cut() {
   t=$(waited 20 ready 3) || fault_failed "edge-3 not ready within 20 s of the routes coming back"
   note "edge-3 ready again ${t} s after the routes came back"
 }
+fault_edge_nats_partition() {
+  sleep 4
+  local t
+  kill -USR1 "$(cat "$CLUSTER_DIR/faults.pid")"
+  # Nothing closes: the edge notices only when its pings go unanswered.
+  t=$(waited 15 unready 3) || fault_failed "edge-3 stayed ready through a silent partition"
+  note "edge-3 noticed the silent partition (unready) after ${t} s (nats.ping_interval_ms = 1000)"
+  sleep "$CUT_SECS"
+  kill -USR2 "$(cat "$CLUSTER_DIR/faults.pid")"
+  t=$(waited 30 ready 3) || fault_failed "edge-3 not ready within 30 s of the partition healing"
+  note "edge-3 ready again ${t} s after the partition healed"
+}
 fault_gossip_partition() {
   sleep 3
   local t
@@ -137,11 +150,16 @@ fault_nats_power_loss() {
 fault_nats_history_rewound() {
   sleep 4
   $cluster snapshot-nats >/dev/null
-  note "copied every store (servers stopped for it), then ran on"
-  sleep 5
+  local copied stored
+  copied=$($cluster nats-last-seq)
+  # History to lose: at least a second of publishing after the copy.
+  waited 30 stored_beyond $((copied + RATE)) >/dev/null \
+    || fault_failed "fewer than $RATE events stored after the copy (sequence $copied)"
+  stored=$($cluster nats-last-seq)
   $cluster restore-nats >/dev/null
-  note "killed every server and put the copies back: the stream's history went back 5 s"
+  note "copied every store at sequence $copied; at $stored killed every server and put the copies back: $((stored - copied)) acknowledged events gone"
 }
+stored_beyond() { local seq; seq=$($cluster nats-last-seq) && [ "$seq" -ge "$1" ]; }
 fault_reconnect_storm() {
   sleep 5
   $cluster restart-nginx >/dev/null
@@ -163,10 +181,12 @@ stop_faults() {
   rm -f "$CLUSTER_DIR/faults.pid"
   unset EDGE_ENV_1 EDGE_ENV_2 EDGE_ENV_3
 }
-setup_edge_nats_cut() {
+setup_edge_nats_cut() { setup_nats_proxies 0; }
+setup_edge_nats_partition() { setup_nats_proxies 1; }
+setup_nats_proxies() { # silent (0: cuts reset connections, 1: cuts freeze them)
   # edge-3 reaches each NATS server only through a proxy, and only through it.
   start_faults tcp --upstream "127.0.0.1:$NATS_PORT" --upstream "127.0.0.1:$((NATS_PORT + 1))" \
-    --upstream "127.0.0.1:$((NATS_PORT + 2))"
+    --upstream "127.0.0.1:$((NATS_PORT + 2))" --silent "$1"
   local urls
   urls=$(sed 's|^|nats://|' "$CLUSTER_DIR/faults.addrs" | paste -sd,)
   export EDGE_ENV_3="HERALD__NATS__URL=$urls HERALD__NATS__IGNORE_DISCOVERED_SERVERS=true HERALD__NATS__PING_INTERVAL_MS=1000"
@@ -184,10 +204,13 @@ setup_gossip_partition() {
 }
 
 run_loadtest_scenario() {
-  local extra=()
+  local extra=() duration=$DURATION
   case $name in
     slow-consumers) extra=(--slow-fraction 0.1) ;;
     publisher-retries) extra=(--publish-twice 1) ;;
+    # A whole NATS cluster takes 10-20 s to elect its leaders again: publish
+    # long enough for events to flow after it (and, rewound, before the rewind).
+    nats-power-loss | nats-history-rewound) duration=$((DURATION + 30)) ;;
   esac
   $cluster down >/dev/null 2>&1 || true
   if declare -F "setup_${name//-/_}" >/dev/null; then "setup_${name//-/_}"; fi
@@ -201,7 +224,7 @@ run_loadtest_scenario() {
     --nats "$NATS_URLS" \
     --secret "$SECRET" \
     --connections "$CONNECTIONS" --users "$CONNECTIONS" \
-    --rate "$RATE" --duration "$DURATION" --drain 20 \
+    --rate "$RATE" --duration "$duration" --drain 20 \
     --publishers 4 "${extra[@]}" \
     --reconnect 1 --honor-retry 1 \
     --out "$RESULTS/$name.json" > "$RESULTS/$name.log" 2>&1 || true

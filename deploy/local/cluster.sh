@@ -163,23 +163,26 @@ nats_healthy() { # index 0..2
   wait_for "nats-$1" curl -fsS "http://127.0.0.1:$((NATS_PORT + 4000 + $1))/healthz"
 }
 
-# Prints the index (0..2) of the server leading the HERALD stream's replicas,
-# as the servers' monitoring endpoints report it.
-nats_leader() {
-  local i leader
+# Prints a field of the HERALD stream as the first server that has it
+# reports it on its monitoring endpoint: `leader` (the index, 0..2, of the
+# server leading its replicas) or `last_seq`.
+nats_stream() { # field
+  local i value
   for i in 0 1 2; do
-    leader=$(curl -fsS "http://127.0.0.1:$((NATS_PORT + 4000 + i))/jsz?streams=true&accounts=true" 2>/dev/null \
+    value=$(curl -fsS "http://127.0.0.1:$((NATS_PORT + 4000 + i))/jsz?streams=true&accounts=true" 2>/dev/null \
       | python3 -c '
 import json, sys
 for account in json.load(sys.stdin).get("account_details") or []:
     for stream in account.get("stream_detail") or []:
-        if stream["name"] == "HERALD" and (stream.get("cluster") or {}).get("leader"):
-            print(stream["cluster"]["leader"])
-') && [ -n "$leader" ] && { echo "${leader#nats-}"; return 0; }
+        leader = (stream.get("cluster") or {}).get("leader")
+        if stream["name"] == "HERALD" and leader:
+            print(leader.removeprefix("nats-") if sys.argv[1] == "leader" else stream["state"]["last_seq"])
+' "$1") && [ -n "$value" ] && { echo "$value"; return 0; }
   done
   echo "cluster: no server reports a leader for the HERALD stream" >&2
   return 1
 }
+nats_leader() { nats_stream leader; }
 
 # Stops every NATS server cleanly, copies their stores aside and starts them
 # again; `restore-nats` later kills them all and puts the copies back: the
@@ -241,9 +244,10 @@ case "${1:-}" in
   kill-nats) stop_one "nats-$2" KILL ;;
   start-nats) start_nats "$2"; nats_healthy "$2" ;;
   nats-leader) nats_leader ;;
+  nats-last-seq) nats_stream last_seq ;;
   snapshot-nats) snapshot_nats ;;
   restore-nats) restore_nats ;;
   restart-nginx) restart_nginx ;;
-  *) echo "usage: $0 up|check|down|kill-edge N|start-edge N|restart-edge N|restart-nats N|kill-nats N|start-nats N|nats-leader|snapshot-nats|restore-nats|restart-nginx" >&2
+  *) echo "usage: $0 up|check|down|kill-edge N|start-edge N|restart-edge N|restart-nats N|kill-nats N|start-nats N|nats-leader|nats-last-seq|snapshot-nats|restore-nats|restart-nginx" >&2
      exit 64 ;;
 esac

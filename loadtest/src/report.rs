@@ -55,6 +55,10 @@ pub struct Report {
     /// Events clients did not get because a `herald.reset` came before them
     /// (excused: not counted in `lost`).
     skipped_after_reset: u64,
+    /// Events seen again right after a `herald.reset` (stored again in the
+    /// new history by a publisher's retry): not duplicates, the client was
+    /// told to refetch.
+    repeated_after_reset: u64,
     slow_connections: usize,
     /// Streams the servers cut as too slow (`herald_slow_disconnects_total`).
     slow_connections_closed: u64,
@@ -112,6 +116,7 @@ impl Report {
         let mut resets = 0;
         let mut connections_reset = 0;
         let mut skipped_after_reset = 0;
+        let mut repeated_after_reset = 0;
         for connection in &subscribers.connections {
             if connection.slow {
                 continue;
@@ -133,7 +138,9 @@ impl Report {
                 skipped += sent.saturating_sub(connection.last.load(Ordering::Relaxed));
             }
             skipped_after_reset += skipped;
-            lost += sent.saturating_sub(received - dups + skipped);
+            let repeated = connection.repeated_after_reset.load(Ordering::Relaxed);
+            repeated_after_reset += repeated;
+            lost += sent.saturating_sub(received - dups - repeated + skipped);
         }
         let latency = subscribers.latency();
         let slow_connections = subscribers.connections.iter().filter(|c| c.slow).count();
@@ -162,6 +169,7 @@ impl Report {
             resets,
             connections_reset,
             skipped_after_reset,
+            repeated_after_reset,
             slow_connections,
             slow_connections_closed: slow_disconnects,
             resume_secs,
@@ -219,8 +227,11 @@ impl Report {
         );
         if self.resets > 0 {
             println!(
-                "herald.reset           {} on {} connections (skipped after them, not lost: {})",
-                self.resets, self.connections_reset, self.skipped_after_reset
+                "herald.reset           {} on {} connections (after them: {} skipped, not lost; {} seen again, not duplicates)",
+                self.resets,
+                self.connections_reset,
+                self.skipped_after_reset,
+                self.repeated_after_reset
             );
         }
         if let Some(secs) = self.resume_secs {

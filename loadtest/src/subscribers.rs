@@ -49,8 +49,13 @@ pub struct ConnectionStats {
     /// Events skipped right after a `herald.reset`: the reset told the client,
     /// so they are not counted as lost (the reliability contract's exception).
     pub skipped_after_reset: AtomicU64,
-    /// Whether the last thing dispatched was a `herald.reset` (what it
-    /// skipped shows only when the next event arrives, or at the end).
+    /// Events at or below the highest sequence seen that came after a
+    /// `herald.reset` (before any newer event): the new history holds them
+    /// again (a publisher's retry stored after the lost one), and a client
+    /// that was told to refetch cannot tell; not counted as duplicates.
+    pub repeated_after_reset: AtomicU64,
+    /// Whether a `herald.reset` came and no newer event since (what it
+    /// skipped shows only when the next newer event arrives, or at the end).
     pub reset_pending: std::sync::atomic::AtomicBool,
 }
 
@@ -400,16 +405,21 @@ async fn stream_once(
                 };
                 let now = now_micros();
                 let last = stats.last.load(Ordering::Relaxed);
-                let after_reset = stats.reset_pending.swap(false, Ordering::Relaxed);
+                let after_reset = stats.reset_pending.load(Ordering::Relaxed);
                 if k <= last {
-                    stats.duplicated.fetch_add(1, Ordering::Relaxed);
-                } else if k != last + 1 && after_reset {
-                    stats
-                        .skipped_after_reset
-                        .fetch_add(k - last - 1, Ordering::Relaxed);
-                    stats.last.store(k, Ordering::Relaxed);
+                    if after_reset {
+                        stats.repeated_after_reset.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        stats.duplicated.fetch_add(1, Ordering::Relaxed);
+                    }
                 } else {
-                    if k != last + 1 && stats.jumped.fetch_add(1, Ordering::Relaxed) < 3 {
+                    if after_reset {
+                        // The reset told the client; what it skipped is not lost.
+                        stats.reset_pending.store(false, Ordering::Relaxed);
+                        stats
+                            .skipped_after_reset
+                            .fetch_add(k - last - 1, Ordering::Relaxed);
+                    } else if k != last + 1 && stats.jumped.fetch_add(1, Ordering::Relaxed) < 3 {
                         eprintln!(
                             "target {}: event {k} after {last} (a gap), {} reconnect(s) so far",
                             stats.target,

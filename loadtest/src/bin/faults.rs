@@ -2,7 +2,7 @@
 //! shell, on loopback only. Two kinds, each a set of relays in one process:
 //!
 //! ```text
-//! herald-faults tcp    --upstream ADDR [--upstream ADDR…] --addr-file FILE
+//! herald-faults tcp    --upstream ADDR [--upstream ADDR…] [--silent 1] --addr-file FILE
 //! herald-faults gossip --node ADDR [--node ADDR…] --isolate ADDR --addr-file FILE
 //! ```
 //!
@@ -12,8 +12,10 @@
 //! its own line of FILE, in the order given, once all are listening.
 //!
 //! Signals: `SIGUSR1` cuts — `tcp` drops every proxied connection and holds
-//! new ones unanswered (a route that went down); `gossip` drops every datagram
-//! to or from the `--isolate` node. `SIGUSR2` heals. `SIGTERM`/`SIGINT` stop.
+//! new ones unanswered (a route that went down), or with `--silent 1` freezes
+//! them instead, closing nothing (a partition only timeouts reveal); `gossip`
+//! drops every datagram to or from the `--isolate` node. `SIGUSR2` heals.
+//! `SIGTERM`/`SIGINT` stop.
 //! Every change is logged on stdout with a timestamp.
 
 use std::net::SocketAddr;
@@ -30,6 +32,7 @@ struct Args {
     kind: Kind,
     addrs: Vec<SocketAddr>,
     isolate: Option<SocketAddr>,
+    silent: bool,
     addr_file: PathBuf,
 }
 
@@ -41,7 +44,10 @@ enum Kind {
 
 /// The running relays, and how to cut and heal them.
 enum Faults {
-    Tcp(Vec<TcpProxy>),
+    Tcp {
+        proxies: Vec<TcpProxy>,
+        silent: bool,
+    },
     Gossip {
         _relays: Vec<UdpRelay>,
         partition: Partition,
@@ -58,7 +64,8 @@ impl Faults {
                     proxies.push(TcpProxy::start(*upstream).await?);
                 }
                 let addrs = proxies.iter().map(TcpProxy::addr).collect();
-                Ok((Faults::Tcp(proxies), addrs))
+                let silent = args.silent;
+                Ok((Faults::Tcp { proxies, silent }, addrs))
             }
             Kind::Gossip => {
                 let isolate = args.isolate.context("gossip needs --isolate ADDR")?;
@@ -85,10 +92,14 @@ impl Faults {
 
     fn cut(&self) {
         match self {
-            Faults::Tcp(proxies) => {
+            Faults::Tcp { proxies, silent } => {
                 for proxy in proxies {
                     proxy.hold();
-                    proxy.cut_all();
+                    if *silent {
+                        proxy.freeze();
+                    } else {
+                        proxy.cut_all();
+                    }
                 }
             }
             Faults::Gossip {
@@ -99,7 +110,12 @@ impl Faults {
 
     fn heal(&self) {
         match self {
-            Faults::Tcp(proxies) => proxies.iter().for_each(TcpProxy::release),
+            Faults::Tcp { proxies, .. } => {
+                for proxy in proxies {
+                    proxy.thaw();
+                    proxy.release();
+                }
+            }
             Faults::Gossip { partition, .. } => partition.heal(),
         }
     }
@@ -115,6 +131,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> anyhow::Result<Args> {
         kind,
         addrs: Vec::new(),
         isolate: None,
+        silent: false,
         addr_file: PathBuf::new(),
     };
     while let Some(flag) = argv.next() {
@@ -133,6 +150,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> anyhow::Result<Args> {
         match (kind, flag.as_str()) {
             (Kind::Tcp, "--upstream") | (Kind::Gossip, "--node") => args.addrs.push(addr()?),
             (Kind::Gossip, "--isolate") => args.isolate = Some(addr()?),
+            (Kind::Tcp, "--silent") => args.silent = value != "0",
             (_, "--addr-file") => args.addr_file = PathBuf::from(&value),
             _ => bail!("unknown option {flag}"),
         }

@@ -7,11 +7,16 @@
 //! know, without timing, that a client which lost its connection cannot be
 //! back before the test is ready (for example, to publish events the client
 //! must then receive through a `Last-Event-ID` replay).
+//!
+//! And it can *freeze* the connections it forwards: bytes stop moving both
+//! ways but no socket closes, as in a network partition that TCP outlasts;
+//! [`TcpProxy::thaw`] delivers what was held back, in order.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +31,8 @@ pub struct TcpProxy {
     generation: watch::Sender<u64>,
     /// `true` while new connections are held instead of forwarded.
     holding: watch::Sender<bool>,
+    /// `true` while forwarded connections move no bytes.
+    frozen: watch::Sender<bool>,
     /// Connections currently forwarded to the upstream.
     open: Arc<AtomicUsize>,
     /// Where connections go, in turn (round robin).
@@ -50,10 +57,12 @@ impl TcpProxy {
         let addr = listener.local_addr()?;
         let (generation, cuts) = watch::channel(0u64);
         let (holding, gate) = watch::channel(false);
+        let (frozen, ice) = watch::channel(false);
         let proxy = TcpProxy {
             addr,
             generation,
             holding,
+            frozen,
             open: Arc::new(AtomicUsize::new(0)),
             upstreams: Arc::new(std::sync::Mutex::new(upstreams)),
             waiting: Arc::new(AtomicUsize::new(0)),
@@ -89,6 +98,7 @@ impl TcpProxy {
                     upstream,
                     cut,
                     gate: gate.clone(),
+                    ice: ice.clone(),
                     open: Arc::clone(&open),
                     waiting: Arc::clone(&waiting),
                     stop: stop.clone(),
@@ -130,6 +140,17 @@ impl TcpProxy {
         self.holding.send_replace(false);
     }
 
+    /// Stops moving bytes on every forwarded connection, without closing
+    /// any: a silent partition, noticed only by whoever expects an answer.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Moves bytes again, starting with what was held back.
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+
     /// Connections currently forwarded to the upstream.
     pub fn connections(&self) -> usize {
         self.open.load(Ordering::SeqCst)
@@ -153,6 +174,7 @@ struct Connection {
     upstream: SocketAddr,
     cut: watch::Receiver<u64>,
     gate: watch::Receiver<bool>,
+    ice: watch::Receiver<bool>,
     open: Arc<AtomicUsize>,
     waiting: Arc<AtomicUsize>,
     stop: CancellationToken,
@@ -179,11 +201,34 @@ impl Connection {
             return;
         };
         self.open.fetch_add(1, Ordering::SeqCst);
+        let (mut client_in, mut client_out) = self.client.split();
+        let (mut server_in, mut server_out) = server.split();
         tokio::select! {
-            _ = tokio::io::copy_bidirectional(&mut self.client, &mut server) => {}
+            _ = pump(&mut client_in, &mut server_out, self.ice.clone()) => {}
+            _ = pump(&mut server_in, &mut client_out, self.ice.clone()) => {}
             _ = self.cut.changed() => {}
             _ = self.stop.cancelled() => {}
         }
         self.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Copies bytes from `from` to `to` until either side closes; while frozen,
+/// what was read waits (and nothing more is read) until the thaw.
+async fn pump(
+    from: &mut (impl AsyncReadExt + Unpin),
+    to: &mut (impl AsyncWriteExt + Unpin),
+    mut ice: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let read = from.read(&mut buf).await?;
+        if ice.wait_for(|frozen| !frozen).await.is_err() {
+            return Ok(());
+        }
+        if read == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..read]).await?;
     }
 }
