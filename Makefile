@@ -114,7 +114,7 @@ deploy-check: $(HELM) $(DEPLOY_VENV)/.installed ## Lint and render the Helm char
 	CLUSTER_DIR=$(CURDIR)/.cluster-check EDGE_BIN=$(CURDIR)/target/debug/herald-edge BASE_PORT=18080 NATS_PORT=14422 GOSSIP_PORT=17946 \
 	  bash -c 'deploy/local/cluster.sh down >/dev/null; deploy/local/cluster.sh up >/dev/null && deploy/local/cluster.sh check; status=$$?; deploy/local/cluster.sh down >/dev/null; exit $$status'
 
-CHAOS_FAST := edge-sigkill rolling-restart stream-leader-kill edge-nats-cut gossip-partition reconnect-storm \
+CHAOS_FAST := edge-sigkill rolling-restart stream-leader-kill edge-nats-partition gossip-partition reconnect-storm \
   publisher-retries nats-history-rewound chromium-edge-kill chromium-statuses clock-skew
 
 chaos-deps: nats-server sse-clients
