@@ -17,7 +17,7 @@ CARGO ?= cargo
 export HERALD_NATS_SERVER := $(NATS_SERVER)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
-.PHONY: help run test test-deps deploy-check chaos chaos-deps chaos-fast soak cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
+.PHONY: help run test test-deps deploy-check chaos chaos-deps chaos-fast soak churn cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -134,6 +134,10 @@ SOAK_SECS ?= 600
 soak: chaos-deps ## Steady load with a fault every minute for SOAK_SECS (600); reports lost/dup and RSS/descriptor slopes
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	SOAK_SECS=$(SOAK_SECS) chaos/soak.sh
+
+churn: chaos-deps ## Memory across stream churn: 1000 streams come, replay and go, 12 times; edge RSS after each cycle
+	$(CARGO) build --release -p herald-edge -p herald-loadtest
+	chaos/churn.sh
 
 chaos-fast: chaos-deps ## The chaos scenarios CI runs (debug builds, about six minutes)
 	$(CARGO) build -p herald-edge -p herald-loadtest --locked

@@ -136,11 +136,12 @@ impl Outgoing<'_> {
         }
     }
 
-    /// One id per (target, sequence): a publish retried after a failure that
-    /// was in fact stored is deduplicated by JetStream, as a careful
-    /// application's would be.
+    /// One id per (run, target, sequence): a publish retried after a failure
+    /// that was in fact stored is deduplicated by JetStream, as a careful
+    /// application's would be, and a later run against the same stream (its
+    /// sequences start at 1 again) is not mistaken for retries.
     fn msg_id(&self) -> String {
-        format!("lt-{}-{}", self.target, self.k)
+        format!("lt-{:08x}-{}-{}", run_id(), self.target, self.k)
     }
 
     /// The NATS subject under `prefix` (load-test ids are plain tokens).
@@ -150,6 +151,12 @@ impl Outgoing<'_> {
             None => format!("{prefix}.user.lt-u{}", self.target),
         }
     }
+}
+
+/// A random number drawn once per run, part of every `Nats-Msg-Id`.
+fn run_id() -> u32 {
+    static RUN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *RUN.get_or_init(|| fastrand::u32(..))
 }
 
 /// How events leave the generator.
