@@ -7,8 +7,12 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 NATS_SERVER_VERSION ?= v2.11.9
+# The oldest server line Herald supports (multi-filter consumers, RePublish as
+# Herald uses them): the NATS integration tests run against it too.
+NATS_OLDEST_VERSION ?= v2.10.29
 BIN := $(CURDIR)/bin
 NATS_SERVER := $(BIN)/nats-server
+NATS_OLDEST := $(BIN)/nats-2.10/nats-server
 SSE_CLIENTS := tools/sse-clients
 DEV_SECRET ?= herald-dev-secret-change-me-0123456789
 LISTEN ?= 127.0.0.1:8080
@@ -17,7 +21,7 @@ CARGO ?= cargo
 export HERALD_NATS_SERVER := $(NATS_SERVER)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
-.PHONY: help run test test-deps deploy-check chaos chaos-deps chaos-fast soak churn cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
+.PHONY: help run test test-nats-oldest test-deps deploy-check chaos chaos-deps chaos-fast soak churn cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -28,6 +32,7 @@ run: ## Build and start one node on 127.0.0.1:8080 (memory bus, dev secret) and 
 
 test: test-deps ## Run every test (installs nats-server and the npm SSE client first), then the deployment checks and the fast chaos scenarios
 	$(CARGO) test --workspace --locked
+	$(MAKE) test-nats-oldest
 	$(MAKE) deploy-check
 	$(MAKE) chaos-fast
 
@@ -164,6 +169,14 @@ $(DEPLOY_VENV)/.installed:
 	@touch $@
 
 nats-server: $(NATS_SERVER) ## Install the pinned nats-server into bin/
+
+test-nats-oldest: $(NATS_OLDEST) ## The NATS integration tests against the oldest supported server (2.10)
+	HERALD_NATS_SERVER=$(NATS_OLDEST) $(CARGO) test -p herald-edge --locked --test nats_bus --test nats_cluster --test real_clients
+
+$(NATS_OLDEST):
+	@command -v go >/dev/null || { echo "Go is required to install nats-server (https://go.dev/dl/)"; exit 1; }
+	GOBIN=$(dir $(NATS_OLDEST)) go install github.com/nats-io/nats-server/v2@$(NATS_OLDEST_VERSION)
+	@$(NATS_OLDEST) --version
 
 $(NATS_SERVER):
 	@command -v go >/dev/null || { echo "Go is required to install nats-server (https://go.dev/dl/)"; exit 1; }
