@@ -130,7 +130,7 @@ chaos-deps: nats-server sse-clients
 	@[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || [ -n "$$(find /usr/lib -name libfaketime.so.1 2>/dev/null)" ] \
 	  || (apt-get install -y libfaketime || sudo apt-get install -y libfaketime)
 
-chaos: chaos-deps ## Fault-injection suite through nginx on the local cluster (incl. headless Chromium): lost/dup/reordered and non-200 per scenario
+chaos: chaos-deps ## Fault-injection suite (15 scenarios, ~15 min) through nginx on the local cluster: lost/dup/reordered, recovery, non-200 per scenario
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	chaos/run.sh $(SCENARIOS_CHAOS)
 
@@ -144,7 +144,7 @@ churn: chaos-deps ## Memory across stream churn: 1000 streams come, replay and g
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	chaos/churn.sh
 
-chaos-fast: chaos-deps ## The chaos scenarios CI runs (debug builds, about six minutes)
+chaos-fast: chaos-deps ## The eleven chaos scenarios make test runs (debug builds, about 13 minutes)
 	$(CARGO) build -p herald-edge -p herald-loadtest --locked
 	EDGE_BIN=$(CURDIR)/target/debug/herald-edge LOADTEST_BIN=$(CURDIR)/target/debug/herald-loadtest chaos/run.sh $(CHAOS_FAST)
 

@@ -20,6 +20,10 @@ export RUST_LOG=${RUST_LOG:-warn}
 LOADTEST_BIN=${LOADTEST_BIN:-$PWD/target/release/herald-loadtest}
 SOAK_SECS=${SOAK_SECS:-600}
 FAULT_EVERY=${FAULT_EVERY:-60}
+# Which faults rotate (all five by default); e.g. SOAK_FAULTS="nats-restart
+# leader-kill" keeps every stream where it is and faults only NATS.
+SOAK_FAULTS=${SOAK_FAULTS:-edge-kill edge-restart nats-restart leader-kill nginx-restart}
+read -r -a faults <<< "$SOAK_FAULTS"
 CONNECTIONS=${CONNECTIONS:-500}
 RATE=${RATE:-200}
 SECRET=${HERALD_SECRET:-herald-dev-secret-change-me-0123456789}
@@ -55,13 +59,14 @@ while kill -0 "$loadgen" 2>/dev/null; do
     echo "$now,$node,$rss,$fds,${streams:-0}" >> "$samples"
   done
   if [ "$now" -ge "$next_fault" ] && [ "$now" -lt "$SOAK_SECS" ]; then
-    case $(( fault % 5 )) in
-      0) echo "[$now s] SIGKILL edge-3"; $cluster kill-edge 3; sleep 3; $cluster start-edge 3 >/dev/null ;;
-      1) echo "[$now s] SIGTERM restart of edge-3"; $cluster restart-edge 3 >/dev/null ;;
-      2) echo "[$now s] restart nats-1"; $cluster restart-nats 1 >/dev/null ;;
-      3) leader=$($cluster nats-leader) && { echo "[$now s] SIGKILL the stream leader nats-$leader"
+    case ${faults[$(( fault % ${#faults[@]} ))]} in
+      edge-kill) echo "[$now s] SIGKILL edge-3"; $cluster kill-edge 3; sleep 3; $cluster start-edge 3 >/dev/null ;;
+      edge-restart) echo "[$now s] SIGTERM restart of edge-3"; $cluster restart-edge 3 >/dev/null ;;
+      nats-restart) echo "[$now s] restart nats-1"; $cluster restart-nats 1 >/dev/null ;;
+      leader-kill) leader=$($cluster nats-leader) && { echo "[$now s] SIGKILL the stream leader nats-$leader"
            $cluster kill-nats "$leader"; sleep 5; $cluster start-nats "$leader" >/dev/null; } ;;
-      4) echo "[$now s] nginx stopped and started"; $cluster restart-nginx >/dev/null ;;
+      nginx-restart) echo "[$now s] nginx stopped and started"; $cluster restart-nginx >/dev/null ;;
+      *) echo "soak: unknown fault ${faults[$(( fault % ${#faults[@]} ))]}" >&2; exit 64 ;;
     esac
     fault=$(( fault + 1 ))
     next_fault=$(( next_fault + FAULT_EVERY ))
