@@ -13,17 +13,19 @@
 //!   loss.
 //!
 //! The node keeps a [`Mark`]: the sequence and store time of the newest event
-//! it delivered. When the NATS connection drops it copies the mark aside (the
-//! checkpoint); once reconnected, before any follower fills its gap, it
-//! checks that the stream still holds that event at that sequence. When it
-//! does not, the node moves the epoch for every node (stream metadata
+//! it delivered, and the highest sequence it has seen at all. When the NATS
+//! connection drops it copies both aside (the checkpoint); once reconnected,
+//! before any follower fills its gap, it checks that the stream's last
+//! sequence is not below the highest seen and that the stream still holds
+//! the newest delivered event at its sequence. When either fails, the node
+//! moves the epoch for every node (stream metadata
 //! `herald_epoch`) and ends every stream with a `retry:` hint: each client
 //! resumes with its old id, which is now from another epoch, and gets exactly
 //! one `herald.reset`. A live message that could only come from a changed
 //! history (at or below the mark's sequence but stored after it) asks for
 //! the same check.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -50,6 +52,15 @@ pub(super) struct Mark {
 #[derive(Debug)]
 pub(super) struct History {
     mark: Mutex<Mark>,
+    /// The highest stream sequence this node has seen (delivered or not: live
+    /// messages, stream state, publish acknowledgements); a stream whose last
+    /// sequence is now below it went back even if nothing lost was delivered.
+    high_seen: AtomicU64,
+    /// `high_seen` when the connection dropped.
+    high_at_checkpoint: AtomicU64,
+    /// Bumped each time the history changed: followers start again from the
+    /// new history's position instead of their old one.
+    generation: watch::Sender<u64>,
     /// The mark when the connection dropped (or when a live message looked
     /// wrong): what the check compares with the stream.
     checkpoint: Mutex<Mark>,
@@ -64,6 +75,9 @@ impl History {
     pub(super) fn new() -> Arc<History> {
         Arc::new(History {
             mark: Mutex::new(Mark::default()),
+            high_seen: AtomicU64::new(0),
+            high_at_checkpoint: AtomicU64::new(0),
+            generation: watch::channel(0).0,
             checkpoint: Mutex::new(Mark::default()),
             recheck: Notify::new(),
             checked: watch::channel(0).0,
@@ -78,11 +92,34 @@ impl History {
         }
     }
 
+    /// Records a stream sequence seen in any way.
+    pub(super) fn seen(&self, seq: u64) {
+        self.high_seen.fetch_max(seq, Ordering::Relaxed);
+    }
+
     /// The connection dropped: what was delivered until now is what the
-    /// stream must still hold when it is back.
+    /// stream must still hold when it is back, and its last sequence may not
+    /// be lower than what was seen.
     pub(super) fn disconnected(&self) {
         let mark = *lock(&self.mark);
         *lock(&self.checkpoint) = mark;
+        self.high_at_checkpoint
+            .store(self.high_seen.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// The history changed: nothing seen or delivered before counts, and
+    /// followers start again.
+    fn changed(&self) {
+        *lock(&self.mark) = Mark::default();
+        *lock(&self.checkpoint) = Mark::default();
+        self.high_seen.store(0, Ordering::Relaxed);
+        self.high_at_checkpoint.store(0, Ordering::Relaxed);
+        self.generation.send_modify(|generation| *generation += 1);
+    }
+
+    /// Watches for history changes (see [`History::changed`]).
+    pub(super) fn generations(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// A live message at `seq`, stored at `stored_at`: one at or below the
@@ -137,6 +174,17 @@ impl Shared {
         let known = self.epoch.load(Ordering::Relaxed);
         let state = self.state().await?;
         if self.epoch.load(Ordering::Relaxed) != known {
+            return Ok(true);
+        }
+        let high = self.history.high_at_checkpoint.load(Ordering::Relaxed);
+        if state.last_sequence < high {
+            tracing::warn!(
+                stream = %self.settings.stream,
+                seen = high,
+                stored = state.last_sequence,
+                "the stream's last sequence went back (acknowledged writes lost, or restored from an older copy)"
+            );
+            self.move_epoch(known).await?;
             return Ok(true);
         }
         let checkpoint = *lock(&self.history.checkpoint);
@@ -225,7 +273,7 @@ pub(super) async fn watch(
             match shared.history_changed().await {
                 Ok(changed) => {
                     if changed {
-                        *lock(&history.mark) = Mark::default();
+                        history.changed();
                         shared.metrics.history_changes.inc();
                         shared.sink.history_changed();
                     }

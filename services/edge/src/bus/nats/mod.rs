@@ -478,6 +478,7 @@ impl Shared {
         .map_err(|_| ReplayError("stream info timed out".into()))?
         .map_err(|err| ReplayError(err.to_string()))?;
         let info = stream.cached_info();
+        self.history.seen(info.state.last_sequence);
         let epoch = epoch_of(info);
         if self.epoch.swap(epoch, Ordering::Relaxed) != epoch {
             tracing::warn!(stream = %self.settings.stream, epoch = %format!("{epoch:x}"), "the stream was recreated: old ids now get herald.reset");
@@ -630,6 +631,7 @@ impl Shared {
                 .ok()
             })
             .map(Into::into);
+        self.history.seen(seq);
         // Not delivered: the history check decides (and ends every stream if
         // the history changed).
         if self.history.suspicious(seq, stored_at) || seq <= last {
@@ -679,9 +681,19 @@ async fn follow_target(
     let _ = state.send(FollowState::Ready);
     let mut reconnects = shared.reconnects.subscribe();
     reconnects.mark_unchanged();
+    let mut generations = shared.history.generations();
+    generations.mark_unchanged();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
+            changed = generations.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                // The history changed: the old position means nothing in the
+                // new one (every stream on it is ending anyway).
+                last = shared.last_stored(&stored).await.unwrap_or(0);
+            }
             changed = reconnects.changed() => {
                 if changed.is_err() {
                     break;
@@ -694,6 +706,10 @@ async fn follow_target(
                 let connection = *reconnects.borrow_and_update();
                 if !shared.history.checked_after(connection, &stop).await {
                     break;
+                }
+                if generations.has_changed().unwrap_or(false) {
+                    // Handled by the branch above, from the new history.
+                    continue;
                 }
                 last = shared.fill_gap(&stored, last, None).await;
             }
@@ -786,7 +802,10 @@ impl Bus for NatsBus {
         .await
         .map_err(|_| unavailable("JetStream did not acknowledge in time".into()))??;
         Ok(Receipt {
-            id: self.shared.id(ack.sequence),
+            id: {
+                self.shared.history.seen(ack.sequence);
+                self.shared.id(ack.sequence)
+            },
             duplicate: ack.duplicate,
         })
     }
