@@ -84,7 +84,8 @@ impl History {
         })
     }
 
-    /// Records a delivered event (called for every event, live or filled).
+    /// Records an event delivered from the stream (a filled gap; live
+    /// messages are recorded by [`History::suspicious`]).
     pub(super) fn delivered(&self, seq: u64, stored_at: Option<SystemTime>) {
         let mut mark = lock(&self.mark);
         if seq > mark.seq {
@@ -122,16 +123,23 @@ impl History {
         self.generation.subscribe()
     }
 
-    /// A live message at `seq`, stored at `stored_at`: one at or below the
-    /// newest delivered sequence but stored after it cannot be a late copy of
-    /// an event already delivered, only an event of a changed history. Asks
-    /// for the check and returns `true` then.
+    /// A live message at `seq`, stored at `stored_at`. One above the newest
+    /// delivered sequence becomes the newest (it is delivered next: one lock
+    /// per live message, not two). One at or below it but stored after it
+    /// cannot be a late copy of an event already delivered, only an event of
+    /// a changed history: asks for the check and returns `true` then.
     pub(super) fn suspicious(&self, seq: u64, stored_at: Option<SystemTime>) -> bool {
-        let mark = *lock(&self.mark);
-        let suspicious = seq <= mark.seq
-            && matches!((stored_at, mark.stored_at), (Some(at), Some(newest)) if at > newest);
+        let mut mark = lock(&self.mark);
+        if seq > mark.seq {
+            *mark = Mark { seq, stored_at };
+            return false;
+        }
+        let suspicious =
+            matches!((stored_at, mark.stored_at), (Some(at), Some(newest)) if at > newest);
         if suspicious {
-            *lock(&self.checkpoint) = mark;
+            let newest = *mark;
+            drop(mark);
+            *lock(&self.checkpoint) = newest;
             self.recheck.notify_one();
         }
         suspicious

@@ -523,10 +523,7 @@ impl Shared {
         Some(Event::new(self.id(seq), target, event_type, data, published_at).with_trace(trace))
     }
 
-    /// Hands one event to the registry; `stored_at` is its store time when
-    /// the stream gave it.
-    fn deliver(&self, event: Event, stored_at: Option<SystemTime>) {
-        self.history.delivered(event.id.seq, stored_at);
+    fn deliver(&self, event: Event) {
         self.sink.deliver(&Arc::new(event));
     }
 
@@ -595,8 +592,8 @@ impl Shared {
                 }
                 for event in events {
                     last = event.id.seq;
-                    let stored_at = Some(event.published_at);
-                    self.deliver(event, stored_at);
+                    self.history.delivered(last, Some(event.published_at));
+                    self.deliver(event);
                 }
                 last
             }
@@ -643,7 +640,7 @@ impl Shared {
         }
         let published_at = stored_at.unwrap_or_else(SystemTime::now);
         if let Some(event) = self.decode(subject, seq, headers, &message.payload, published_at) {
-            self.deliver(event, stored_at);
+            self.deliver(event);
         }
         last.max(seq)
     }
