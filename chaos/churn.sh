@@ -15,19 +15,12 @@ cd "$(dirname "$0")/.."
 
 export CLUSTER_DIR=${CLUSTER_DIR:-$PWD/.cluster-churn}
 export BASE_PORT=${BASE_PORT:-21080} NATS_PORT=${NATS_PORT:-21222} GOSSIP_PORT=${GOSSIP_PORT:-21946}
-export EDGE_BIN=${EDGE_BIN:-$PWD/target/release/herald-edge}
-export RUST_LOG=${RUST_LOG:-warn}
-LOADTEST_BIN=${LOADTEST_BIN:-$PWD/target/release/herald-loadtest}
 CYCLES=${CYCLES:-12}
 CONNECTIONS=${CONNECTIONS:-1000}
 OWED=${OWED:-10}
-SECRET=${HERALD_SECRET:-herald-dev-secret-change-me-0123456789}
-export HERALD_SECRET=$SECRET
+. chaos/lib.sh
 # No rebalancing: edge-1 keeps what it is given.
 export EDGE_ENV_1="HERALD__REBALANCE__ENABLED=false ${CHURN_EDGE_ENV:-}"
-RESULTS=$PWD/loadtest/results/chaos
-mkdir -p "$RESULTS"
-cluster=deploy/local/cluster.sh
 
 $cluster down >/dev/null 2>&1 || true
 $cluster up >/dev/null
@@ -42,10 +35,9 @@ samples="$RESULTS/churn.csv"
 echo "cycle,rss_kib" > "$samples"
 echo "0,$(rss)" >> "$samples"
 for cycle in $(seq "$CYCLES"); do
-  "$LOADTEST_BIN" --label churn --url "http://127.0.0.1:$((BASE_PORT + 1))" \
-    --nats "nats://127.0.0.1:$NATS_PORT,nats://127.0.0.1:$((NATS_PORT + 1)),nats://127.0.0.1:$((NATS_PORT + 2))" \
-    --secret "$SECRET" --connections "$CONNECTIONS" --users "$CONNECTIONS" \
-    --owed "$OWED" --rate 500 --duration 3 --drain 10 --publishers 4 \
+  # Straight to edge-1, clients that do not reconnect on their own.
+  RATE=500 loadgen --label churn --url "http://127.0.0.1:$((BASE_PORT + 1))" \
+    --reconnect 0 --honor-retry 0 --owed "$OWED" --duration 3 --drain 10 \
     > "$RESULTS/churn-$cycle.log" 2>&1 || { echo "churn: cycle $cycle failed (see $RESULTS/churn-$cycle.log)" >&2; exit 1; }
   grep -q "^lost / dup / reordered 0 / 0 / 0" "$RESULTS/churn-$cycle.log" \
     || { echo "churn: cycle $cycle lost, doubled or reordered events" >&2; exit 1; }

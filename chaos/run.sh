@@ -23,17 +23,9 @@ cd "$(dirname "$0")/.."
 
 export CLUSTER_DIR=${CLUSTER_DIR:-$PWD/.cluster-chaos}
 export BASE_PORT=${BASE_PORT:-28080} NATS_PORT=${NATS_PORT:-24222} GOSSIP_PORT=${GOSSIP_PORT:-27946}
-export EDGE_BIN=${EDGE_BIN:-$PWD/target/release/herald-edge}
-export LOADTEST_BIN=${LOADTEST_BIN:-$PWD/target/release/herald-loadtest}
-export FAULTS_BIN=${FAULTS_BIN:-$(dirname "$LOADTEST_BIN")/herald-faults}
-export RUST_LOG=${RUST_LOG:-warn}
 export CONNECTIONS=${CONNECTIONS:-300} RATE=${RATE:-300} DURATION=${DURATION:-15} CUT_SECS=${CUT_SECS:-8}
-SECRET=${HERALD_SECRET:-herald-dev-secret-change-me-0123456789}
-export HERALD_SECRET=$SECRET
-export RESULTS=$PWD/loadtest/results/chaos
-mkdir -p "$RESULTS"
-export cluster=$PWD/deploy/local/cluster.sh
-NATS_URLS="nats://127.0.0.1:$NATS_PORT,nats://127.0.0.1:$((NATS_PORT + 1)),nats://127.0.0.1:$((NATS_PORT + 2))"
+. chaos/lib.sh
+export FAULTS_BIN=${FAULTS_BIN:-$(dirname "$LOADTEST_BIN")/herald-faults}
 
 SCENARIOS=(edge-sigkill rolling-restart nats-restart stream-leader-kill edge-nats-cut edge-nats-partition gossip-partition
            slow-consumers reconnect-storm publisher-retries nats-power-loss nats-history-rewound
@@ -102,28 +94,19 @@ fault_stream_leader_kill() {
   sleep 5
   $cluster start-nats "$leader" >/dev/null
 }
-fault_edge_nats_cut() {
+fault_edge_nats_cut() { cut_edge_nats 10 20 "its NATS connections reset"; }
+# Nothing closes: the edge notices only when its pings go unanswered.
+fault_edge_nats_partition() { cut_edge_nats 15 30 "a silent partition (nats.ping_interval_ms = 1000)"; }
+cut_edge_nats() { # seconds to notice, seconds to recover, what the cut is
   sleep 4
   local t
   kill -USR1 "$(cat "$CLUSTER_DIR/faults.pid")"
-  t=$(waited 10 unready 3) || fault_failed "edge-3 stayed ready with its NATS routes cut"
-  note "edge-3 unready ${t} s after the cut"
+  t=$(waited "$1" unready 3) || fault_failed "edge-3 stayed ready through $3"
+  note "edge-3 unready ${t} s into $3"
   sleep "$CUT_SECS"
   kill -USR2 "$(cat "$CLUSTER_DIR/faults.pid")"
-  t=$(waited 20 ready 3) || fault_failed "edge-3 not ready within 20 s of the routes coming back"
+  t=$(waited "$2" ready 3) || fault_failed "edge-3 not ready within $2 s of the routes coming back"
   note "edge-3 ready again ${t} s after the routes came back"
-}
-fault_edge_nats_partition() {
-  sleep 4
-  local t
-  kill -USR1 "$(cat "$CLUSTER_DIR/faults.pid")"
-  # Nothing closes: the edge notices only when its pings go unanswered.
-  t=$(waited 15 unready 3) || fault_failed "edge-3 stayed ready through a silent partition"
-  note "edge-3 noticed the silent partition (unready) after ${t} s (nats.ping_interval_ms = 1000)"
-  sleep "$CUT_SECS"
-  kill -USR2 "$(cat "$CLUSTER_DIR/faults.pid")"
-  t=$(waited 30 ready 3) || fault_failed "edge-3 not ready within 30 s of the partition healing"
-  note "edge-3 ready again ${t} s after the partition healed"
 }
 fault_gossip_partition() {
   sleep 3
@@ -218,15 +201,7 @@ run_loadtest_scenario() {
   local fault="fault_${name//-/_}"
   "$fault" > "$RESULTS/$name.fault.log" 2>&1 &
   local fault_pid=$!
-  "$LOADTEST_BIN" \
-    --label "chaos-$name" \
-    --url "http://127.0.0.1:$BASE_PORT" \
-    --nats "$NATS_URLS" \
-    --secret "$SECRET" \
-    --connections "$CONNECTIONS" --users "$CONNECTIONS" \
-    --rate "$RATE" --duration "$duration" --drain 20 \
-    --publishers 4 "${extra[@]}" \
-    --reconnect 1 --honor-retry 1 \
+  loadgen --label "chaos-$name" --duration "$duration" --drain 20 "${extra[@]}" \
     --out "$RESULTS/$name.json" > "$RESULTS/$name.log" 2>&1 || true
   wait "$fault_pid" || touch "$RESULTS/$name.fault-failed"
   $cluster down >/dev/null

@@ -15,9 +15,6 @@ cd "$(dirname "$0")/.."
 
 export CLUSTER_DIR=${CLUSTER_DIR:-$PWD/.cluster-soak}
 export BASE_PORT=${BASE_PORT:-19080} NATS_PORT=${NATS_PORT:-15222} GOSSIP_PORT=${GOSSIP_PORT:-19946}
-export EDGE_BIN=${EDGE_BIN:-$PWD/target/release/herald-edge}
-export RUST_LOG=${RUST_LOG:-warn}
-LOADTEST_BIN=${LOADTEST_BIN:-$PWD/target/release/herald-loadtest}
 SOAK_SECS=${SOAK_SECS:-600}
 FAULT_EVERY=${FAULT_EVERY:-60}
 # Which faults rotate (all five by default); e.g. SOAK_FAULTS="nats-restart
@@ -26,21 +23,13 @@ SOAK_FAULTS=${SOAK_FAULTS:-edge-kill edge-restart nats-restart leader-kill nginx
 read -r -a faults <<< "$SOAK_FAULTS"
 CONNECTIONS=${CONNECTIONS:-500}
 RATE=${RATE:-200}
-SECRET=${HERALD_SECRET:-herald-dev-secret-change-me-0123456789}
-export HERALD_SECRET=$SECRET
-RESULTS=$PWD/loadtest/results/chaos
-mkdir -p "$RESULTS"
-cluster=deploy/local/cluster.sh
+. chaos/lib.sh
 
 $cluster down >/dev/null 2>&1 || true
 $cluster up >/dev/null
 trap '$cluster down >/dev/null 2>&1 || true' EXIT
 
-"$LOADTEST_BIN" --label soak --url "http://127.0.0.1:$BASE_PORT" \
-  --nats "nats://127.0.0.1:$NATS_PORT,nats://127.0.0.1:$((NATS_PORT + 1)),nats://127.0.0.1:$((NATS_PORT + 2))" \
-  --secret "$SECRET" --connections "$CONNECTIONS" --users "$CONNECTIONS" \
-  --rate "$RATE" --duration "$SOAK_SECS" --drain 30 --publishers 4 \
-  --reconnect 1 --honor-retry 1 --out "$RESULTS/soak.json" > "$RESULTS/soak.log" 2>&1 &
+loadgen --label soak --duration "$SOAK_SECS" --drain 30 --out "$RESULTS/soak.json" > "$RESULTS/soak.log" 2>&1 &
 loadgen=$!
 
 samples="$RESULTS/soak-samples.csv"

@@ -37,7 +37,7 @@ if [ ! -r "$FAKETIME_LIB" ]; then
     "expected": sys.argv[1], "got": "missing", "pass": False}]}))' "$FAKETIME_LIB" > "$RESULTS/$name.json"
   exit 1
 fi
-NATS_URLS="nats://127.0.0.1:$NATS_PORT,nats://127.0.0.1:$((NATS_PORT + 1)),nats://127.0.0.1:$((NATS_PORT + 2))"
+. chaos/lib.sh
 checks=$RESULTS/$name.checks.jsonl
 : > "$checks"
 # check NAME EXPECTED GOT PASS(true|false)
@@ -91,15 +91,7 @@ moves() {
 }
 moves > "$RESULTS/$name.fault.log" 2>&1 &
 moves_pid=$!
-timeout $((DURATION + 60)) "$LOADTEST_BIN" \
-  --label "chaos-$name" \
-  --url "http://127.0.0.1:$BASE_PORT" \
-  --nats "$NATS_URLS" \
-  --secret "$HERALD_SECRET" \
-  --connections "$CONNECTIONS" --users "$CONNECTIONS" \
-  --rate "$RATE" --duration "$DURATION" --drain 20 \
-  --publishers 4 \
-  --reconnect 1 --honor-retry 1 \
+loadgen --label "chaos-$name" --duration "$DURATION" --drain 20 \
   --out "$RESULTS/$name.load.json" || echo "clock-skew: the load generator failed" >&2
 if wait "$moves_pid"; then
   check "edge-1 and edge-3 restarted under load" "both back" "both back" true
