@@ -32,10 +32,11 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use herald_config::{NatsSettings, NatsStorage};
 use herald_protocol::{Epoch, EventId, EventType, Target, TraceParent};
-use tokio::sync::watch;
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 mod history;
+mod live;
 
 use history::History;
 
@@ -130,21 +131,28 @@ struct Shared {
     sink: Arc<dyn LiveSink>,
     metrics: Arc<Metrics>,
     tracing: Arc<Tracing>,
+    /// The current follow of each followed target.
     followers: Mutex<HashMap<Target, Follower>>,
+    next_follow: AtomicU64,
+    /// The live dispatcher's commands (see [`live`]).
+    live: mpsc::UnboundedSender<live::Command>,
     connected: Arc<AtomicBool>,
     reconnects: watch::Sender<u64>,
     history: Arc<History>,
-    /// Cancelled when the bus is dropped: ends the history watch.
+    /// Cancelled when the bus is dropped: ends the dispatcher and the
+    /// history watch.
     stop: CancellationToken,
 }
 
-impl Drop for Shared {
+impl Drop for NatsBus {
     fn drop(&mut self) {
-        self.stop.cancel();
+        self.shared.stop.cancel();
     }
 }
 
+/// One follow of a target: its key, and what cancels its subscribing.
 struct Follower {
+    key: u64,
     stop: CancellationToken,
 }
 
@@ -160,12 +168,14 @@ impl NatsBus {
         let connected = Arc::new(AtomicBool::new(false));
         let (reconnects, _) = watch::channel(0u64);
         let history = History::new();
+        let lost = Arc::new(Notify::new());
         let client = connect(
             settings,
             node_id,
             Arc::clone(&connected),
             reconnects.clone(),
             Arc::clone(&history),
+            Arc::clone(&lost),
             Arc::clone(&metrics),
         )
         .await?;
@@ -184,6 +194,7 @@ impl NatsBus {
         let connections = reconnects.subscribe();
         history.checked_up_to(*connections.borrow());
         let stop = CancellationToken::new();
+        let (live, commands) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             client,
             jetstream,
@@ -194,6 +205,8 @@ impl NatsBus {
             metrics,
             tracing,
             followers: Mutex::new(HashMap::new()),
+            next_follow: AtomicU64::new(1),
+            live,
             connected,
             reconnects,
             history: Arc::clone(&history),
@@ -203,8 +216,10 @@ impl NatsBus {
             Arc::downgrade(&shared),
             history,
             connections,
-            stop,
+            stop.clone(),
         ));
+        let dispatcher = live::Dispatcher::new(Arc::clone(&shared), commands, lost, stop);
+        tokio::spawn(tokio::task::unconstrained(dispatcher.run()));
         Ok(NatsBus { shared })
     }
 }
@@ -215,6 +230,7 @@ async fn connect(
     connected: Arc<AtomicBool>,
     reconnects: watch::Sender<u64>,
     history: Arc<History>,
+    lost: Arc<Notify>,
     metrics: Arc<Metrics>,
 ) -> Result<async_nats::Client, NatsError> {
     let mut options = ConnectOptions::new()
@@ -226,6 +242,7 @@ async fn connect(
             let connected = Arc::clone(&connected);
             let reconnects = reconnects.clone();
             let history = Arc::clone(&history);
+            let lost = Arc::clone(&lost);
             let metrics = Arc::clone(&metrics);
             async move {
                 match event {
@@ -242,6 +259,13 @@ async fn connect(
                         tracing::warn!(
                             "NATS connection lost; streams stay open, gaps are filled on reconnect"
                         );
+                    }
+                    async_nats::Event::SlowConsumer(sid) => {
+                        tracing::warn!(
+                            subscription = sid,
+                            "NATS dropped live messages for a slow subscription"
+                        );
+                        lost.notify_one();
                     }
                     other => tracing::debug!(event = %other, "NATS event"),
                 }
@@ -576,164 +600,94 @@ impl Shared {
         Ok(events)
     }
 
-    /// Delivers the stored messages of `subject` after `last` (and before
-    /// `before`); returns the new last delivered sequence.
-    async fn fill_gap(&self, subject: &str, last: u64, before: Option<u64>) -> u64 {
-        match self
-            .stored_after(subject, last, before, usize::MAX - 1)
-            .await
-        {
-            Ok(events) => {
-                let mut last = last;
-                if !events.is_empty() {
-                    self.metrics.gap_repairs.inc();
-                    self.tracing.gap_repaired(subject, last, events.len());
-                    tracing::info!(%subject, from = last, events = events.len(), "filled a live gap from the stream");
-                }
-                for event in events {
-                    last = event.id.seq;
-                    self.history.delivered(last, Some(event.published_at));
-                    self.deliver(event);
-                }
-                last
-            }
-            Err(err) => {
-                tracing::warn!(%subject, error = %err, "cannot fill a live gap now; will retry on the next message");
-                last
-            }
-        }
+    /// Ends a follow: cancels its subscribing, or has the dispatcher drop its
+    /// subscription.
+    fn release(&self, follower: Follower) {
+        follower.stop.cancel();
+        let _ = self.live.send(live::Command::Release { key: follower.key });
     }
 
-    /// Handles one republished message; returns the new last delivered sequence.
-    async fn on_live(&self, subject: &str, last: u64, message: async_nats::Message) -> u64 {
-        self.metrics.bus_messages_received.inc();
-        let headers = message.headers.as_ref();
-        let number = |name: &str| {
-            headers
-                .and_then(|h| h.get(name))
-                .and_then(|v| v.as_str().parse::<u64>().ok())
-        };
-        let Some(seq) = number("Nats-Sequence") else {
-            self.metrics.bus_bad_events.inc();
-            tracing::warn!(subject = %message.subject, "live message without Nats-Sequence; dropped");
-            return last;
-        };
-        let stored_at: Option<SystemTime> = headers
-            .and_then(|h| h.get("Nats-Time-Stamp"))
-            .and_then(|v| {
-                time::OffsetDateTime::parse(
-                    v.as_str(),
-                    &time::format_description::well_known::Rfc3339,
-                )
-                .ok()
-            })
-            .map(Into::into);
-        self.history.seen(seq);
-        // Not delivered: the history check decides (and ends every stream if
-        // the history changed).
-        if self.history.suspicious(seq, stored_at) || seq <= last {
-            return last;
-        }
-        let mut last = last;
-        if number("Nats-Last-Sequence").unwrap_or(0) > last {
-            last = self.fill_gap(subject, last, Some(seq)).await;
-        }
-        let published_at = stored_at.unwrap_or_else(SystemTime::now);
-        if let Some(event) = self.decode(subject, seq, headers, &message.payload, published_at) {
-            self.deliver(event);
-        }
-        last.max(seq)
+    /// Whether the follow `key` is still `target`'s current one.
+    fn is_current_follow(&self, target: &Target, key: u64) -> bool {
+        self.followers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(target)
+            .is_some_and(|follower| follower.key == key)
+    }
+
+    /// Whether the connection is up and its history checked, right now.
+    fn history_checked_now(&self) -> bool {
+        self.connected.load(Ordering::SeqCst) && self.history_checked().is_ok()
     }
 }
 
-/// Live delivery of one target: subscribe, then deliver in order, filling gaps.
-async fn follow_target(
+/// Sets up live delivery of one target: subscribe, then hand the
+/// subscription to the dispatcher, which says when the target is followed.
+async fn subscribe(
     shared: Arc<Shared>,
+    key: u64,
     target: Target,
     stop: CancellationToken,
     state: watch::Sender<FollowState>,
 ) {
     let live = target.subject(&shared.settings.live_prefix);
     let stored = target.subject(&shared.settings.subject_prefix);
-    let mut subscription = match shared.client.subscribe(live).await {
-        Ok(subscription) => subscription,
-        Err(err) => {
-            let _ = state.send(FollowState::Failed(err.to_string()));
-            return;
-        }
+    let setup = async {
+        let subscription = shared
+            .client
+            .subscribe(live)
+            .await
+            .map_err(|err| err.to_string())?;
+        // Once the server has the subscription, nothing stored later is
+        // missed; what was stored before is the replay's job.
+        shared.client.flush().await.map_err(|err| err.to_string())?;
+        let last = shared.last_stored(&stored).await?;
+        Ok::<_, String>((subscription, last))
     };
-    // Once the server has the subscription, nothing stored later is missed;
-    // what was stored before is the replay's job.
-    if let Err(err) = shared.client.flush().await {
-        let _ = state.send(FollowState::Failed(err.to_string()));
-        return;
-    }
-    let mut last = match shared.last_stored(&stored).await {
-        Ok(last) => last,
-        Err(err) => {
-            let _ = state.send(FollowState::Failed(err));
-            return;
-        }
+    let result = tokio::select! {
+        _ = stop.cancelled() => return,
+        result = setup => result,
     };
-    let _ = state.send(FollowState::Ready);
-    let mut reconnects = shared.reconnects.subscribe();
-    reconnects.mark_unchanged();
-    let mut generations = shared.history.generations();
-    generations.mark_unchanged();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            changed = generations.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                // The history changed: the old position means nothing in the
-                // new one (every stream on it is ending anyway).
-                last = shared.last_stored(&stored).await.unwrap_or(0);
-            }
-            changed = reconnects.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                // Republished messages sent while disconnected are lost: fill
-                // the gap from the stream, once the node has checked that the
-                // stream still holds what was delivered (filling from a
-                // history that went back would send other events under ids
-                // already sent).
-                let connection = *reconnects.borrow_and_update();
-                if !shared.history.checked_after(connection, &stop).await {
-                    break;
-                }
-                if generations.has_changed().unwrap_or(false) {
-                    // Handled by the branch above, from the new history.
-                    continue;
-                }
-                last = shared.fill_gap(&stored, last, None).await;
-            }
-            message = subscription.next() => match message {
-                Some(message) => last = shared.on_live(&stored, last, message).await,
-                None => break,
-            },
+    match result {
+        Ok((subscription, last)) => {
+            let _ = shared.live.send(live::Command::Adopt {
+                key,
+                target,
+                subscription,
+                last,
+                state,
+            });
+        }
+        Err(problem) => {
+            let _ = state.send(FollowState::Failed(problem));
         }
     }
-    let _ = subscription.unsubscribe().await;
 }
 
 impl Interest for NatsBus {
     fn follow(&self, target: &Target) -> watch::Receiver<FollowState> {
         let (state, watch) = watch::channel(FollowState::Pending);
         let stop = CancellationToken::new();
+        let key = self.shared.next_follow.fetch_add(1, Ordering::Relaxed);
         let previous = self
             .shared
             .followers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(target.clone(), Follower { stop: stop.clone() });
+            .insert(
+                target.clone(),
+                Follower {
+                    key,
+                    stop: stop.clone(),
+                },
+            );
         if let Some(previous) = previous {
-            previous.stop.cancel();
+            self.shared.release(previous);
         }
-        tokio::spawn(follow_target(
+        tokio::spawn(subscribe(
             Arc::clone(&self.shared),
+            key,
             target.clone(),
             stop,
             state,
@@ -749,7 +703,7 @@ impl Interest for NatsBus {
             .unwrap_or_else(|p| p.into_inner())
             .remove(target);
         if let Some(follower) = removed {
-            follower.stop.cancel();
+            self.shared.release(follower);
         }
     }
 }

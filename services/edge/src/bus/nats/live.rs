@@ -1,0 +1,541 @@
+//! Live delivery: every followed target's republished messages, handed to the
+//! sink in stream order across all targets.
+//!
+//! Each followed target has its own core NATS subscription (interest-based
+//! fan-out: a node only receives what its connections follow). async-nats reads
+//! the connection in one task and pushes every message into its subscription's
+//! channel as it arrives, so the channels together hold the messages in arrival
+//! order, which is stream order: the stream republishes in sequence order. A
+//! task per target would lose that order (target A's task may run after B's),
+//! and a client following both could be written B's 10 before A's 9 and resume
+//! past 9. So one dispatcher owns every subscription and delivers in rounds:
+//!
+//! 1. drain every subscription whose channel woke (pass one). The highest
+//!    sequence in hand is the round's **bound**: every message this node
+//!    received before it has been drained or sits in a channel that woke;
+//! 2. drain again (pass two): now every message received before the bound is
+//!    in hand;
+//! 3. fill the gaps the messages reveal (`Nats-Last-Sequence` above what the
+//!    target delivered: a republished copy went missing) from the stream,
+//!    sort, deliver everything up to the bound. Messages above it wait for the
+//!    next round, where they are the bound.
+//!
+//! After a reconnect (copies republished while disconnected are gone) or a
+//! slow-consumer drop, every target is filled from the stream up to its last
+//! sequence, read after the event: the reply to that read arrives behind the
+//! republished copies up to it, so pass two has every live message the fill
+//! could be overtaken by.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, SystemTime};
+
+use futures_util::{StreamExt, stream};
+use herald_protocol::Target;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::bus::{Event, FollowState};
+
+/// How many gaps are filled from the stream at once (Direct Get requests).
+const FILLS_IN_FLIGHT: usize = 32;
+
+/// Longest wait before retrying a round that could not read the stream.
+const MAX_RETRY: Duration = Duration::from_secs(2);
+
+/// What the bus asks of the dispatcher.
+pub(super) enum Command {
+    /// Deliver `target` from `subscription` on; everything up to `last` on its
+    /// subject is the replay's business. Ignored unless `key` is still the
+    /// target's current follow.
+    Adopt {
+        key: u64,
+        target: Target,
+        subscription: async_nats::Subscriber,
+        last: u64,
+        state: watch::Sender<FollowState>,
+    },
+    /// Stop delivering the follow `key` (unsubscribes).
+    Release { key: u64 },
+}
+
+/// One followed target.
+struct Slot {
+    target: Target,
+    /// The subject its events are stored under.
+    stored: String,
+    subscription: async_nats::Subscriber,
+    /// The last sequence delivered (or known to be the replay's).
+    last: u64,
+    waker: Arc<SlotWaker>,
+}
+
+/// Subscriptions whose channels woke since the dispatcher last drained them.
+#[derive(Default)]
+struct ReadyQueue {
+    keys: Mutex<Vec<u64>>,
+    notify: Notify,
+}
+
+/// Queues its slot when the slot's channel receives a message.
+struct SlotWaker {
+    key: u64,
+    queued: AtomicBool,
+    ready: Arc<ReadyQueue>,
+}
+
+impl Wake for SlotWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            lock(&self.ready.keys).push(self.key);
+            self.ready.notify.notify_one();
+        }
+    }
+}
+
+/// A republished message in hand.
+struct Received {
+    key: u64,
+    seq: u64,
+    /// `Nats-Last-Sequence`: the previous sequence stored on the same subject.
+    previous: u64,
+    stored_at: Option<SystemTime>,
+    message: async_nats::Message,
+}
+
+/// Something to deliver, in sequence order.
+enum Delivery {
+    Live(Received),
+    Filled { key: u64, event: Event },
+}
+
+impl Delivery {
+    fn seq(&self) -> u64 {
+        match self {
+            Delivery::Live(received) => received.seq,
+            Delivery::Filled { event, .. } => event.id.seq,
+        }
+    }
+}
+
+/// A target's stored events to fetch: after `after`, before `before`.
+struct Gap {
+    key: u64,
+    subject: String,
+    after: u64,
+    before: Option<u64>,
+}
+
+/// The node's live dispatcher; see the module docs.
+pub(super) struct Dispatcher {
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// Republished copies may have been lost (slow consumer): fill every target.
+    lost: Arc<Notify>,
+    slots: HashMap<u64, Slot>,
+    ready: Arc<ReadyQueue>,
+    /// Received, not yet delivered (above the last round's bound).
+    pending: Vec<Received>,
+    /// Every target must be filled from the stream before the next delivery.
+    resync: bool,
+    stop: CancellationToken,
+}
+
+impl Dispatcher {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        commands: mpsc::UnboundedReceiver<Command>,
+        lost: Arc<Notify>,
+        stop: CancellationToken,
+    ) -> Self {
+        Dispatcher {
+            shared,
+            commands,
+            lost,
+            slots: HashMap::new(),
+            ready: Arc::default(),
+            pending: Vec::new(),
+            resync: false,
+            stop,
+        }
+    }
+
+    /// Runs until `stop`. Polls the subscriptions' channels directly, so it
+    /// must run unconstrained by tokio's cooperative budget (a budget-exhausted
+    /// channel would answer "empty" and break the rounds' reasoning); it
+    /// yields after every round instead.
+    pub(super) async fn run(mut self) {
+        let shared = Arc::clone(&self.shared);
+        let mut reconnects = shared.reconnects.subscribe();
+        reconnects.mark_unchanged();
+        let mut generations = shared.history.generations();
+        generations.mark_unchanged();
+        let mut retry = Duration::from_millis(50);
+        loop {
+            let busy = !self.pending.is_empty() || self.resync;
+            let ready = Arc::clone(&self.ready);
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return,
+                changed = generations.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.restart_from_new_history().await;
+                    continue;
+                }
+                changed = reconnects.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // Republished messages sent while disconnected are lost;
+                    // fill them once the node has checked that the stream
+                    // still holds what was delivered (filling from a history
+                    // that went back would send other events under ids
+                    // already sent).
+                    let connection = *reconnects.borrow_and_update();
+                    if !shared.history.checked_after(connection, &self.stop).await {
+                        return;
+                    }
+                    if generations.has_changed().unwrap_or(false) {
+                        continue;
+                    }
+                    self.resync = true;
+                }
+                _ = self.lost.notified() => {
+                    tracing::warn!("NATS dropped live messages (slow consumer); filling every followed target from the stream");
+                    self.resync = true;
+                }
+                command = self.commands.recv() => match command {
+                    Some(command) => self.handle(command),
+                    None => return,
+                },
+                _ = ready.notify.notified() => {}
+                _ = std::future::ready(()), if busy => {}
+            }
+            while let Ok(command) = self.commands.try_recv() {
+                self.handle(command);
+            }
+            match self.round().await {
+                Ok(()) => retry = Duration::from_millis(50),
+                Err(err) => {
+                    tracing::warn!(error = %err, retry_ms = retry.as_millis() as u64, "cannot read the stream to deliver live events in order; retrying");
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(retry) => {}
+                    }
+                    retry = (retry * 2).min(MAX_RETRY);
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Adopt {
+                key,
+                target,
+                subscription,
+                last,
+                state,
+            } => {
+                if !self.shared.is_current_follow(&target, key) {
+                    return;
+                }
+                let waker = Arc::new(SlotWaker {
+                    key,
+                    queued: AtomicBool::new(false),
+                    ready: Arc::clone(&self.ready),
+                });
+                let stored = target.subject(&self.shared.settings.subject_prefix);
+                self.slots.insert(
+                    key,
+                    Slot {
+                        target,
+                        stored,
+                        subscription,
+                        last,
+                        waker: Arc::clone(&waker),
+                    },
+                );
+                // Messages that arrived before adoption are drained next pass.
+                waker.wake_by_ref();
+                let _ = state.send(FollowState::Ready);
+            }
+            Command::Release { key } => {
+                self.slots.remove(&key);
+            }
+        }
+    }
+
+    /// One round: drain, bound, drain, fill, deliver up to the bound.
+    async fn round(&mut self) -> Result<(), String> {
+        self.drain();
+        let mut bound = self.pending.iter().map(|r| r.seq).max().unwrap_or(0);
+        let mut gaps = Vec::new();
+        let resync_head = if self.resync {
+            if !self.shared.history_checked_now() {
+                return Err("the stream's history is being checked after a reconnect".into());
+            }
+            let head = self
+                .shared
+                .state()
+                .await
+                .map_err(|err| err.0)?
+                .last_sequence;
+            bound = bound.max(head);
+            gaps.extend(self.slots.iter().map(|(&key, slot)| Gap {
+                key,
+                subject: slot.stored.clone(),
+                after: slot.last,
+                before: Some(head + 1),
+            }));
+            Some(head)
+        } else {
+            None
+        };
+        self.drain();
+
+        let mut deliveries: Vec<Delivery> = Vec::new();
+        let mut later = Vec::new();
+        for received in std::mem::take(&mut self.pending) {
+            if received.seq <= bound {
+                deliveries.push(Delivery::Live(received));
+            } else {
+                later.push(received);
+            }
+        }
+        deliveries.sort_by_key(Delivery::seq);
+        gaps.extend(self.revealed_gaps(&deliveries, resync_head));
+        match self.fill(gaps).await {
+            Ok(filled) => deliveries.extend(filled),
+            Err(err) => {
+                // Nothing was delivered: the same round runs again.
+                self.pending = deliveries
+                    .into_iter()
+                    .filter_map(|d| match d {
+                        Delivery::Live(received) => Some(received),
+                        Delivery::Filled { .. } => None,
+                    })
+                    .chain(later)
+                    .collect();
+                return Err(err);
+            }
+        }
+        deliveries.sort_by_key(Delivery::seq);
+        self.pending = later;
+        self.resync = false;
+        for delivery in deliveries {
+            self.deliver(delivery);
+        }
+        Ok(())
+    }
+
+    /// Takes every message waiting in a woken subscription's channel.
+    fn drain(&mut self) {
+        let keys = std::mem::take(&mut *lock(&self.ready.keys));
+        for key in keys {
+            let Some(slot) = self.slots.get_mut(&key) else {
+                continue;
+            };
+            // Cleared before polling: a message arriving from now on queues
+            // the slot again.
+            slot.waker.queued.store(false, Ordering::Release);
+            let waker = Waker::from(Arc::clone(&slot.waker));
+            let mut cx = Context::from_waker(&waker);
+            loop {
+                match slot.subscription.poll_next_unpin(&mut cx) {
+                    Poll::Ready(Some(message)) => {
+                        if let Some(received) = received(&self.shared, key, message) {
+                            self.pending.push(received);
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        tracing::warn!(target = %slot.target, "the live subscription ended; the target is no longer delivered live");
+                        self.slots.remove(&key);
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+        }
+    }
+
+    /// The gaps the sorted live messages reveal: a message whose subject's
+    /// previous sequence is above what its target delivered.
+    fn revealed_gaps(&self, deliveries: &[Delivery], resync_head: Option<u64>) -> Vec<Gap> {
+        let mut last: HashMap<u64, u64> = HashMap::new();
+        let mut gaps = Vec::new();
+        for delivery in deliveries {
+            let Delivery::Live(received) = delivery else {
+                continue;
+            };
+            let Some(slot) = self.slots.get(&received.key) else {
+                continue;
+            };
+            let last = last
+                .entry(received.key)
+                .or_insert_with(|| slot.last.max(resync_head.unwrap_or(0)));
+            if received.seq > *last && received.previous > *last {
+                gaps.push(Gap {
+                    key: received.key,
+                    subject: slot.stored.clone(),
+                    after: *last,
+                    before: Some(received.seq),
+                });
+            }
+            *last = (*last).max(received.seq);
+        }
+        gaps
+    }
+
+    /// Reads the gaps' events from the stream, a few requests at a time.
+    async fn fill(&self, gaps: Vec<Gap>) -> Result<Vec<Delivery>, String> {
+        if gaps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let shared = &self.shared;
+        let results: Vec<Result<(Gap, Vec<Event>), String>> = stream::iter(gaps)
+            .map(|gap| async move {
+                let events = shared
+                    .stored_after(&gap.subject, gap.after, gap.before, usize::MAX - 1)
+                    .await?;
+                Ok((gap, events))
+            })
+            .buffer_unordered(FILLS_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut filled = Vec::new();
+        for result in results {
+            let (gap, events) = result?;
+            if events.is_empty() {
+                continue;
+            }
+            shared.metrics.gap_repairs.inc();
+            shared
+                .tracing
+                .gap_repaired(&gap.subject, gap.after, events.len());
+            tracing::info!(subject = %gap.subject, from = gap.after, events = events.len(), "filled a live gap from the stream");
+            filled.extend(events.into_iter().map(|event| Delivery::Filled {
+                key: gap.key,
+                event,
+            }));
+        }
+        Ok(filled)
+    }
+
+    /// Hands one event to the sink unless its target already had it.
+    fn deliver(&mut self, delivery: Delivery) {
+        let shared = &self.shared;
+        match delivery {
+            Delivery::Live(received) => {
+                let Some(slot) = self.slots.get_mut(&received.key) else {
+                    return;
+                };
+                // Not delivered when suspicious: the history check decides
+                // (and ends every stream if the history changed).
+                if shared.history.suspicious(received.seq, received.stored_at)
+                    || received.seq <= slot.last
+                {
+                    return;
+                }
+                slot.last = received.seq;
+                let message = received.message;
+                let published_at = received.stored_at.unwrap_or_else(SystemTime::now);
+                if let Some(event) = shared.decode(
+                    &slot.stored,
+                    received.seq,
+                    message.headers.as_ref(),
+                    &message.payload,
+                    published_at,
+                ) {
+                    shared.deliver(event);
+                }
+            }
+            Delivery::Filled { key, event } => {
+                let Some(slot) = self.slots.get_mut(&key) else {
+                    return;
+                };
+                if event.id.seq <= slot.last {
+                    return;
+                }
+                slot.last = event.id.seq;
+                shared
+                    .history
+                    .delivered(event.id.seq, Some(event.published_at));
+                shared.deliver(event);
+            }
+        }
+    }
+
+    /// The history changed: positions in the old one mean nothing in the new
+    /// one. Every target continues from the new history's last sequence
+    /// (every stream on the node is ending anyway); what was received but not
+    /// delivered belongs to the old history's reading and is dropped.
+    async fn restart_from_new_history(&mut self) {
+        self.drain();
+        self.pending.clear();
+        let head = loop {
+            match self.shared.state().await {
+                Ok(state) => break state.last_sequence,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot read the new history's position yet");
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(MAX_RETRY) => {}
+                    }
+                }
+            }
+        };
+        for slot in self.slots.values_mut() {
+            slot.last = head;
+        }
+    }
+}
+
+/// Reads a republished message's sequence headers; one without them is
+/// counted, logged and dropped.
+fn received(shared: &Shared, key: u64, message: async_nats::Message) -> Option<Received> {
+    shared.metrics.bus_messages_received.inc();
+    let headers = message.headers.as_ref();
+    let number = |name: &str| {
+        headers
+            .and_then(|h| h.get(name))
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+    };
+    let Some(seq) = number("Nats-Sequence") else {
+        shared.metrics.bus_bad_events.inc();
+        tracing::warn!(subject = %message.subject, "live message without Nats-Sequence; dropped");
+        return None;
+    };
+    let previous = number("Nats-Last-Sequence").unwrap_or(0);
+    let stored_at: Option<SystemTime> = headers
+        .and_then(|h| h.get("Nats-Time-Stamp"))
+        .and_then(|v| {
+            time::OffsetDateTime::parse(v.as_str(), &time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .map(Into::into);
+    shared.history.seen(seq);
+    Some(Received {
+        key,
+        seq,
+        previous,
+        stored_at,
+        message,
+    })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
