@@ -111,5 +111,16 @@ for node in ("edge-1", "edge-2"):
           f"descriptors {steady[0][2]}→{steady[-1][2]} (slope {fds:+.1f}/h; "
           f"{fds_beyond * 3600:+.1f}/h beyond open streams), "
           f"streams {steady[0][3]}→{steady[-1][3]}, {len(steady)} samples")
+    # Allocator high-water marks step up early and are then reused; a leak
+    # keeps climbing. So also compare the two halves of the run.
+    half = steady[len(steady) // 2][0]
+    first = [p for p in steady if p[0] < half]
+    second = [p for p in steady if p[0] >= half]
+    if first and second:
+        late = slope([(t, r) for t, r, _, _ in second]) * 3600
+        print(f"soak: {node}: second half (from {half} s): RSS slope {late:+.0f} KiB/h, "
+              f"peak {max(r for _, r, _, _ in first)} KiB in the first half, "
+              f"{max(r for _, r, _, _ in second)} KiB in the second; "
+              f"descriptors peak {max(f for _, _, f, _ in first)} then {max(f for _, _, f, _ in second)}")
 sys.exit(0 if ok else 1)
 PY

@@ -43,6 +43,9 @@ use crate::bus::{Event, FollowState};
 /// How many gaps are filled from the stream at once (Direct Get requests).
 const FILLS_IN_FLIGHT: usize = 32;
 
+/// Rounds run back to back before the dispatcher yields its worker thread.
+const ROUNDS_BEFORE_YIELD: u32 = 16;
+
 /// Longest wait before retrying a round that could not read the stream.
 const MAX_RETRY: Duration = Duration::from_secs(2);
 
@@ -143,6 +146,11 @@ pub(super) struct Dispatcher {
     ready: Arc<ReadyQueue>,
     /// Received, not yet delivered (above the last round's bound).
     pending: Vec<Received>,
+    /// Buffers reused by every round: what a round delivers, the slots being
+    /// drained, each target's last sequence while looking for gaps.
+    deliveries: Vec<Delivery>,
+    draining: Vec<u64>,
+    scratch: HashMap<u64, u64>,
     /// Every target must be filled from the stream before the next delivery.
     resync: bool,
     stop: CancellationToken,
@@ -162,6 +170,9 @@ impl Dispatcher {
             slots: HashMap::new(),
             ready: Arc::default(),
             pending: Vec::new(),
+            deliveries: Vec::new(),
+            draining: Vec::new(),
+            scratch: HashMap::new(),
             resync: false,
             stop,
         }
@@ -178,6 +189,7 @@ impl Dispatcher {
         let mut generations = shared.history.generations();
         generations.mark_unchanged();
         let mut retry = Duration::from_millis(50);
+        let mut rounds_without_wait = 0;
         loop {
             let busy = !self.pending.is_empty() || self.resync;
             let ready = Arc::clone(&self.ready);
@@ -234,7 +246,18 @@ impl Dispatcher {
                     retry = (retry * 2).min(MAX_RETRY);
                 }
             }
-            tokio::task::yield_now().await;
+            // The select above only waits when there is nothing to do; under
+            // a steady flow it never does, so give the worker thread back
+            // every few rounds.
+            rounds_without_wait += 1;
+            if !self.pending.is_empty() || !lock(&self.ready.keys).is_empty() {
+                if rounds_without_wait >= ROUNDS_BEFORE_YIELD {
+                    rounds_without_wait = 0;
+                    tokio::task::yield_now().await;
+                }
+            } else {
+                rounds_without_wait = 0;
+            }
         }
     }
 
@@ -304,45 +327,43 @@ impl Dispatcher {
         };
         self.drain();
 
-        let mut deliveries: Vec<Delivery> = Vec::new();
-        let mut later = Vec::new();
-        for received in std::mem::take(&mut self.pending) {
-            if received.seq <= bound {
-                deliveries.push(Delivery::Live(received));
-            } else {
-                later.push(received);
-            }
-        }
-        deliveries.sort_by_key(Delivery::seq);
-        gaps.extend(self.revealed_gaps(&deliveries, resync_head));
+        self.pending.sort_unstable_by_key(|received| received.seq);
+        let due = self
+            .pending
+            .partition_point(|received| received.seq <= bound);
+        let mut deliveries = std::mem::take(&mut self.deliveries);
+        deliveries.extend(self.pending.drain(..due).map(Delivery::Live));
+        self.revealed_gaps(&deliveries, resync_head, &mut gaps);
         match self.fill(gaps).await {
-            Ok(filled) => deliveries.extend(filled),
+            Ok(filled) if filled.is_empty() => {}
+            Ok(filled) => {
+                deliveries.extend(filled);
+                deliveries.sort_by_key(Delivery::seq);
+            }
             Err(err) => {
                 // Nothing was delivered: the same round runs again.
-                self.pending = deliveries
-                    .into_iter()
-                    .filter_map(|d| match d {
+                self.pending
+                    .extend(deliveries.drain(..).filter_map(|delivery| match delivery {
                         Delivery::Live(received) => Some(received),
                         Delivery::Filled { .. } => None,
-                    })
-                    .chain(later)
-                    .collect();
+                    }));
+                self.deliveries = deliveries;
                 return Err(err);
             }
         }
-        deliveries.sort_by_key(Delivery::seq);
-        self.pending = later;
         self.resync = false;
-        for delivery in deliveries {
+        for delivery in deliveries.drain(..) {
             self.deliver(delivery);
         }
+        self.deliveries = deliveries;
         Ok(())
     }
 
     /// Takes every message waiting in a woken subscription's channel.
     fn drain(&mut self) {
-        let keys = std::mem::take(&mut *lock(&self.ready.keys));
-        for key in keys {
+        let mut keys = std::mem::take(&mut self.draining);
+        std::mem::swap(&mut keys, &mut *lock(&self.ready.keys));
+        for key in keys.drain(..) {
             let Some(slot) = self.slots.get_mut(&key) else {
                 continue;
             };
@@ -367,13 +388,19 @@ impl Dispatcher {
                 }
             }
         }
+        self.draining = keys;
     }
 
-    /// The gaps the sorted live messages reveal: a message whose subject's
-    /// previous sequence is above what its target delivered.
-    fn revealed_gaps(&self, deliveries: &[Delivery], resync_head: Option<u64>) -> Vec<Gap> {
-        let mut last: HashMap<u64, u64> = HashMap::new();
-        let mut gaps = Vec::new();
+    /// Adds the gaps the sorted live messages reveal: a message whose
+    /// subject's previous sequence is above what its target delivered.
+    fn revealed_gaps(
+        &mut self,
+        deliveries: &[Delivery],
+        resync_head: Option<u64>,
+        gaps: &mut Vec<Gap>,
+    ) {
+        let last = &mut self.scratch;
+        last.clear();
         for delivery in deliveries {
             let Delivery::Live(received) = delivery else {
                 continue;
@@ -394,7 +421,6 @@ impl Dispatcher {
             }
             *last = (*last).max(received.seq);
         }
-        gaps
     }
 
     /// Reads the gaps' events from the stream, a few requests at a time.
