@@ -29,7 +29,7 @@ export FAULTS_BIN=${FAULTS_BIN:-$(dirname "$LOADTEST_BIN")/herald-faults}
 
 SCENARIOS=(edge-sigkill rolling-restart nats-restart stream-leader-kill edge-nats-cut edge-nats-partition gossip-partition
            slow-consumers reconnect-storm publisher-retries nats-power-loss nats-history-rewound
-           chromium-edge-kill chromium-statuses clock-skew)
+           chromium-edge-kill chromium-statuses clock-skew mixed-targets)
 declare -A DESCRIBE=(
   [edge-sigkill]="an edge killed with SIGKILL under load, back 3 s later"
   [rolling-restart]="every edge restarted in turn with SIGTERM (drain)"
@@ -46,6 +46,7 @@ declare -A DESCRIBE=(
   [chromium-edge-kill]="headless Chromium's EventSource across a SIGKILL of its edge"
   [chromium-statuses]="headless Chromium's EventSource against forced 401, 429, 503 and 204 answers"
   [clock-skew]="edge-3's clock 5 minutes fast, edge-2's 5 minutes slow (libfaketime): resumes, order, tokens, gossip"
+  [mixed-targets]="each client follows its user and a shared topic (one stream, two targets) across an edge SIGKILL and a NATS restart: stream order across targets"
 )
 
 # The edge holding most streams is not known in advance; the faults below
@@ -80,6 +81,12 @@ leader_other_than() { local now; now=$($cluster nats-leader) && [ "$now" != "$1"
 fault_edge_sigkill() { sleep 5; $cluster kill-edge 3; sleep 3; $cluster start-edge 3 >/dev/null; }
 fault_rolling_restart() { sleep 3; for n in 1 2 3; do $cluster restart-edge "$n" >/dev/null; sleep 1; done; }
 fault_nats_restart() { sleep 5; $cluster restart-nats 1 >/dev/null; }
+# Clients resume on other edges (replay) and edges fill what NATS dropped
+# while they reconnected, with two targets' events interleaved in each stream.
+fault_mixed_targets() {
+  sleep 4; $cluster kill-edge 3; sleep 3; $cluster start-edge 3 >/dev/null
+  sleep 2; $cluster restart-nats 1 >/dev/null
+}
 fault_slow_consumers() { :; }     # the fault is the clients: --slow-fraction
 fault_publisher_retries() { :; }  # the fault is the publishers: --publish-twice
 fault_stream_leader_kill() {
@@ -191,6 +198,9 @@ run_loadtest_scenario() {
   case $name in
     slow-consumers) extra=(--slow-fraction 0.1) ;;
     publisher-retries) extra=(--publish-twice 1) ;;
+    # Ten clients per user, so each user's events and the topic's come at
+    # the same pace and interleave in every stream.
+    mixed-targets) extra=(--topic chaos-news --mixed 1 --users $((CONNECTIONS / 10))) ;;
     # A whole NATS cluster takes 10-20 s to elect its leaders again: publish
     # long enough for events to flow after it (and, rewound, before the rewind).
     nats-power-loss | nats-history-rewound) duration=$((DURATION + 30)) ;;

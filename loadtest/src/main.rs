@@ -50,7 +50,10 @@ async fn main() -> anyhow::Result<()> {
         options
             .topic
             .as_ref()
-            .map(|t| format!(", topic {t}"))
+            .map(|t| format!(
+                ", topic {t}{}",
+                if options.mixed { " and their own" } else { "" }
+            ))
             .unwrap_or_default(),
         options.urls.join(","),
     );
@@ -67,12 +70,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_after = servers.sample();
 
-    let targets = if options.topic.is_some() {
-        1
-    } else {
-        options.users
-    };
-    let publish = Arc::new(publishers::Published::new(targets));
+    let publish = Arc::new(publishers::Published::new(options.targets()));
     let resume_secs = match options.owed {
         Some(owed) => Some(replay(&options, &subscribers, &publish, owed).await?),
         None => None,

@@ -19,6 +19,10 @@ pub struct Options {
     pub users: usize,
     /// When set, every connection follows this topic and events go to it.
     pub topic: Option<String>,
+    /// With `--topic`: every connection follows its user *and* the topic, and
+    /// events go to the users and the topic alike (one stream, two targets,
+    /// their events interleaved: checks stream order across targets).
+    pub mixed: bool,
     /// Events per second, all publishers together.
     pub rate: u64,
     /// Seconds of publishing (0: connect, measure, and stop).
@@ -67,6 +71,7 @@ impl Options {
             connections: 1000,
             users: 0,
             topic: None,
+            mixed: false,
             rate: 1000,
             duration_secs: 10,
             drain_secs: 5,
@@ -99,6 +104,7 @@ impl Options {
                 "--connections" => options.connections = number(&value)? as usize,
                 "--users" => options.users = number(&value)? as usize,
                 "--topic" => options.topic = Some(value).filter(|t| !t.is_empty()),
+                "--mixed" => options.mixed = number(&value)? != 0,
                 "--rate" => options.rate = number(&value)?,
                 "--duration" => options.duration_secs = number(&value)?,
                 "--drain" => options.drain_secs = number(&value)?,
@@ -137,11 +143,84 @@ impl Options {
         if options.users == 0 || options.users > options.connections {
             options.users = options.connections.max(1);
         }
-        if options.topic.is_some() {
+        if options.mixed && options.topic.is_none() {
+            bail!("--mixed needs --topic");
+        }
+        if options.topic.is_some() && !options.mixed {
             // One ordered sequence per topic needs one publisher.
             options.publishers = 1;
         }
         options.publishers = options.publishers.min(options.users);
         Ok(options)
+    }
+}
+
+impl Options {
+    /// How many targets events are published to: every user, the topic, or
+    /// both (`--mixed`: the topic is the last target, numbered `users`).
+    pub fn targets(&self) -> usize {
+        match (&self.topic, self.mixed) {
+            (None, _) => self.users,
+            (Some(_), false) => 1,
+            (Some(_), true) => self.users + 1,
+        }
+    }
+
+    /// The topic events for `target` go to (`None`: the target is a user).
+    pub fn topic_of(&self, target: usize) -> Option<&str> {
+        match (&self.topic, self.mixed) {
+            (Some(topic), false) => Some(topic),
+            (Some(topic), true) if target == self.users => Some(topic),
+            _ => None,
+        }
+    }
+
+    /// The targets whose events a connection of `user` receives.
+    pub fn targets_of(&self, user: usize) -> Vec<usize> {
+        match (&self.topic, self.mixed) {
+            (None, _) => vec![user],
+            (Some(_), false) => vec![0],
+            (Some(_), true) => vec![user, self.users],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Options {
+        let mut all = vec!["--secret", "s"];
+        all.extend_from_slice(args);
+        Options::parse(all.into_iter().map(str::to_owned)).expect("valid options")
+    }
+
+    #[test]
+    fn mixed_connections_follow_their_user_and_the_topic_which_is_the_last_target() {
+        let options = parse(&["--connections", "10", "--topic", "news", "--mixed", "1"]);
+        assert_eq!(options.targets(), 11);
+        assert_eq!(options.targets_of(3), vec![3, 10]);
+        assert_eq!(options.topic_of(10), Some("news"));
+        assert_eq!(options.topic_of(3), None);
+        assert_eq!(
+            options.publishers, 4,
+            "users and the topic spread over publishers"
+        );
+    }
+
+    #[test]
+    fn a_plain_topic_run_has_one_target_and_one_publisher() {
+        let options = parse(&["--connections", "10", "--topic", "news"]);
+        assert_eq!((options.targets(), options.publishers), (1, 1));
+        assert_eq!(options.targets_of(7), vec![0]);
+        assert_eq!(options.topic_of(0), Some("news"));
+        assert!(
+            Options::parse(
+                ["--secret", "s", "--mixed", "1"]
+                    .into_iter()
+                    .map(str::to_owned)
+            )
+            .is_err()
+        );
     }
 }

@@ -100,8 +100,8 @@ fn publish_target(options: &Options) -> anyhow::Result<SocketAddr> {
         .context("--url: expected http://IP:PORT")
 }
 
-/// The next event for `target`, numbered `k`: its data (carrying the sequence
-/// and the publish time) and whom it is for.
+/// The next event for `target`, numbered `k`: its data (carrying the target,
+/// its sequence and the publish time) and whom it is for.
 struct Outgoing<'a> {
     topic: Option<&'a str>,
     target: usize,
@@ -114,7 +114,10 @@ fn event<'a>(topic: Option<&'a str>, target: usize, k: u64, padding: &str) -> Ou
         topic,
         target,
         k,
-        data: format!(r#"{{"k":{k},"t":{},"p":"{padding}"}}"#, now_micros()),
+        data: format!(
+            r#"{{"g":{target},"k":{k},"t":{},"p":"{padding}"}}"#,
+            now_micros()
+        ),
     }
 }
 
@@ -380,11 +383,12 @@ pub async fn burst(
         let options = options.clone();
         tasks.push(tokio::spawn(async move {
             let mut client = Publisher::connect(&options, &token, &published).await?;
-            let topic = options.topic.as_deref();
             for target in (index..targets).step_by(options.publishers) {
                 for _ in 0..count {
                     let k = published.per_target[target].load(Ordering::Relaxed) + 1;
-                    client.publish(event(topic, target, k, "")).await?;
+                    client
+                        .publish(event(options.topic_of(target), target, k, ""))
+                        .await?;
                     published.per_target[target].store(k, Ordering::Relaxed);
                 }
             }
@@ -427,7 +431,6 @@ pub async fn run(options: &Options, published: &Arc<Published>) -> anyhow::Resul
         let options = options.clone();
         tasks.push(tokio::spawn(async move {
             let mut client = Publisher::connect(&options, &token, &published).await?;
-            let topic = options.topic.as_deref();
             let owned: Vec<usize> = (index..targets).step_by(options.publishers).collect();
             let mut ticker = tokio::time::interval(per_publisher);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -439,7 +442,8 @@ pub async fn run(options: &Options, published: &Arc<Published>) -> anyhow::Resul
                     fastrand::usize(..owned.len())
                 }];
                 let k = published.per_target[target].load(Ordering::Relaxed) + 1;
-                match client.publish(event(topic, target, k, &padding)).await {
+                let outgoing = event(options.topic_of(target), target, k, &padding);
+                match client.publish(outgoing).await {
                     Ok(()) => published.per_target[target].store(k, Ordering::Relaxed),
                     Err(err) => {
                         if published.errors.fetch_add(1, Ordering::Relaxed) < 5 {

@@ -121,21 +121,33 @@ impl Report {
             if connection.slow {
                 continue;
             }
-            let sent = published.sent(connection.target);
+            let sent: u64 = connection
+                .targets
+                .iter()
+                .map(|t| published.sent(t.target))
+                .sum();
             let received = connection.received.load(Ordering::Relaxed);
             let dups = connection.duplicated.load(Ordering::Relaxed);
             expected += sent;
             delivered += received;
             duplicated += dups;
-            reordered += connection.jumped.load(Ordering::Relaxed);
+            // Out of order: a target's gap, a target's event behind another
+            // target's later one, or an event the connection never asked for.
+            reordered += connection.jumped.load(Ordering::Relaxed)
+                + connection.misordered.load(Ordering::Relaxed)
+                + connection.foreign.load(Ordering::Relaxed);
             let connection_resets = connection.resets.load(Ordering::Relaxed);
             resets += connection_resets;
             connections_reset += usize::from(connection_resets > 0);
-            // A reset excuses what it skipped: up to the next event, or to
-            // the end when nothing came after it.
+            // A reset excuses what it skipped: up to each target's next
+            // event, or to the end when nothing came after it.
             let mut skipped = connection.skipped_after_reset.load(Ordering::Relaxed);
-            if connection.reset_pending.load(Ordering::Relaxed) {
-                skipped += sent.saturating_sub(connection.last.load(Ordering::Relaxed));
+            for target in &connection.targets {
+                if target.reset_pending.load(Ordering::Relaxed) {
+                    skipped += published
+                        .sent(target.target)
+                        .saturating_sub(target.last.load(Ordering::Relaxed));
+                }
             }
             skipped_after_reset += skipped;
             let repeated = connection.repeated_after_reset.load(Ordering::Relaxed);

@@ -27,18 +27,25 @@ const SHARDS: usize = 16;
 pub struct ConnectionStats {
     /// Index of the user this connection authenticates as.
     pub user: usize,
-    /// Index of the target (its user, or 0 for the topic) whose events it expects.
-    pub target: usize,
+    /// The targets whose events it expects (its user, the topic, or both),
+    /// each with the highest sequence seen.
+    pub targets: Vec<TargetState>,
     /// Whether this connection deliberately stops reading.
     pub slow: bool,
-    /// Highest per-target sequence seen.
-    pub last: AtomicU64,
     /// Events received, duplicates included.
     pub received: AtomicU64,
     /// Events at or below the highest sequence already seen.
     pub duplicated: AtomicU64,
     /// Events that skipped ahead of the next expected sequence.
     pub jumped: AtomicU64,
+    /// New events whose SSE id is below one already seen (same epoch): a
+    /// target's event handed over behind another target's later one, which
+    /// a resume from the later id would have skipped.
+    pub misordered: AtomicU64,
+    /// Events for a target this connection does not follow.
+    pub foreign: AtomicU64,
+    /// The newest SSE id seen (epoch, sequence), for `misordered`.
+    newest_id: Mutex<(u64, u64)>,
     /// Times the stream ended (closed by the server).
     pub ended: AtomicU64,
     /// Times the connection was opened again after the first.
@@ -54,9 +61,103 @@ pub struct ConnectionStats {
     /// again (a publisher's retry stored after the lost one), and a client
     /// that was told to refetch cannot tell; not counted as duplicates.
     pub repeated_after_reset: AtomicU64,
-    /// Whether a `herald.reset` came and no newer event since (what it
-    /// skipped shows only when the next newer event arrives, or at the end).
+}
+
+/// One target a connection follows.
+#[derive(Debug, Default)]
+pub struct TargetState {
+    /// Index of the target (a user, or the topic).
+    pub target: usize,
+    /// Highest sequence seen.
+    pub last: AtomicU64,
+    /// Whether a `herald.reset` came and no newer event of this target since
+    /// (what it skipped shows only when the next newer event arrives, or at
+    /// the end).
     pub reset_pending: std::sync::atomic::AtomicBool,
+}
+
+impl TargetState {
+    fn new(target: usize) -> Self {
+        TargetState {
+            target,
+            ..Default::default()
+        }
+    }
+}
+
+impl ConnectionStats {
+    /// Accounts for one dispatched event (or reset).
+    fn record(&self, dispatched: Dispatched, latencies: &Mutex<Histogram<u64>>) {
+        let (g, k, t, id) = match dispatched {
+            Dispatched::Event { g, k, t, id } => (g, k, t, id),
+            Dispatched::Reset { id } => {
+                self.resets.fetch_add(1, Ordering::Relaxed);
+                for target in &self.targets {
+                    target.reset_pending.store(true, Ordering::Relaxed);
+                }
+                if let Some(id) = id {
+                    *lock(&self.newest_id) = id;
+                }
+                return;
+            }
+        };
+        let Some(state) = self.targets.iter().find(|s| s.target as u64 == g) else {
+            if self.foreign.fetch_add(1, Ordering::Relaxed) < 3 {
+                eprintln!(
+                    "user {}: an event for target {g}, which it does not follow",
+                    self.user
+                );
+            }
+            return;
+        };
+        let now = now_micros();
+        let last = state.last.load(Ordering::Relaxed);
+        let after_reset = state.reset_pending.load(Ordering::Relaxed);
+        if k <= last {
+            if after_reset {
+                self.repeated_after_reset.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.duplicated.fetch_add(1, Ordering::Relaxed);
+            }
+        } else {
+            if after_reset {
+                // The reset told the client; what it skipped is not lost.
+                state.reset_pending.store(false, Ordering::Relaxed);
+                self.skipped_after_reset
+                    .fetch_add(k - last - 1, Ordering::Relaxed);
+            } else if k != last + 1 && self.jumped.fetch_add(1, Ordering::Relaxed) < 3 {
+                eprintln!(
+                    "target {}: event {k} after {last} (a gap), {} reconnect(s) so far",
+                    state.target,
+                    self.reconnects.load(Ordering::Relaxed)
+                );
+            }
+            state.last.store(k, Ordering::Relaxed);
+            if let Some(id) = id {
+                let mut newest = lock(&self.newest_id);
+                if id.0 == newest.0 && id.1 < newest.1 {
+                    if self.misordered.fetch_add(1, Ordering::Relaxed) < 3 {
+                        eprintln!(
+                            "user {}: target {g}'s event {k} (id sequence {}) after id sequence {}: out of stream order",
+                            self.user, id.1, newest.1
+                        );
+                    }
+                } else {
+                    *newest = id;
+                }
+            }
+        }
+        self.received.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut histogram) = latencies.lock() {
+            let _ = histogram.record(now.saturating_sub(t).max(1));
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Whether connections should hold their streams or stay away (to be owed
@@ -112,11 +213,11 @@ impl Subscribers {
                 .map(|i| {
                     Arc::new(ConnectionStats {
                         user: i % options.users,
-                        target: if options.topic.is_some() {
-                            0
-                        } else {
-                            i % options.users
-                        },
+                        targets: options
+                            .targets_of(i % options.users)
+                            .into_iter()
+                            .map(TargetState::new)
+                            .collect(),
                         slow: i < slow_count,
                         ..Default::default()
                     })
@@ -198,7 +299,8 @@ impl Subscribers {
         self.connections
             .iter()
             .filter(|c| !c.slow)
-            .all(|c| c.last.load(Ordering::Relaxed) >= published.sent(c.target))
+            .flat_map(|c| &c.targets)
+            .all(|t| t.last.load(Ordering::Relaxed) >= published.sent(t.target))
     }
 
     /// The merged latency histogram, microseconds.
@@ -395,43 +497,7 @@ async fn stream_once(
                 continue;
             };
             scanner.feed(&data, |dispatched| {
-                let (k, t) = match dispatched {
-                    Dispatched::Event { k, t } => (k, t),
-                    Dispatched::Reset => {
-                        stats.resets.fetch_add(1, Ordering::Relaxed);
-                        stats.reset_pending.store(true, Ordering::Relaxed);
-                        return;
-                    }
-                };
-                let now = now_micros();
-                let last = stats.last.load(Ordering::Relaxed);
-                let after_reset = stats.reset_pending.load(Ordering::Relaxed);
-                if k <= last {
-                    if after_reset {
-                        stats.repeated_after_reset.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        stats.duplicated.fetch_add(1, Ordering::Relaxed);
-                    }
-                } else {
-                    if after_reset {
-                        // The reset told the client; what it skipped is not lost.
-                        stats.reset_pending.store(false, Ordering::Relaxed);
-                        stats
-                            .skipped_after_reset
-                            .fetch_add(k - last - 1, Ordering::Relaxed);
-                    } else if k != last + 1 && stats.jumped.fetch_add(1, Ordering::Relaxed) < 3 {
-                        eprintln!(
-                            "target {}: event {k} after {last} (a gap), {} reconnect(s) so far",
-                            stats.target,
-                            stats.reconnects.load(Ordering::Relaxed)
-                        );
-                    }
-                    stats.last.store(k, Ordering::Relaxed);
-                }
-                stats.received.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut histogram) = latencies[shard].lock() {
-                    let _ = histogram.record(now.saturating_sub(t).max(1));
-                }
+                stats.record(dispatched, &latencies[shard])
             });
         }
         stats.ended.fetch_add(1, Ordering::Relaxed);
@@ -455,10 +521,16 @@ impl Drop for StreamingGuard<'_> {
 /// What the scanner hands over when an event is complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dispatched {
-    /// A load-test event: its per-target sequence and publish time.
-    Event { k: u64, t: u64 },
-    /// `herald.reset`: history was lost; the stream continues from now.
-    Reset,
+    /// A load-test event: its target, per-target sequence, publish time and
+    /// SSE id (epoch, sequence) when it had one.
+    Event {
+        g: u64,
+        k: u64,
+        t: u64,
+        id: Option<(u64, u64)>,
+    },
+    /// `herald.reset`: history was lost; the stream continues from its id.
+    Reset { id: Option<(u64, u64)> },
 }
 
 /// Finds `data:` lines in SSE bytes and extracts `"k":N` and `"t":N` from them,
@@ -490,20 +562,31 @@ impl Scanner {
             };
             if line.is_empty() {
                 // Dispatch: the event and its id count from now.
-                if let Some(id) = self.pending_id.take() {
+                let id = self.pending_id.take().map(|id| {
+                    let parsed = parse_id(&id);
                     self.last_id = id;
-                }
-                if let Some(dispatched) = self.pending_event.take() {
+                    parsed
+                });
+                if let Some(mut dispatched) = self.pending_event.take() {
+                    if let Some(parsed) = id.flatten() {
+                        match &mut dispatched {
+                            Dispatched::Event { id, .. } | Dispatched::Reset { id } => {
+                                *id = Some(parsed)
+                            }
+                        }
+                    }
                     on_event(dispatched);
                 }
             } else if let Some(data) = line.strip_prefix(b"data: ") {
                 if let (Some(k), Some(t)) =
                     (number_after(data, b"\"k\":"), number_after(data, b"\"t\":"))
                 {
-                    self.pending_event.get_or_insert(Dispatched::Event { k, t });
+                    let g = number_after(data, b"\"g\":").unwrap_or(0);
+                    self.pending_event
+                        .get_or_insert(Dispatched::Event { g, k, t, id: None });
                 }
             } else if line == b"event: herald.reset" {
-                self.pending_event = Some(Dispatched::Reset);
+                self.pending_event = Some(Dispatched::Reset { id: None });
             } else if let Some(id) = line.strip_prefix(b"id: ") {
                 self.pending_id = Some(String::from_utf8_lossy(id).into_owned());
             } else if let Some(retry) = line.strip_prefix(b"retry: ") {
@@ -516,6 +599,12 @@ impl Scanner {
         }
         self.partial.extend_from_slice(rest);
     }
+}
+
+/// An SSE id as Herald writes it, `<epoch hex>-<sequence>`.
+fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (epoch, seq) = id.rsplit_once('-')?;
+    Some((u64::from_str_radix(epoch, 16).ok()?, seq.parse().ok()?))
 }
 
 fn number_after(haystack: &[u8], key: &[u8]) -> Option<u64> {
@@ -547,8 +636,18 @@ mod tests {
         assert_eq!(
             seen,
             vec![
-                Dispatched::Event { k: 1, t: 500 },
-                Dispatched::Event { k: 2, t: 7 }
+                Dispatched::Event {
+                    g: 0,
+                    k: 1,
+                    t: 500,
+                    id: Some((1, 1))
+                },
+                Dispatched::Event {
+                    g: 0,
+                    k: 2,
+                    t: 7,
+                    id: None
+                }
             ]
         );
         assert_eq!(scanner.last_id, "1-1");
@@ -568,7 +667,15 @@ mod tests {
             |d| seen.push(d),
         );
         // The connection ends here: event 5 never completed.
-        assert_eq!(seen, vec![Dispatched::Event { k: 4, t: 1 }]);
+        assert_eq!(
+            seen,
+            vec![Dispatched::Event {
+                g: 0,
+                k: 4,
+                t: 1,
+                id: Some((1, 4))
+            }]
+        );
         assert_eq!(scanner.last_id, "1-4");
     }
 
@@ -578,13 +685,98 @@ mod tests {
         let mut seen = Vec::new();
         scanner.feed(
             b"id: 7-80\nevent: herald.reset\ndata: {\"reason\":\"epoch_changed\"}\n\n\
-              id: 7-81\ndata: {\"k\":9,\"t\":1}\n\n",
+              id: 7-81\ndata: {\"g\":3,\"k\":9,\"t\":1}\n\n",
             |d| seen.push(d),
         );
         assert_eq!(
             seen,
-            vec![Dispatched::Reset, Dispatched::Event { k: 9, t: 1 }]
+            vec![
+                Dispatched::Reset { id: Some((7, 80)) },
+                Dispatched::Event {
+                    g: 3,
+                    k: 9,
+                    t: 1,
+                    id: Some((7, 81))
+                }
+            ]
         );
         assert_eq!(scanner.last_id, "7-81");
+    }
+
+    fn stats(targets: &[usize]) -> ConnectionStats {
+        ConnectionStats {
+            targets: targets.iter().copied().map(TargetState::new).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn event(g: u64, k: u64, seq: u64) -> Dispatched {
+        Dispatched::Event {
+            g,
+            k,
+            t: 1,
+            id: Some((7, seq)),
+        }
+    }
+
+    #[test]
+    fn a_targets_event_behind_another_targets_later_one_is_counted_out_of_order() {
+        let histogram = Mutex::new(Histogram::new(3).expect("histogram"));
+        let stats = stats(&[3, 10]);
+        stats.record(event(3, 1, 5), &histogram);
+        stats.record(event(10, 1, 8), &histogram);
+        stats.record(event(3, 2, 7), &histogram);
+        assert_eq!(stats.misordered.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            stats.jumped.load(Ordering::Relaxed),
+            0,
+            "each target is in order"
+        );
+        stats.record(event(10, 2, 9), &histogram);
+        assert_eq!(stats.misordered.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.received.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn an_event_for_a_target_not_followed_is_counted_and_not_received() {
+        let histogram = Mutex::new(Histogram::new(3).expect("histogram"));
+        let stats = stats(&[3, 10]);
+        stats.record(event(4, 1, 5), &histogram);
+        assert_eq!(stats.foreign.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.received.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_reset_excuses_the_gap_of_every_target_once() {
+        let histogram = Mutex::new(Histogram::new(3).expect("histogram"));
+        let stats = stats(&[3, 10]);
+        stats.record(event(3, 1, 5), &histogram);
+        stats.record(event(10, 1, 6), &histogram);
+        stats.record(Dispatched::Reset { id: Some((8, 2)) }, &histogram);
+        stats.record(
+            Dispatched::Event {
+                g: 3,
+                k: 4,
+                t: 1,
+                id: Some((8, 3)),
+            },
+            &histogram,
+        );
+        stats.record(
+            Dispatched::Event {
+                g: 10,
+                k: 3,
+                t: 1,
+                id: Some((8, 4)),
+            },
+            &histogram,
+        );
+        assert_eq!(stats.skipped_after_reset.load(Ordering::Relaxed), 2 + 1);
+        assert_eq!(stats.jumped.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            stats.misordered.load(Ordering::Relaxed),
+            0,
+            "a new epoch starts over"
+        );
     }
 }
