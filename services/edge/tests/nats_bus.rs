@@ -8,7 +8,8 @@ use async_nats::jetstream;
 use herald_config::BusKind;
 use herald_protocol::sse::Item;
 use herald_testkit::nats::NatsServer;
-use herald_testkit::{EdgeNode, PATIENCE, SseClient, publish, subscriber_token};
+use herald_testkit::proxy::TcpProxy;
+use herald_testkit::{EdgeNode, PATIENCE, SseClient, publish, subscriber_token, wait_until};
 use serde_json::json;
 
 async fn nats_node(nats: &NatsServer) -> EdgeNode {
@@ -387,6 +388,102 @@ async fn a_lost_live_message_is_detected_and_filled_from_the_stream() {
     let events = stream.events(2).await.expect("events");
     assert_eq!([events[0].id.clone(), events[1].id.clone()], [e2, e3]);
     assert_eq!(metric(&node, "herald_gap_repairs_total"), 1);
+}
+
+/// Events for a user and a topic stored while the node was cut off from NATS
+/// reach a stream following both in stream order once the node is back: the
+/// node fills both targets from the stream and hands the events over merged
+/// by sequence, not one target's after the other's (a resume from the later
+/// target's id would skip the earlier one's).
+#[tokio::test]
+async fn events_stored_while_the_node_was_cut_off_arrive_in_stream_order_across_targets() {
+    let nats = NatsServer::start().expect("nats-server");
+    let upstream = nats
+        .url()
+        .trim_start_matches("nats://")
+        .parse()
+        .expect("nats address");
+    let proxy = TcpProxy::start(upstream).await.expect("proxy");
+    let through_proxy = format!("nats://{}", proxy.addr());
+    let node = EdgeNode::start(move |s| {
+        s.bus.kind = BusKind::Nats;
+        s.nats.url = through_proxy;
+        s.nats.ignore_discovered_servers = true;
+    })
+    .await
+    .expect("node starts on NATS");
+    let token = subscriber_token("alice", &["news"]);
+    let mut stream = SseClient::connect(
+        &node.url("/v1/stream?topic=news"),
+        &[("authorization", &bearer(&token))],
+    )
+    .await
+    .expect("stream");
+    while stream.last_event_id().is_empty() {
+        stream.next_item(PATIENCE).await.expect("opening frames");
+    }
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    let store = |subject: &'static str, data: &'static str| {
+        let js = js.clone();
+        async move {
+            js.publish(subject, data.into())
+                .await
+                .expect("sent")
+                .await
+                .expect("stored")
+                .sequence
+        }
+    };
+    let before = store("herald.user.alice", "before").await;
+    assert!(
+        stream
+            .next_event(PATIENCE)
+            .await
+            .expect("live")
+            .id
+            .ends_with(&format!("-{before}"))
+    );
+
+    assert_eq!(metric(&node, "herald_nats_connected"), 1);
+    // Fault: the node's NATS connection is cut and its reconnects held.
+    proxy.hold();
+    proxy.cut_all();
+    wait_until("the node notices", PATIENCE, || {
+        metric(&node, "herald_nats_connected") == 0
+    })
+    .await
+    .expect("unready");
+    let mut stored = Vec::new();
+    for (subject, data) in [
+        ("herald.user.alice", "u1"),
+        ("herald.topic.news", "t1"),
+        ("herald.user.alice", "u2"),
+        ("herald.topic.news", "t2"),
+        ("herald.topic.news", "t3"),
+        ("herald.user.alice", "u3"),
+    ] {
+        stored.push(store(subject, data).await);
+    }
+    proxy.release();
+
+    let events = stream
+        .events(stored.len())
+        .await
+        .expect("every event, same stream");
+    let got: Vec<u64> = events
+        .iter()
+        .map(|e| {
+            e.id.rsplit('-')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .expect("id")
+        })
+        .collect();
+    assert_eq!(got, stored, "in stream order across the two targets");
+    assert_eq!(
+        events.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
+        ["u1", "t1", "u2", "t2", "t3", "u3"]
+    );
 }
 
 /// When nats-server restarts under a connected client, the stream stays open,
