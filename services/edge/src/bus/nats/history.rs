@@ -118,6 +118,11 @@ impl History {
         self.generation.send_modify(|generation| *generation += 1);
     }
 
+    /// How many times the history changed so far.
+    pub(super) fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
     /// Watches for history changes (see [`History::changed`]).
     pub(super) fn generations(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()

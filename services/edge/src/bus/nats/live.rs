@@ -52,13 +52,14 @@ const MAX_RETRY: Duration = Duration::from_secs(2);
 /// What the bus asks of the dispatcher.
 pub(super) enum Command {
     /// Deliver `target` from `subscription` on; everything up to `last` on its
-    /// subject is the replay's business. Ignored unless `key` is still the
-    /// target's current follow.
+    /// subject (read in history `generation`) is the replay's business.
+    /// Ignored unless `key` is still the target's current follow.
     Adopt {
         key: u64,
         target: Target,
         subscription: async_nats::Subscriber,
         last: u64,
+        generation: u64,
         state: watch::Sender<FollowState>,
     },
     /// Stop delivering the follow `key` (unsubscribes).
@@ -268,9 +269,19 @@ impl Dispatcher {
                 target,
                 subscription,
                 last,
+                generation,
                 state,
             } => {
                 if !self.shared.is_current_follow(&target, key) {
+                    return;
+                }
+                if generation != self.shared.history.generation() {
+                    // `last` was read from a history that has since changed:
+                    // it may be past events the new one will reuse. The
+                    // stream retries (200 and `retry:`) and follows afresh.
+                    let _ = state.send(FollowState::Failed(
+                        "the stream's history changed while following".into(),
+                    ));
                     return;
                 }
                 let waker = Arc::new(SlotWaker {

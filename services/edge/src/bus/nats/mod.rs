@@ -633,6 +633,7 @@ async fn subscribe(
 ) {
     let live = target.subject(&shared.settings.live_prefix);
     let stored = target.subject(&shared.settings.subject_prefix);
+    let generation = shared.history.generation();
     let setup = async {
         let subscription = shared
             .client
@@ -656,6 +657,7 @@ async fn subscribe(
                 target,
                 subscription,
                 last,
+                generation,
                 state,
             });
         }
