@@ -182,7 +182,8 @@ impl Dispatcher {
     /// Runs until `stop`. Polls the subscriptions' channels directly, so it
     /// must run unconstrained by tokio's cooperative budget (a budget-exhausted
     /// channel would answer "empty" and break the rounds' reasoning); it
-    /// yields after every round instead.
+    /// yields its thread itself, every [`ROUNDS_BEFORE_YIELD`] rounds run
+    /// back to back.
     pub(super) async fn run(mut self) {
         let shared = Arc::clone(&self.shared);
         let mut reconnects = shared.reconnects.subscribe();
