@@ -4,7 +4,7 @@
 //! publish takes one. An empty bucket answers how long until the next token,
 //! which becomes the `Retry-After` of the 429. Buckets of publishers that have
 //! been idle long enough to be full are dropped when the table grows past
-//! [`MAX_BUCKETS`], so memory stays bounded however many credentials exist.
+//! `MAX_BUCKETS`, so memory stays bounded however many credentials exist.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

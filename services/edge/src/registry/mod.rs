@@ -8,7 +8,7 @@
 //! cross.
 //!
 //! Live events arrive through [`LiveSink::deliver`]: the registry looks up the
-//! target once and offers the event's shared frame (a [`Bytes`] clone, no copy)
+//! target once and offers the event's shared frame (a [`Bytes`](bytes::Bytes) clone, no copy)
 //! to each connection's bounded queue without waiting. A connection whose queue
 //! is full is too slow: it is cut loose through its [`Kill`] switch and resumes
 //! from its last id when it reconnects.
