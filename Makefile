@@ -32,6 +32,7 @@ run: ## Build and start one node on 127.0.0.1:8080 (memory bus, dev secret) and 
 
 test: test-deps ## Run every test (installs nats-server and the npm SSE client first), then the deployment checks and the fast chaos scenarios
 	$(CARGO) test --workspace --locked
+	$(CARGO) test -p herald-edge --locked --features heap-stats --lib heap
 	$(MAKE) test-nats-oldest
 	$(MAKE) deploy-check
 	$(MAKE) chaos-fast
@@ -136,9 +137,11 @@ chaos: chaos-deps ## Fault-injection suite (16 scenarios, ~16 min) through nginx
 
 SOAK_SECS ?= 600
 
-soak: chaos-deps ## Steady load with a fault every minute for SOAK_SECS (600); reports lost/dup and RSS/descriptor slopes
-	$(CARGO) build --release -p herald-edge -p herald-loadtest
-	SOAK_SECS=$(SOAK_SECS) chaos/soak.sh
+soak: chaos-deps ## Steady load with a fault every minute for SOAK_SECS (600); reports lost/dup and RSS/descriptor/live-heap slopes
+	$(CARGO) build --release -p herald-loadtest
+	@# The edges count their live heap bytes (src/heap.rs): built apart, so the normal build stays as it is.
+	CARGO_TARGET_DIR=$(CURDIR)/target/heap-stats $(CARGO) build --release -p herald-edge --features heap-stats
+	EDGE_BIN=$(CURDIR)/target/heap-stats/release/herald-edge SOAK_SECS=$(SOAK_SECS) chaos/soak.sh
 
 churn: chaos-deps ## Memory across stream churn: 1000 streams come, replay and go, 12 times; edge RSS after each cycle
 	$(CARGO) build --release -p herald-edge -p herald-loadtest

@@ -6,7 +6,7 @@ export EDGE_BIN=${EDGE_BIN:-$PWD/target/release/herald-edge}
 export LOADTEST_BIN=${LOADTEST_BIN:-$PWD/target/release/herald-loadtest}
 export RUST_LOG=${RUST_LOG:-warn}
 export HERALD_SECRET=${HERALD_SECRET:-herald-dev-secret-change-me-0123456789}
-export RESULTS=$PWD/loadtest/results/chaos
+export RESULTS=${RESULTS:-$PWD/loadtest/results/chaos}
 export cluster=$PWD/deploy/local/cluster.sh
 NATS_URLS="nats://127.0.0.1:$NATS_PORT,nats://127.0.0.1:$((NATS_PORT + 1)),nats://127.0.0.1:$((NATS_PORT + 2))"
 mkdir -p "$RESULTS"

@@ -8,7 +8,9 @@
 # open streams are sampled every 10 s. Faults move streams between edges, so
 # besides the plain least-squares slope per hour the report gives the slope
 # with the number of open streams factored out (RSS ~ a + b*streams + c*t:
-# c is growth that streams do not explain). At the end the load generator's
+# c is growth that streams do not explain). Edges built with --features
+# heap-stats (make soak builds them so) also report their live heap bytes,
+# which tell a leak from memory the allocator keeps. At the end the load generator's
 # invariants must hold: zero lost, duplicated, reordered.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +35,7 @@ loadgen --label soak --duration "$SOAK_SECS" --drain 30 --out "$RESULTS/soak.jso
 loadgen=$!
 
 samples="$RESULTS/soak-samples.csv"
-echo "t_secs,node,rss_kib,fds,streams" > "$samples"
+echo "t_secs,node,rss_kib,fds,streams,heap_kib" > "$samples"
 started=$(date +%s)
 next_fault=$FAULT_EVERY
 fault=0
@@ -43,9 +45,11 @@ while kill -0 "$loadgen" 2>/dev/null; do
     pid=$(cat "$CLUSTER_DIR/pid.$node")
     rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
     fds=$(ls "/proc/$pid/fd" 2>/dev/null | wc -l)
-    streams=$(curl -fsS "http://127.0.0.1:$((BASE_PORT + ${node#edge-}))/metrics" 2>/dev/null \
-      | awk '$1 == "herald_connections_open" {print $2}')
-    echo "$now,$node,$rss,$fds,${streams:-0}" >> "$samples"
+    metrics=$(curl -fsS "http://127.0.0.1:$((BASE_PORT + ${node#edge-}))/metrics" 2>/dev/null || true)
+    streams=$(awk '$1 == "herald_connections_open" {print $2}' <<< "$metrics")
+    # Live heap bytes, when the edge was built with --features heap-stats.
+    heap=$(awk '$1 == "herald_heap_allocated_bytes" {printf "%d", $2 / 1024}' <<< "$metrics")
+    echo "$now,$node,$rss,$fds,${streams:-0},$heap" >> "$samples"
   done
   if [ "$now" -ge "$next_fault" ] && [ "$now" -lt "$SOAK_SECS" ]; then
     case ${faults[$(( fault % ${#faults[@]} ))]} in
@@ -122,5 +126,16 @@ for node in ("edge-1", "edge-2"):
               f"peak {max(r for _, r, _, _ in first)} KiB in the first half, "
               f"{max(r for _, r, _, _ in second)} KiB in the second; "
               f"descriptors peak {max(f for _, _, f, _ in first)} then {max(f for _, _, f, _ in second)}")
+    # What the allocator keeps is not a leak; live heap bytes tell them apart.
+    heap = [(int(r["t_secs"]), int(r["heap_kib"]), int(float(r.get("streams") or 0)))
+            for r in rows if r["node"] == node and r.get("heap_kib") and int(r["t_secs"]) >= 60]
+    if len(heap) >= 3:
+        per_stream, beyond = fit([(t, s, h) for t, h, s in heap])
+        half_heap = heap[len(heap) // 2][0]
+        late = slope([(t, h) for t, h, _ in heap if t >= half_heap]) * 3600
+        print(f"soak: {node}: live heap {heap[0][1]}→{heap[-1][1]} KiB "
+              f"(slope {slope([(t, h) for t, h, _ in heap]) * 3600:+.0f} KiB/h; "
+              f"{per_stream:.1f} KiB per open stream, {beyond * 3600:+.0f} KiB/h beyond that; "
+              f"second half {late:+.0f} KiB/h), peak {max(h for _, h, _ in heap)} KiB")
 sys.exit(0 if ok else 1)
 PY

@@ -20,6 +20,7 @@
 pub mod auth;
 pub mod bus;
 pub mod cluster;
+pub mod heap;
 pub mod http;
 pub mod metrics;
 pub mod registry;

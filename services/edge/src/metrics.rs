@@ -200,6 +200,15 @@ impl Metrics {
             "Time from the bus storing an event to its write to a stream",
             self.delivery_latency.clone(),
         );
+        if let Some(bytes) = crate::heap::allocated_bytes() {
+            let live = Gauge::<i64>::default();
+            live.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            registry.register(
+                "heap_allocated_bytes",
+                "Heap bytes allocated and not yet freed (built with --features heap-stats)",
+                live,
+            );
+        }
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
