@@ -204,19 +204,20 @@ impl Shared {
         if checkpoint.seq == 0 {
             return Ok(false);
         }
-        let held = match tokio::time::timeout(API_TIMEOUT, self.stream.direct_get(checkpoint.seq))
-            .await
-            .map_err(|_| ReplayError("direct get timed out".into()))?
-        {
-            Ok(message) => checkpoint
-                .stored_at
-                .is_none_or(|at| SystemTime::from(message.time) == at),
-            // Removed by the limits or a purge: gone forward, not back.
-            Err(err) if err.kind() == stream::DirectGetErrorKind::NotFound => {
-                checkpoint.seq <= state.last_sequence
-            }
-            Err(err) => return Err(ReplayError(err.to_string())),
-        };
+        let held =
+            match tokio::time::timeout(API_TIMEOUT, self.stream.get_raw_message(checkpoint.seq))
+                .await
+                .map_err(|_| ReplayError("direct get timed out".into()))?
+            {
+                Ok(message) => checkpoint
+                    .stored_at
+                    .is_none_or(|at| SystemTime::from(message.time) == at),
+                // Removed by the limits or a purge: gone forward, not back.
+                Err(err) if err.kind() == stream::RawMessageErrorKind::NoMessageFound => {
+                    checkpoint.seq <= state.last_sequence
+                }
+                Err(err) => return Err(ReplayError(err.to_string())),
+            };
         if held {
             return Ok(false);
         }

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use crate::bus::{Event, FollowState};
 
-/// How many gaps are filled from the stream at once (Direct Get requests).
+/// How many gaps are filled from the stream at once (requests to its leader).
 const FILLS_IN_FLIGHT: usize = 32;
 
 /// Rounds run back to back before the dispatcher yields its worker thread.

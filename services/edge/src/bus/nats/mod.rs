@@ -8,18 +8,24 @@
 //!   `<live_prefix>.…` with `Nats-Sequence` and `Nats-Last-Sequence` (the
 //!   previous sequence on the same subject). A node subscribes (core NATS) only
 //!   to the targets it holds connections for: interest-based fan-out, no
-//!   firehose. The republished copy is not durable, so each followed target
-//!   keeps the last sequence it delivered: a message at or below it is a
-//!   duplicate and dropped; a `Nats-Last-Sequence` above it means a live message
-//!   went missing, and the gap is filled from the stream (Direct Get) before the
-//!   new one is delivered.
+//!   firehose. One dispatcher hands every target's messages over in stream
+//!   order ([`live`]); the republished copy is not durable, so each followed
+//!   target keeps the last sequence it delivered: a message at or below it is
+//!   a duplicate and dropped; a `Nats-Last-Sequence` above it means a live
+//!   message went missing, and the gap is filled from the stream first.
 //! - **Outages.** When the connection drops, streams stay open and `/readyz`
 //!   turns unready; when it is back, every followed target fills its gap from
 //!   the stream.
 //! - **Replay.** The targets' messages after the client's position are read from
-//!   the stream with Direct Get, merged in sequence order. History that is gone
-//!   (older than the stream's first message, evicted by the per-subject limit,
-//!   another epoch) is reported, never skipped.
+//!   the stream, merged in sequence order. History that is gone (older than
+//!   the stream's first message, evicted by the per-subject limit, another
+//!   epoch) is reported, never skipped.
+//! - **Reads go to the stream leader** (`STREAM.MSG.GET`), never Direct Get:
+//!   any replica answers a Direct Get, and one that has not caught up answers
+//!   "nothing after" for events the leader already acknowledged and
+//!   republished. A replay or gap fill read that way skips them silently (the
+//!   one-hour soak lost an event so, in a reconnect storm after a leader
+//!   kill).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -387,9 +393,6 @@ fn conflict(
             republish(&wanted.republish),
         ));
     }
-    if !found.allow_direct {
-        return Some(("allow_direct", "false".into(), "true".into()));
-    }
     None
 }
 
@@ -442,7 +445,6 @@ async fn ensure_stream(
         let mut updated = info.config.clone();
         updated.subjects = wanted.subjects.clone();
         updated.republish = wanted.republish.clone();
-        updated.allow_direct = true;
         jetstream
             .update_stream(updated)
             .await
@@ -553,9 +555,9 @@ impl Shared {
 
     /// The sequence of the newest stored message on `subject` (0 if none).
     async fn last_stored(&self, subject: &str) -> Result<u64, String> {
-        match self.stream.direct_get_last_for_subject(subject).await {
+        match self.stream.get_last_raw_message_by_subject(subject).await {
             Ok(message) => Ok(message.sequence),
-            Err(err) if err.kind() == stream::DirectGetErrorKind::NotFound => Ok(0),
+            Err(err) if err.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
             Err(err) => Err(err.to_string()),
         }
     }
@@ -573,11 +575,11 @@ impl Shared {
         loop {
             let message = match self
                 .stream
-                .direct_get_next_for_subject(subject, Some(next))
+                .get_first_raw_message_by_subject(subject, next)
                 .await
             {
                 Ok(message) => message,
-                Err(err) if err.kind() == stream::DirectGetErrorKind::NotFound => break,
+                Err(err) if err.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
                 Err(err) => return Err(err.to_string()),
             };
             if before.is_some_and(|before| message.sequence >= before) {
@@ -843,11 +845,11 @@ impl NatsBus {
         match self
             .shared
             .stream
-            .direct_get_next_for_subject(subject, None)
+            .get_first_raw_message_by_subject(subject, 1)
             .await
         {
             Ok(oldest) => Ok(oldest.sequence > after + 1),
-            Err(err) if err.kind() == stream::DirectGetErrorKind::NotFound => Ok(false),
+            Err(err) if err.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(false),
             Err(err) => Err(ReplayError(err.to_string())),
         }
     }
@@ -879,6 +881,9 @@ mod tests {
         assert_eq!(conflict(&other, &wanted).map(|c| c.0), Some("subjects"));
         let mut other = wanted.clone();
         other.allow_direct = false;
-        assert_eq!(conflict(&other, &wanted).map(|c| c.0), Some("allow_direct"));
+        assert!(
+            conflict(&other, &wanted).is_none(),
+            "Herald reads from the stream leader, not with Direct Get"
+        );
     }
 }
