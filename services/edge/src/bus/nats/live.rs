@@ -43,6 +43,11 @@ use crate::bus::{Event, FollowState};
 /// How many gaps are filled from the stream at once (requests to its leader).
 const FILLS_IN_FLIGHT: usize = 32;
 
+/// Entries a round buffer keeps between rounds: enough for steady traffic;
+/// the burst after an outage (every target's missed events) gets its memory
+/// back afterwards instead of holding it as a high-water mark.
+const ROUND_BUFFER_KEEP: usize = 256;
+
 /// Rounds run back to back before the dispatcher yields its worker thread.
 const ROUNDS_BEFORE_YIELD: u32 = 16;
 
@@ -367,7 +372,11 @@ impl Dispatcher {
         for delivery in deliveries.drain(..) {
             self.deliver(delivery);
         }
+        deliveries.shrink_to(ROUND_BUFFER_KEEP);
         self.deliveries = deliveries;
+        self.pending.shrink_to(ROUND_BUFFER_KEEP);
+        self.scratch.shrink_to(ROUND_BUFFER_KEEP);
+        self.draining.shrink_to(ROUND_BUFFER_KEEP);
         Ok(())
     }
 
