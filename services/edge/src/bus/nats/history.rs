@@ -26,14 +26,14 @@
 //! the same check.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::stream;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{API_TIMEOUT, Shared, epoch_of};
+use super::{API_TIMEOUT, Shared, epoch_of, lock};
 use crate::bus::ReplayError;
 
 /// Stream metadata key holding the epoch once a node found that the history
@@ -172,12 +172,6 @@ impl History {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl Shared {
     /// Whether the history changed under this node since the checkpoint: the
     /// epoch moved (stream recreated, or another node found lost writes), or
@@ -207,7 +201,7 @@ impl Shared {
         let held =
             match tokio::time::timeout(API_TIMEOUT, self.stream.get_raw_message(checkpoint.seq))
                 .await
-                .map_err(|_| ReplayError("direct get timed out".into()))?
+                .map_err(|_| ReplayError("reading the checkpoint's event timed out".into()))?
             {
                 Ok(message) => checkpoint
                     .stored_at

@@ -37,7 +37,7 @@ use herald_protocol::Target;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
+use super::{Shared, lock};
 use crate::bus::{Event, FollowState};
 
 /// How many gaps are filled from the stream at once (requests to its leader).
@@ -139,7 +139,7 @@ struct Gap {
     key: u64,
     subject: String,
     after: u64,
-    before: Option<u64>,
+    before: u64,
 }
 
 /// The node's live dispatcher; see the module docs.
@@ -336,7 +336,7 @@ impl Dispatcher {
                 key,
                 subject: slot.stored.clone(),
                 after: slot.last,
-                before: Some(head + 1),
+                before: head + 1,
             }));
             Some(head)
         } else {
@@ -437,7 +437,7 @@ impl Dispatcher {
                     key: received.key,
                     subject: slot.stored.clone(),
                     after: *last,
-                    before: Some(received.seq),
+                    before: received.seq,
                 });
             }
             *last = (*last).max(received.seq);
@@ -579,10 +579,4 @@ fn received(shared: &Shared, key: u64, message: async_nats::Message) -> Option<R
         stored_at,
         message,
     })
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

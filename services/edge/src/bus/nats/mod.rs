@@ -319,6 +319,14 @@ async fn connect(
         })
 }
 
+/// Locks `mutex`, taking over the data of a holder that panicked (every
+/// value guarded here stays valid between statements).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Refuses servers older than [`MIN_SERVER`].
 fn check_version(version: &str) -> Result<(), NatsError> {
     let mut parts = version
@@ -562,12 +570,12 @@ impl Shared {
         }
     }
 
-    /// The stored messages of `subject` after `after` (up to `before`, exclusive).
+    /// The stored messages of `subject` after `after` and before `before`.
     async fn stored_after(
         &self,
         subject: &str,
         after: u64,
-        before: Option<u64>,
+        before: u64,
         limit: usize,
     ) -> Result<Vec<Event>, String> {
         let mut events = Vec::new();
@@ -582,7 +590,7 @@ impl Shared {
                 Err(err) if err.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
                 Err(err) => return Err(err.to_string()),
             };
-            if before.is_some_and(|before| message.sequence >= before) {
+            if message.sequence >= before {
                 break;
             }
             next = message.sequence + 1;
@@ -611,9 +619,7 @@ impl Shared {
 
     /// Whether the follow `key` is still `target`'s current one.
     fn is_current_follow(&self, target: &Target, key: u64) -> bool {
-        self.followers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.followers)
             .get(target)
             .is_some_and(|follower| follower.key == key)
     }
@@ -674,18 +680,13 @@ impl Interest for NatsBus {
         let (state, watch) = watch::channel(FollowState::Pending);
         let stop = CancellationToken::new();
         let key = self.shared.next_follow.fetch_add(1, Ordering::Relaxed);
-        let previous = self
-            .shared
-            .followers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                target.clone(),
-                Follower {
-                    key,
-                    stop: stop.clone(),
-                },
-            );
+        let previous = lock(&self.shared.followers).insert(
+            target.clone(),
+            Follower {
+                key,
+                stop: stop.clone(),
+            },
+        );
         if let Some(previous) = previous {
             self.shared.release(previous);
         }
@@ -700,12 +701,7 @@ impl Interest for NatsBus {
     }
 
     fn unfollow(&self, target: &Target) {
-        let removed = self
-            .shared
-            .followers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(target);
+        let removed = lock(&self.shared.followers).remove(target);
         if let Some(follower) = removed {
             self.shared.release(follower);
         }
@@ -793,7 +789,7 @@ impl Bus for NatsBus {
                 return lost(LostReason::Expired);
             }
             let stored = shared
-                .stored_after(&subject, after.seq, Some(head.seq + 1), limit)
+                .stored_after(&subject, after.seq, head.seq + 1, limit)
                 .await
                 .map_err(ReplayError)?;
             events.extend(stored);
