@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
+use futures_util::{FutureExt, StreamExt};
 use herald_config::BusKind;
 use herald_protocol::sse::Item;
 use herald_testkit::nats::NatsServer;
@@ -38,6 +39,25 @@ async fn publish_to(node: &EdgeNode, body: serde_json::Value) -> String {
 
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
+}
+
+/// Publishes `body` while the stream republishes somewhere no node listens:
+/// the event is stored, but its live copy is lost (the fault behind a gap fill).
+async fn publish_losing_the_live_copy(
+    js: &jetstream::Context,
+    node: &EdgeNode,
+    body: serde_json::Value,
+) -> String {
+    let mut herald = js.get_stream("HERALD").await.expect("stream");
+    let original = herald.info().await.expect("info").config.clone();
+    let mut detour = original.clone();
+    if let Some(republish) = detour.republish.as_mut() {
+        republish.destination = "nowhere.>".into();
+    }
+    js.update_stream(detour).await.expect("detour");
+    let id = publish_to(node, body).await;
+    js.update_stream(original).await.expect("restored");
+    id
 }
 
 /// Opens `user`'s stream on `node`, resuming after `last_event_id`.
@@ -373,21 +393,65 @@ async fn a_lost_live_message_is_detected_and_filled_from_the_stream() {
     let e1 = publish_to(&node, json!({"user": "alice", "data": "e1"})).await;
     assert_eq!(stream.next_event(PATIENCE).await.expect("e1").id, e1);
 
-    // Fault: republish e2 somewhere the node does not listen, so its live copy is lost.
-    let mut herald = js.get_stream("HERALD").await.expect("stream");
-    let original = herald.info().await.expect("info").config.clone();
-    let mut detour = original.clone();
-    if let Some(republish) = detour.republish.as_mut() {
-        republish.destination = "nowhere.>".into();
-    }
-    js.update_stream(detour).await.expect("detour");
-    let e2 = publish_to(&node, json!({"user": "alice", "data": "e2"})).await;
-    js.update_stream(original).await.expect("restored");
+    let e2 = publish_losing_the_live_copy(&js, &node, json!({"user": "alice", "data": "e2"})).await;
     let e3 = publish_to(&node, json!({"user": "alice", "data": "e3"})).await;
 
     let events = stream.events(2).await.expect("events");
     assert_eq!([events[0].id.clone(), events[1].id.clone()], [e2, e3]);
     assert_eq!(metric(&node, "herald_gap_repairs_total"), 1);
+}
+
+/// Replays and gap fills read stored events from the stream leader
+/// (`STREAM.MSG.GET`), never with Direct Get, which any replica answers: a
+/// replica still catching up answers "nothing after" for events the leader
+/// has already acknowledged, and a read that trusts it skips them (the
+/// one-hour soak lost an event that way after a leader kill). A plain NATS
+/// client listening on the JetStream API subjects sees which reads the node
+/// makes.
+#[tokio::test]
+async fn stored_events_are_read_from_the_stream_leader_never_a_replica() {
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node(&nats).await;
+    let observer = async_nats::connect(nats.url()).await.expect("observer");
+    let mut leader_reads = observer
+        .subscribe("$JS.API.STREAM.MSG.GET.>")
+        .await
+        .expect("subscribe");
+    let mut direct_gets = observer
+        .subscribe("$JS.API.DIRECT.GET.>")
+        .await
+        .expect("subscribe");
+    observer.flush().await.expect("flush");
+
+    // A replay: alice resumes after her first event.
+    let first = publish_to(&node, json!({"user": "alice", "data": "e1"})).await;
+    let missed = publish_to(&node, json!({"user": "alice", "data": "e2"})).await;
+    let mut resumed = resume(&node, "alice", &first).await;
+    assert_eq!(resumed.next_event(PATIENCE).await.expect("e2").id, missed);
+
+    // A gap fill: the live copy of e3 goes somewhere the node does not listen.
+    let js = jetstream::new(observer.clone());
+    let lost_live =
+        publish_losing_the_live_copy(&js, &node, json!({"user": "alice", "data": "e3"})).await;
+    let after = publish_to(&node, json!({"user": "alice", "data": "e4"})).await;
+    let events = resumed.events(2).await.expect("events");
+    assert_eq!(
+        [events[0].id.clone(), events[1].id.clone()],
+        [lost_live, after]
+    );
+    assert_eq!(metric(&node, "herald_gap_repairs_total"), 1);
+
+    // Every request the node sent reached the observer before its answer
+    // reached the node; a round trip makes sure they have been read.
+    observer.flush().await.expect("flush");
+    let count = |subscription: &mut async_nats::Subscriber| {
+        std::iter::from_fn(|| subscription.next().now_or_never().flatten()).count()
+    };
+    assert!(
+        count(&mut leader_reads) >= 2,
+        "the replay and the gap fill read from the leader"
+    );
+    assert_eq!(count(&mut direct_gets), 0, "no read went to Direct Get");
 }
 
 /// Events for a user and a topic stored while the node was cut off from NATS
