@@ -15,7 +15,8 @@
 //! The node keeps a [`Mark`]: the sequence and store time of the newest event
 //! it delivered, and the highest sequence it has seen at all. When the NATS
 //! connection drops it copies both aside (the checkpoint); once reconnected,
-//! before any follower fills its gap, it checks that the stream's last
+//! before anything read on the new connection is delivered and before any
+//! follower fills its gap, it checks that the stream's last
 //! sequence is not below the highest seen and that the stream still holds
 //! the newest delivered event at its sequence. When either fails, the node
 //! moves the epoch for every node (stream metadata
@@ -66,8 +67,9 @@ pub(super) struct History {
     checkpoint: Mutex<Mark>,
     /// Wakes the check for a live message that looked wrong.
     recheck: Notify,
-    /// The connection count up to which the history has been checked;
-    /// followers wait for it before filling the gap a reconnect left.
+    /// The connection number (see `Shared::connection`) up to which the
+    /// history has been checked; nothing from a newer connection is
+    /// delivered before it is.
     checked: watch::Sender<u64>,
 }
 
@@ -156,7 +158,7 @@ impl History {
         self.checked.send_replace(connection);
     }
 
-    /// Whether the history was checked after connection number `connection`.
+    /// Whether the history was checked after connection `connection`.
     pub(super) fn is_checked(&self, connection: u64) -> bool {
         *self.checked.borrow() >= connection
     }
@@ -273,11 +275,13 @@ pub(super) async fn watch(
             changed = connections.changed() => if changed.is_err() { return },
             _ = history.recheck.notified() => {}
         }
-        let connection = *connections.borrow_and_update();
+        connections.mark_unchanged();
         loop {
             let Some(shared) = shared.upgrade() else {
                 return;
             };
+            // Read before the check: a reconnect during it is checked again.
+            let connection = shared.connection();
             match shared.history_changed().await {
                 Ok(changed) => {
                     if changed {
@@ -285,7 +289,9 @@ pub(super) async fn watch(
                         shared.metrics.history_changes.inc();
                         shared.sink.history_changed();
                     }
-                    history.checked.send_replace(connection);
+                    history
+                        .checked
+                        .send_modify(|checked| *checked = (*checked).max(connection));
                     break;
                 }
                 Err(err) => {

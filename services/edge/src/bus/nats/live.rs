@@ -24,7 +24,12 @@
 //! slow-consumer drop, every target is filled from the stream up to its last
 //! sequence, read after the event: the reply to that read arrives behind the
 //! republished copies up to it, so pass two has every live message the fill
-//! could be overtaken by.
+//! could be overtaken by. Nothing read on a new connection is delivered
+//! before the node has checked the stream's history (it may have come back
+//! shorter, see `history`): a round that drained a message from a connection
+//! it has not followed yet holds everything until then. The client numbers
+//! its connections before reading from them, so the round cannot miss one;
+//! the event callback reporting the reconnect may run after such a round.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -159,7 +164,18 @@ pub(super) struct Dispatcher {
     scratch: HashMap<u64, u64>,
     /// Every target must be filled from the stream before the next delivery.
     resync: bool,
+    /// The NATS connection whose messages may be delivered (its history was
+    /// checked; see [`Dispatcher::follow_connection`]).
+    connection: u64,
     stop: CancellationToken,
+}
+
+/// Why a round delivered nothing; what it drained waits for the next one.
+enum Held {
+    /// The stream could not be read (a gap fill, its state).
+    Unreadable(String),
+    /// Messages from a NATS connection the dispatcher has not followed yet.
+    NewConnection,
 }
 
 impl Dispatcher {
@@ -169,6 +185,7 @@ impl Dispatcher {
         lost: Arc<Notify>,
         stop: CancellationToken,
     ) -> Self {
+        let connection = shared.connection();
         Dispatcher {
             shared,
             commands,
@@ -180,6 +197,7 @@ impl Dispatcher {
             draining: Vec::new(),
             scratch: HashMap::new(),
             resync: false,
+            connection,
             stop,
         }
     }
@@ -214,19 +232,10 @@ impl Dispatcher {
                     if changed.is_err() {
                         return;
                     }
-                    // Republished messages sent while disconnected are lost;
-                    // fill them once the node has checked that the stream
-                    // still holds what was delivered (filling from a history
-                    // that went back would send other events under ids
-                    // already sent).
-                    let connection = *reconnects.borrow_and_update();
-                    if !shared.history.checked_after(connection, &self.stop).await {
+                    if !self.follow_connection(&generations).await {
                         return;
                     }
-                    if generations.has_changed().unwrap_or(false) {
-                        continue;
-                    }
-                    self.resync = true;
+                    continue;
                 }
                 _ = self.lost.notified() => {
                     tracing::warn!("NATS dropped live messages (slow consumer); filling every followed target from the stream");
@@ -244,7 +253,12 @@ impl Dispatcher {
             }
             match self.round().await {
                 Ok(()) => retry = Duration::from_millis(50),
-                Err(err) => {
+                Err(Held::NewConnection) => {
+                    if !self.follow_connection(&generations).await {
+                        return;
+                    }
+                }
+                Err(Held::Unreadable(err)) => {
                     tracing::warn!(error = %err, retry_ms = retry.as_millis() as u64, "cannot read the stream to deliver live events in order; retrying");
                     tokio::select! {
                         _ = self.stop.cancelled() => return,
@@ -266,6 +280,37 @@ impl Dispatcher {
                 rounds_without_wait = 0;
             }
         }
+    }
+
+    /// Moves on to the current NATS connection, if it is a new one.
+    /// Republished messages sent while disconnected are lost, and the stream
+    /// may have come back with a shorter history (stores restored from an
+    /// older copy): waits until the node has checked it, then fills every
+    /// target from the stream. Filling from a history that went back, or
+    /// delivering what the new connection brings before the check, would send
+    /// other events under ids already sent or skip lost ones silently.
+    /// Returns `false` when stopped.
+    async fn follow_connection(&mut self, generations: &watch::Receiver<u64>) -> bool {
+        let connection = self.shared.connection();
+        if connection == self.connection {
+            return true;
+        }
+        // The check runs when the event callback reports the connection,
+        // after it reported the disconnection (which set the checkpoint).
+        if !self
+            .shared
+            .history
+            .checked_after(connection, &self.stop)
+            .await
+        {
+            return false;
+        }
+        self.connection = connection;
+        // A changed history restarts every target instead (next select).
+        if !generations.has_changed().unwrap_or(false) {
+            self.resync = true;
+        }
+        true
     }
 
     fn handle(&mut self, command: Command) {
@@ -317,19 +362,21 @@ impl Dispatcher {
     }
 
     /// One round: drain, bound, drain, fill, deliver up to the bound.
-    async fn round(&mut self) -> Result<(), String> {
+    async fn round(&mut self) -> Result<(), Held> {
         self.drain();
         let mut bound = self.pending.iter().map(|r| r.seq).max().unwrap_or(0);
         let mut gaps = Vec::new();
         let resync_head = if self.resync {
             if !self.shared.history_checked_now() {
-                return Err("the stream's history is being checked after a reconnect".into());
+                return Err(Held::Unreadable(
+                    "the stream's history is being checked after a reconnect".into(),
+                ));
             }
             let head = self
                 .shared
                 .state()
                 .await
-                .map_err(|err| err.0)?
+                .map_err(|err| Held::Unreadable(err.0))?
                 .last_sequence;
             bound = bound.max(head);
             gaps.extend(self.slots.iter().map(|(&key, slot)| Gap {
@@ -357,16 +404,12 @@ impl Dispatcher {
                 deliveries.extend(filled);
                 deliveries.sort_by_key(Delivery::seq);
             }
-            Err(err) => {
-                // Nothing was delivered: the same round runs again.
-                self.pending
-                    .extend(deliveries.drain(..).filter_map(|delivery| match delivery {
-                        Delivery::Live(received) => Some(received),
-                        Delivery::Filled { .. } => None,
-                    }));
-                self.deliveries = deliveries;
-                return Err(err);
-            }
+            Err(err) => return Err(self.hold(deliveries, Held::Unreadable(err))),
+        }
+        // Read after draining and reading: a message drained from a newer
+        // connection, or a read it answered, shows here.
+        if self.shared.connection() != self.connection {
+            return Err(self.hold(deliveries, Held::NewConnection));
         }
         self.resync = false;
         for delivery in deliveries.drain(..) {
@@ -378,6 +421,18 @@ impl Dispatcher {
         self.scratch.shrink_to(ROUND_BUFFER_KEEP);
         self.draining.shrink_to(ROUND_BUFFER_KEEP);
         Ok(())
+    }
+
+    /// Ends a round without delivering: its live messages wait for the next
+    /// one, which reads the stream again.
+    fn hold(&mut self, mut deliveries: Vec<Delivery>, why: Held) -> Held {
+        self.pending
+            .extend(deliveries.drain(..).filter_map(|delivery| match delivery {
+                Delivery::Live(received) => Some(received),
+                Delivery::Filled { .. } => None,
+            }));
+        self.deliveries = deliveries;
+        why
     }
 
     /// Takes every message waiting in a woken subscription's channel.

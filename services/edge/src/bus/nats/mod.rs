@@ -143,7 +143,11 @@ struct Shared {
     /// The live dispatcher's commands (see [`live`]).
     live: mpsc::UnboundedSender<live::Command>,
     connected: Arc<AtomicBool>,
+    /// Bumped by the event callback after each (re)connection: wakes the
+    /// history check and the dispatcher. Which connection is current is read
+    /// from `statistics` (see [`Shared::connection`]).
     reconnects: watch::Sender<u64>,
+    statistics: Arc<async_nats::Statistics>,
     history: Arc<History>,
     /// Cancelled when the bus is dropped: ends the dispatcher and the
     /// history watch.
@@ -197,8 +201,8 @@ impl NatsBus {
             epoch = %format!("{epoch:x}"),
             "connected to NATS JetStream"
         );
-        let connections = reconnects.subscribe();
-        history.checked_up_to(*connections.borrow());
+        let statistics = client.statistics();
+        history.checked_up_to(statistics.connects.load(Ordering::Relaxed));
         let stop = CancellationToken::new();
         let (live, commands) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -215,13 +219,14 @@ impl NatsBus {
             live,
             connected,
             reconnects,
+            statistics,
             history: Arc::clone(&history),
             stop: stop.clone(),
         });
         tokio::spawn(history::watch(
             Arc::downgrade(&shared),
             history,
-            connections,
+            shared.reconnects.subscribe(),
             stop.clone(),
         ));
         let dispatcher = live::Dispatcher::new(Arc::clone(&shared), commands, lost, stop);
@@ -489,15 +494,28 @@ impl Shared {
         }
     }
 
-    /// Fails while the history has not been checked since the last
-    /// reconnect: a position read from a history that went back would resume
+    /// The current connection, once its history has been checked; fails
+    /// before: a position read from a history that went back would resume
     /// clients past events they never got.
-    fn history_checked(&self) -> Result<(), ReplayError> {
-        if self.history.is_checked(*self.reconnects.borrow()) {
-            Ok(())
+    fn checked_connection(&self) -> Result<u64, ReplayError> {
+        let connection = self.connection();
+        if self.history.is_checked(connection) {
+            Ok(connection)
         } else {
             Err(ReplayError(
                 "the stream's history is being checked after a reconnect".into(),
+            ))
+        }
+    }
+
+    /// Fails unless the connection is still `connection`: what was read since
+    /// may have been answered by a newer one, whose history is not checked.
+    fn still_on(&self, connection: u64) -> Result<(), ReplayError> {
+        if self.connection() == connection {
+            Ok(())
+        } else {
+            Err(ReplayError(
+                "the NATS connection changed while reading the stream".into(),
             ))
         }
     }
@@ -624,9 +642,18 @@ impl Shared {
             .is_some_and(|follower| follower.key == key)
     }
 
+    /// The number of the current NATS connection (1 for the first). The
+    /// client counts a connection before it reads anything from it, so a
+    /// message read from a new connection is never seen with the old number;
+    /// the event callback that tells the rest of the node runs later, in a
+    /// task of its own, and a dispatcher round can come first.
+    fn connection(&self) -> u64 {
+        self.statistics.connects.load(Ordering::Relaxed)
+    }
+
     /// Whether the connection is up and its history checked, right now.
     fn history_checked_now(&self) -> bool {
-        self.connected.load(Ordering::SeqCst) && self.history_checked().is_ok()
+        self.connected.load(Ordering::SeqCst) && self.checked_connection().is_ok()
     }
 }
 
@@ -762,8 +789,9 @@ impl Bus for NatsBus {
     }
 
     async fn head(&self) -> Result<EventId, ReplayError> {
-        self.shared.history_checked()?;
+        let connection = self.shared.checked_connection()?;
         let state = self.shared.state().await?;
+        self.shared.still_on(connection)?;
         Ok(self.shared.id(state.last_sequence))
     }
 
@@ -773,8 +801,22 @@ impl Bus for NatsBus {
         after: EventId,
         limit: usize,
     ) -> Result<Replay, ReplayError> {
+        let connection = self.shared.checked_connection()?;
+        let replay = self.read_replay(targets, after, limit).await?;
+        self.shared.still_on(connection)?;
+        Ok(replay)
+    }
+}
+
+impl NatsBus {
+    /// [`Bus::replay`]'s reads, on a connection whose history was checked.
+    async fn read_replay(
+        &self,
+        targets: &[Target],
+        after: EventId,
+        limit: usize,
+    ) -> Result<Replay, ReplayError> {
         let shared = &self.shared;
-        shared.history_checked()?;
         let state = shared.state().await?;
         let head = shared.id(state.last_sequence);
         let lost = |reason| Ok(Replay::HistoryLost { reason, head });
@@ -803,9 +845,7 @@ impl Bus for NatsBus {
             head,
         })
     }
-}
 
-impl NatsBus {
     /// The NATS connection, for request/reply outside the event stream
     /// (cluster presence).
     pub fn client(&self) -> async_nats::Client {
