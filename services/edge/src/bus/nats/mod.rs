@@ -409,6 +409,17 @@ fn conflict(
     None
 }
 
+/// Whether a stream creation failed only because the JetStream cluster is
+/// still forming (see [`ensure_stream`]).
+fn cluster_forming(kind: &jetstream::context::CreateStreamErrorKind) -> bool {
+    use jetstream::context::CreateStreamErrorKind as Kind;
+    match kind {
+        Kind::TimedOut | Kind::JetStreamUnavailable => true,
+        Kind::JetStream(err) => err.error_code() == jetstream::ErrorCode::CLUSTER_NO_PEERS,
+        _ => false,
+    }
+}
+
 /// Creates the stream if missing; validates (or updates) it if present.
 async fn ensure_stream(
     jetstream: &jetstream::Context,
@@ -419,21 +430,17 @@ async fn ensure_stream(
         reason,
     };
     let wanted = stream_config(settings);
-    // A JetStream cluster that is still electing its leaders (all servers
-    // started together) times requests out for a while: retry those for a
-    // bounded time instead of failing the start. Anything else fails at once.
+    // A JetStream cluster whose servers were started together times requests
+    // out while it elects its leaders, and refuses to place a replicated
+    // stream until its peers have joined ("no suitable peers"): retry those
+    // for a bounded time instead of failing the start. Anything else fails
+    // at once.
     let patience = Duration::from_millis(settings.connect_timeout_ms.max(1_000) * 6);
     let started = std::time::Instant::now();
     let mut stream = loop {
         match jetstream.get_or_create_stream(wanted.clone()).await {
             Ok(stream) => break stream,
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    jetstream::context::CreateStreamErrorKind::TimedOut
-                        | jetstream::context::CreateStreamErrorKind::JetStreamUnavailable
-                ) && started.elapsed() < patience =>
-            {
+            Err(err) if cluster_forming(&err.kind()) && started.elapsed() < patience => {
                 tracing::warn!(stream = %settings.stream, error = %err, "JetStream not answering yet; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -902,6 +909,25 @@ mod tests {
         assert!(check_version("2.10.23").is_ok());
         assert!(check_version("2.11.9").is_ok());
         assert!(check_version("2.12.0-beta.1").is_ok());
+    }
+
+    #[test]
+    fn start_up_waits_only_for_a_cluster_still_forming() {
+        use jetstream::context::CreateStreamErrorKind as Kind;
+        let refused = |code: u64| {
+            let error: jetstream::Error = serde_json::from_value(serde_json::json!({
+                "code": 400, "err_code": code, "description": "refused"
+            }))
+            .expect("a JetStream API error");
+            Kind::JetStream(error)
+        };
+        assert!(cluster_forming(&Kind::TimedOut));
+        assert!(cluster_forming(&Kind::JetStreamUnavailable));
+        // "no suitable peers for placement": the replicas have not joined yet.
+        assert!(cluster_forming(&refused(10005)));
+        // "stream name already in use with a different configuration".
+        assert!(!cluster_forming(&refused(10058)));
+        assert!(!cluster_forming(&Kind::InvalidStreamName));
     }
 
     #[test]
