@@ -79,8 +79,9 @@ up() {
   rm -rf "$STATE/logs"
   mkdir -p "$STATE/logs" "$STATE/nginx"
   : > "$STATE/pids"
-  # A start that fails half-way leaves nothing running.
-  trap 'echo "cluster: start failed, stopping what was started" >&2; down >/dev/null' ERR
+  # A start that fails half-way leaves nothing running. (An EXIT trap: set -e
+  # ends the script from inside a function, where an ERR trap does not run.)
+  trap 'echo "cluster: start failed, stopping what was started" >&2; down >/dev/null' EXIT
   local routes="" i
   for i in 0 1 2; do routes+="\"nats-route://127.0.0.1:$((NATS_PORT + 2000 + i))\", "; done
   for i in 0 1 2; do
@@ -131,6 +132,7 @@ CONF
   wait_for nginx curl -fsS "http://127.0.0.1:$BASE_PORT/"
   wait_for "three alive members" bash -c \
     "curl -fsS http://127.0.0.1:$((BASE_PORT + 1))/v1/cluster | grep -o '\"state\":\"alive\"' | wc -l | grep -qx 3"
+  trap - EXIT
 
   cat <<EOF
 Herald cluster up: nginx http://127.0.0.1:$BASE_PORT (demo page), edges :$((BASE_PORT + 1))-$((BASE_PORT + 3)), NATS :$NATS_PORT-$((NATS_PORT + 2)).
