@@ -266,7 +266,7 @@ impl Shared {
 pub(super) async fn watch(
     shared: Weak<Shared>,
     history: Arc<History>,
-    mut connections: watch::Receiver<u64>,
+    mut connections: watch::Receiver<()>,
     stop: CancellationToken,
 ) {
     loop {

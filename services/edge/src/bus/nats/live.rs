@@ -404,12 +404,16 @@ impl Dispatcher {
                 deliveries.extend(filled);
                 deliveries.sort_by_key(Delivery::seq);
             }
-            Err(err) => return Err(self.hold(deliveries, Held::Unreadable(err))),
+            Err(err) => {
+                self.hold(deliveries);
+                return Err(Held::Unreadable(err));
+            }
         }
         // Read after draining and reading: a message drained from a newer
         // connection, or a read it answered, shows here.
         if self.shared.connection() != self.connection {
-            return Err(self.hold(deliveries, Held::NewConnection));
+            self.hold(deliveries);
+            return Err(Held::NewConnection);
         }
         self.resync = false;
         for delivery in deliveries.drain(..) {
@@ -425,14 +429,13 @@ impl Dispatcher {
 
     /// Ends a round without delivering: its live messages wait for the next
     /// one, which reads the stream again.
-    fn hold(&mut self, mut deliveries: Vec<Delivery>, why: Held) -> Held {
+    fn hold(&mut self, mut deliveries: Vec<Delivery>) {
         self.pending
             .extend(deliveries.drain(..).filter_map(|delivery| match delivery {
                 Delivery::Live(received) => Some(received),
                 Delivery::Filled { .. } => None,
             }));
         self.deliveries = deliveries;
-        why
     }
 
     /// Takes every message waiting in a woken subscription's channel.

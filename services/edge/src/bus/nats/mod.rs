@@ -143,10 +143,10 @@ struct Shared {
     /// The live dispatcher's commands (see [`live`]).
     live: mpsc::UnboundedSender<live::Command>,
     connected: Arc<AtomicBool>,
-    /// Bumped by the event callback after each (re)connection: wakes the
+    /// Sent by the event callback after each (re)connection: wakes the
     /// history check and the dispatcher. Which connection is current is read
     /// from `statistics` (see [`Shared::connection`]).
-    reconnects: watch::Sender<u64>,
+    reconnects: watch::Sender<()>,
     statistics: Arc<async_nats::Statistics>,
     history: Arc<History>,
     /// Cancelled when the bus is dropped: ends the dispatcher and the
@@ -176,7 +176,7 @@ impl NatsBus {
         tracing: Arc<Tracing>,
     ) -> Result<NatsBus, NatsError> {
         let connected = Arc::new(AtomicBool::new(false));
-        let (reconnects, _) = watch::channel(0u64);
+        let (reconnects, _) = watch::channel(());
         let history = History::new();
         let lost = Arc::new(Notify::new());
         let client = connect(
@@ -239,7 +239,7 @@ async fn connect(
     settings: &NatsSettings,
     node_id: &str,
     connected: Arc<AtomicBool>,
-    reconnects: watch::Sender<u64>,
+    reconnects: watch::Sender<()>,
     history: Arc<History>,
     lost: Arc<Notify>,
     metrics: Arc<Metrics>,
@@ -260,7 +260,7 @@ async fn connect(
                     async_nats::Event::Connected => {
                         connected.store(true, Ordering::SeqCst);
                         metrics.nats_connected.set(1);
-                        reconnects.send_modify(|count| *count += 1);
+                        reconnects.send_replace(());
                         tracing::info!("NATS connection (re)established");
                     }
                     async_nats::Event::Disconnected => {
