@@ -116,9 +116,10 @@ async fn killing_a_node_mid_stream_loses_and_duplicates_nothing() {
 async fn an_r3_stream_survives_the_loss_of_its_leader() {
     let mut cluster = NatsCluster::start(3).expect("cluster");
     let url = cluster.url();
-    // The cluster elects its JetStream leader shortly after start.
+    // The cluster elects its JetStream leader shortly after start; the node
+    // waits for it (and retries), so a few attempts are plenty.
     let mut node = None;
-    for _ in 0..40 {
+    for _ in 0..6 {
         match tokio::time::timeout(
             Duration::from_secs(20),
             EdgeProcess::start(

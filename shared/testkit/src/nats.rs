@@ -3,17 +3,31 @@
 //! The binary is found in `HERALD_NATS_SERVER` (the Makefile points it at the
 //! repository's `bin/nats-server`), else `<workspace>/bin/nats-server`, else on
 //! `PATH`. Run `make nats-server` to install the pinned version.
+//!
+//! A server counts as started only once the port answers with the server's
+//! own name, and a cluster only once every member lists all the others: a
+//! port someone else answers on, or a member that died at start, fails the
+//! start (which picks fresh ports and tries again) instead of leaving a test
+//! waiting on a cluster that can never place a replicated stream.
 
-use std::net::TcpListener;
+use std::hash::{BuildHasher, RandomState};
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+/// How many times a start that lost its ports is tried on fresh ones.
+const START_ATTEMPTS: usize = 3;
+
 /// One JetStream-enabled nats-server on loopback.
 #[derive(Debug)]
 pub struct NatsServer {
+    name: String,
     port: u16,
     store: PathBuf,
     args: Vec<String>,
@@ -41,23 +55,97 @@ fn binary() -> anyhow::Result<PathBuf> {
     )
 }
 
-/// A free loopback port (bound and released; good enough for tests).
+/// The lowest port [`free_port`] hands out.
+const FIRST_TEST_PORT: u32 = 10_000;
+
+/// A loopback port that no socket holds (TCP or UDP), for a process about to
+/// bind it.
+///
+/// Binding port 0 and releasing it would race with everything else that asks
+/// the kernel for an ephemeral port (the local port of every outgoing
+/// connection, another test's pick) between the pick and the bind. Ports come
+/// instead from a sequence below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), starting at a random point in each
+/// process, so the kernel never hands them out and this process never hands
+/// out one twice (until the sequence wraps).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static RANGE: OnceLock<(u32, u32)> = OnceLock::new();
+    let (start, span) = *RANGE.get_or_init(|| {
+        let end = ephemeral_start().max(FIRST_TEST_PORT + 1_000);
+        let span = end - FIRST_TEST_PORT;
+        let offset = (RandomState::new().hash_one(std::process::id()) % u64::from(span)) as u32;
+        (offset, span)
+    });
+    for _ in 0..span {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST_TEST_PORT + (start + step) % span) as u16;
+        let free = TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port between {FIRST_TEST_PORT} and the ephemeral range")
+}
+
+/// The first port of the kernel's ephemeral range (32768 if unreadable).
+fn ephemeral_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
+/// What a server says about itself in the `INFO` line it greets clients with.
+#[derive(Debug)]
+struct Greeting {
+    name: String,
+    /// The client URLs of every server in its cluster (itself included).
+    cluster: Vec<String>,
+}
+
+/// Reads the `INFO` line the server on `port` greets a new connection with.
+fn greeting(port: u16) -> anyhow::Result<Greeting> {
+    let stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    let info = line
+        .strip_prefix("INFO ")
+        .with_context(|| format!("port {port} did not greet like a NATS server: {line:?}"))?;
+    let info: serde_json::Value = serde_json::from_str(info.trim())?;
+    let urls = info["connect_urls"].as_array().cloned().unwrap_or_default();
+    Ok(Greeting {
+        name: info["server_name"].as_str().unwrap_or_default().to_owned(),
+        cluster: urls
+            .iter()
+            .filter_map(|url| url.as_str().map(str::to_owned))
+            .collect(),
+    })
+}
+
+/// A name no other server on this machine has: the process and a port of ours.
+fn unique_name(prefix: &str, port: u16) -> String {
+    format!("{prefix}-{}-{port}", std::process::id())
 }
 
 impl NatsServer {
     /// Starts a server with JetStream on a free port and a fresh store.
     pub fn start() -> anyhow::Result<NatsServer> {
-        Self::start_with(&[])
+        retry_start(|| {
+            let port = free_port()?;
+            Self::start_on(unique_name("herald-test", port), port, &[])
+        })
     }
 
-    /// Starts a server with extra command-line arguments.
-    pub fn start_with(extra: &[&str]) -> anyhow::Result<NatsServer> {
-        let port = free_port()?;
+    /// Starts a server named `name` on `port` with extra command-line
+    /// arguments, once.
+    fn start_on(name: String, port: u16, extra: &[&str]) -> anyhow::Result<NatsServer> {
         let store = std::env::temp_dir().join(format!("herald-nats-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&store)?;
         let mut server = NatsServer {
+            name,
             port,
             store,
             args: extra.iter().map(|a| a.to_string()).collect(),
@@ -75,6 +163,8 @@ impl NatsServer {
                 "127.0.0.1",
                 "-p",
                 &self.port.to_string(),
+                "-n",
+                &self.name,
                 "-sd",
             ])
             .arg(&self.store)
@@ -84,7 +174,34 @@ impl NatsServer {
             .spawn()
             .context("starting nats-server")?;
         self.child = Some(child);
-        wait_for_port(self.port)
+        self.wait_answering()
+    }
+
+    /// Waits until the port answers with this server's name; fails at once if
+    /// the process exits (a port or store it could not take).
+    fn wait_answering(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    bail!("nats-server {} exited at start ({status})", self.name);
+                }
+            }
+            match greeting(self.port) {
+                Ok(greeting) if greeting.name == self.name => return Ok(()),
+                Ok(greeting) => last = Some(format!("answered by {:?}", greeting.name)),
+                Err(err) => last = Some(err.to_string()),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "nats-server {} did not answer on port {} within 10 s (last: {})",
+            self.name,
+            self.port,
+            last.unwrap_or_default()
+        )
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -154,17 +271,6 @@ impl Drop for NatsServer {
     }
 }
 
-fn wait_for_port(port: u16) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("nats-server did not listen on port {port} within 10 s")
-}
-
 /// Three JetStream servers clustered on loopback, for replicated streams.
 #[derive(Debug)]
 pub struct NatsCluster {
@@ -173,9 +279,16 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts `size` servers routed to each other as cluster `herald-test`.
+    /// Starts `size` servers routed to each other as a cluster of their own
+    /// (its name is unique, so no stray server can join it), and waits until
+    /// every member lists all the others.
     pub fn start(size: usize) -> anyhow::Result<NatsCluster> {
+        retry_start(|| Self::start_once(size))
+    }
+
+    fn start_once(size: usize) -> anyhow::Result<NatsCluster> {
         let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let cluster_name = unique_name("herald-test-cluster", cluster_ports[0]);
         let routes = cluster_ports
             .iter()
             .map(|p| format!("nats://127.0.0.1:{p}"))
@@ -183,20 +296,52 @@ impl NatsCluster {
             .join(",");
         let mut servers = Vec::with_capacity(size);
         for (index, cluster_port) in cluster_ports.iter().enumerate() {
-            let name = format!("n{index}");
             let listen = format!("nats://127.0.0.1:{cluster_port}");
-            servers.push(NatsServer::start_with(&[
-                "-n",
-                &name,
-                "--cluster_name",
-                "herald-test",
-                "--cluster",
-                &listen,
-                "--routes",
-                &routes,
-            ])?);
+            servers.push(NatsServer::start_on(
+                format!("n{index}"),
+                free_port()?,
+                &[
+                    "--cluster_name",
+                    &cluster_name,
+                    "--cluster",
+                    &listen,
+                    "--routes",
+                    &routes,
+                ],
+            )?);
         }
-        Ok(NatsCluster { servers })
+        let cluster = NatsCluster { servers };
+        cluster.wait_formed()?;
+        Ok(cluster)
+    }
+
+    /// Waits until every member's greeting lists exactly the cluster's members.
+    fn wait_formed(&self) -> anyhow::Result<()> {
+        let mut members: Vec<String> = self
+            .servers
+            .iter()
+            .map(|server| format!("127.0.0.1:{}", server.port))
+            .collect();
+        members.sort();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let mut formed = true;
+            for server in &self.servers {
+                let mut listed = greeting(server.port)?.cluster;
+                listed.sort();
+                if listed != members {
+                    last = format!("{} lists {listed:?}", server.name);
+                    formed = false;
+                    break;
+                }
+            }
+            if formed {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the NATS cluster {members:?} did not form within 20 s ({last})")
     }
 
     /// Every server's URL, comma-separated (as `nats.url` takes them).
@@ -206,5 +351,69 @@ impl NatsCluster {
             .map(NatsServer::url)
             .collect::<Vec<_>>()
             .join(",")
+    }
+}
+
+/// Runs a start up to [`START_ATTEMPTS`] times: each attempt picks fresh ports,
+/// so one that lost a port to another process succeeds on the next.
+fn retry_start<T>(mut start: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let mut attempt = 1;
+    loop {
+        match start() {
+            Ok(started) => return Ok(started),
+            Err(err) if attempt < START_ATTEMPTS => {
+                eprintln!("nats-server start failed ({err:#}); retrying on fresh ports");
+                attempt += 1;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_handed_out_once_and_never_from_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..200).map(|_| free_port().expect("port")).collect();
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len(), "a port was handed out twice");
+        let ephemeral = ephemeral_start();
+        assert!(
+            ports
+                .iter()
+                .all(|&p| u32::from(p) >= FIRST_TEST_PORT && u32::from(p) < ephemeral)
+        );
+    }
+
+    #[test]
+    fn a_server_whose_port_another_server_answers_on_fails_to_start() {
+        let first = NatsServer::start().expect("nats-server");
+        let err = NatsServer::start_on("intruder".into(), first.port, &[])
+            .expect_err("the port is taken");
+        assert!(
+            err.to_string().contains("intruder"),
+            "the error names the server that did not start: {err:#}"
+        );
+    }
+
+    #[test]
+    fn a_cluster_starts_only_once_every_member_lists_the_others() {
+        let cluster = NatsCluster::start(3).expect("cluster");
+        let urls: Vec<String> = cluster
+            .servers
+            .iter()
+            .map(|server| format!("127.0.0.1:{}", server.port))
+            .collect();
+        for server in &cluster.servers {
+            let mut listed = greeting(server.port).expect("greeting").cluster;
+            listed.sort();
+            let mut wanted = urls.clone();
+            wanted.sort();
+            assert_eq!(listed, wanted, "{} sees the whole cluster", server.name);
+        }
     }
 }
