@@ -29,7 +29,7 @@ export FAULTS_BIN=${FAULTS_BIN:-$(dirname "$LOADTEST_BIN")/herald-faults}
 
 SCENARIOS=(edge-sigkill rolling-restart nats-restart stream-leader-kill edge-nats-cut edge-nats-partition gossip-partition
            slow-consumers reconnect-storm publisher-retries nats-power-loss nats-history-rewound
-           chromium-edge-kill chromium-statuses clock-skew mixed-targets)
+           chromium-edge-kill chromium-rolling-restart chromium-statuses clock-skew mixed-targets)
 declare -A DESCRIBE=(
   [edge-sigkill]="an edge killed with SIGKILL under load, back 3 s later"
   [rolling-restart]="every edge restarted in turn with SIGTERM (drain)"
@@ -44,6 +44,7 @@ declare -A DESCRIBE=(
   [nats-power-loss]="every NATS server killed with SIGKILL at once (sync_interval: always), back 2 s later"
   [nats-history-rewound]="the NATS stores put back to a copy taken 5 s earlier: acknowledged events gone"
   [chromium-edge-kill]="headless Chromium's EventSource across a SIGKILL of its edge"
+  [chromium-rolling-restart]="headless Chromium's EventSource across every edge restarted in turn with SIGTERM (drain)"
   [chromium-statuses]="headless Chromium's EventSource against forced 401, 429, 503 and 204 answers"
   [clock-skew]="edge-3's clock 5 minutes fast, edge-2's 5 minutes slow (libfaketime): resumes, order, tokens, gossip"
   [mixed-targets]="each client follows its user and a shared topic (one stream, two targets) across an edge SIGKILL and a NATS restart: stream order across targets"
@@ -230,7 +231,7 @@ report() {
 import json, pathlib, sys
 results, connections = pathlib.Path(sys.argv[1]), int(sys.argv[2])
 failed = 0
-print(f"{'scenario':<19} {'published':>9} {'delivered':>9} {'lost':>5} {'dup':>4} {'reord':>5} "
+print(f"{'scenario':<24} {'published':>9} {'delivered':>9} {'lost':>5} {'dup':>4} {'reord':>5} "
       f"{'recover':>8} {'reconn':>6} {'retries':>7} {'dup acks':>8} {'non-200':>7}  result")
 notes = []
 for name in sys.argv[3:]:
@@ -241,7 +242,7 @@ for name in sys.argv[3:]:
     if note.exists():
         notes += [f"  {name}: {line}" for line in note.read_text().splitlines()]
     if not path.exists():
-        print(f"{name:<19} no result (see loadtest/results/chaos/{name}.log)  FAIL")
+        print(f"{name:<24} no result (see loadtest/results/chaos/{name}.log)  FAIL")
         failed += 1
         continue
     r = json.loads(path.read_text())
@@ -258,7 +259,7 @@ for name in sys.argv[3:]:
         problems.append(f"{non200} stream requests answered with a non-200 through nginx")
     if "published" not in r:
         failed += bool(problems)
-        print(f"{name:<19} {len(checks) - len(problems)}/{len(checks)} checks passed  "
+        print(f"{name:<24} {len(checks) - len(problems)}/{len(checks)} checks passed  "
               f"{'pass' if not problems else 'FAIL: ' + '; '.join(problems)}")
         continue
     if r["lost"] or r["duplicated"] or r["reordered"]:
@@ -279,7 +280,7 @@ for name in sys.argv[3:]:
         problems.append("not every client reconnected")
     failed += bool(problems)
     # Recovery: the longest any event waited between publish and delivery.
-    print(f"{name:<19} {r['published']:>9} {r['delivered']:>9} {r['lost']:>5} {r['duplicated']:>4} "
+    print(f"{name:<24} {r['published']:>9} {r['delivered']:>9} {r['lost']:>5} {r['duplicated']:>4} "
           f"{r['reordered']:>5} {r['latency_us']['max'] / 1e6:>7.2f}s {r['reconnects']:>6} "
           f"{r.get('publish_retries', 0):>7} {r.get('duplicate_acks', 0):>8} {non200:>7}  "
           f"{'pass' if not problems else 'FAIL: ' + '; '.join(problems)}")
