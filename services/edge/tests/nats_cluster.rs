@@ -140,7 +140,12 @@ async fn an_r3_stream_survives_the_loss_of_its_leader() {
             _ => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     }
-    let node = node.expect("an edge node starts once the JetStream cluster is up");
+    let node = node.unwrap_or_else(|| {
+        panic!(
+            "an edge node starts once the JetStream cluster is up; the servers' logs:\n{}",
+            cluster.log_tails(30)
+        )
+    });
     let mut stream = open(&node.url("/v1/stream"), "alice", None).await;
     let http = reqwest::Client::new();
     let before: serde_json::Value = http

@@ -168,6 +168,8 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(&self.store)
+            .arg("-l")
+            .arg(self.log_path())
             .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -244,6 +246,18 @@ impl NatsServer {
         self.spawn()
     }
 
+    fn log_path(&self) -> PathBuf {
+        self.store.with_extension("log")
+    }
+
+    /// The last `lines` lines of the server's log (for a failing test's
+    /// message; the log goes when the server is dropped).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     fn store_copy(&self) -> PathBuf {
         self.store.with_extension("copy")
     }
@@ -268,6 +282,7 @@ impl Drop for NatsServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.store);
         let _ = std::fs::remove_dir_all(self.store_copy());
+        let _ = std::fs::remove_file(self.log_path());
     }
 }
 
@@ -344,6 +359,15 @@ impl NatsCluster {
         bail!("the NATS cluster {members:?} did not form within 20 s ({last})")
     }
 
+    /// Each member's last `lines` log lines, headed by its name.
+    pub fn log_tails(&self, lines: usize) -> String {
+        self.servers
+            .iter()
+            .map(|server| format!("--- {} ---\n{}", server.name, server.log_tail(lines)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Every server's URL, comma-separated (as `nats.url` takes them).
     pub fn url(&self) -> String {
         self.servers
@@ -414,6 +438,11 @@ mod tests {
             let mut wanted = urls.clone();
             wanted.sort();
             assert_eq!(listed, wanted, "{} sees the whole cluster", server.name);
+            assert!(
+                server.log_tail(1_000).contains("Server is ready"),
+                "{}'s log is kept for failure messages",
+                server.name
+            );
         }
     }
 }
