@@ -10,15 +10,19 @@ NATS_SERVER_VERSION ?= v2.11.9
 # The oldest server line Herald supports (multi-filter consumers, RePublish as
 # Herald uses them): the NATS integration tests run against it too.
 NATS_OLDEST_VERSION ?= v2.10.29
+# A server too old for Herald: the version guard is tested against it.
+NATS_TOO_OLD_VERSION ?= v2.9.10
 BIN := $(CURDIR)/bin
 NATS_SERVER := $(BIN)/nats-server
 NATS_OLDEST := $(BIN)/nats-2.10/nats-server
+NATS_TOO_OLD := $(BIN)/nats-2.9/nats-server
 SSE_CLIENTS := tools/sse-clients
 DEV_SECRET ?= herald-dev-secret-change-me-0123456789
 LISTEN ?= 127.0.0.1:8080
 CARGO ?= cargo
 
 export HERALD_NATS_SERVER := $(NATS_SERVER)
+export HERALD_NATS_SERVER_2_9 := $(NATS_TOO_OLD)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
 .PHONY: help run test test-nats-oldest test-deps deploy-check chaos chaos-deps chaos-fast soak churn cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
@@ -37,7 +41,7 @@ test: test-deps ## Run every test (installs nats-server and the npm SSE client f
 	$(MAKE) deploy-check
 	$(MAKE) chaos-fast
 
-test-deps: nats-server sse-clients
+test-deps: nats-server sse-clients $(NATS_TOO_OLD)
 
 lint: ## rustfmt check and clippy with -D warnings
 	$(CARGO) fmt --all -- --check
@@ -180,6 +184,11 @@ $(NATS_OLDEST):
 	@command -v go >/dev/null || { echo "Go is required to install nats-server (https://go.dev/dl/)"; exit 1; }
 	GOBIN=$(dir $(NATS_OLDEST)) go install github.com/nats-io/nats-server/v2@$(NATS_OLDEST_VERSION)
 	@$(NATS_OLDEST) --version
+
+$(NATS_TOO_OLD):
+	@command -v go >/dev/null || { echo "Go is required to install nats-server (https://go.dev/dl/)"; exit 1; }
+	GOBIN=$(dir $(NATS_TOO_OLD)) go install github.com/nats-io/nats-server/v2@$(NATS_TOO_OLD_VERSION)
+	@$(NATS_TOO_OLD) --version
 
 $(NATS_SERVER):
 	@command -v go >/dev/null || { echo "Go is required to install nats-server (https://go.dev/dl/)"; exit 1; }

@@ -13,7 +13,7 @@
 use std::hash::{BuildHasher, RandomState};
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -27,6 +27,7 @@ const START_ATTEMPTS: usize = 3;
 /// One JetStream-enabled nats-server on loopback.
 #[derive(Debug)]
 pub struct NatsServer {
+    binary: PathBuf,
     name: String,
     port: u16,
     store: PathBuf,
@@ -133,18 +134,29 @@ fn unique_name(prefix: &str, port: u16) -> String {
 impl NatsServer {
     /// Starts a server with JetStream on a free port and a fresh store.
     pub fn start() -> anyhow::Result<NatsServer> {
+        Self::start_binary(&binary()?)
+    }
+
+    /// Starts `binary` (another server version) like [`NatsServer::start`].
+    pub fn start_binary(binary: &Path) -> anyhow::Result<NatsServer> {
         retry_start(|| {
             let port = free_port()?;
-            Self::start_on(unique_name("herald-test", port), port, &[])
+            Self::start_on(binary, unique_name("herald-test", port), port, &[])
         })
     }
 
-    /// Starts a server named `name` on `port` with extra command-line
+    /// Starts `binary` named `name` on `port` with extra command-line
     /// arguments, once.
-    fn start_on(name: String, port: u16, extra: &[&str]) -> anyhow::Result<NatsServer> {
+    fn start_on(
+        binary: &Path,
+        name: String,
+        port: u16,
+        extra: &[&str],
+    ) -> anyhow::Result<NatsServer> {
         let store = std::env::temp_dir().join(format!("herald-nats-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&store)?;
         let mut server = NatsServer {
+            binary: binary.to_owned(),
             name,
             port,
             store,
@@ -156,7 +168,7 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let child = Command::new(binary()?)
+        let child = Command::new(&self.binary)
             .args([
                 "-js",
                 "-a",
@@ -302,6 +314,7 @@ impl NatsCluster {
     }
 
     fn start_once(size: usize) -> anyhow::Result<NatsCluster> {
+        let binary = binary()?;
         let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect::<Result<_, _>>()?;
         let cluster_name = unique_name("herald-test-cluster", cluster_ports[0]);
         let routes = cluster_ports
@@ -313,6 +326,7 @@ impl NatsCluster {
         for (index, cluster_port) in cluster_ports.iter().enumerate() {
             let listen = format!("nats://127.0.0.1:{cluster_port}");
             servers.push(NatsServer::start_on(
+                &binary,
                 format!("n{index}"),
                 free_port()?,
                 &[
@@ -416,8 +430,13 @@ mod tests {
     #[test]
     fn a_server_whose_port_another_server_answers_on_fails_to_start() {
         let first = NatsServer::start().expect("nats-server");
-        let err = NatsServer::start_on("intruder".into(), first.port, &[])
-            .expect_err("the port is taken");
+        let err = NatsServer::start_on(
+            &binary().expect("binary"),
+            "intruder".into(),
+            first.port,
+            &[],
+        )
+        .expect_err("the port is taken");
         assert!(
             err.to_string().contains("intruder"),
             "the error names the server that did not start: {err:#}"
