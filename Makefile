@@ -125,7 +125,8 @@ deploy-check: $(HELM) $(DEPLOY_VENV)/.installed ## Lint and render the Helm char
 	  bash -c 'deploy/local/cluster.sh down >/dev/null; deploy/local/cluster.sh up >/dev/null && deploy/local/cluster.sh check; status=$$?; deploy/local/cluster.sh down >/dev/null; exit $$status'
 
 CHAOS_FAST := edge-sigkill rolling-restart stream-leader-kill edge-nats-partition gossip-partition reconnect-storm \
-  publisher-retries nats-history-rewound chromium-edge-kill chromium-rolling-restart chromium-statuses clock-skew mixed-targets
+  publisher-retries nats-history-rewound chromium-edge-kill chromium-rolling-restart chromium-statuses \
+  eventsource-npm clock-skew mixed-targets
 
 chaos-deps: nats-server sse-clients
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || (apt-get install -y nginx-light || sudo apt-get install -y nginx-light)
@@ -151,7 +152,7 @@ churn: chaos-deps ## Memory across stream churn: 1000 streams come, replay and g
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	chaos/churn.sh
 
-chaos-fast: chaos-deps ## The thirteen chaos scenarios make test runs (debug builds, about 14 minutes)
+chaos-fast: chaos-deps ## The fourteen chaos scenarios make test runs (debug builds, about 15 minutes)
 	$(CARGO) build -p herald-edge -p herald-loadtest --locked
 	EDGE_BIN=$(CURDIR)/target/debug/herald-edge LOADTEST_BIN=$(CURDIR)/target/debug/herald-loadtest chaos/run.sh $(CHAOS_FAST)
 

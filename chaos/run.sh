@@ -29,7 +29,7 @@ export FAULTS_BIN=${FAULTS_BIN:-$(dirname "$LOADTEST_BIN")/herald-faults}
 
 SCENARIOS=(edge-sigkill rolling-restart nats-restart stream-leader-kill edge-nats-cut edge-nats-partition gossip-partition
            slow-consumers reconnect-storm publisher-retries nats-power-loss nats-history-rewound
-           chromium-edge-kill chromium-rolling-restart chromium-statuses clock-skew mixed-targets)
+           chromium-edge-kill chromium-rolling-restart chromium-statuses eventsource-npm clock-skew mixed-targets)
 declare -A DESCRIBE=(
   [edge-sigkill]="an edge killed with SIGKILL under load, back 3 s later"
   [rolling-restart]="every edge restarted in turn with SIGTERM (drain)"
@@ -45,6 +45,7 @@ declare -A DESCRIBE=(
   [nats-history-rewound]="the NATS stores put back to a copy taken 5 s earlier: acknowledged events gone"
   [chromium-edge-kill]="headless Chromium's EventSource across a SIGKILL of its edge"
   [chromium-rolling-restart]="headless Chromium's EventSource across every edge restarted in turn with SIGTERM (drain)"
+  [eventsource-npm]="30 npm eventsource clients through nginx, events from the Node nats client, across an edge SIGKILL and a drain"
   [chromium-statuses]="headless Chromium's EventSource against forced 401, 429, 503 and 204 answers"
   [clock-skew]="edge-3's clock 5 minutes fast, edge-2's 5 minutes slow (libfaketime): resumes, order, tokens, gossip"
   [mixed-targets]="each client follows its user and a shared topic (one stream, two targets) across an edge SIGKILL and a NATS restart: stream order across targets"
