@@ -25,7 +25,6 @@ export CLUSTER_DIR=${CLUSTER_DIR:-$PWD/.cluster-chaos}
 export BASE_PORT=${BASE_PORT:-28080} NATS_PORT=${NATS_PORT:-24222} GOSSIP_PORT=${GOSSIP_PORT:-27946}
 export CONNECTIONS=${CONNECTIONS:-300} RATE=${RATE:-300} DURATION=${DURATION:-15} CUT_SECS=${CUT_SECS:-8}
 . chaos/lib.sh
-export FAULTS_BIN=${FAULTS_BIN:-$(dirname "$LOADTEST_BIN")/herald-faults}
 
 SCENARIOS=(edge-sigkill rolling-restart nats-restart stream-leader-kill edge-nats-cut edge-nats-partition gossip-partition
            slow-consumers reconnect-storm publisher-retries nats-power-loss nats-history-rewound
@@ -56,27 +55,6 @@ declare -A DESCRIBE=(
 # effect, or fail the scenario.
 note() { echo "$*" >> "$RESULTS/$name.note"; }
 fault_failed() { note "FAULT NOT EFFECTIVE: $*"; return 1; }
-# Polls a command every 0.1 s for up to $1 seconds; prints the seconds waited.
-waited() {
-  local limit=$1 start; shift
-  start=$(date +%s.%N)
-  for _ in $(seq $((limit * 10))); do
-    if "$@" >/dev/null 2>&1; then awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $start }"; return 0; fi
-    sleep 0.1
-  done
-  return 1
-}
-edge_url() { echo "http://127.0.0.1:$((BASE_PORT + $1))"; }
-# How edge $1 sees edge $2 in GET /v1/cluster (alive, suspect, dead, left).
-member_state() {
-  curl -fsS "$(edge_url "$1")/v1/cluster" \
-    | python3 -c "import json,sys; print(next((m['state'] for m in json.load(sys.stdin)['members'] if m['id']=='edge-$2'), 'absent'))"
-}
-not_alive() { local state; state=$(member_state "$1" "$2") && [ "$state" != alive ]; }
-is_alive() { local state; state=$(member_state "$1" "$2") && [ "$state" = alive ]; }
-unready() { ! curl -fsS "$(edge_url "$1")/readyz"; }
-ready() { curl -fsS "$(edge_url "$1")/readyz"; }
-converged() { is_alive 1 3 && is_alive 3 1 && is_alive 2 3; }
 leader_other_than() { local now; now=$($cluster nats-leader) && [ "$now" != "$1" ]; }
 
 # Faults, run in the background while the load flows.
@@ -109,23 +87,23 @@ fault_edge_nats_partition() { cut_edge_nats 15 30 "a silent partition (nats.ping
 cut_edge_nats() { # seconds to notice, seconds to recover, what the cut is
   sleep 4
   local t
-  kill -USR1 "$(cat "$CLUSTER_DIR/faults.pid")"
+  faults_signal "$name" USR1
   t=$(waited "$1" unready 3) || fault_failed "edge-3 stayed ready through $3"
   note "edge-3 unready ${t} s into $3"
   sleep "$CUT_SECS"
-  kill -USR2 "$(cat "$CLUSTER_DIR/faults.pid")"
+  faults_signal "$name" USR2
   t=$(waited "$2" ready 3) || fault_failed "edge-3 not ready within $2 s of the routes coming back"
   note "edge-3 ready again ${t} s after the routes came back"
 }
 fault_gossip_partition() {
   sleep 3
   local t
-  kill -USR1 "$(cat "$CLUSTER_DIR/faults.pid")"
+  faults_signal "$name" USR1
   t=$(waited 20 not_alive 1 3) || fault_failed "edge-1 still saw edge-3 alive 20 s into the partition"
   note "edge-1 saw edge-3 $(member_state 1 3) ${t} s into the partition"
   not_alive 3 1 || fault_failed "edge-3 still saw edge-1 alive"
   sleep "$CUT_SECS"
-  kill -USR2 "$(cat "$CLUSTER_DIR/faults.pid")"
+  faults_signal "$name" USR2
   t=$(waited 20 converged) \
     || fault_failed "membership did not converge within 20 s of healing"
   note "membership converged ${t} s after healing"
@@ -158,42 +136,11 @@ fault_reconnect_storm() {
   note "nginx stopped and started: every client's connection closed at once"
 }
 
-# Network scenarios put herald-faults between edge-3 and what it talks to.
-start_faults() { # kind args...
-  rm -f "$CLUSTER_DIR/faults.addrs"
-  mkdir -p "$CLUSTER_DIR"
-  "$FAULTS_BIN" "$@" --addr-file "$CLUSTER_DIR/faults.addrs" > "$RESULTS/$name.faults.log" 2>&1 &
-  echo $! > "$CLUSTER_DIR/faults.pid"
-  for _ in $(seq 100); do [ -s "$CLUSTER_DIR/faults.addrs" ] && return 0; sleep 0.1; done
-  echo "chaos: herald-faults did not start (see $RESULTS/$name.faults.log)" >&2
-  return 1
-}
-stop_faults() {
-  [ -f "$CLUSTER_DIR/faults.pid" ] && kill "$(cat "$CLUSTER_DIR/faults.pid")" 2>/dev/null || true
-  rm -f "$CLUSTER_DIR/faults.pid"
-  unset EDGE_ENV_1 EDGE_ENV_2 EDGE_ENV_3
-}
-setup_edge_nats_cut() { setup_nats_proxies 0; }
-setup_edge_nats_partition() { setup_nats_proxies 1; }
-setup_nats_proxies() { # silent (0: cuts reset connections, 1: cuts freeze them)
-  # edge-3 reaches each NATS server only through a proxy, and only through it.
-  start_faults tcp --upstream "127.0.0.1:$NATS_PORT" --upstream "127.0.0.1:$((NATS_PORT + 1))" \
-    --upstream "127.0.0.1:$((NATS_PORT + 2))" --silent "$1"
-  local urls
-  urls=$(sed 's|^|nats://|' "$CLUSTER_DIR/faults.addrs" | paste -sd,)
-  export EDGE_ENV_3="HERALD__NATS__URL=$urls HERALD__NATS__IGNORE_DISCOVERED_SERVERS=true HERALD__NATS__PING_INTERVAL_MS=1000"
-}
-setup_gossip_partition() {
-  # Every edge advertises its relay, so all gossip passes through them.
-  start_faults gossip --node "127.0.0.1:$GOSSIP_PORT" --node "127.0.0.1:$((GOSSIP_PORT + 1))" \
-    --node "127.0.0.1:$((GOSSIP_PORT + 2))" --isolate "127.0.0.1:$((GOSSIP_PORT + 2))"
-  local relays n=1
-  relays=$(paste -sd, "$CLUSTER_DIR/faults.addrs")
-  while read -r relay; do
-    export "EDGE_ENV_$n=HERALD__GOSSIP__ADVERTISE=$relay HERALD__GOSSIP__SEEDS=$relays"
-    n=$((n + 1))
-  done < "$CLUSTER_DIR/faults.addrs"
-}
+# Network scenarios put herald-faults between edges and what they talk to
+# (chaos/lib.sh), under the scenario's name.
+setup_edge_nats_cut() { route_edge3_nats "$name" 0; }
+setup_edge_nats_partition() { route_edge3_nats "$name" 1; }
+setup_gossip_partition() { route_gossip "$name"; }
 
 run_loadtest_scenario() {
   local extra=() duration=$DURATION

@@ -4,7 +4,12 @@
 # rotating through: SIGKILL of edge-3 (restarted 3 s later), a SIGTERM restart
 # of edge-3, a restart of one NATS server, SIGKILL of the stream's leader
 # (restarted 5 s later), nginx stopped and started (every client reconnects at
-# once). edge-1 and edge-2 run throughout: their RSS, open descriptors and
+# once), edge-3's NATS traffic silently frozen for CUT_SECS (default 8), edge-3
+# cut off from its peers' gossip for CUT_SECS. The two partitions need
+# herald-faults in place from the start: edge-3 reaches NATS through its
+# proxies and all gossip passes through relays whenever those faults are in
+# the rotation; each proves it took effect (edge-3 unready, edge-1 no longer
+# seeing edge-3 alive) or the soak fails. edge-1 and edge-2 run throughout: their RSS, open descriptors and
 # open streams are sampled every 10 s. Faults move streams between edges, so
 # besides the plain least-squares slope per hour the report gives the slope
 # with the number of open streams factored out (RSS ~ a + b*streams + c*t:
@@ -19,17 +24,35 @@ export CLUSTER_DIR=${CLUSTER_DIR:-$PWD/.cluster-soak}
 export BASE_PORT=${BASE_PORT:-19080} NATS_PORT=${NATS_PORT:-15222} GOSSIP_PORT=${GOSSIP_PORT:-19946}
 SOAK_SECS=${SOAK_SECS:-600}
 FAULT_EVERY=${FAULT_EVERY:-60}
-# Which faults rotate (all five by default); e.g. SOAK_FAULTS="nats-restart
+# Which faults rotate (all seven by default); e.g. SOAK_FAULTS="nats-restart
 # leader-kill" keeps every stream where it is and faults only NATS.
-SOAK_FAULTS=${SOAK_FAULTS:-edge-kill edge-restart nats-restart leader-kill nginx-restart}
+SOAK_FAULTS=${SOAK_FAULTS:-edge-kill edge-restart nats-restart leader-kill nginx-restart nats-partition gossip-partition}
 read -r -a faults <<< "$SOAK_FAULTS"
 CONNECTIONS=${CONNECTIONS:-500}
 RATE=${RATE:-200}
+CUT_SECS=${CUT_SECS:-8}
 . chaos/lib.sh
 
 $cluster down >/dev/null 2>&1 || true
+stop_faults
+trap '$cluster down >/dev/null 2>&1 || true; stop_faults' EXIT
+case " $SOAK_FAULTS " in *" nats-partition "*) route_edge3_nats soak-nats 1 ;; esac
+case " $SOAK_FAULTS " in *" gossip-partition "*) route_gossip soak-gossip ;; esac
 $cluster up >/dev/null
-trap '$cluster down >/dev/null 2>&1 || true' EXIT
+
+# A partition of CUT_SECS through proxy $1, proven by $2 (while cut) and $3
+# (after healing), each a check with its limit in seconds.
+ineffective=0
+partition() { # label "limit check..." "limit check..."
+  local t
+  faults_signal "$1" USR1
+  # shellcheck disable=SC2086 # the checks are words on purpose
+  if t=$(waited $2); then echo "  in effect after $t s"; else echo "  FAULT NOT EFFECTIVE: $2"; ineffective=$((ineffective + 1)); fi
+  sleep "$CUT_SECS"
+  faults_signal "$1" USR2
+  # shellcheck disable=SC2086
+  if t=$(waited $3); then echo "  healed after $t s"; else echo "  NOT HEALED: $3"; ineffective=$((ineffective + 1)); fi
+}
 
 loadgen --label soak --duration "$SOAK_SECS" --drain 30 --out "$RESULTS/soak.json" > "$RESULTS/soak.log" 2>&1 &
 loadgen=$!
@@ -59,6 +82,10 @@ while kill -0 "$loadgen" 2>/dev/null; do
       leader-kill) leader=$($cluster nats-leader) && { echo "[$now s] SIGKILL the stream leader nats-$leader"
            $cluster kill-nats "$leader"; sleep 5; $cluster start-nats "$leader" >/dev/null; } ;;
       nginx-restart) echo "[$now s] nginx stopped and started"; $cluster restart-nginx >/dev/null ;;
+      nats-partition) echo "[$now s] edge-3's NATS traffic frozen for $CUT_SECS s"
+           partition soak-nats "15 unready 3" "30 ready 3" ;;
+      gossip-partition) echo "[$now s] edge-3 cut off from its peers' gossip for $CUT_SECS s"
+           partition soak-gossip "20 not_alive 1 3" "20 converged" ;;
       *) echo "soak: unknown fault ${faults[$(( fault % ${#faults[@]} ))]}" >&2; exit 64 ;;
     esac
     fault=$(( fault + 1 ))
@@ -68,12 +95,13 @@ while kill -0 "$loadgen" 2>/dev/null; do
 done
 wait "$loadgen" || true
 
-python3 - "$samples" "$RESULTS/soak.json" "$fault" <<'PY'
+if [ "$ineffective" -gt 0 ]; then echo "soak: $ineffective partition checks failed (above)"; fi
+python3 - "$samples" "$RESULTS/soak.json" "$fault" "$ineffective" <<'PY'
 import csv, json, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 result = json.load(open(sys.argv[2]))
 faults = int(sys.argv[3])
-ok = result["lost"] == 0 and result["duplicated"] == 0 and result["reordered"] == 0
+ok = result["lost"] == 0 and result["duplicated"] == 0 and result["reordered"] == 0 and sys.argv[4] == "0"
 print(f"soak: {result['published']} events published, {result['delivered']} delivered, "
       f"lost {result['lost']}, duplicated {result['duplicated']}, reordered {result['reordered']}, "
       f"{result['reconnects']} reconnects, {faults} faults")
