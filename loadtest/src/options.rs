@@ -4,6 +4,36 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 
+/// What `--help` prints.
+pub const USAGE: &str = "\
+usage: herald-loadtest --secret S [--option value]...
+  (the Makefile's loadtest, chaos and soak targets run it for you)
+
+  --url URLS              edge base URLs, comma-separated (round-robin)
+  --secret S              HS256 secret to mint tokens (or HERALD__AUTH__HS256_SECRET)
+  --label NAME            scenario name in the report
+  --connections N         SSE connections to open
+  --users N               distinct users (connection i is user i % N)
+  --topic T               every connection follows topic T; events go to it
+  --mixed 0|1             with --topic: follow the user and the topic in one stream
+  --rate N                events per second, all publishers together
+  --duration SECS         seconds of publishing (0: connect, measure, stop)
+  --drain SECS            seconds to wait for outstanding deliveries
+  --payload BYTES         padding added to each event's data
+  --publishers N          parallel publishers
+  --nats URLS             publish straight into NATS JetStream at these servers
+  --nats-prefix P         subject prefix there (default herald)
+  --publish-twice 0|1     publish every event twice with the same Nats-Msg-Id
+  --reconnect 0|1         reconnect ended streams with Last-Event-ID, like a browser
+  --honor-retry 0|1       wait the retry: the server asked for before reconnecting
+  --slow-fraction F       share of connections that never read (0.0 to 1.0)
+  --owed N                events each client is owed at connect (replay scenario)
+  --source-ips N          spread connections over 127.0.0.1..=127.0.0.N
+  --connect-concurrency N connections opened at once
+  --pids PIDS             server processes to sample RSS and CPU of
+  --out FILE              write the JSON result here
+";
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -90,6 +120,10 @@ impl Options {
             out: None,
         };
         while let Some(flag) = args.next() {
+            if flag == "--help" || flag == "-h" {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
             let value = args
                 .next()
                 .with_context(|| format!("{flag} needs a value"))?;
@@ -131,7 +165,7 @@ impl Options {
                 "--nats" => options.nats = Some(value).filter(|v| !v.is_empty()),
                 "--nats-prefix" => options.nats_prefix = value,
                 "--publish-twice" => options.publish_twice = number(&value)? != 0,
-                other => bail!("unknown option {other}"),
+                other => bail!("unknown option {other} (--help lists them)"),
             }
         }
         if options.secret.is_empty() {
@@ -193,6 +227,34 @@ mod tests {
         let mut all = vec!["--secret", "s"];
         all.extend_from_slice(args);
         Options::parse(all.into_iter().map(str::to_owned)).expect("valid options")
+    }
+
+    #[test]
+    fn every_option_the_usage_lists_is_accepted() {
+        let listed: Vec<&str> = USAGE
+            .lines()
+            .filter_map(|line| line.trim_start().strip_prefix("--"))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .collect();
+        assert!(
+            listed.len() >= 20,
+            "the usage lists the options: {listed:?}"
+        );
+        for name in listed {
+            let flag = format!("--{name}");
+            let all = [
+                "--secret",
+                "s",
+                "--nats",
+                "n",
+                "--topic",
+                "t",
+                flag.as_str(),
+                "1",
+            ];
+            Options::parse(all.into_iter().map(str::to_owned))
+                .unwrap_or_else(|err| panic!("{flag} is listed but refused: {err:#}"));
+        }
     }
 
     #[test]
