@@ -227,6 +227,14 @@ struct InFlight {
 
 impl NatsPublisher {
     const WINDOW: usize = 256;
+    /// How long an acknowledgement may take, counted from its send.
+    /// async-nats starts its own 5 s when the acknowledgement is first
+    /// awaited, so one that waited in the window behind others would get a
+    /// fresh 5 s each: after every server restarted at once, the window's
+    /// acknowledgements lost with the old connection were worked off one
+    /// timeout at a time (about one event every 5 s per publisher, for up
+    /// to two minutes).
+    const ACK_WAIT: Duration = Duration::from_secs(5);
     /// Attempts to store one event before giving up (about 15 s).
     const ATTEMPTS: u32 = 60;
 
@@ -301,16 +309,25 @@ impl NatsPublisher {
             first_sent,
         } = in_flight;
         let mut attempt = 1;
+        let mut deadline = first_sent + Self::ACK_WAIT;
         loop {
-            let err = match ack.await {
-                Ok(stored) => {
+            let answer = tokio::time::timeout_at(
+                tokio::time::Instant::from_std(deadline),
+                std::future::IntoFuture::into_future(ack),
+            )
+            .await;
+            let err = match answer {
+                Ok(Ok(stored)) => {
                     self.stored(stored.duplicate, first_sent);
                     return self.send_again(&subject, &msg_id, &payload).await;
                 }
-                Err(err) => err,
+                Ok(Err(err)) => anyhow::Error::from(err),
+                Err(_) => {
+                    anyhow::anyhow!("no acknowledgement within {:?} of the send", Self::ACK_WAIT)
+                }
             };
             if attempt >= Self::ATTEMPTS {
-                return Err(err.into());
+                return Err(err);
             }
             if attempt == 1 {
                 self.published.retried.fetch_add(1, Ordering::Relaxed);
@@ -328,6 +345,7 @@ impl NatsPublisher {
                     Err(_) => {}
                 }
             };
+            deadline = Instant::now() + Self::ACK_WAIT;
         }
     }
 
