@@ -6,12 +6,12 @@
 //! repository's `bin/nats-2.9/` (`make test-deps` installs it there).
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use herald_testkit::SECRET;
-use herald_testkit::nats::{NatsServer, free_port};
+use herald_testkit::nats::NatsServer;
+use herald_testkit::process;
 
 const EDGE: &str = env!("CARGO_BIN_EXE_herald-edge");
 
@@ -32,20 +32,13 @@ fn nats_server_2_9() -> PathBuf {
 #[tokio::test]
 async fn a_node_refuses_to_start_on_nats_server_2_9_and_creates_nothing_there() {
     let nats = NatsServer::start_binary(&nats_server_2_9()).expect("nats-server 2.9");
-    let mut edge = Command::new(EDGE)
-        .env(
-            "HERALD__HTTP__LISTEN",
-            format!("127.0.0.1:{}", free_port().expect("port")),
-        )
-        .env("HERALD__GOSSIP__LISTEN", "127.0.0.1:0")
-        .env("HERALD__AUTH__HS256_SECRET", SECRET)
-        .env("HERALD__BUS__KIND", "nats")
-        .env("HERALD__NATS__URL", nats.url())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("herald-edge");
+    let url = nats.url();
+    let (mut command, _) = process::command(
+        EDGE.as_ref(),
+        &[("HERALD__BUS__KIND", "nats"), ("HERALD__NATS__URL", &url)],
+    )
+    .expect("command");
+    let mut edge = command.stderr(Stdio::piped()).spawn().expect("herald-edge");
 
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {

@@ -355,22 +355,26 @@ impl NatsCluster {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut last = String::new();
         while Instant::now() < deadline {
-            let mut formed = true;
-            for server in &self.servers {
-                let mut listed = greeting(server.port)?.cluster;
-                listed.sort();
-                if listed != members {
-                    last = format!("{} lists {listed:?}", server.name);
-                    formed = false;
-                    break;
-                }
-            }
-            if formed {
-                return Ok(());
+            match self.unformed(&members)? {
+                None => return Ok(()),
+                Some(why) => last = why,
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!("the NATS cluster {members:?} did not form within 20 s ({last})")
+    }
+
+    /// The first member whose greeting does not list exactly `members`
+    /// (sorted), and what it lists; `None` once the cluster has formed.
+    fn unformed(&self, members: &[String]) -> anyhow::Result<Option<String>> {
+        for server in &self.servers {
+            let mut listed = greeting(server.port)?.cluster;
+            listed.sort();
+            if listed != members {
+                return Ok(Some(format!("{} lists {listed:?}", server.name)));
+            }
+        }
+        Ok(None)
     }
 
     /// Each member's last `lines` log lines, headed by its name.

@@ -18,6 +18,26 @@ pub struct EdgeProcess {
     child: Child,
 }
 
+/// The command that runs `binary` as a test node on a free port (returned
+/// with it): the test secret, warnings only, gossip on a free port, and `env`
+/// on top. Its stderr is inherited; a test that reads it pipes it instead.
+pub fn command(binary: &Path, env: &[(&str, &str)]) -> anyhow::Result<(Command, String)> {
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let mut command = Command::new(binary);
+    command
+        .env("HERALD__HTTP__LISTEN", &addr)
+        .env("HERALD__AUTH__HS256_SECRET", SECRET)
+        .env("RUST_LOG", "warn")
+        // Gossip on a free port unless `env` says otherwise.
+        .env("HERALD__GOSSIP__LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    Ok((command, addr))
+}
+
 impl EdgeProcess {
     /// Starts `binary` on a free port with the test secret and `env` on top,
     /// and waits until `/readyz` answers 200. The port is picked before the
@@ -38,19 +58,7 @@ impl EdgeProcess {
     }
 
     async fn start_once(binary: &Path, env: &[(&str, &str)]) -> anyhow::Result<EdgeProcess> {
-        let addr = format!("127.0.0.1:{}", free_port()?);
-        let mut command = Command::new(binary);
-        command
-            .env("HERALD__HTTP__LISTEN", &addr)
-            .env("HERALD__AUTH__HS256_SECRET", SECRET)
-            .env("RUST_LOG", "warn")
-            // Gossip on a free port unless `env` says otherwise.
-            .env("HERALD__GOSSIP__LISTEN", "127.0.0.1:0")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        for (key, value) in env {
-            command.env(key, value);
-        }
+        let (mut command, addr) = command(binary, env)?;
         let child = command.spawn().context("starting herald-edge")?;
         let mut process = EdgeProcess { addr, child };
         process.wait_ready().await?;
