@@ -56,6 +56,9 @@ pub struct Metrics {
     pub bus_messages_received: Counter,
     /// Live gaps filled from the stream.
     pub gap_repairs: Counter,
+    /// Stream leader elections this node heard of (each fills every
+    /// followed target from the stream).
+    pub stream_leader_changes: Counter,
     /// Times this node found the stored history changed under it (lost
     /// acknowledged writes, a recreated stream) and ended every stream.
     pub history_changes: Counter,
@@ -90,6 +93,7 @@ impl Default for Metrics {
             rejected_streams: Family::default(),
             bus_messages_received: Counter::default(),
             gap_repairs: Counter::default(),
+            stream_leader_changes: Counter::default(),
             history_changes: Counter::default(),
             bus_bad_events: Counter::default(),
             nats_connected: Gauge::default(),
@@ -164,6 +168,11 @@ impl Metrics {
             "gap_repairs",
             "Live gaps filled from the stream",
             self.gap_repairs.clone(),
+        );
+        registry.register(
+            "stream_leader_changes",
+            "Stream leader elections this node heard of; each fills every followed target from the stream",
+            self.stream_leader_changes.clone(),
         );
         registry.register(
             "history_changes",

@@ -8,7 +8,7 @@ use async_nats::jetstream;
 use futures_util::{FutureExt, StreamExt};
 use herald_config::BusKind;
 use herald_protocol::sse::Item;
-use herald_testkit::nats::NatsServer;
+use herald_testkit::nats::{NatsServer, store};
 use herald_testkit::proxy::TcpProxy;
 use herald_testkit::{EdgeNode, PATIENCE, SseClient, publish, subscriber_token, wait_until};
 use serde_json::json;
@@ -487,18 +487,7 @@ async fn events_stored_while_the_node_was_cut_off_arrive_in_stream_order_across_
         stream.next_item(PATIENCE).await.expect("opening frames");
     }
     let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
-    let store = |subject: &'static str, data: &'static str| {
-        let js = js.clone();
-        async move {
-            js.publish(subject, data.into())
-                .await
-                .expect("sent")
-                .await
-                .expect("stored")
-                .sequence
-        }
-    };
-    let before = store("herald.user.alice", "before").await;
+    let before = store(&js, "herald.user.alice", "before").await;
     assert!(
         stream
             .next_event(PATIENCE)
@@ -526,7 +515,7 @@ async fn events_stored_while_the_node_was_cut_off_arrive_in_stream_order_across_
         ("herald.topic.news", "t3"),
         ("herald.user.alice", "u3"),
     ] {
-        stored.push(store(subject, data).await);
+        stored.push(store(&js, subject, data).await);
     }
     proxy.release();
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use herald_testkit::nats::{NatsCluster, NatsServer};
+use herald_testkit::nats::{NatsCluster, NatsServer, store};
 use herald_testkit::process::EdgeProcess;
 use herald_testkit::{PATIENCE, SseClient, publisher_token, subscriber_token};
 
@@ -109,43 +109,60 @@ async fn killing_a_node_mid_stream_loses_and_duplicates_nothing() {
     }
 }
 
+/// An edge on `cluster` with an R3 stream. The cluster elects its JetStream
+/// leader shortly after start; the node waits for it (and retries), so a few
+/// attempts are plenty.
+async fn edge_on_r3(cluster: &NatsCluster) -> EdgeProcess {
+    let url = cluster.url();
+    let env = [
+        ("HERALD__BUS__KIND", "nats"),
+        ("HERALD__NATS__URL", url.as_str()),
+        ("HERALD__NATS__REPLICAS", "3"),
+    ];
+    for _ in 0..6 {
+        let start = EdgeProcess::start(EDGE.as_ref(), &env);
+        match tokio::time::timeout(Duration::from_secs(20), start).await {
+            Ok(Ok(started)) => return started,
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+    panic!(
+        "an edge node starts once the JetStream cluster is up; the servers' logs:\n{}",
+        cluster.log_tails(30)
+    )
+}
+
+/// A JetStream client connected to every server of `cluster`.
+async fn jetstream_on(cluster: &NatsCluster) -> jetstream::Context {
+    let servers: Vec<async_nats::ServerAddr> = cluster
+        .servers
+        .iter()
+        .map(|server| server.url().parse().expect("server address"))
+        .collect();
+    jetstream::new(async_nats::connect(servers).await.expect("client"))
+}
+
+/// The name of the HERALD stream's current leader.
+async fn stream_leader(js: &jetstream::Context) -> Option<String> {
+    let mut stream = js.get_stream("HERALD").await.ok()?;
+    stream.info().await.ok()?.cluster.clone()?.leader
+}
+
+/// The stream sequence an SSE id carries (its last `-` part).
+fn sequence(id: &str) -> u64 {
+    id.rsplit('-')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("an id ending in the stream sequence")
+}
+
 /// On a three-server JetStream cluster with an R3 stream, events flow; when the
 /// stream's leader is killed, a publisher retrying with the same `msg_id` gets
 /// its event stored once, and the client receives it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_r3_stream_survives_the_loss_of_its_leader() {
     let mut cluster = NatsCluster::start(3).expect("cluster");
-    let url = cluster.url();
-    // The cluster elects its JetStream leader shortly after start; the node
-    // waits for it (and retries), so a few attempts are plenty.
-    let mut node = None;
-    for _ in 0..6 {
-        match tokio::time::timeout(
-            Duration::from_secs(20),
-            EdgeProcess::start(
-                EDGE.as_ref(),
-                &[
-                    ("HERALD__BUS__KIND", "nats"),
-                    ("HERALD__NATS__URL", &url),
-                    ("HERALD__NATS__REPLICAS", "3"),
-                ],
-            ),
-        )
-        .await
-        {
-            Ok(Ok(started)) => {
-                node = Some(started);
-                break;
-            }
-            _ => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
-    let node = node.unwrap_or_else(|| {
-        panic!(
-            "an edge node starts once the JetStream cluster is up; the servers' logs:\n{}",
-            cluster.log_tails(30)
-        )
-    });
+    let node = edge_on_r3(&cluster).await;
     let mut stream = open(&node.url("/v1/stream"), "alice", None).await;
     let http = reqwest::Client::new();
     let before: serde_json::Value = http
@@ -164,12 +181,7 @@ async fn an_r3_stream_survives_the_loss_of_its_leader() {
         before["id"].as_str().expect("id")
     );
 
-    let servers: Vec<async_nats::ServerAddr> = cluster
-        .servers
-        .iter()
-        .map(|server| server.url().parse().expect("server address"))
-        .collect();
-    let js = jetstream::new(async_nats::connect(servers).await.expect("client"));
+    let js = jetstream_on(&cluster).await;
     let info = js
         .get_stream("HERALD")
         .await
@@ -216,4 +228,78 @@ async fn an_r3_stream_survives_the_loss_of_its_leader() {
     let event = stream.next_event(PATIENCE).await.expect("delivered");
     assert_eq!(event.id, answer["id"].as_str().expect("id"));
     assert_eq!(event.data, "after failover");
+}
+
+/// A stream leader that steps down may not have sent the live copies of what
+/// it stored last, and its successor never sends them; a node whose own
+/// connection stayed up sees no reconnect. It hears the election instead and
+/// fills every target it follows from the stream before handing over what
+/// the new leader stores: a client following its user and a topic gets the
+/// user's event whose copy was lost before the topic's later one, with no
+/// further event for the user to reveal the gap. (Found by the chaos
+/// scenario `mixed-targets`: the topic's events went first, and a client
+/// that resumed from one of their ids never got the user's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_leader_change_a_lost_copy_arrives_before_other_targets_later_events() {
+    let cluster = NatsCluster::start(3).expect("cluster");
+    let node = edge_on_r3(&cluster).await;
+    let token = subscriber_token("alice", &["news"]);
+    let auth = format!("Bearer {token}");
+    let mut stream = SseClient::connect(
+        &node.url("/v1/stream?topic=news"),
+        &[("authorization", auth.as_str())],
+    )
+    .await
+    .expect("stream");
+    assert_eq!(stream.status, 200);
+    let js = jetstream_on(&cluster).await;
+    let first = store(&js, "herald.user.alice", "live").await;
+    assert_eq!(
+        sequence(&stream.next_event(PATIENCE).await.expect("live").id),
+        first
+    );
+
+    // alice's next event is stored, but its live copy goes nowhere.
+    let mut herald = js.get_stream("HERALD").await.expect("stream");
+    let original = herald.info().await.expect("info").config.clone();
+    let mut detour = original.clone();
+    detour.republish.as_mut().expect("republish").destination = "nowhere.>".into();
+    js.update_stream(detour).await.expect("detour");
+    let lost = store(&js, "herald.user.alice", "copy lost").await;
+    js.update_stream(original).await.expect("restored");
+
+    // The leader steps down; the topic's event is stored by its successor.
+    let old_leader = stream_leader(&js).await.expect("a leader");
+    let answer: serde_json::Value = serde_json::from_slice(
+        &js.client()
+            .request("$JS.API.STREAM.LEADER.STEPDOWN.HERALD", "".into())
+            .await
+            .expect("step down answered")
+            .payload,
+    )
+    .expect("json");
+    assert_eq!(answer["success"], true, "step down: {answer}");
+    let mut new_leader = None;
+    for _ in 0..200 {
+        new_leader = stream_leader(&js)
+            .await
+            .filter(|leader| *leader != old_leader);
+        if new_leader.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        new_leader.is_some(),
+        "a new leader after {old_leader} stepped down"
+    );
+    let later = store(&js, "herald.topic.news", "after the election").await;
+
+    let events = stream.events(2).await.expect("both events");
+    assert_eq!(
+        [sequence(&events[0].id), sequence(&events[1].id)],
+        [lost, later],
+        "alice's lost copy is filled before the topic's later event"
+    );
+    assert_eq!(events[0].data, "copy lost");
 }

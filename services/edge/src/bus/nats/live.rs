@@ -20,8 +20,11 @@
 //!    sort, deliver everything up to the bound. Messages above it wait for the
 //!    next round, where they are the bound.
 //!
-//! After a reconnect (copies republished while disconnected are gone) or a
-//! slow-consumer drop, every target is filled from the stream up to its last
+//! After a reconnect (copies republished while disconnected are gone), a
+//! slow-consumer drop, or a change of the stream's leader (a leader that
+//! stepped down or died may not have sent the copies of what it stored last,
+//! and the new one never sends them; this node's own connection may never
+//! have dropped), every target is filled from the stream up to its last
 //! sequence, read after the event: the reply to that read arrives behind the
 //! republished copies up to it, so pass two has every live message the fill
 //! could be overtaken by. Nothing read on a new connection is delivered
@@ -30,6 +33,16 @@
 //! it has not followed yet holds everything until then. The client numbers
 //! its connections before reading from them, so the round cannot miss one;
 //! the event callback reporting the reconnect may run after such a round.
+//!
+//! A leader change is learned from JetStream's `LEADER_ELECTED` advisory,
+//! which the new leader sends before it takes its first message as leader:
+//! it reaches this node ahead of anything the new leader republishes, so
+//! checking for it right after pass one, before the round decides whether
+//! to fill, sees it whenever the round drained a message sent after it.
+//! Without it, a target whose last copy was lost would be filled only when
+//! its next event came, after other targets' later events had been written
+//! (found by the `mixed-targets` chaos scenario: a client resuming in between
+//! skipped the lost event).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +71,9 @@ const ROUNDS_BEFORE_YIELD: u32 = 16;
 
 /// Longest wait before retrying a round that could not read the stream.
 const MAX_RETRY: Duration = Duration::from_secs(2);
+
+/// The ready-queue key of the leader advisories (follow keys start at 1).
+const LEADER_CHANGES: u64 = 0;
 
 /// What the bus asks of the dispatcher.
 pub(super) enum Command {
@@ -153,6 +169,9 @@ pub(super) struct Dispatcher {
     commands: mpsc::UnboundedReceiver<Command>,
     /// Republished copies may have been lost (slow consumer): fill every target.
     lost: Arc<Notify>,
+    /// The stream's `LEADER_ELECTED` advisories: fill every target.
+    leader_changes: async_nats::Subscriber,
+    leader_waker: Arc<SlotWaker>,
     slots: HashMap<u64, Slot>,
     ready: Arc<ReadyQueue>,
     /// Received, not yet delivered (above the last round's bound).
@@ -183,15 +202,26 @@ impl Dispatcher {
         shared: Arc<Shared>,
         commands: mpsc::UnboundedReceiver<Command>,
         lost: Arc<Notify>,
+        leader_changes: async_nats::Subscriber,
         stop: CancellationToken,
     ) -> Self {
         let connection = shared.connection();
+        let ready: Arc<ReadyQueue> = Arc::default();
+        let leader_waker = Arc::new(SlotWaker {
+            key: LEADER_CHANGES,
+            queued: AtomicBool::new(false),
+            ready: Arc::clone(&ready),
+        });
+        // Polled once so that an advisory wakes the dispatcher.
+        leader_waker.wake_by_ref();
         Dispatcher {
             shared,
             commands,
             lost,
+            leader_changes,
+            leader_waker,
             slots: HashMap::new(),
-            ready: Arc::default(),
+            ready,
             pending: Vec::new(),
             deliveries: Vec::new(),
             draining: Vec::new(),
@@ -364,6 +394,9 @@ impl Dispatcher {
     /// One round: drain, bound, drain, fill, deliver up to the bound.
     async fn round(&mut self) -> Result<(), Held> {
         self.drain();
+        // After pass one: an advisory that arrived before anything pass one
+        // drained is in its channel now.
+        self.follow_leader_changes();
         let mut bound = self.pending.iter().map(|r| r.seq).max().unwrap_or(0);
         let mut gaps = Vec::new();
         let resync_head = if self.resync {
@@ -436,6 +469,25 @@ impl Dispatcher {
                 Delivery::Filled { .. } => None,
             }));
         self.deliveries = deliveries;
+    }
+
+    /// Takes every leader advisory waiting: a new leader means every target
+    /// is filled from the stream before the next delivery.
+    fn follow_leader_changes(&mut self) {
+        // Cleared before polling: an advisory arriving from now on wakes
+        // the dispatcher again.
+        self.leader_waker.queued.store(false, Ordering::Release);
+        let waker = Waker::from(Arc::clone(&self.leader_waker));
+        let mut cx = Context::from_waker(&waker);
+        while let Poll::Ready(Some(advisory)) = self.leader_changes.poll_next_unpin(&mut cx) {
+            let leader = serde_json::from_slice::<serde_json::Value>(&advisory.payload)
+                .ok()
+                .and_then(|a| a["leader"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            tracing::info!(%leader, "the stream has a new leader; filling every followed target from the stream");
+            self.shared.metrics.stream_leader_changes.inc();
+            self.resync = true;
+        }
     }
 
     /// Takes every message waiting in a woken subscription's channel.

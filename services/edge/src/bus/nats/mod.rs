@@ -229,7 +229,20 @@ impl NatsBus {
             shared.reconnects.subscribe(),
             stop.clone(),
         ));
-        let dispatcher = live::Dispatcher::new(Arc::clone(&shared), commands, lost, stop);
+        // Before any target is followed: a leader elected from now on is heard.
+        let leader_changes = shared
+            .client
+            .subscribe(format!(
+                "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
+                settings.stream
+            ))
+            .await
+            .map_err(|err| NatsError::Stream {
+                stream: settings.stream.clone(),
+                reason: format!("cannot subscribe to its leader advisories: {err}"),
+            })?;
+        let dispatcher =
+            live::Dispatcher::new(Arc::clone(&shared), commands, lost, leader_changes, stop);
         tokio::spawn(tokio::task::unconstrained(dispatcher.run()));
         Ok(NatsBus { shared })
     }
