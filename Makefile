@@ -136,7 +136,7 @@ chaos-deps: nats-server sse-clients
 	@[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || [ -n "$$(find /usr/lib -name libfaketime.so.1 2>/dev/null)" ] \
 	  || (apt-get install -y libfaketime || sudo apt-get install -y libfaketime)
 
-chaos: chaos-deps ## Fault-injection suite (18 scenarios, ~18 min) through nginx on the local cluster: lost/dup/reordered, recovery, non-200 per scenario
+chaos: chaos-deps ## Fault-injection suite (19 scenarios, ~19 min) through nginx on the local cluster: lost/dup/reordered, recovery, non-200 per scenario
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	chaos/run.sh $(SCENARIOS_CHAOS)
 

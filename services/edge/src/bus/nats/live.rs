@@ -34,15 +34,16 @@
 //! its connections before reading from them, so the round cannot miss one;
 //! the event callback reporting the reconnect may run after such a round.
 //!
-//! A leader change is learned from JetStream's `LEADER_ELECTED` advisory,
-//! which the new leader sends before it takes its first message as leader:
-//! it reaches this node ahead of anything the new leader republishes, so
-//! checking for it right after pass one, before the round decides whether
-//! to fill, sees it whenever the round drained a message sent after it.
-//! Without it, a target whose last copy was lost would be filled only when
-//! its next event came, after other targets' later events had been written
-//! (found by the `mixed-targets` chaos scenario: a client resuming in between
-//! skipped the lost event).
+//! A leader change is learned from JetStream's `LEADER_ELECTED` advisory and
+//! checked for right after pass one, before the round decides whether to
+//! fill. Without it, a target whose last copy was lost would be filled only
+//! when its next event came, seconds later, after other targets' later
+//! events had been written (found by the `mixed-targets` chaos scenario: a
+//! client resuming in between skipped the lost event). It narrows that
+//! window to milliseconds but does not close it: the new leader may apply,
+//! and republish, entries left from the old leader's term before it sends
+//! the advisory, and an event of another target republished then can still
+//! go out ahead of the lost one (docs/reliability.md, "Not covered yet").
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -395,7 +396,8 @@ impl Dispatcher {
     async fn round(&mut self) -> Result<(), Held> {
         self.drain();
         // After pass one: an advisory that arrived before anything pass one
-        // drained is in its channel now.
+        // drained is in its channel now (async-nats fills the channels in
+        // arrival order).
         self.follow_leader_changes();
         let mut bound = self.pending.iter().map(|r| r.seq).max().unwrap_or(0);
         let mut gaps = Vec::new();
