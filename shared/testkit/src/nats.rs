@@ -412,6 +412,17 @@ fn retry_start<T>(mut start: impl FnMut() -> anyhow::Result<T>) -> anyhow::Resul
     }
 }
 
+/// Publishes `data` to `subject` through `js` and waits until JetStream has
+/// stored it; returns its stream sequence.
+pub async fn store(js: &async_nats::jetstream::Context, subject: &str, data: &str) -> u64 {
+    js.publish(subject.to_owned(), data.to_owned().into())
+        .await
+        .expect("sent")
+        .await
+        .expect("stored")
+        .sequence
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,15 +479,4 @@ mod tests {
             );
         }
     }
-}
-
-/// Publishes `data` to `subject` through `js` and waits until JetStream has
-/// stored it; returns its stream sequence.
-pub async fn store(js: &async_nats::jetstream::Context, subject: &str, data: &str) -> u64 {
-    js.publish(subject.to_owned(), data.to_owned().into())
-        .await
-        .expect("sent")
-        .await
-        .expect("stored")
-        .sequence
 }
