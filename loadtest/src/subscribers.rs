@@ -38,9 +38,9 @@ pub struct ConnectionStats {
     pub duplicated: AtomicU64,
     /// Events that skipped ahead of the next expected sequence.
     pub jumped: AtomicU64,
-    /// New events whose SSE id is below one already seen (same epoch): a
-    /// target's event handed over behind another target's later one, which
-    /// a resume from the later id would have skipped.
+    /// New events whose SSE id's newest position is below one already seen
+    /// (same epoch): the stream's position went back, so a resume from the
+    /// later id would have skipped what came between.
     pub misordered: AtomicU64,
     /// Events for a target this connection does not follow.
     pub foreign: AtomicU64,
@@ -601,9 +601,12 @@ impl Scanner {
     }
 }
 
-/// An SSE id as Herald writes it, `<epoch hex>-<sequence>`.
+/// An SSE id as Herald writes it: `<epoch hex>-<sequence>`, or for a stream
+/// following several targets `<epoch hex>-<newest>.<fingerprint>.<lag>…`
+/// (one position per target); the epoch and the newest position.
 fn parse_id(id: &str) -> Option<(u64, u64)> {
-    let (epoch, seq) = id.rsplit_once('-')?;
+    let head = id.split('.').next()?;
+    let (epoch, seq) = head.rsplit_once('-')?;
     Some((u64::from_str_radix(epoch, 16).ok()?, seq.parse().ok()?))
 }
 
@@ -622,6 +625,13 @@ fn number_after(haystack: &[u8], key: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_with_one_position_per_target_read_as_their_newest_position() {
+        assert_eq!(parse_id("1f-42"), Some((0x1f, 42)));
+        assert_eq!(parse_id("1f-42.ab12.0.7"), Some((0x1f, 42)));
+        assert_eq!(parse_id("nonsense"), None);
+    }
 
     #[test]
     fn the_scanner_reads_numbers_from_data_lines_split_across_chunks() {

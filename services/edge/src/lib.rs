@@ -144,9 +144,11 @@ impl Node {
                 let bus = NatsBus::connect(
                     &settings.nats,
                     &node_id,
-                    registry.clone(),
-                    Arc::clone(&metrics),
-                    Arc::clone(&tracing),
+                    crate::bus::nats::Wiring {
+                        sink: registry.clone(),
+                        metrics: Arc::clone(&metrics),
+                        tracing: Arc::clone(&tracing),
+                    },
                 )
                 .await
                 .map_err(|err| StartError::Bus(err.to_string()))?;

@@ -13,6 +13,12 @@ use herald_testkit::proxy::TcpProxy;
 use herald_testkit::{EdgeNode, PATIENCE, SseClient, publish, subscriber_token, wait_until};
 use serde_json::json;
 
+/// The `<epoch>-<newest>` part of a stream id: the event's own id when the
+/// event is its stream's newest (one target, or events in stream order).
+fn own_id(id: &str) -> String {
+    id.split('.').next().unwrap_or(id).to_owned()
+}
+
 async fn nats_node(nats: &NatsServer) -> EdgeNode {
     let url = nats.url();
     EdgeNode::start(move |s| {
@@ -251,12 +257,14 @@ async fn resuming_on_another_node_delivers_exactly_the_missed_events() {
     .await
     .expect("stream");
     published.push(publish_to(&a, json!({"user": "alice", "data": "live"})).await);
+    // Published one after another and delivered in that order, each event's
+    // id leads with its own sequence (the id's newest position).
     let ids: Vec<String> = resumed
         .events(7)
         .await
         .expect("events")
         .into_iter()
-        .map(|e| e.id)
+        .map(|e| own_id(&e.id))
         .collect();
     assert_eq!(ids, published[3..]);
 }
@@ -264,10 +272,10 @@ async fn resuming_on_another_node_delivers_exactly_the_missed_events() {
 /// A user following three topics while events for all four targets (and for
 /// someone else) are published as fast as JetStream takes them, reading a
 /// few events at a time and reconnecting with `Last-Event-ID` to either of two
-/// nodes after each: every event once, ids strictly increasing across all
-/// the connections (reliability matrix row 13: a node hands its targets'
-/// events to the connections in stream order, so a resume never skips a
-/// target that lagged behind another).
+/// nodes after each: every event once, each target's events in their order,
+/// across all the connections (reliability matrix row 13: the id carries
+/// every target's position, so a resume never skips a target that lagged
+/// behind another, whatever order two targets' events arrived in).
 #[tokio::test]
 async fn a_user_following_three_topics_through_random_reconnects_gets_each_event_once_in_order() {
     const EVENTS: usize = 300;
@@ -291,6 +299,7 @@ async fn a_user_following_three_topics_through_random_reconnects_gets_each_event
     let plan: Vec<&str> = (0..EVENTS)
         .map(|_| subjects[next(subjects.len())])
         .collect();
+    let target_of: Vec<&str> = plan.clone();
 
     // The first stream is open, and knows where it starts, before anything
     // is published: a fresh stream starts at the head.
@@ -324,7 +333,7 @@ async fn a_user_following_three_topics_through_random_reconnects_gets_each_event
         sequences
     });
 
-    let mut received: Vec<(u64, String)> = Vec::new();
+    let mut received: Vec<(usize, String)> = Vec::new();
     let mut last = first.last_event_id().to_owned();
     let mut opened = Some(first);
     let mut connections = 0;
@@ -354,14 +363,13 @@ async fn a_user_following_three_topics_through_random_reconnects_gets_each_event
             });
             match item {
                 Some(Item::Event(event)) => {
-                    let seq = event
-                        .id
-                        .rsplit('-')
-                        .next()
-                        .and_then(|seq| seq.parse::<u64>().ok())
-                        .expect("an <epoch>-<seq> id");
+                    let index = event
+                        .data
+                        .strip_prefix('e')
+                        .and_then(|i| i.parse::<usize>().ok())
+                        .expect("an e<index> event");
                     last = event.id;
-                    received.push((seq, event.data));
+                    received.push((index, event.data));
                     read += 1;
                 }
                 Some(_) => {}
@@ -373,13 +381,25 @@ async fn a_user_following_three_topics_through_random_reconnects_gets_each_event
         }
     }
     let published = publisher.await.expect("publisher");
-    let sequences: Vec<u64> = received.iter().map(|(seq, _)| *seq).collect();
-    assert!(
-        sequences.windows(2).all(|pair| pair[0] < pair[1]),
-        "ids not strictly increasing across {connections} connections"
+    assert_eq!(published.len(), EVENTS);
+    let mut indexes: Vec<usize> = received.iter().map(|(index, _)| *index).collect();
+    for subject in subjects {
+        let of_target: Vec<usize> = indexes
+            .iter()
+            .copied()
+            .filter(|&i| target_of[i] == subject)
+            .collect();
+        assert!(
+            of_target.windows(2).all(|pair| pair[0] < pair[1]),
+            "{subject}'s events out of order or repeated across {connections} connections: {of_target:?}"
+        );
+    }
+    indexes.sort_unstable();
+    assert_eq!(
+        indexes,
+        (0..EVENTS).collect::<Vec<_>>(),
+        "every event once across {connections} connections"
     );
-    assert_eq!(sequences, published, "every event once, in stream order");
-    assert!(received.iter().all(|(_, data)| data.starts_with('e')));
 }
 
 /// A live message that never reaches the node is detected from the next
@@ -455,12 +475,12 @@ async fn stored_events_are_read_from_the_stream_leader_never_a_replica() {
 }
 
 /// Events for a user and a topic stored while the node was cut off from NATS
-/// reach a stream following both in stream order once the node is back: the
-/// node fills both targets from the stream and hands the events over merged
-/// by sequence, not one target's after the other's (a resume from the later
-/// target's id would skip the earlier one's).
+/// all reach a stream following both once the node is back, each target's in
+/// its order; and the id written with each of them is enough to resume
+/// exactly: a stream resumed from any of those ids gets exactly the events
+/// that came after it, whatever order the two targets' events were written in.
 #[tokio::test]
-async fn events_stored_while_the_node_was_cut_off_arrive_in_stream_order_across_targets() {
+async fn events_stored_while_the_node_was_cut_off_all_arrive_and_every_id_resumes_exactly() {
     let nats = NatsServer::start().expect("nats-server");
     let upstream = nats
         .url()
@@ -489,11 +509,7 @@ async fn events_stored_while_the_node_was_cut_off_arrive_in_stream_order_across_
     let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
     let before = store(&js, "herald.user.alice", "before").await;
     assert!(
-        stream
-            .next_event(PATIENCE)
-            .await
-            .expect("live")
-            .id
+        own_id(&stream.next_event(PATIENCE).await.expect("live").id)
             .ends_with(&format!("-{before}"))
     );
 
@@ -523,20 +539,56 @@ async fn events_stored_while_the_node_was_cut_off_arrive_in_stream_order_across_
         .events(stored.len())
         .await
         .expect("every event, same stream");
-    let got: Vec<u64> = events
-        .iter()
-        .map(|e| {
-            e.id.rsplit('-')
-                .next()
-                .and_then(|s| s.parse().ok())
-                .expect("id")
-        })
-        .collect();
-    assert_eq!(got, stored, "in stream order across the two targets");
+    let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+    let of = |prefix: char| -> Vec<&str> {
+        data.iter()
+            .copied()
+            .filter(|d| d.starts_with(prefix))
+            .collect()
+    };
     assert_eq!(
-        events.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
-        ["u1", "t1", "u2", "t2", "t3", "u3"]
+        of('u'),
+        ["u1", "u2", "u3"],
+        "the user's events in order: {data:?}"
     );
+    assert_eq!(
+        of('t'),
+        ["t1", "t2", "t3"],
+        "the topic's events in order: {data:?}"
+    );
+
+    // Resuming from the id of each event gets exactly the rest; one event
+    // published after all of them comes next on every resumed stream, so
+    // nothing more than the rest was sent.
+    let mut resumed_streams = Vec::new();
+    for (k, event) in events.iter().enumerate() {
+        let mut resumed = SseClient::connect(
+            &node.url("/v1/stream?topic=news"),
+            &[
+                ("authorization", &bearer(&token)),
+                ("last-event-id", &event.id),
+            ],
+        )
+        .await
+        .expect("resumed stream");
+        let rest = resumed
+            .events(stored.len() - k - 1)
+            .await
+            .expect("the rest");
+        let mut got: Vec<&str> = rest.iter().map(|e| e.data.as_str()).collect();
+        let mut want: Vec<&str> = data[k + 1..].to_vec();
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want, "resumed after {:?} ({})", event.data, event.id);
+        resumed_streams.push(resumed);
+    }
+    publish_to(&node, json!({"user": "alice", "data": "marker"})).await;
+    for mut resumed in resumed_streams {
+        assert_eq!(
+            resumed.next_event(PATIENCE).await.expect("marker").data,
+            "marker"
+        );
+    }
 }
 
 /// When nats-server restarts under a connected client, the stream stays open,

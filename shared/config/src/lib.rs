@@ -424,6 +424,12 @@ pub struct NatsSettings {
     /// When an existing stream's configuration conflicts with what Herald
     /// needs, update it instead of refusing to start. Default false.
     pub update_stream: bool,
+    /// How often every followed user and topic is checked against the
+    /// stream for an event whose live copy never arrived, milliseconds. A
+    /// lost copy reaches its clients within about twice this, even for a
+    /// target that receives nothing more. Each check is one batched read per
+    /// 1,000 followed targets (nats-server 2.11+). Default 2000.
+    pub check_interval_ms: u64,
 }
 
 impl Default for NatsSettings {
@@ -452,6 +458,7 @@ impl Default for NatsSettings {
             duplicate_window_secs: 120,
             max_event_bytes: 64 * 1024,
             update_stream: false,
+            check_interval_ms: 2_000,
         }
     }
 }
@@ -514,6 +521,7 @@ impl NatsSettings {
             ("nats.ping_interval_ms", self.ping_interval_ms),
             ("nats.presence_timeout_ms", self.presence_timeout_ms),
             ("nats.max_event_bytes", self.max_event_bytes as u64),
+            ("nats.check_interval_ms", self.check_interval_ms),
         ] {
             if value == 0 {
                 problems.push(format!("{key} must be greater than 0"));

@@ -5,6 +5,8 @@
 //!   and the reversible encoding of a name into one NATS subject token.
 //! - [`event_id`]: the SSE `id:` of an event ([`EventId`]: bus epoch + stream
 //!   sequence) and the parser for `Last-Event-ID`.
+//! - [`stream_position`]: where a stream stands in every target it follows
+//!   ([`StreamPosition`]), the `id:` a multi-target stream writes and reads back.
 //! - [`event_type`]: the validated SSE `event:` name ([`EventType`]).
 //! - [`trace_context`]: the publisher's W3C trace context ([`TraceParent`]).
 //! - [`sse`]: the SSE frame encoder (which no field value can break) and a
@@ -13,10 +15,12 @@
 pub mod event_id;
 pub mod event_type;
 pub mod sse;
+pub mod stream_position;
 pub mod target;
 pub mod trace_context;
 
 pub use event_id::{Epoch, EventId, EventIdError};
 pub use event_type::{EventType, EventTypeError};
+pub use stream_position::{PositionError, StreamPosition, fingerprint_of};
 pub use target::{Target, TargetError, TargetKind};
 pub use trace_context::TraceParent;

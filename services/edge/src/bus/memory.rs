@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use herald_config::MemoryBusSettings;
-use herald_protocol::{Epoch, EventId, Target};
+use herald_protocol::{Epoch, EventId, StreamPosition, Target};
 use tokio::sync::watch;
 
 use super::{
@@ -166,6 +166,12 @@ impl Bus for MemoryBus {
         true
     }
 
+    /// Publishing hands every event to the sink under one lock, in sequence
+    /// order across all targets.
+    fn delivers_in_order(&self) -> bool {
+        true
+    }
+
     async fn publish(&self, request: PublishRequest) -> Result<Receipt, PublishError> {
         let now = Instant::now();
         let mut history = self.lock();
@@ -225,7 +231,7 @@ impl Bus for MemoryBus {
     async fn replay(
         &self,
         targets: &[Target],
-        after: EventId,
+        from: &StreamPosition,
         limit: usize,
     ) -> Result<Replay, ReplayError> {
         let mut history = self.lock();
@@ -233,16 +239,20 @@ impl Bus for MemoryBus {
         let head = self.id(history.last_seq);
         let lost = |reason| Ok(Replay::HistoryLost { reason, head });
         let first = history.first_seq();
-        if let Some(reason) = check_position(after, self.epoch, first, history.last_seq) {
-            return lost(reason);
-        }
         // Stored sequences are contiguous, so a sequence is an index.
         let mut events = Vec::new();
-        for target in targets {
+        for (target, &after) in targets.iter().zip(&from.seqs) {
+            let position = EventId {
+                epoch: from.epoch,
+                seq: after,
+            };
+            if let Some(reason) = check_position(position, self.epoch, first, history.last_seq) {
+                return lost(reason);
+            }
             let Some(seqs) = history.by_target.get(target) else {
                 continue;
             };
-            let start = seqs.partition_point(|&seq| seq <= after.seq);
+            let start = seqs.partition_point(|&seq| seq <= after);
             for &seq in seqs.range(start..) {
                 if events.len() == limit {
                     return lost(LostReason::TooFarBehind);
@@ -272,6 +282,9 @@ mod tests {
 
         // The memory bus's history only changes with the process.
         fn history_changed(&self) {}
+
+        // The memory bus delivers in one order: it never reports progress.
+        fn progress(&self, _target: &Target, _through: EventId) {}
     }
 
     fn bus(settings: MemoryBusSettings) -> (MemoryBus, Arc<Recorder>) {
@@ -333,7 +346,11 @@ mod tests {
             seq: 1,
         };
         let replay = bus
-            .replay(&[alice.clone(), news.clone()], from, 100)
+            .replay(
+                &[alice.clone(), news.clone()],
+                &StreamPosition::at(from, 2),
+                100,
+            )
             .await
             .expect("read");
         assert_eq!(seqs(replay), vec![3, 4, 6]);
@@ -374,34 +391,39 @@ mod tests {
                 .expect("stored");
         }
         let targets = [alice];
-        let at = |seq| EventId {
-            epoch: bus.epoch(),
-            seq,
+        let at = |seq| {
+            StreamPosition::at(
+                EventId {
+                    epoch: bus.epoch(),
+                    seq,
+                },
+                1,
+            )
         };
         // Events 1 and 2 were evicted: resuming after 0 or 1 cannot be complete.
         assert_eq!(
-            lost_reason(bus.replay(&targets, at(1), 100).await.expect("read")),
+            lost_reason(bus.replay(&targets, &at(1), 100).await.expect("read")),
             LostReason::Expired
         );
         // Resuming after 2 needs 3, 4, 5: all still there.
         assert_eq!(
-            seqs(bus.replay(&targets, at(2), 100).await.expect("read")),
+            seqs(bus.replay(&targets, &at(2), 100).await.expect("read")),
             vec![3, 4, 5]
         );
         assert_eq!(
-            lost_reason(bus.replay(&targets, at(9), 100).await.expect("read")),
+            lost_reason(bus.replay(&targets, &at(9), 100).await.expect("read")),
             LostReason::UnknownPosition
         );
-        let other_epoch = EventId {
+        let other_epoch = StreamPosition {
             epoch: Epoch(bus.epoch().0 + 1),
-            seq: 2,
+            seqs: vec![2],
         };
         assert_eq!(
-            lost_reason(bus.replay(&targets, other_epoch, 100).await.expect("read")),
+            lost_reason(bus.replay(&targets, &other_epoch, 100).await.expect("read")),
             LostReason::EpochChanged
         );
         assert_eq!(
-            lost_reason(bus.replay(&targets, at(2), 2).await.expect("read")),
+            lost_reason(bus.replay(&targets, &at(2), 2).await.expect("read")),
             LostReason::TooFarBehind
         );
     }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
-use herald_protocol::{Epoch, EventId, EventType, Target, TraceParent, sse};
+use herald_protocol::{Epoch, EventId, EventType, StreamPosition, Target, TraceParent, sse};
 use tokio::sync::watch;
 
 /// One stored event, with its SSE frame encoded once for every connection.
@@ -36,6 +36,9 @@ pub struct Event {
     pub event_type: Option<EventType>,
     /// The complete SSE frame (`id:`, `event:`, `data:` lines, blank line).
     pub frame: Bytes,
+    /// Where the frame's `id:` line ends: a stream that writes an id of its
+    /// own (one position per target) writes the frame from here.
+    pub body_at: usize,
     /// When the bus stored the event.
     pub published_at: SystemTime,
     /// The publisher's trace context, when it sent one.
@@ -53,14 +56,25 @@ impl Event {
     ) -> Self {
         let mut frame = BytesMut::with_capacity(data.len() + 64);
         sse::write_event(&mut frame, Some(&id), event_type.as_ref(), data);
+        // The frame opens with its `id:` line, which holds no other line break.
+        let body_at = frame
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(0, |at| at + 1);
         Event {
             id,
             target,
             event_type,
+            body_at,
             frame: frame.freeze(),
             published_at,
             trace: None,
         }
+    }
+
+    /// The frame without its `id:` line.
+    pub fn body(&self) -> &[u8] {
+        &self.frame[self.body_at..]
     }
 
     /// Attaches the publisher's trace context.
@@ -106,9 +120,16 @@ pub enum PublishError {
         /// The configured limit.
         limit: usize,
     },
+    /// A field cannot be carried by the bus (a header value with a line
+    /// break); the request must change.
+    #[error("{field} cannot be stored: it holds a character the bus cannot carry")]
+    Invalid {
+        /// The request field.
+        field: &'static str,
+    },
     /// The bus is not reachable right now; retry later with the same `msg_id`.
     #[error("event bus unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] async_nats::Error),
 }
 
 /// Why history could not be replayed completely.
@@ -125,6 +146,9 @@ pub enum LostReason {
     TooFarBehind,
     /// The client's `Last-Event-ID` is not an id Herald wrote.
     UnrecognisedId,
+    /// The client's `Last-Event-ID` was written for a stream following other
+    /// targets (its topics changed): its positions cannot be matched.
+    TargetsChanged,
 }
 
 impl LostReason {
@@ -136,6 +160,7 @@ impl LostReason {
             LostReason::UnknownPosition => "unknown_position",
             LostReason::TooFarBehind => "too_far_behind",
             LostReason::UnrecognisedId => "unrecognised_id",
+            LostReason::TargetsChanged => "targets_changed",
         }
     }
 }
@@ -179,7 +204,7 @@ pub fn check_position(after: EventId, epoch: Epoch, first: u64, last: u64) -> Op
 /// Why a replay or position read failed (the bus was unreachable). Nothing changed.
 #[derive(Debug, thiserror::Error)]
 #[error("event bus unavailable: {0}")]
-pub struct ReplayError(pub String);
+pub struct ReplayError(#[from] pub nats::ReadError);
 
 /// Progress of a follow request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +222,12 @@ pub trait LiveSink: Send + Sync {
     /// Called once per event for every followed target, in sequence order per
     /// target. Must not block.
     fn deliver(&self, event: &Arc<Event>);
+
+    /// Every event of `target` up to `through` has been handed to
+    /// [`LiveSink::deliver`]: a stream following several targets may move
+    /// its position for `target` there (so a quiet target's position keeps
+    /// up with the others). Must not block.
+    fn progress(&self, target: &Target, through: EventId);
 
     /// The stored history changed under every followed target (acknowledged
     /// events lost, the stream recreated): ids already sent may now name
@@ -232,12 +263,18 @@ pub trait Bus: Interest + std::fmt::Debug {
     /// The id of the newest event stored (sequence 0 when there is none).
     async fn head(&self) -> Result<EventId, ReplayError>;
 
-    /// The events for `targets` after `after`, in sequence order, at most
-    /// `limit` of them, or the reason they cannot all be given.
+    /// Whether live delivery follows one global order across every target
+    /// (each event handed to the sink after every older one), so a stream's
+    /// newest sequence alone says where it stands in all its targets.
+    fn delivers_in_order(&self) -> bool;
+
+    /// The events of each target after its position in `from` (one per
+    /// target), in sequence order, at most `limit` of them, or the reason
+    /// they cannot all be given.
     async fn replay(
         &self,
         targets: &[Target],
-        after: EventId,
+        from: &StreamPosition,
         limit: usize,
     ) -> Result<Replay, ReplayError>;
 }

@@ -94,6 +94,15 @@ pub async fn publish(
             err.to_string(),
         )
         .into()),
+        Err(err @ PublishError::Invalid { field }) => Err(ApiError::bad_request(
+            match field {
+                "msg_id" => "invalid_msg_id",
+                "event" => "invalid_event",
+                _ => "invalid_request",
+            },
+            err.to_string(),
+        )
+        .into()),
         Err(err @ PublishError::Unavailable(_)) => {
             tracing::warn!(%target, error = %err, "publish failed");
             Err(ApiError::new(

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
-use herald_protocol::{EventId, Target, sse};
+use herald_protocol::{EventId, PositionError, StreamPosition, Target, fingerprint_of, sse};
 use serde_json::json;
 use warp::http::{HeaderMap, HeaderValue, StatusCode};
 use warp::reply::Response;
@@ -114,13 +114,14 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Where a stream starts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Start {
-    /// Replay everything after this id (the client's, or the head for a fresh
-    /// stream); `fresh` streams are told their position with an id-only frame.
-    After { id: EventId, fresh: bool },
-    /// The client sent an id Herald did not write: reset.
-    Unrecognised,
+    /// Replay each target's events after its position (the client's, or the
+    /// head for a fresh stream); `fresh` streams are told their position with
+    /// an id-only frame.
+    After { from: StreamPosition, fresh: bool },
+    /// The client's id cannot be used: reset.
+    Lost(LostReason),
 }
 
 /// Handles `GET /v1/stream`.
@@ -142,11 +143,16 @@ pub async fn open(
         return Ok(come_back_later(&state, "draining"));
     }
     let start = match request.last_event_id.as_deref() {
-        Some(value) => value
-            .parse::<EventId>()
-            .map_or(Start::Unrecognised, |id| Start::After { id, fresh: false }),
+        Some(value) => match StreamPosition::parse(value, &targets) {
+            Ok(from) => Start::After { from, fresh: false },
+            Err(PositionError::TargetsChanged) => Start::Lost(LostReason::TargetsChanged),
+            Err(_) => Start::Lost(LostReason::UnrecognisedId),
+        },
         None => match state.bus.head().await {
-            Ok(id) => Start::After { id, fresh: true },
+            Ok(id) => Start::After {
+                from: StreamPosition::at(id, targets.len()),
+                fresh: true,
+            },
             Err(err) => {
                 tracing::warn!(error = %err, "cannot read the bus head for a new stream");
                 return Ok(come_back_later(&state, "bus_unavailable"));
@@ -212,7 +218,8 @@ pub async fn open(
     Ok(sse_response(warp::reply::stream(body).into_response()))
 }
 
-/// The user's own target first, then each requested topic the token grants.
+/// The user's own target first, then each requested topic the token grants,
+/// sorted by name.
 fn targets(
     state: &AppState,
     subscriber: &crate::auth::Subscriber,
@@ -240,6 +247,9 @@ fn targets(
             targets.push(topic);
         }
     }
+    // One order whatever the query's: the id lists one position per target
+    // in this order.
+    targets[1..].sort();
     Ok(targets)
 }
 
@@ -320,7 +330,8 @@ fn session(
         sse::write_comment(&mut buf, "herald stream");
         sse::write_retry(&mut buf, state.retry_hint_ms());
 
-        let (replayed, cursor) = match begin(&state, attachment.id, &attachment.targets, start, &mut buf).await {
+        let in_order = state.bus.delivers_in_order();
+        let (replayed, mut cursor, head) = match begin(&state, attachment.id, &attachment.targets, start, in_order, &mut buf).await {
             Ok(begun) => begun,
             Err(problem) => {
                 tracing::warn!(connection = attachment.id, %problem, "replay failed; client will retry");
@@ -331,7 +342,8 @@ fn session(
         };
         let batch_limit = state.settings.stream.max_batch_bytes;
         for event in &replayed {
-            buf.extend_from_slice(&event.frame);
+            let slot = attachment.targets.iter().position(|t| *t == event.target).unwrap_or(usize::MAX);
+            cursor.write(slot as u32, event, &mut buf);
             state.delivered(event, attachment.id, &attachment.targets[0], true, Duration::ZERO);
             if buf.len() >= batch_limit {
                 yield Ok(state.written(buf.split().freeze(), 0));
@@ -339,12 +351,13 @@ fn session(
         }
         state.metrics.events_delivered.inc_by(replayed.len() as u64);
         drop(replayed);
+        // The replay read every target up to the head.
+        cursor.advance_all(head);
         yield Ok(state.written(buf.split().freeze(), 0));
 
         let heartbeat_every = Duration::from_millis(state.settings.stream.heartbeat_ms);
         let heartbeat = tokio::time::sleep(heartbeat_every);
         tokio::pin!(heartbeat);
-        let mut cursor = Cursor::new(attachment.targets.len(), cursor);
         // Tokens are accepted until `exp` plus the leeway (whole seconds), so the
         // stream lives exactly as long as its token would still open one.
         let accepted_until = attachment.expires_at
@@ -366,6 +379,10 @@ fn session(
                 _ = expiry_warning.as_mut(), if !warned => Step::ExpiryWarning,
                 queued = frames.recv() => match queued {
                     Some(Queued::Event(frame)) => Step::Frame(frame),
+                    Some(Queued::Progress { slot, through }) => {
+                        cursor.advance(slot, through);
+                        continue;
+                    }
                     Some(Queued::Leave(reason)) => Step::Leave(reason),
                     None => Step::End,
                 },
@@ -377,19 +394,29 @@ fn session(
                     let mut leaving = None;
                     let mut next = Some(first);
                     while let Some(frame) = next.take() {
-                        if cursor.write(&frame, &mut buf) {
-                            delivered += 1;
-                            state.delivered(&frame.event, attachment.id, &attachment.targets[0], false, frame.queued_at.elapsed());
+                        match cursor.write(frame.slot, &frame.event, &mut buf) {
+                            Written::Yes => {
+                                delivered += 1;
+                                state.delivered(&frame.event, attachment.id, &attachment.targets[0], false, frame.queued_at.elapsed());
+                            }
+                            Written::Skipped => {}
+                            Written::OtherEpoch => {
+                                // The history changed under the stream: its
+                                // client resumes and is told.
+                                leaving = Some(DisconnectReason::HistoryChanged);
+                                break;
+                            }
                         }
-                        if buf.len() < batch_limit {
-                            next = match frames.try_recv() {
-                                Ok(Queued::Event(frame)) => Some(frame),
+                        while buf.len() < batch_limit && next.is_none() {
+                            match frames.try_recv() {
+                                Ok(Queued::Event(frame)) => next = Some(frame),
+                                Ok(Queued::Progress { slot, through }) => cursor.advance(slot, through),
                                 Ok(Queued::Leave(reason)) => {
                                     leaving = Some(reason);
-                                    None
+                                    break;
                                 }
-                                Err(_) => None,
-                            };
+                                Err(_) => break,
+                            }
                         }
                     }
                     if let Some(reason) = leaving {
@@ -404,7 +431,12 @@ fn session(
                     yield Ok(state.written(buf.split().freeze(), delivered));
                 }
                 Step::Heartbeat => {
-                    sse::write_comment(&mut buf, "");
+                    // Positions moved by progress alone reach the client
+                    // here: an id-only frame sets its last event id and
+                    // keeps the connection warm like a comment.
+                    if !cursor.write_id_if_moved(&mut buf) {
+                        sse::write_comment(&mut buf, "");
+                    }
                     yield Ok(buf.split().freeze());
                 }
                 Step::ExpiryWarning => {
@@ -430,46 +462,110 @@ fn session(
     sync_wrapper::SyncStream::new(stream)
 }
 
-/// What a connection has written, per target, so every event is written once.
+/// Where a stream stands in each of its targets, so every event is written
+/// once and every id it writes is enough to resume exactly.
 ///
-/// Each target's events arrive in sequence order, and a frame at or below its
-/// target's cursor was already written (by the replay or an earlier live
-/// delivery). Across targets, a bus may hand over events slightly out of global
-/// order (the NATS bus delivers each target from its own subscription); such a
-/// late event is still written, and followed by an id-only frame restoring the
-/// highest id written, so the browser's `Last-Event-ID` always names the
-/// highest position and a resume never replays what was already written.
+/// Each target's events arrive in that target's sequence order, and an event
+/// at or below its target's position was already written (by the replay or
+/// an earlier live delivery). Two targets' events may arrive in either order
+/// (the NATS bus follows each target on its own), so the id written with an
+/// event carries every target's position ([`StreamPosition`]); a stream with
+/// one target, or on a bus that delivers every target in one global order,
+/// writes the event's own id, which says the same.
 struct Cursor {
-    per_target: Vec<u64>,
-    highest: Option<EventId>,
+    position: StreamPosition,
+    fingerprint: u16,
+    /// Ids are the events' own (one target, or one global order).
+    own_ids: bool,
+    /// The position as the client last saw it in an id.
+    told: Vec<u64>,
+}
+
+/// What [`Cursor::write`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// Appended, with its id.
+    Yes,
+    /// Already written (or not for this stream): nothing appended.
+    Skipped,
+    /// From another epoch than the stream's positions: the history changed
+    /// under the stream, which must end so its client is told.
+    OtherEpoch,
 }
 
 impl Cursor {
-    fn new(targets: usize, start: u64) -> Self {
+    fn new(position: StreamPosition, targets: &[Target], in_order: bool) -> Self {
+        let told = position.seqs.clone();
         Cursor {
-            per_target: vec![start; targets],
-            highest: None,
+            position,
+            fingerprint: fingerprint_of(targets),
+            own_ids: targets.len() == 1 || in_order,
+            told,
         }
     }
 
-    /// Appends `frame` to `buf` unless already written; returns whether it was.
-    fn write(&mut self, frame: &Frame, buf: &mut BytesMut) -> bool {
-        let Some(cursor) = self.per_target.get_mut(frame.slot as usize) else {
-            return false;
-        };
-        let id = frame.event.id;
-        if id.seq <= *cursor {
+    /// Appends `event` (for the stream's target `slot`) unless already written.
+    fn write(&mut self, slot: u32, event: &Event, buf: &mut BytesMut) -> Written {
+        if event.id.epoch != self.position.epoch {
+            return Written::OtherEpoch;
+        }
+        let seq = event.id.seq;
+        match self.position.seqs.get(slot as usize) {
+            Some(&at) if seq > at => {}
+            _ => return Written::Skipped,
+        }
+        if self.own_ids {
+            // One order: every target is complete up to this event.
+            self.advance_all(seq);
+            buf.extend_from_slice(&event.frame);
+        } else {
+            self.position.seqs[slot as usize] = seq;
+            buf.extend_from_slice(b"id: ");
+            self.write_position(buf);
+            buf.extend_from_slice(b"\n");
+            buf.extend_from_slice(event.body());
+        }
+        self.told.clone_from(&self.position.seqs);
+        Written::Yes
+    }
+
+    /// Every event of target `slot` up to `through` has been written.
+    fn advance(&mut self, slot: u32, through: u64) {
+        if let Some(at) = self.position.seqs.get_mut(slot as usize) {
+            *at = (*at).max(through);
+        }
+    }
+
+    /// Every event of every target up to `through` has been written.
+    fn advance_all(&mut self, through: u64) {
+        for at in &mut self.position.seqs {
+            *at = (*at).max(through);
+        }
+    }
+
+    /// Appends an id-only frame with the current position.
+    fn write_id(&mut self, buf: &mut BytesMut) {
+        buf.extend_from_slice(b"id: ");
+        self.write_position(buf);
+        buf.extend_from_slice(b"\n\n");
+        self.told.clone_from(&self.position.seqs);
+    }
+
+    /// Appends an id-only frame if the position moved since the client was
+    /// last told it; returns whether it did.
+    fn write_id_if_moved(&mut self, buf: &mut BytesMut) -> bool {
+        if self.told == self.position.seqs {
             return false;
         }
-        *cursor = id.seq;
-        buf.extend_from_slice(&frame.event.frame);
-        match self.highest {
-            Some(highest) if highest.seq > id.seq => {
-                buf.extend_from_slice(format!("id: {highest}\n\n").as_bytes());
-            }
-            _ => self.highest = Some(id),
-        }
+        self.write_id(buf);
         true
+    }
+
+    fn write_position(&self, buf: &mut BytesMut) {
+        let mut id = String::with_capacity(48);
+        // Writing into a String cannot fail.
+        let _ = self.position.write(self.fingerprint, &mut id);
+        buf.extend_from_slice(id.as_bytes());
     }
 }
 
@@ -485,36 +581,39 @@ enum Step {
 
 /// Reads the replay for `start` and writes what comes before it (an id-only
 /// frame for a fresh stream, or the reset) into `buf`. Returns the events to
-/// send and the cursor after them.
+/// send, the cursor before them, and the head the replay read up to.
 async fn begin(
     state: &AppState,
     connection: u64,
     targets: &[Target],
     start: Start,
+    in_order: bool,
     buf: &mut BytesMut,
-) -> Result<(Vec<Arc<Event>>, u64), String> {
+) -> Result<(Vec<Arc<Event>>, Cursor, u64), String> {
     let limit = state.settings.stream.max_replay_events;
-    let (after, fresh) = match start {
-        Start::After { id, fresh } => (id, fresh),
-        Start::Unrecognised => {
+    let (from, fresh) = match start {
+        Start::After { from, fresh } => (from, fresh),
+        Start::Lost(reason) => {
             let head = state.bus.head().await.map_err(|e| e.to_string())?;
-            write_reset(state, buf, LostReason::UnrecognisedId, head);
-            return Ok((Vec::new(), head.seq));
+            write_reset(state, buf, reason, head);
+            let cursor = Cursor::new(StreamPosition::at(head, targets.len()), targets, in_order);
+            return Ok((Vec::new(), cursor, head.seq));
         }
     };
     let started = Instant::now();
     match state
         .bus
-        .replay(targets, after, limit)
+        .replay(targets, &from, limit)
         .await
         .map_err(|e| e.to_string())?
     {
-        Replay::Complete { events, .. } => {
+        Replay::Complete { events, head } => {
+            let mut cursor = Cursor::new(from, targets, in_order);
             if fresh {
                 // Tell the client where it starts, so a reconnect before any
                 // event still resumes from here (an id-only frame dispatches
                 // no event but sets the browser's last event id).
-                buf.extend_from_slice(format!("id: {after}\n\n").as_bytes());
+                cursor.write_id(buf);
             } else if !events.is_empty() {
                 state.metrics.replays.inc();
                 state.metrics.replayed_events.inc_by(events.len() as u64);
@@ -522,15 +621,20 @@ async fn begin(
                     .tracing
                     .replayed(connection, events.len(), "complete", started.elapsed());
             }
-            let cursor = events.last().map_or(after.seq, |event| event.id.seq);
-            Ok((events, cursor))
+            if head.epoch != cursor.position.epoch {
+                // Read in another epoch than asked (the stream changed
+                // meanwhile): nothing of it can be placed; start again.
+                return Err("the stream's epoch changed during the replay".into());
+            }
+            Ok((events, cursor, head.seq))
         }
         Replay::HistoryLost { reason, head } => {
             state
                 .tracing
                 .replayed(connection, 0, reason.as_str(), started.elapsed());
             write_reset(state, buf, reason, head);
-            Ok((Vec::new(), head.seq))
+            let cursor = Cursor::new(StreamPosition::at(head, targets.len()), targets, in_order);
+            Ok((Vec::new(), cursor, head.seq))
         }
     }
 }
@@ -617,44 +721,134 @@ mod tests {
     use super::*;
     use herald_protocol::Epoch;
 
-    fn frame(slot: u32, seq: u64) -> Frame {
-        let target = Target::user("alice").expect("valid");
+    fn targets(n: usize) -> Vec<Target> {
+        let mut targets = vec![Target::user("alice").expect("valid")];
+        for i in 1..n {
+            targets.push(Target::topic(format!("t{i}")).expect("valid"));
+        }
+        targets
+    }
+
+    fn event(target: &Target, epoch: u64, seq: u64) -> Event {
         let id = EventId {
-            epoch: Epoch(1),
+            epoch: Epoch(epoch),
             seq,
         };
-        Frame {
-            event: Arc::new(Event::new(id, target, None, "x", SystemTime::now())),
-            slot,
-            queued_at: crate::registry::QueuedAt::now(),
-        }
+        Event::new(id, target.clone(), None, "x", SystemTime::now())
+    }
+
+    fn cursor(targets: &[Target], start: u64, in_order: bool) -> Cursor {
+        let at = EventId {
+            epoch: Epoch(1),
+            seq: start,
+        };
+        Cursor::new(StreamPosition::at(at, targets.len()), targets, in_order)
     }
 
     #[test]
-    fn a_frame_already_written_for_its_target_is_skipped() {
-        let mut cursor = Cursor::new(1, 5);
+    fn an_event_already_written_for_its_target_is_skipped() {
+        let targets = targets(1);
+        let mut cursor = cursor(&targets, 5, false);
         let mut buf = BytesMut::new();
-        assert!(!cursor.write(&frame(0, 5), &mut buf));
-        assert!(cursor.write(&frame(0, 6), &mut buf));
-        assert!(!cursor.write(&frame(0, 6), &mut buf));
+        assert_eq!(
+            cursor.write(0, &event(&targets[0], 1, 5), &mut buf),
+            Written::Skipped
+        );
+        assert_eq!(
+            cursor.write(0, &event(&targets[0], 1, 6), &mut buf),
+            Written::Yes
+        );
+        assert_eq!(
+            cursor.write(0, &event(&targets[0], 1, 6), &mut buf),
+            Written::Skipped
+        );
         assert_eq!(&buf[..], b"id: 1-6\ndata: x\n\n");
     }
 
     #[test]
-    fn a_late_event_of_another_target_is_written_then_the_highest_id_restored() {
-        let mut cursor = Cursor::new(2, 0);
+    fn with_several_targets_each_id_carries_every_targets_position() {
+        let targets = targets(2);
+        let mut cursor = cursor(&targets, 0, false);
         let mut buf = BytesMut::new();
-        assert!(cursor.write(&frame(1, 10), &mut buf));
+        // The topic's 10 arrives before the user's 9: the id after 10 still
+        // says the user stands at 0, so a resume from it replays 9.
+        assert_eq!(
+            cursor.write(1, &event(&targets[1], 1, 10), &mut buf),
+            Written::Yes
+        );
+        let fingerprint = format!("{:04x}", fingerprint_of(&targets));
+        assert_eq!(
+            String::from_utf8_lossy(&buf),
+            format!("id: 1-10.{fingerprint}.10.0\ndata: x\n\n")
+        );
+        let after_ten =
+            StreamPosition::parse(&format!("1-10.{fingerprint}.10.0"), &targets).expect("parses");
+        assert_eq!(after_ten.seqs, vec![0, 10]);
         buf.clear();
-        assert!(cursor.write(&frame(0, 9), &mut buf));
-        assert_eq!(&buf[..], b"id: 1-9\ndata: x\n\nid: 1-10\n\n");
+        assert_eq!(
+            cursor.write(0, &event(&targets[0], 1, 9), &mut buf),
+            Written::Yes
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&buf),
+            format!("id: 1-10.{fingerprint}.1.0\ndata: x\n\n")
+        );
     }
 
     #[test]
-    fn a_frame_for_an_unknown_slot_is_ignored() {
-        let mut cursor = Cursor::new(1, 0);
+    fn progress_moves_a_quiet_targets_position_and_is_told_at_the_next_heartbeat() {
+        let targets = targets(2);
+        let mut cursor = cursor(&targets, 4, false);
         let mut buf = BytesMut::new();
-        assert!(!cursor.write(&frame(3, 1), &mut buf));
+        assert!(!cursor.write_id_if_moved(&mut buf));
+        cursor.advance(1, 20);
+        assert!(cursor.write_id_if_moved(&mut buf));
+        let fingerprint = format!("{:04x}", fingerprint_of(&targets));
+        assert_eq!(
+            String::from_utf8_lossy(&buf),
+            format!("id: 1-20.{fingerprint}.16.0\n\n")
+        );
+        assert!(!cursor.write_id_if_moved(&mut buf));
+    }
+
+    #[test]
+    fn a_bus_with_one_global_order_writes_the_events_own_ids() {
+        let targets = targets(2);
+        let mut cursor = cursor(&targets, 0, true);
+        let mut buf = BytesMut::new();
+        assert_eq!(
+            cursor.write(1, &event(&targets[1], 1, 3), &mut buf),
+            Written::Yes
+        );
+        assert_eq!(&buf[..], b"id: 1-3\ndata: x\n\n");
+        // Every target stands at 3 now.
+        assert_eq!(
+            cursor.write(0, &event(&targets[0], 1, 2), &mut buf),
+            Written::Skipped
+        );
+    }
+
+    #[test]
+    fn an_event_of_another_epoch_ends_the_stream_instead_of_being_written() {
+        let targets = targets(1);
+        let mut cursor = cursor(&targets, 0, false);
+        let mut buf = BytesMut::new();
+        assert_eq!(
+            cursor.write(0, &event(&targets[0], 2, 7), &mut buf),
+            Written::OtherEpoch
+        );
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn an_event_for_an_unknown_slot_is_ignored() {
+        let targets = targets(1);
+        let mut cursor = cursor(&targets, 0, false);
+        let mut buf = BytesMut::new();
+        assert_eq!(
+            cursor.write(3, &event(&targets[0], 1, 1), &mut buf),
+            Written::Skipped
+        );
         assert!(buf.is_empty());
     }
 }

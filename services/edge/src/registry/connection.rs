@@ -52,6 +52,15 @@ impl QueuedAt {
 pub enum Queued {
     /// An event to write.
     Event(Frame),
+    /// Every event of the connection's target `slot` up to `through` has
+    /// been queued before this: the stream may move its position there.
+    Progress {
+        /// The target's index in the connection's target list.
+        slot: u32,
+        /// The sequence reached (in the epoch of the events queued with it:
+        /// an epoch change ends every stream first).
+        through: u64,
+    },
     /// The node asks this stream to end: write what is queued before it, then
     /// end with a `retry:` hint so the client reconnects and resumes — on
     /// another node when rebalancing (`Moved`), or to be told with one
@@ -182,6 +191,13 @@ impl ConnectionHandle {
             // The stream is already gone and detaching.
             Err(TrySendError::Closed(_)) => {}
         }
+    }
+
+    /// Queues a progress note without waiting; dropped when the queue is
+    /// full (the position just stays where it is; the stream is about to be
+    /// cut as slow anyway).
+    pub fn offer_progress(&self, slot: u32, through: u64) {
+        let _ = self.queue.try_send(Queued::Progress { slot, through });
     }
 
     /// Asks the stream to end after what is already queued and reconnect

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
-use herald_protocol::{Target, TargetKind};
+use herald_protocol::{EventId, Target, TargetKind};
 use tokio::sync::watch;
 
 use crate::bus::{Event, FollowState, Interest, LiveSink};
@@ -48,9 +48,19 @@ pub enum AttachError {
     UserFull(usize),
 }
 
+/// One connection following a target.
+struct Follower {
+    connection: Arc<ConnectionHandle>,
+    /// The index of the target in the connection's target list.
+    slot: u32,
+    /// Whether the connection follows other targets too (only then does a
+    /// target's progress move its id).
+    with_others: bool,
+}
+
 struct TargetEntry {
-    /// Connection id → the connection and the slot of this target in its list.
-    connections: HashMap<u64, (Arc<ConnectionHandle>, usize)>,
+    /// Connection id → the connection following this target.
+    connections: HashMap<u64, Follower>,
     follow: watch::Receiver<FollowState>,
 }
 
@@ -128,7 +138,7 @@ impl Registry {
             if entry.key().kind() != TargetKind::User {
                 continue;
             }
-            for (connection, _) in entry.connections.values() {
+            for Follower { connection, .. } in entry.connections.values() {
                 seen += 1;
                 if chosen.len() < count {
                     chosen.push(Arc::clone(connection));
@@ -151,7 +161,7 @@ impl Registry {
             if entry.key().kind() != TargetKind::User {
                 continue;
             }
-            for (connection, _) in entry.connections.values() {
+            for Follower { connection, .. } in entry.connections.values() {
                 connection.ask_to_leave_for_history();
                 asked += 1;
             }
@@ -169,7 +179,7 @@ impl Registry {
                 entry
                     .connections
                     .values()
-                    .map(|(connection, _)| connection.queued())
+                    .map(|follower| follower.connection.queued())
                     .sum::<usize>()
             })
             .sum()
@@ -209,9 +219,14 @@ impl Registry {
                 self.connections.fetch_sub(1, Ordering::AcqRel);
                 return Err(AttachError::UserFull(self.limits.max_connections_per_user));
             }
-            entry
-                .connections
-                .insert(connection.id, (Arc::clone(connection), index));
+            entry.connections.insert(
+                connection.id,
+                Follower {
+                    connection: Arc::clone(connection),
+                    slot: index as u32,
+                    with_others: targets.len() > 1,
+                },
+            );
             follows.push(entry.follow.clone());
         }
         self.metrics
@@ -260,12 +275,25 @@ impl LiveSink for Registry {
             return;
         };
         let queued_at = QueuedAt::now();
-        for (connection, slot) in entry.connections.values() {
-            connection.offer(Frame {
+        for follower in entry.connections.values() {
+            follower.connection.offer(Frame {
                 event: Arc::clone(event),
-                slot: *slot as u32,
+                slot: follower.slot,
                 queued_at,
             });
+        }
+    }
+
+    fn progress(&self, target: &Target, through: EventId) {
+        let Some(entry) = self.targets.get(target) else {
+            return;
+        };
+        for follower in entry.connections.values() {
+            if follower.with_others {
+                follower
+                    .connection
+                    .offer_progress(follower.slot, through.seq);
+            }
         }
     }
 

@@ -1,0 +1,851 @@
+//! The live dispatcher: every followed target's republished copies, each
+//! delivered only when it connects to the last event delivered for its target.
+//!
+//! Each followed target has its own core NATS subscription (interest-based
+//! fan-out: a node only receives what its connections follow) and its own
+//! chain ([`Link`]: the sequence and store time of the last event delivered
+//! for it). One task owns every subscription and chain; targets are
+//! independent of each other, so a repair of one never holds another back.
+//! What decides a delivery is the data (see [`chain`](super::chain)), never
+//! when a notification arrives:
+//!
+//! - a copy that **connects** is delivered; a **duplicate** is dropped;
+//! - a **gap** holds the target's copies while its missing events are read
+//!   from the stream leader (checking first that the chain's end still
+//!   stands), then delivers them and the held copies in order;
+//! - a **rewound** copy is confirmed against the stream: if the chain's end no
+//!   longer stands, the history went back, the node moves the epoch, ends
+//!   every stream (each client is told with one `herald.reset` when it
+//!   resumes) and re-anchors every chain in the new history.
+//!
+//! A lost copy of a target that then stays quiet would never reveal a gap by
+//! itself, so the dispatcher also **checks** every target on a timer (and at
+//! once after a reconnect, a slow-consumer drop or a stream leader change):
+//! one batched read of every followed subject's newest stored message. A
+//! newer one than the chain's end is filled; a chain at the newest message is
+//! complete up to the sequence the answer covers, and that is reported to the
+//! sink as **progress** (a multi-target stream's id then carries it).
+//!
+//! Subscriptions are polled here directly with wakers of their own, so one
+//! task serves every target without a task per target; it runs outside
+//! tokio's cooperative budget and yields every [`ROUNDS_BEFORE_YIELD`] rounds.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use herald_protocol::{Epoch, Target};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::chain::{Link, LiveLink, Verdict, judge};
+use super::decode::Decoder;
+use super::follow::Followers;
+use super::lock;
+use super::provision::ConnectionEvents;
+use super::store::{Newest, ReadError, Standing, Store, Stored, parse_time};
+use crate::bus::{FollowState, LiveSink};
+use crate::metrics::Metrics;
+use crate::telemetry::Tracing;
+
+/// Stream reads in flight at once for repairs (fills, confirmations,
+/// re-anchoring): requests to the stream leader.
+const READS_IN_FLIGHT: usize = 32;
+
+/// Rounds run back to back before the dispatcher yields its worker thread.
+const ROUNDS_BEFORE_YIELD: u32 = 16;
+
+/// Longest wait before retrying a repair that could not read the stream.
+const MAX_RETRY: Duration = Duration::from_secs(2);
+
+/// The ready-queue key of the leader advisories (follow keys start at 1).
+const LEADER_CHANGES: u64 = 0;
+
+/// What the bus asks of the dispatcher.
+pub(super) enum Command {
+    /// Deliver `target` from `subscription` on; its chain starts at `anchor`
+    /// (its newest stored event when the subscription was in place: what
+    /// came before is the replay's business). Ignored unless `key` is still
+    /// the target's current follow.
+    Adopt {
+        key: u64,
+        target: Target,
+        subscription: async_nats::Subscriber,
+        anchor: Link,
+        state: watch::Sender<FollowState>,
+    },
+    /// Stop delivering the follow `key` (unsubscribes).
+    Release { key: u64 },
+}
+
+/// One followed target.
+struct Followed {
+    target: Target,
+    /// The subject its events are stored under.
+    stored: String,
+    subscription: async_nats::Subscriber,
+    waker: Arc<ReadyWaker>,
+    /// The chain's end: the last event delivered (or the anchor).
+    last: Link,
+    /// A repair is in flight: live copies wait in `held`, oldest first.
+    repairing: bool,
+    held: Vec<(LiveLink, async_nats::Message)>,
+    /// The highest position reported to the sink as progress.
+    progressed: u64,
+    /// `false` while the chain waits to be anchored in a new history.
+    anchored: bool,
+}
+
+/// Subscriptions whose channels woke since the dispatcher last drained them.
+#[derive(Default)]
+struct ReadyQueue {
+    keys: Mutex<Vec<u64>>,
+    notify: tokio::sync::Notify,
+}
+
+/// Queues its subscription when the subscription's channel receives a message.
+struct ReadyWaker {
+    key: u64,
+    queued: AtomicBool,
+    ready: Arc<ReadyQueue>,
+}
+
+impl Wake for ReadyWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            lock(&self.ready.keys).push(self.key);
+            self.ready.notify.notify_one();
+        }
+    }
+}
+
+/// A repair of one target's chain, done with stream reads.
+enum Repair {
+    /// Read the events after the chain's end up to `through`.
+    Fill { after: Link, through: u64 },
+    /// Whether the chain's end still stands (a copy looked rewound).
+    Confirm { last: Link },
+    /// Start the chain again at the subject's newest stored event.
+    Anchor,
+    /// Try again after a failed read.
+    Retry { after: Duration },
+}
+
+/// What a finished repair or check brings back.
+enum Outcome {
+    Filled {
+        key: u64,
+        through: u64,
+        messages: Vec<Stored>,
+    },
+    Confirmed {
+        key: u64,
+        standing: Standing,
+    },
+    Anchored {
+        key: u64,
+        newest: Option<Stored>,
+    },
+    Retry {
+        key: u64,
+    },
+    Failed {
+        key: u64,
+        error: ReadError,
+    },
+    /// A fill found the chain's end gone back: the history was rewound.
+    Rewound {
+        key: u64,
+    },
+    /// The periodic check's reading.
+    Checked {
+        snapshot: Vec<(u64, Link)>,
+        newest: Result<Newest, ReadError>,
+    },
+    /// The epoch was moved after a rewound history (or failed to be).
+    EpochMoved(Result<(), ReadError>),
+}
+
+/// A finished repair, tagged with the generation it belongs to: repairs
+/// started before the chains were re-anchored are ignored.
+struct Tagged {
+    generation: u64,
+    /// The epoch when the repair started: a history found rewound moves the
+    /// epoch only if nothing else moved it since.
+    epoch: Epoch,
+    outcome: Outcome,
+}
+
+/// The node's live dispatcher; see the module docs.
+pub(super) struct Dispatcher {
+    store: Arc<Store>,
+    decoder: Arc<Decoder>,
+    sink: Arc<dyn LiveSink>,
+    metrics: Arc<Metrics>,
+    tracing: Arc<Tracing>,
+    connection: Arc<ConnectionEvents>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// Which follows are still current (a subscription set up for a follow
+    /// that was replaced or ended is not adopted).
+    followers: Arc<Followers>,
+    /// The stream's `LEADER_ELECTED` advisories: check every target.
+    leader_changes: async_nats::Subscriber,
+    leader_waker: Arc<ReadyWaker>,
+    followed: HashMap<u64, Followed>,
+    ready: Arc<ReadyQueue>,
+    repairs: FuturesUnordered<BoxFuture<'static, Tagged>>,
+    reads: Arc<Semaphore>,
+    /// Bumped when every chain starts again (history changed).
+    generation: u64,
+    /// A check is in flight.
+    checking: bool,
+    /// A rewound history was confirmed and the epoch is being moved: every
+    /// target holds its copies until its chain is anchored again.
+    rewinding: bool,
+    check_interval: Duration,
+    stop: CancellationToken,
+}
+
+/// What [`Dispatcher::new`] needs.
+pub(super) struct Parts {
+    pub store: Arc<Store>,
+    pub decoder: Arc<Decoder>,
+    pub sink: Arc<dyn LiveSink>,
+    pub metrics: Arc<Metrics>,
+    pub tracing: Arc<Tracing>,
+    pub connection: Arc<ConnectionEvents>,
+    pub commands: mpsc::UnboundedReceiver<Command>,
+    pub followers: Arc<Followers>,
+    pub leader_changes: async_nats::Subscriber,
+    pub check_interval: Duration,
+    pub stop: CancellationToken,
+}
+
+impl Dispatcher {
+    pub(super) fn new(parts: Parts) -> Self {
+        let ready: Arc<ReadyQueue> = Arc::default();
+        let leader_waker = Arc::new(ReadyWaker {
+            key: LEADER_CHANGES,
+            queued: AtomicBool::new(false),
+            ready: Arc::clone(&ready),
+        });
+        // Polled once so that an advisory wakes the dispatcher.
+        leader_waker.wake_by_ref();
+        Dispatcher {
+            store: parts.store,
+            decoder: parts.decoder,
+            sink: parts.sink,
+            metrics: parts.metrics,
+            tracing: parts.tracing,
+            connection: parts.connection,
+            commands: parts.commands,
+            followers: parts.followers,
+            leader_changes: parts.leader_changes,
+            leader_waker,
+            followed: HashMap::new(),
+            ready,
+            repairs: FuturesUnordered::new(),
+            reads: Arc::new(Semaphore::new(READS_IN_FLIGHT)),
+            generation: 0,
+            checking: false,
+            rewinding: false,
+            check_interval: parts.check_interval,
+            stop: parts.stop,
+        }
+    }
+
+    /// Runs until `stop`. Polls the subscriptions' channels directly, so it
+    /// must run unconstrained by tokio's cooperative budget (a budget-exhausted
+    /// channel would answer "empty" while holding a message); it yields its
+    /// thread itself.
+    pub(super) async fn run(mut self) {
+        let mut epochs = self.store.epochs();
+        epochs.mark_unchanged();
+        let mut check = tokio::time::interval(self.check_interval);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let connection = Arc::clone(&self.connection);
+        let mut rounds_without_wait = 0;
+        loop {
+            let ready = Arc::clone(&self.ready);
+            let has_repairs = !self.repairs.is_empty();
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return,
+                changed = epochs.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.restart_chains();
+                }
+                command = self.commands.recv() => match command {
+                    Some(command) => self.handle(command),
+                    None => return,
+                },
+                Some(tagged) = self.repairs.next(), if has_repairs => self.finish(tagged),
+                _ = ready.notify.notified() => {}
+                _ = connection.check_now.notified() => self.start_check(),
+                _ = check.tick() => self.start_check(),
+            }
+            while let Ok(command) = self.commands.try_recv() {
+                self.handle(command);
+            }
+            self.drain();
+            self.follow_leader_changes();
+            rounds_without_wait += 1;
+            if rounds_without_wait >= ROUNDS_BEFORE_YIELD {
+                rounds_without_wait = 0;
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Adopt {
+                key,
+                target,
+                subscription,
+                anchor,
+                state,
+            } => {
+                if !self.followers.is_current(&target, key) {
+                    return;
+                }
+                let waker = Arc::new(ReadyWaker {
+                    key,
+                    queued: AtomicBool::new(false),
+                    ready: Arc::clone(&self.ready),
+                });
+                let stored = self.decoder.stored_subject(&target);
+                self.followed.insert(
+                    key,
+                    Followed {
+                        target,
+                        stored,
+                        subscription,
+                        waker: Arc::clone(&waker),
+                        last: anchor,
+                        repairing: false,
+                        held: Vec::new(),
+                        progressed: anchor.seq,
+                        anchored: !self.rewinding,
+                    },
+                );
+                // Copies that arrived before adoption are drained next.
+                waker.wake_by_ref();
+                if self.rewinding {
+                    // The anchor may belong to the history being left.
+                    self.start(key, Repair::Anchor);
+                }
+                let _ = state.send(FollowState::Ready);
+            }
+            Command::Release { key } => {
+                self.followed.remove(&key);
+            }
+        }
+    }
+
+    /// Takes every copy waiting in a woken subscription's channel, in order.
+    fn drain(&mut self) {
+        let keys = std::mem::take(&mut *lock(&self.ready.keys));
+        for key in keys {
+            let (copies, ended) = match self.followed.get_mut(&key) {
+                Some(followed) => poll_copies(followed),
+                None => continue,
+            };
+            if ended {
+                if let Some(followed) = self.followed.remove(&key) {
+                    tracing::warn!(target = %followed.target, "the live subscription ended; the target is no longer delivered live");
+                }
+            }
+            for message in copies {
+                self.metrics.bus_messages_received.inc();
+                match live_link(&message) {
+                    Some(link) => self.take(key, link, message, false),
+                    None => self.decoder.refused(
+                        message.subject.as_str(),
+                        0,
+                        "live copy without Nats-Sequence",
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Handles one live copy of target `key`. `end_confirmed`: the chain's
+    /// end was just read back from the stream, so a copy that looks rewound
+    /// is a late copy of an event stored on a server whose clock ran ahead.
+    fn take(
+        &mut self,
+        key: u64,
+        link: LiveLink,
+        message: async_nats::Message,
+        end_confirmed: bool,
+    ) {
+        let Some(followed) = self.followed.get_mut(&key) else {
+            return;
+        };
+        if followed.repairing {
+            followed.held.push((link, message));
+            return;
+        }
+        let verdict = match judge(followed.last, link) {
+            Verdict::Rewound if end_confirmed => Verdict::Duplicate,
+            verdict => verdict,
+        };
+        match verdict {
+            Verdict::Connects => {
+                followed.last = Link {
+                    seq: link.seq,
+                    stored_at: link.stored_at,
+                };
+                let id = self.store.id(link.seq);
+                let stored_at = link.stored_at.unwrap_or_else(SystemTime::now);
+                if let Some(event) = self.decoder.decode(
+                    &followed.stored,
+                    id,
+                    message.headers.as_ref(),
+                    &message.payload,
+                    stored_at,
+                ) {
+                    self.sink.deliver(&Arc::new(event));
+                }
+            }
+            Verdict::Duplicate => {}
+            Verdict::Gap => {
+                let after = followed.last;
+                followed.held.push((link, message));
+                self.start(
+                    key,
+                    Repair::Fill {
+                        after,
+                        through: link.seq,
+                    },
+                );
+            }
+            Verdict::Rewound => {
+                let last = followed.last;
+                followed.held.push((link, message));
+                tracing::warn!(target = %followed.target, seq = link.seq, delivered = last.seq, "a live copy reuses a delivered sequence for another event; checking the stream");
+                self.start(key, Repair::Confirm { last });
+            }
+        }
+    }
+
+    /// Starts a repair of `key`'s chain; its copies wait until it is done.
+    fn start(&mut self, key: u64, repair: Repair) {
+        let Some(followed) = self.followed.get_mut(&key) else {
+            return;
+        };
+        followed.repairing = true;
+        let store = Arc::clone(&self.store);
+        let reads = Arc::clone(&self.reads);
+        let subject = followed.stored.clone();
+        let generation = self.generation;
+        let epoch = self.store.epoch();
+        let repair = async move {
+            let outcome = match repair {
+                Repair::Retry { after } => {
+                    tokio::time::sleep(after).await;
+                    Outcome::Retry { key }
+                }
+                repair => {
+                    let Ok(_permit) = reads.acquire().await else {
+                        return Tagged {
+                            generation,
+                            epoch,
+                            outcome: Outcome::Retry { key },
+                        };
+                    };
+                    read(&store, key, &subject, repair).await
+                }
+            };
+            Tagged {
+                generation,
+                epoch,
+                outcome,
+            }
+        };
+        self.repairs.push(repair.boxed());
+    }
+
+    /// Applies a finished repair or check.
+    fn finish(&mut self, tagged: Tagged) {
+        let epoch = tagged.epoch;
+        if let Outcome::EpochMoved(result) = tagged.outcome {
+            if let Err(error) = result {
+                tracing::warn!(%error, "cannot move the epoch yet; retrying");
+                self.move_epoch(MAX_RETRY, epoch);
+            }
+            return;
+        }
+        if tagged.generation != self.generation {
+            // Started before the chains were re-anchored; a check is simply
+            // over.
+            if matches!(tagged.outcome, Outcome::Checked { .. }) {
+                self.checking = false;
+            }
+            return;
+        }
+        match tagged.outcome {
+            Outcome::Filled {
+                key,
+                through,
+                messages,
+            } => self.filled(key, through, messages),
+            Outcome::Confirmed { key, standing } => match standing {
+                Standing::Stands | Standing::Removed => self.release(key, true),
+                Standing::Rewound => self.rewound(key, epoch),
+            },
+            Outcome::Anchored { key, newest } => {
+                if let Some(followed) = self.followed.get_mut(&key) {
+                    followed.last = newest.map(|m| m.link()).unwrap_or_default();
+                    followed.progressed = followed.last.seq;
+                    followed.anchored = true;
+                }
+                self.release(key, false);
+            }
+            Outcome::Retry { key } => self.release(key, false),
+            Outcome::Failed { key, error } => {
+                tracing::warn!(%error, "cannot read the stream to repair a live chain; retrying");
+                if let Some(followed) = self.followed.get_mut(&key) {
+                    followed.repairing = false;
+                }
+                self.start(key, Repair::Retry { after: MAX_RETRY });
+            }
+            Outcome::Rewound { key } => self.rewound(key, epoch),
+            Outcome::Checked { snapshot, newest } => {
+                self.checking = false;
+                match newest {
+                    Ok(newest) => self.checked(snapshot, newest),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot check the followed targets against the stream");
+                    }
+                }
+            }
+            Outcome::EpochMoved(_) => {}
+        }
+    }
+
+    /// Delivers a fill's events, then the copies held meanwhile.
+    fn filled(&mut self, key: u64, through: u64, messages: Vec<Stored>) {
+        let Some(followed) = self.followed.get_mut(&key) else {
+            return;
+        };
+        let from = followed.last.seq;
+        let mut delivered = 0;
+        for message in messages {
+            if message.seq <= followed.last.seq {
+                continue;
+            }
+            followed.last = message.link();
+            delivered += 1;
+            let id = self.store.id(message.seq);
+            if let Some(event) = self.decoder.decode(
+                &message.subject,
+                id,
+                Some(&message.headers),
+                &message.payload,
+                message.stored_at,
+            ) {
+                self.sink.deliver(&Arc::new(event));
+            }
+        }
+        if delivered > 0 {
+            self.metrics.gap_repairs.inc();
+            self.tracing.gap_repaired(&followed.stored, from, delivered);
+            tracing::info!(target = %followed.target, from, events = delivered, "filled a live gap from the stream");
+        }
+        // A held copy at or below `through` that still does not connect is of
+        // an event the stream does not hold under this subject: never
+        // delivered as it is.
+        let stored = followed.stored.clone();
+        let last = followed.last;
+        followed.held.retain(|(link, _)| {
+            let orphan = link.seq <= through && judge(last, *link) == Verdict::Gap;
+            if orphan {
+                tracing::warn!(subject = %stored, seq = link.seq, "a live copy of an event the stream does not hold; dropped");
+            }
+            !orphan
+        });
+        self.release(key, false);
+    }
+
+    /// Ends a repair: the held copies are taken again, in order.
+    fn release(&mut self, key: u64, end_confirmed: bool) {
+        let Some(followed) = self.followed.get_mut(&key) else {
+            return;
+        };
+        if self.rewinding {
+            return;
+        }
+        if !followed.anchored {
+            followed.repairing = false;
+            self.start(key, Repair::Anchor);
+            return;
+        }
+        followed.repairing = false;
+        let held = std::mem::take(&mut followed.held);
+        for (link, message) in held {
+            self.take(key, link, message, end_confirmed);
+        }
+    }
+
+    /// The history went back under `key`'s chain (found by a read started
+    /// in `epoch`): move the epoch (ending every stream when it changes) and
+    /// start every chain again.
+    fn rewound(&mut self, key: u64, epoch: Epoch) {
+        if let Some(followed) = self.followed.get(&key) {
+            tracing::warn!(target = %followed.target, delivered = followed.last.seq, "the stream no longer holds an event this node delivered: its history went back");
+        }
+        if self.rewinding {
+            return;
+        }
+        self.rewinding = true;
+        self.generation += 1;
+        for followed in self.followed.values_mut() {
+            followed.repairing = true;
+        }
+        self.move_epoch(Duration::ZERO, epoch);
+    }
+
+    /// Moves the epoch away from `known`, after `after`, unless another node
+    /// (or a recreated stream) already did.
+    fn move_epoch(&mut self, after: Duration, known: Epoch) {
+        let store = Arc::clone(&self.store);
+        let generation = self.generation;
+        self.repairs.push(
+            async move {
+                tokio::time::sleep(after).await;
+                Tagged {
+                    generation,
+                    epoch: known,
+                    outcome: Outcome::EpochMoved(store.move_epoch(known).await),
+                }
+            }
+            .boxed(),
+        );
+    }
+
+    /// The epoch changed (this node moved it, another node did, or the
+    /// stream was recreated): positions in the old history mean nothing in
+    /// the new one. Every stream ends (its client resumes and is told with
+    /// one `herald.reset`) and every chain is anchored again at its
+    /// subject's newest event.
+    fn restart_chains(&mut self) {
+        self.generation += 1;
+        self.rewinding = false;
+        self.checking = false;
+        self.metrics.history_changes.inc();
+        self.sink.history_changed();
+        let keys: Vec<u64> = self.followed.keys().copied().collect();
+        for key in keys {
+            if let Some(followed) = self.followed.get_mut(&key) {
+                followed.anchored = false;
+            }
+            self.start(key, Repair::Anchor);
+        }
+    }
+
+    /// Takes every leader advisory waiting: a new leader may never send the
+    /// copies of what the old one stored last, so every target is checked.
+    fn follow_leader_changes(&mut self) {
+        self.leader_waker.queued.store(false, Ordering::Release);
+        let waker = Waker::from(Arc::clone(&self.leader_waker));
+        let mut cx = Context::from_waker(&waker);
+        let mut elected = false;
+        while let Poll::Ready(Some(advisory)) = self.leader_changes.poll_next_unpin(&mut cx) {
+            let leader = serde_json::from_slice::<serde_json::Value>(&advisory.payload)
+                .ok()
+                .and_then(|a| a["leader"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            tracing::info!(%leader, "the stream has a new leader; checking every followed target");
+            self.metrics.stream_leader_changes.inc();
+            elected = true;
+        }
+        if elected {
+            self.start_check();
+        }
+    }
+
+    /// Reads every followed subject's newest stored message (unless a check
+    /// is already in flight).
+    fn start_check(&mut self) {
+        if self.checking || self.rewinding || self.followed.is_empty() {
+            return;
+        }
+        // What arrived before the read is judged first, so the check finds
+        // only what never arrived.
+        self.drain();
+        self.checking = true;
+        let snapshot: Vec<(u64, Link)> = self
+            .followed
+            .iter()
+            .filter(|(_, followed)| !followed.repairing)
+            .map(|(&key, followed)| (key, followed.last))
+            .collect();
+        let subjects: Vec<String> = snapshot
+            .iter()
+            .filter_map(|(key, _)| self.followed.get(key).map(|f| f.stored.clone()))
+            .collect();
+        let store = Arc::clone(&self.store);
+        let generation = self.generation;
+        let epoch = store.epoch();
+        self.repairs.push(
+            async move {
+                let newest = store.newest_of(&subjects).await;
+                Tagged {
+                    generation,
+                    epoch,
+                    outcome: Outcome::Checked { snapshot, newest },
+                }
+            }
+            .boxed(),
+        );
+    }
+
+    /// Compares each checked chain with its subject's newest stored event.
+    fn checked(&mut self, snapshot: Vec<(u64, Link)>, newest: Newest) {
+        // Copies that arrived while the check read are judged first.
+        self.drain();
+        for (key, then) in snapshot {
+            let Some(followed) = self.followed.get_mut(&key) else {
+                continue;
+            };
+            if followed.repairing || followed.last != then {
+                // Its chain moved meanwhile: it is alive and judged by its copies.
+                continue;
+            }
+            let last = followed.last;
+            let stored = newest.by_subject.get(&followed.stored).copied();
+            let complete = match stored {
+                Some(stored) if stored.seq > last.seq => {
+                    tracing::info!(target = %followed.target, delivered = last.seq, stored = stored.seq, "a stored event never arrived live; filling");
+                    self.start(
+                        key,
+                        Repair::Fill {
+                            after: last,
+                            through: stored.seq,
+                        },
+                    );
+                    continue;
+                }
+                Some(stored) if stored.seq == last.seq => {
+                    judge(
+                        last,
+                        LiveLink {
+                            seq: stored.seq,
+                            previous: 0,
+                            stored_at: stored.stored_at,
+                        },
+                    ) == Verdict::Duplicate
+                }
+                None if last.seq == 0 => true,
+                // Older than the chain's end, or nothing: the end was
+                // removed, the answering server is behind, or the history
+                // went back; the leader tells which.
+                _ => false,
+            };
+            if !complete {
+                self.start(key, Repair::Confirm { last });
+                continue;
+            }
+            if let Some(through) = newest.through {
+                if through > followed.progressed && through >= last.seq {
+                    followed.progressed = through;
+                    self.sink.progress(&followed.target, self.store.id(through));
+                }
+            }
+        }
+    }
+}
+
+/// Takes every copy waiting in `followed`'s channel; `true` when the
+/// subscription ended.
+fn poll_copies(followed: &mut Followed) -> (Vec<async_nats::Message>, bool) {
+    // Cleared before polling: a copy arriving from now on queues the
+    // subscription again.
+    followed.waker.queued.store(false, Ordering::Release);
+    let waker = Waker::from(Arc::clone(&followed.waker));
+    let mut cx = Context::from_waker(&waker);
+    let mut copies = Vec::new();
+    loop {
+        match followed.subscription.poll_next_unpin(&mut cx) {
+            Poll::Ready(Some(message)) => copies.push(message),
+            Poll::Ready(None) => return (copies, true),
+            Poll::Pending => return (copies, false),
+        }
+    }
+}
+
+/// Does the stream reads of one repair.
+async fn read(store: &Store, key: u64, subject: &str, repair: Repair) -> Outcome {
+    let result = match repair {
+        Repair::Fill { after, through } => {
+            fill(store, subject, after, through)
+                .await
+                .map(|read| match read {
+                    Some(messages) => Outcome::Filled {
+                        key,
+                        through,
+                        messages,
+                    },
+                    None => Outcome::Rewound { key },
+                })
+        }
+        Repair::Confirm { last } => store
+            .standing(subject, last)
+            .await
+            .map(|standing| Outcome::Confirmed { key, standing }),
+        Repair::Anchor => store
+            .last_of(subject)
+            .await
+            .map(|newest| Outcome::Anchored { key, newest }),
+        Repair::Retry { .. } => Ok(Outcome::Retry { key }),
+    };
+    result.unwrap_or_else(|error| Outcome::Failed { key, error })
+}
+
+/// The events of `subject` after `after` up to `through`, or `None` when
+/// `after` no longer stands (the history went back).
+async fn fill(
+    store: &Store,
+    subject: &str,
+    after: Link,
+    through: u64,
+) -> Result<Option<Vec<Stored>>, ReadError> {
+    if store.standing(subject, after).await? == Standing::Rewound {
+        return Ok(None);
+    }
+    store
+        .between(subject, after.seq, through, usize::MAX - 1)
+        .await
+        .map(Some)
+}
+
+/// A live copy's chain headers; `None` without `Nats-Sequence` (not a copy
+/// the stream republished).
+fn live_link(message: &async_nats::Message) -> Option<LiveLink> {
+    let headers = message.headers.as_ref()?;
+    let number = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+    };
+    Some(LiveLink {
+        seq: number("Nats-Sequence")?,
+        previous: number("Nats-Last-Sequence").unwrap_or(0),
+        stored_at: headers
+            .get("Nats-Time-Stamp")
+            .and_then(|v| parse_time(v.as_str())),
+    })
+}

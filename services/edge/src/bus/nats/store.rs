@@ -1,0 +1,440 @@
+//! Reading the stream: every read the NATS bus makes of stored events, and
+//! the stream's epoch.
+//!
+//! Reads that decide what a client is sent go to the stream leader
+//! (`STREAM.MSG.GET`), never Direct Get: any replica answers a Direct Get, and
+//! one that has not caught up answers "nothing after" for events the leader
+//! already acknowledged and republished; a replay or gap fill read that way
+//! would skip them silently. The one exception is the periodic check's batched
+//! read of many subjects' newest messages ([`Store::newest_of`]): it only
+//! *finds* work (a newer message is then read from the leader), and its
+//! answer carries the sequence it is complete up to.
+//!
+//! The epoch (the first half of every SSE id) is the stream's creation time,
+//! or, once a node found that the stored history went back, the value it
+//! wrote into the stream's metadata ([`Store::move_epoch`]). Every read of the
+//! stream's state notices a changed epoch and publishes it on a watch.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, stream};
+use async_nats::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use herald_protocol::{Epoch, EventId};
+use tokio::sync::watch;
+
+use super::chain::Link;
+
+/// Stream metadata key holding the epoch once a node found that the history
+/// went back; without it the epoch is the stream's creation time.
+pub(super) const EPOCH_METADATA: &str = "herald_epoch";
+
+/// How long one JetStream API call may take.
+pub(super) const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most subjects one batched read asks for (nats-server answers at most 1024
+/// messages to one multi-subject Direct Get).
+const SUBJECTS_PER_BATCH: usize = 1000;
+
+/// Why the stream could not be read. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The server did not answer within [`API_TIMEOUT`].
+    #[error("reading the stream timed out")]
+    TimedOut,
+    /// The request failed (no connection, no leader, refused).
+    #[error("reading the stream failed")]
+    Failed(#[source] async_nats::Error),
+    /// A batched read was answered with an error status.
+    #[error("the server refused a batched read: {0}")]
+    BatchRefused(String),
+}
+
+/// One stored message, as read from the stream.
+#[derive(Debug, Clone)]
+pub(super) struct Stored {
+    pub subject: String,
+    pub seq: u64,
+    pub stored_at: SystemTime,
+    pub headers: HeaderMap,
+    pub payload: Bytes,
+}
+
+impl Stored {
+    /// Its place in its subject's chain.
+    pub fn link(&self) -> Link {
+        Link {
+            seq: self.seq,
+            stored_at: Some(self.stored_at),
+        }
+    }
+}
+
+impl From<jetstream::message::StreamMessage> for Stored {
+    fn from(message: jetstream::message::StreamMessage) -> Self {
+        Stored {
+            subject: message.subject.to_string(),
+            seq: message.sequence,
+            stored_at: message.time.into(),
+            headers: message.headers,
+            payload: message.payload,
+        }
+    }
+}
+
+/// Whether the event a chain ends with is still what the stream holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Standing {
+    /// The stream holds it, at its sequence, with its store time.
+    Stands,
+    /// It was removed (limits, purge, delete): history moved forward.
+    Removed,
+    /// Its sequence holds another event, or lies beyond the stream's end: the
+    /// stored history went back (acknowledged events lost).
+    Rewound,
+}
+
+/// The newest stored message of many subjects, complete up to `through`.
+#[derive(Debug, Default)]
+pub(super) struct Newest {
+    /// Subject → its newest message (subjects with none are absent).
+    pub by_subject: HashMap<String, Link>,
+    /// Every stored message up to this sequence was considered; `None` when the
+    /// answer cannot say (nothing stored for any subject asked).
+    pub through: Option<u64>,
+}
+
+/// The bus's reads of the stream, and its epoch.
+#[derive(Debug)]
+pub(super) struct Store {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    stream: stream::Stream,
+    name: String,
+    epoch: AtomicU64,
+    epochs: watch::Sender<u64>,
+    /// Whether the server answers multi-subject Direct Gets (2.11+).
+    batched_reads: bool,
+}
+
+impl Store {
+    pub fn new(
+        client: async_nats::Client,
+        jetstream: jetstream::Context,
+        stream: stream::Stream,
+        name: String,
+        epoch: u64,
+        batched_reads: bool,
+    ) -> Self {
+        Store {
+            client,
+            jetstream,
+            stream,
+            name,
+            epoch: AtomicU64::new(epoch),
+            epochs: watch::channel(epoch).0,
+            batched_reads,
+        }
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> Epoch {
+        Epoch(self.epoch.load(Ordering::Relaxed))
+    }
+
+    /// Watches the epoch: it changes when the stream was recreated or a node
+    /// found that its history went back.
+    pub fn epochs(&self) -> watch::Receiver<u64> {
+        self.epochs.subscribe()
+    }
+
+    /// The id of stream sequence `seq` in the current epoch.
+    pub fn id(&self, seq: u64) -> EventId {
+        EventId {
+            epoch: self.epoch(),
+            seq,
+        }
+    }
+
+    fn adopt_epoch(&self, epoch: u64) {
+        if self.epoch.swap(epoch, Ordering::Relaxed) != epoch {
+            tracing::warn!(stream = %self.name, epoch = %format!("{epoch:x}"), "the stream's epoch changed (recreated, or its history went back): old ids now get herald.reset");
+            self.epochs.send_replace(epoch);
+        }
+    }
+
+    /// Reads the stream's state from its leader, noticing a changed epoch.
+    pub async fn state(&self) -> Result<stream::State, ReadError> {
+        let stream = timed(self.jetstream.get_stream(&self.name)).await?;
+        let info = stream.cached_info();
+        self.adopt_epoch(epoch_of(info));
+        Ok(info.state.clone())
+    }
+
+    /// The newest stored message of `subject` (`None` when it has none).
+    pub async fn last_of(&self, subject: &str) -> Result<Option<Stored>, ReadError> {
+        match timed_raw(self.stream.get_last_raw_message_by_subject(subject)).await? {
+            Ok(message) => Ok(Some(message.into())),
+            Err(err) if err.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(err) => Err(ReadError::Failed(err.into())),
+        }
+    }
+
+    /// The message stored at `seq` (`None` when there is none).
+    pub async fn at(&self, seq: u64) -> Result<Option<Stored>, ReadError> {
+        match timed_raw(self.stream.get_raw_message(seq)).await? {
+            Ok(message) => Ok(Some(message.into())),
+            Err(err) if err.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(err) => Err(ReadError::Failed(err.into())),
+        }
+    }
+
+    /// The stored messages of `subject` after `after` and up to `through`, at
+    /// most `limit + 1` of them (one more than `limit` says "too many").
+    pub async fn between(
+        &self,
+        subject: &str,
+        after: u64,
+        through: u64,
+        limit: usize,
+    ) -> Result<Vec<Stored>, ReadError> {
+        let mut messages = Vec::new();
+        let mut next = after + 1;
+        while next <= through && messages.len() <= limit {
+            let read =
+                timed_raw(self.stream.get_first_raw_message_by_subject(subject, next)).await?;
+            let message: Stored = match read {
+                Ok(message) => message.into(),
+                Err(err) if err.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
+                Err(err) => return Err(ReadError::Failed(err.into())),
+            };
+            if message.seq > through {
+                break;
+            }
+            next = message.seq + 1;
+            messages.push(message);
+        }
+        Ok(messages)
+    }
+
+    /// Whether the event at `link` is still what `subject` holds there.
+    pub async fn standing(&self, subject: &str, link: Link) -> Result<Standing, ReadError> {
+        if link.seq == 0 {
+            return Ok(Standing::Stands);
+        }
+        match self.at(link.seq).await? {
+            Some(message) => {
+                let same_time = link.stored_at.is_none_or(|at| at == message.stored_at);
+                Ok(if message.subject == subject && same_time {
+                    Standing::Stands
+                } else {
+                    Standing::Rewound
+                })
+            }
+            None => {
+                let state = self.state().await?;
+                Ok(if state.last_sequence >= link.seq {
+                    Standing::Removed
+                } else {
+                    Standing::Rewound
+                })
+            }
+        }
+    }
+
+    /// The newest stored message of each of `subjects`: batched multi-subject
+    /// Direct Gets on nats-server 2.11+, one leader read per subject before.
+    pub async fn newest_of(&self, subjects: &[String]) -> Result<Newest, ReadError> {
+        if !self.batched_reads {
+            return self.newest_one_by_one(subjects).await;
+        }
+        let mut newest = Newest::default();
+        let mut through: Option<u64> = None;
+        for batch in subjects.chunks(SUBJECTS_PER_BATCH) {
+            let part = self.newest_batch(batch).await?;
+            newest.by_subject.extend(part.by_subject);
+            // The whole answer is complete only as far as its least complete part.
+            through = match (through, part.through) {
+                (None, part) => part,
+                (Some(so_far), Some(part)) => Some(so_far.min(part)),
+                (Some(so_far), None) => Some(so_far),
+            };
+        }
+        newest.through = through;
+        Ok(newest)
+    }
+
+    /// One multi-subject Direct Get. The replies come on an inbox: one
+    /// message per subject that has any, then an end-of-batch status whose
+    /// `Nats-UpTo-Sequence` is the sequence the answering server's view
+    /// reaches (every message up to it was considered).
+    async fn newest_batch(&self, subjects: &[String]) -> Result<Newest, ReadError> {
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|err| ReadError::Failed(err.into()))?;
+        let request = serde_json::json!({ "multi_last": subjects });
+        let payload = Bytes::from(request.to_string());
+        self.client
+            .publish_with_reply(format!("$JS.API.DIRECT.GET.{}", self.name), inbox, payload)
+            .await
+            .map_err(|err| ReadError::Failed(err.into()))?;
+        let mut newest = Newest::default();
+        let deadline = tokio::time::Instant::now() + API_TIMEOUT;
+        loop {
+            let reply = tokio::time::timeout_at(deadline, replies.next())
+                .await
+                .map_err(|_| ReadError::TimedOut)?
+                .ok_or(ReadError::TimedOut)?;
+            let header = |name: &str| {
+                reply
+                    .headers
+                    .as_ref()
+                    .and_then(|headers| headers.get(name))
+                    .map(|value| value.as_str().to_owned())
+            };
+            match reply.status {
+                None | Some(StatusCode::OK) => {
+                    let (Some(subject), Some(seq), Some(stored_at)) = (
+                        header("Nats-Subject"),
+                        header("Nats-Sequence").and_then(|s| s.parse::<u64>().ok()),
+                        header("Nats-Time-Stamp").and_then(|t| parse_time(&t)),
+                    ) else {
+                        return Err(ReadError::BatchRefused(
+                            "a reply without subject, sequence or time".into(),
+                        ));
+                    };
+                    newest.by_subject.insert(
+                        subject,
+                        Link {
+                            seq,
+                            stored_at: Some(stored_at),
+                        },
+                    );
+                }
+                Some(StatusCode::NO_RESPONDERS) => {
+                    return Err(ReadError::BatchRefused("no responders".into()));
+                }
+                Some(status) if status.as_u16() == 204 => {
+                    newest.through =
+                        header("Nats-UpTo-Sequence").and_then(|s| s.parse::<u64>().ok());
+                    return Ok(newest);
+                }
+                Some(StatusCode::NOT_FOUND) => return Ok(newest),
+                Some(status) => {
+                    return Err(ReadError::BatchRefused(format!(
+                        "{} {}",
+                        status.as_u16(),
+                        reply.description.as_deref().unwrap_or_default()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// [`Store::newest_of`] for servers without batched reads: the stream's
+    /// last sequence first, then each subject's newest message from the
+    /// leader, so the answer is complete up to that sequence.
+    async fn newest_one_by_one(&self, subjects: &[String]) -> Result<Newest, ReadError> {
+        let through = self.state().await?.last_sequence;
+        let mut newest = Newest {
+            through: Some(through),
+            ..Newest::default()
+        };
+        for chunk in subjects.chunks(16) {
+            let reads =
+                futures_util::future::join_all(chunk.iter().map(|subject| self.last_of(subject)))
+                    .await;
+            for (subject, read) in chunk.iter().zip(reads) {
+                if let Some(message) = read? {
+                    newest.by_subject.insert(subject.clone(), message.link());
+                }
+            }
+        }
+        Ok(newest)
+    }
+
+    /// Gives the stream a new epoch (stream metadata), unless another node
+    /// already did since `known` was read: every id sent before becomes
+    /// another epoch's, so its client gets `herald.reset` when it resumes.
+    pub async fn move_epoch(&self, known: Epoch) -> Result<(), ReadError> {
+        let mut stream = timed(self.jetstream.get_stream(&self.name)).await?;
+        let info = timed(stream.info()).await?.clone();
+        let current = epoch_of(&info);
+        if current != known.0 {
+            self.adopt_epoch(current);
+            return Ok(());
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let next = now.max(known.0 + 1);
+        let mut config = info.config.clone();
+        config
+            .metadata
+            .insert(EPOCH_METADATA.to_owned(), format!("{next:x}"));
+        timed(self.jetstream.update_stream(config)).await?;
+        tracing::warn!(stream = %self.name, epoch = %format!("{next:x}"), "moved the epoch: old ids now get herald.reset");
+        self.adopt_epoch(next);
+        Ok(())
+    }
+
+    /// How many messages `subject` holds.
+    pub async fn count_of(&self, subject: &str) -> Result<u64, ReadError> {
+        let mut subjects = timed(self.stream.info_with_subjects(subject)).await?;
+        let mut count = 0u64;
+        while let Some(entry) = subjects.next().await {
+            let (_, messages) = entry.map_err(|err| ReadError::Failed(err.into()))?;
+            count += messages as u64;
+        }
+        Ok(count)
+    }
+
+    /// The oldest stored message of `subject`, if any.
+    pub async fn first_of(&self, subject: &str) -> Result<Option<Stored>, ReadError> {
+        Ok(self
+            .between(subject, 0, u64::MAX, 0)
+            .await?
+            .into_iter()
+            .next())
+    }
+}
+
+/// The epoch of a stream: its creation time, or the one a node wrote into
+/// its metadata after finding that the history went back.
+pub(super) fn epoch_of(info: &stream::Info) -> u64 {
+    info.config
+        .metadata
+        .get(EPOCH_METADATA)
+        .and_then(|epoch| u64::from_str_radix(epoch, 16).ok())
+        .unwrap_or_else(|| u64::try_from(info.created.unix_timestamp_nanos() / 1_000).unwrap_or(0))
+}
+
+/// Parses a JetStream RFC 3339 time stamp.
+pub(super) fn parse_time(value: &str) -> Option<SystemTime> {
+    time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(Into::into)
+}
+
+/// Runs one API call within [`API_TIMEOUT`], keeping its error.
+async fn timed<T, E>(call: impl Future<Output = Result<T, E>>) -> Result<T, ReadError>
+where
+    E: Into<async_nats::Error>,
+{
+    timed_raw(call)
+        .await?
+        .map_err(|err| ReadError::Failed(err.into()))
+}
+
+/// Runs one API call within [`API_TIMEOUT`]; its own result is the caller's.
+async fn timed_raw<T>(call: impl Future<Output = T>) -> Result<T, ReadError> {
+    tokio::time::timeout(API_TIMEOUT, call)
+        .await
+        .map_err(|_| ReadError::TimedOut)
+}
