@@ -198,6 +198,9 @@ mod tests {
             "herald_delivery_latency_seconds histogram",
         ];
         assert_eq!(types[..expected.len()], expected, "{text}");
+        // Built with heap-stats, the live heap comes last; without, not at all.
+        let heap = crate::heap::allocated_bytes().map(|_| "herald_heap_allocated_bytes gauge");
+        assert_eq!(types[expected.len()..], Vec::from_iter(heap), "{text}");
         assert!(
             text.contains("herald_disconnects_total{reason=\"slow\"} 1"),
             "{text}"
