@@ -52,9 +52,10 @@ use crate::registry::{Registry, RegistryLimits};
 /// Why a node could not start. Nothing is left running when this is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The settings are not usable (validation should have caught it).
+    /// The configured token keys could not be loaded (a key file missing or
+    /// not a key); validation checks only that the files exist.
     #[error("invalid configuration: {0}")]
-    Config(String),
+    Config(#[from] auth::KeyError),
     /// The event bus could not be set up.
     #[error("event bus: {0}")]
     Bus(String),
@@ -120,8 +121,7 @@ impl Node {
     /// Builds every part from `settings` and binds the HTTP listener.
     pub async fn bind(settings: Settings) -> Result<Node, StartError> {
         let node_id = settings.node.resolved_id();
-        let auth = Authenticator::new(&settings.auth)
-            .map_err(|err| StartError::Config(err.to_string()))?;
+        let auth = Authenticator::new(&settings.auth)?;
         let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(Registry::new(
             RegistryLimits {

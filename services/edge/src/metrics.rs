@@ -3,6 +3,11 @@
 //! Counters are plain atomics updated on the paths they describe; nothing here
 //! allocates per event. Names follow Prometheus conventions (`herald_` prefix,
 //! `_total` for counters); `docs/observability.md` lists them.
+//!
+//! Each metric is declared once, in the [`metrics!`] list below: its field,
+//! type, name and help text. The list generates the [`Metrics`] struct and its
+//! constructor, which registers every metric as it creates it; [`Metrics::render`]
+//! only encodes that registry.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -25,202 +30,190 @@ pub struct StateLabel {
     pub state: &'static str,
 }
 
-/// Every metric the node exports.
-#[derive(Debug)]
-pub struct Metrics {
-    /// Seconds from the bus storing an event to it being written to a stream.
-    pub delivery_latency: Histogram,
-    /// Open SSE streams.
-    pub connections_open: Gauge,
-    /// Streams opened.
-    pub connects: Counter,
-    /// Streams closed, by reason.
-    pub disconnects: Family<ReasonLabel, Counter>,
-    /// Streams cut because their queue filled.
-    pub slow_disconnects: Counter,
-    /// Events accepted by `POST /v1/publish`.
-    pub events_published: Counter,
-    /// Event frames written to streams (live and replayed).
-    pub events_delivered: Counter,
-    /// Bytes written to streams.
-    pub bytes_written: Counter,
-    /// Streams that resumed from a `Last-Event-ID`.
-    pub replays: Counter,
-    /// Events sent by replays.
-    pub replayed_events: Counter,
-    /// `herald.reset` events sent, by reason.
-    pub resets: Family<ReasonLabel, Counter>,
-    /// Stream requests refused by a limit.
-    pub rejected_streams: Family<ReasonLabel, Counter>,
-    /// Live messages received from the bus (only followed targets).
-    pub bus_messages_received: Counter,
-    /// Live gaps filled from the stream.
-    pub gap_repairs: Counter,
-    /// Stream leader elections this node heard of (each fills every
-    /// followed target from the stream).
-    pub stream_leader_changes: Counter,
-    /// Times this node found the stored history changed under it (lost
-    /// acknowledged writes, a recreated stream) and ended every stream.
-    pub history_changes: Counter,
-    /// Bus messages dropped as undeliverable (bad subject, UTF-8, type, size).
-    pub bus_bad_events: Counter,
-    /// 1 while the NATS connection is up (NATS bus only).
-    pub nats_connected: Gauge,
-    /// Events waiting in connection queues, all connections together (set
-    /// when metrics are scraped).
-    pub queued_events: Gauge,
-    /// Cluster members as this node sees them, by state (itself included).
-    pub cluster_members: Family<StateLabel, Gauge>,
-    /// Streams this node asked to move elsewhere (rebalancing).
-    pub streams_moved: Counter,
+/// Declares [`Metrics`] from one list. Each entry is
+/// `/// doc` `field: Type [= initial value], "name", "help";`: the public
+/// field the code updates, its Prometheus name (after the `herald_` prefix;
+/// counters get `_total` when encoded) and help text, and how it is built when
+/// `Type::default()` does not fit. `GET /metrics` lists them in this order.
+macro_rules! metrics {
+    ($(
+        $(#[doc = $doc:literal])*
+        $field:ident: $ty:ty $(= $init:expr)?, $name:literal, $help:literal;
+    )*) => {
+        /// Every metric the node exports.
+        #[derive(Debug)]
+        pub struct Metrics {
+            $(
+                $(#[doc = $doc])*
+                pub $field: $ty,
+            )*
+            /// Live heap bytes, set when rendered; only when the node counts
+            /// them (`--features heap-stats`, see `heap.rs`).
+            heap_allocated: Option<Gauge>,
+            /// Every metric above, registered when it was created.
+            registry: Registry,
+        }
+
+        impl Default for Metrics {
+            fn default() -> Self {
+                let mut registry = Registry::with_prefix("herald");
+                $(
+                    let $field: $ty = metrics!(@init $($init)?);
+                    registry.register($name, $help, $field.clone());
+                )*
+                let heap_allocated = crate::heap::allocated_bytes().map(|_| {
+                    let gauge = Gauge::default();
+                    registry.register(
+                        "heap_allocated_bytes",
+                        "Heap bytes allocated and not yet freed (built with --features heap-stats)",
+                        gauge.clone(),
+                    );
+                    gauge
+                });
+                Metrics {
+                    $($field,)*
+                    heap_allocated,
+                    registry,
+                }
+            }
+        }
+    };
+    (@init) => {
+        Default::default()
+    };
+    (@init $init:expr) => {
+        $init
+    };
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics {
-            // 100 µs to ~52 s.
-            delivery_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 20)),
-            connections_open: Gauge::default(),
-            connects: Counter::default(),
-            disconnects: Family::default(),
-            slow_disconnects: Counter::default(),
-            events_published: Counter::default(),
-            events_delivered: Counter::default(),
-            bytes_written: Counter::default(),
-            replays: Counter::default(),
-            replayed_events: Counter::default(),
-            resets: Family::default(),
-            rejected_streams: Family::default(),
-            bus_messages_received: Counter::default(),
-            gap_repairs: Counter::default(),
-            stream_leader_changes: Counter::default(),
-            history_changes: Counter::default(),
-            bus_bad_events: Counter::default(),
-            nats_connected: Gauge::default(),
-            queued_events: Gauge::default(),
-            cluster_members: Family::default(),
-            streams_moved: Counter::default(),
-        }
-    }
+metrics! {
+    /// Open SSE streams.
+    connections_open: Gauge, "connections_open", "Open SSE streams on this node";
+    /// Streams opened.
+    connects: Counter, "connects", "SSE streams opened";
+    /// Streams closed, by reason.
+    disconnects: Family<ReasonLabel, Counter>, "disconnects", "SSE streams closed, by reason";
+    /// Streams cut because their queue filled.
+    slow_disconnects: Counter, "slow_disconnects",
+        "SSE streams cut because the client read too slowly";
+    /// Events accepted by `POST /v1/publish`.
+    events_published: Counter, "events_published", "Events accepted over HTTP publish";
+    /// Event frames written to streams (live and replayed).
+    events_delivered: Counter, "events_delivered", "Event frames written to SSE streams";
+    /// Bytes written to streams.
+    bytes_written: Counter, "bytes_written", "Bytes written to SSE streams";
+    /// Streams that resumed from a `Last-Event-ID`.
+    replays: Counter, "replays", "Streams resumed from a Last-Event-ID";
+    /// Events sent by replays.
+    replayed_events: Counter, "replayed_events", "Events sent by replays";
+    /// `herald.reset` events sent, by reason.
+    resets: Family<ReasonLabel, Counter>, "resets", "herald.reset events sent, by reason";
+    /// Stream requests refused by a limit.
+    rejected_streams: Family<ReasonLabel, Counter>, "rejected_streams",
+        "Stream requests refused by a limit, by reason";
+    /// Live messages received from the bus (only followed targets).
+    bus_messages_received: Counter, "bus_messages_received",
+        "Live messages received from the bus for targets this node follows";
+    /// Live gaps filled from the stream.
+    gap_repairs: Counter, "gap_repairs", "Live gaps filled from the stream";
+    /// Stream leader elections this node heard of (each fills every
+    /// followed target from the stream).
+    stream_leader_changes: Counter, "stream_leader_changes",
+        "Stream leader elections this node heard of; each fills every followed target from the stream";
+    /// Times this node found the stored history changed under it (lost
+    /// acknowledged writes, a recreated stream) and ended every stream.
+    history_changes: Counter, "history_changes",
+        "Times the stored history changed under this node (lost writes, recreated stream); every stream resumed with herald.reset";
+    /// Bus messages dropped as undeliverable (bad subject, UTF-8, type, size).
+    bus_bad_events: Counter, "bus_bad_events", "Bus messages dropped as undeliverable";
+    /// 1 while the NATS connection is up (NATS bus only).
+    nats_connected: Gauge, "nats_connected", "1 while the NATS connection is up";
+    /// Events waiting in connection queues, all connections together (set
+    /// when metrics are scraped).
+    queued_events: Gauge, "queued_events", "Events waiting in connection queues";
+    /// Cluster members as this node sees them, by state (itself included).
+    cluster_members: Family<StateLabel, Gauge>, "cluster_members",
+        "Cluster members as this node sees them through gossip, by state";
+    /// Streams this node asked to move elsewhere (rebalancing).
+    streams_moved: Counter, "streams_moved",
+        "Streams asked to reconnect to another node by rebalancing";
+    /// Seconds from the bus storing an event to it being written to a stream.
+    delivery_latency: Histogram = Histogram::new(exponential_buckets(0.0001, 2.0, 20)), // 100 µs to ~52 s.
+        "delivery_latency_seconds", "Time from the bus storing an event to its write to a stream";
 }
 
 impl Metrics {
     /// Renders every metric in the Prometheus text format.
     pub fn render(&self) -> String {
-        let mut registry = Registry::with_prefix("herald");
-        registry.register(
-            "connections_open",
-            "Open SSE streams on this node",
-            self.connections_open.clone(),
-        );
-        registry.register("connects", "SSE streams opened", self.connects.clone());
-        registry.register(
-            "disconnects",
-            "SSE streams closed, by reason",
-            self.disconnects.clone(),
-        );
-        registry.register(
-            "slow_disconnects",
-            "SSE streams cut because the client read too slowly",
-            self.slow_disconnects.clone(),
-        );
-        registry.register(
-            "events_published",
-            "Events accepted over HTTP publish",
-            self.events_published.clone(),
-        );
-        registry.register(
-            "events_delivered",
-            "Event frames written to SSE streams",
-            self.events_delivered.clone(),
-        );
-        registry.register(
-            "bytes_written",
-            "Bytes written to SSE streams",
-            self.bytes_written.clone(),
-        );
-        registry.register(
-            "replays",
-            "Streams resumed from a Last-Event-ID",
-            self.replays.clone(),
-        );
-        registry.register(
-            "replayed_events",
-            "Events sent by replays",
-            self.replayed_events.clone(),
-        );
-        registry.register(
-            "resets",
-            "herald.reset events sent, by reason",
-            self.resets.clone(),
-        );
-        registry.register(
-            "rejected_streams",
-            "Stream requests refused by a limit, by reason",
-            self.rejected_streams.clone(),
-        );
-        registry.register(
-            "bus_messages_received",
-            "Live messages received from the bus for targets this node follows",
-            self.bus_messages_received.clone(),
-        );
-        registry.register(
-            "gap_repairs",
-            "Live gaps filled from the stream",
-            self.gap_repairs.clone(),
-        );
-        registry.register(
-            "stream_leader_changes",
-            "Stream leader elections this node heard of; each fills every followed target from the stream",
-            self.stream_leader_changes.clone(),
-        );
-        registry.register(
-            "history_changes",
-            "Times the stored history changed under this node (lost writes, recreated stream); every stream resumed with herald.reset",
-            self.history_changes.clone(),
-        );
-        registry.register(
-            "bus_bad_events",
-            "Bus messages dropped as undeliverable",
-            self.bus_bad_events.clone(),
-        );
-        registry.register(
-            "nats_connected",
-            "1 while the NATS connection is up",
-            self.nats_connected.clone(),
-        );
-        registry.register(
-            "queued_events",
-            "Events waiting in connection queues",
-            self.queued_events.clone(),
-        );
-        registry.register(
-            "cluster_members",
-            "Cluster members as this node sees them through gossip, by state",
-            self.cluster_members.clone(),
-        );
-        registry.register(
-            "streams_moved",
-            "Streams asked to reconnect to another node by rebalancing",
-            self.streams_moved.clone(),
-        );
-        registry.register(
-            "delivery_latency_seconds",
-            "Time from the bus storing an event to its write to a stream",
-            self.delivery_latency.clone(),
-        );
-        if let Some(bytes) = crate::heap::allocated_bytes() {
-            let live = Gauge::<i64>::default();
-            live.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-            registry.register(
-                "heap_allocated_bytes",
-                "Heap bytes allocated and not yet freed (built with --features heap-stats)",
-                live,
-            );
+        if let (Some(gauge), Some(bytes)) = (&self.heap_allocated, crate::heap::allocated_bytes()) {
+            gauge.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
         let mut text = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names and types are what `docs/observability.md`, the dashboards and
+    /// the alerts read; a change here is a change of the interface.
+    #[test]
+    fn every_metric_is_rendered_once_under_its_documented_name_and_type() {
+        let metrics = Metrics::default();
+        let reason = ReasonLabel { reason: "slow" };
+        metrics.disconnects.get_or_create(&reason).inc();
+        metrics.resets.get_or_create(&reason).inc();
+        metrics.rejected_streams.get_or_create(&reason).inc();
+        let alive = StateLabel { state: "alive" };
+        metrics.cluster_members.get_or_create(&alive).set(1);
+        let text = metrics.render();
+        let types: Vec<&str> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .collect();
+        let expected = [
+            "herald_connections_open gauge",
+            "herald_connects counter",
+            "herald_disconnects counter",
+            "herald_slow_disconnects counter",
+            "herald_events_published counter",
+            "herald_events_delivered counter",
+            "herald_bytes_written counter",
+            "herald_replays counter",
+            "herald_replayed_events counter",
+            "herald_resets counter",
+            "herald_rejected_streams counter",
+            "herald_bus_messages_received counter",
+            "herald_gap_repairs counter",
+            "herald_stream_leader_changes counter",
+            "herald_history_changes counter",
+            "herald_bus_bad_events counter",
+            "herald_nats_connected gauge",
+            "herald_queued_events gauge",
+            "herald_cluster_members gauge",
+            "herald_streams_moved counter",
+            "herald_delivery_latency_seconds histogram",
+        ];
+        assert_eq!(types[..expected.len()], expected, "{text}");
+        // Built with heap-stats, the live heap comes last; without, not at all.
+        let heap = crate::heap::allocated_bytes().map(|_| "herald_heap_allocated_bytes gauge");
+        assert_eq!(types[expected.len()..], Vec::from_iter(heap), "{text}");
+        assert!(
+            text.contains("herald_disconnects_total{reason=\"slow\"} 1"),
+            "{text}"
+        );
+    }
+
+    /// A scrape reads the shared counters, it does not copy them.
+    #[test]
+    fn a_rendering_shows_the_value_the_field_holds_now() {
+        let metrics = Metrics::default();
+        metrics.gap_repairs.inc();
+        assert!(metrics.render().contains("herald_gap_repairs_total 1"));
+        metrics.gap_repairs.inc();
+        assert!(metrics.render().contains("herald_gap_repairs_total 2"));
     }
 }

@@ -7,22 +7,20 @@
 //!   (parent-based: its sampled flag);
 //! - otherwise `telemetry.sample_ratio` of deliveries start a root trace.
 //!
-//! Spans use the `herald::trace` target, the only one the OTLP layer exports
-//! (see `herald-telemetry`). Nothing is traced when no exporter is configured.
+//! Spans use the [`TRACE_TARGET`] target, the only one the OTLP layer of
+//! `herald-telemetry` exports. Nothing is traced when no exporter is configured.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use herald_config::{Settings, UserIdInTraces};
 use herald_protocol::{Target, TraceParent};
+use herald_telemetry::TRACE_TARGET;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::bus::Event;
-
-/// The `tracing` target of exported spans (matches `herald_telemetry::TRACE_TARGET`).
-const TARGET: &str = "herald::trace";
 
 /// Decides which deliveries are traced and records their spans.
 #[derive(Debug)]
@@ -83,7 +81,7 @@ impl Tracing {
             .duration_since(event.published_at)
             .unwrap_or_default();
         let span = tracing::info_span!(
-            target: TARGET,
+            target: TRACE_TARGET,
             "herald.deliver",
             otel.kind = "consumer",
             herald.node = %self.node_id,
@@ -117,7 +115,7 @@ impl Tracing {
             return;
         }
         let span = tracing::info_span!(
-            target: TARGET,
+            target: TRACE_TARGET,
             "herald.stream.open",
             herald.node = %self.node_id,
             herald.connection = as_i64(connection),
@@ -136,7 +134,7 @@ impl Tracing {
             return;
         }
         let span = tracing::info_span!(
-            target: TARGET,
+            target: TRACE_TARGET,
             "herald.stream.close",
             herald.node = %self.node_id,
             herald.connection = as_i64(connection),
@@ -156,7 +154,7 @@ impl Tracing {
             return;
         }
         let _span = tracing::info_span!(
-            target: TARGET,
+            target: TRACE_TARGET,
             "herald.replay",
             herald.node = %self.node_id,
             herald.connection = as_i64(connection),
@@ -173,7 +171,7 @@ impl Tracing {
             return;
         }
         let _span = tracing::info_span!(
-            target: TARGET,
+            target: TRACE_TARGET,
             "herald.gap_repair",
             herald.node = %self.node_id,
             herald.subject_kind = if subject.contains(".user.") { "user" } else { "topic" },

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use futures_util::{FutureExt, StreamExt};
-use herald_config::BusKind;
+use herald_config::{BusKind, NatsSettings};
 use herald_protocol::sse::Item;
 use herald_testkit::nats::{NatsServer, store};
 use herald_testkit::proxy::TcpProxy;
@@ -19,14 +19,30 @@ fn own_id(id: &str) -> String {
     id.split('.').next().unwrap_or(id).to_owned()
 }
 
-async fn nats_node(nats: &NatsServer) -> EdgeNode {
-    let url = nats.url();
+/// Starts a node on the NATS bus at `url`, with `configure` applied to its
+/// NATS settings.
+async fn start_on_nats(
+    url: String,
+    configure: impl FnOnce(&mut NatsSettings),
+) -> anyhow::Result<EdgeNode> {
     EdgeNode::start(move |s| {
         s.bus.kind = BusKind::Nats;
         s.nats.url = url;
+        configure(&mut s.nats);
     })
     .await
-    .expect("node starts on NATS")
+}
+
+/// A node on `nats` with `configure` applied to its NATS settings.
+async fn nats_node_with(nats: &NatsServer, configure: impl FnOnce(&mut NatsSettings)) -> EdgeNode {
+    start_on_nats(nats.url(), configure)
+        .await
+        .expect("node starts on NATS")
+}
+
+/// A node on `nats` with the default NATS settings.
+async fn nats_node(nats: &NatsServer) -> EdgeNode {
+    nats_node_with(nats, |_| {}).await
 }
 
 fn metric(node: &EdgeNode, name: &str) -> u64 {
@@ -117,14 +133,7 @@ async fn an_event_published_on_one_node_is_delivered_by_another() {
 #[tokio::test]
 async fn a_msg_id_repeated_after_the_duplicate_window_is_a_second_event() {
     let nats = NatsServer::start().expect("nats-server");
-    let url = nats.url();
-    let node = EdgeNode::start(move |s| {
-        s.bus.kind = BusKind::Nats;
-        s.nats.url = url;
-        s.nats.duplicate_window_secs = 1;
-    })
-    .await
-    .expect("node starts on NATS");
+    let node = nats_node_with(&nats, |n| n.duplicate_window_secs = 1).await;
     let mut stream = SseClient::open(&node, "alice").await.expect("stream");
     let body = json!({"user": "alice", "data": "once", "msg_id": "order-7"});
     let (_, first) = publish(&node, body.clone()).await.expect("first");
@@ -489,13 +498,9 @@ async fn events_stored_while_the_node_was_cut_off_all_arrive_and_every_id_resume
         .expect("nats address");
     let proxy = TcpProxy::start(upstream).await.expect("proxy");
     let through_proxy = format!("nats://{}", proxy.addr());
-    let node = EdgeNode::start(move |s| {
-        s.bus.kind = BusKind::Nats;
-        s.nats.url = through_proxy;
-        s.nats.ignore_discovered_servers = true;
-    })
-    .await
-    .expect("node starts on NATS");
+    let node = start_on_nats(through_proxy, |n| n.ignore_discovered_servers = true)
+        .await
+        .expect("node starts on NATS");
     let token = subscriber_token("alice", &["news"]);
     let mut stream = SseClient::connect(
         &node.url("/v1/stream?topic=news"),
@@ -823,14 +828,7 @@ async fn acknowledged_events_lost_by_nats_end_streams_and_reset_them_on_resume()
 #[tokio::test]
 async fn history_evicted_per_subject_gives_a_reset() {
     let nats = NatsServer::start().expect("nats-server");
-    let url = nats.url();
-    let node = EdgeNode::start(move |s| {
-        s.bus.kind = BusKind::Nats;
-        s.nats.url = url;
-        s.nats.max_messages_per_subject = 3;
-    })
-    .await
-    .expect("node");
+    let node = nats_node_with(&nats, |n| n.max_messages_per_subject = 3).await;
     let first = publish_to(&node, json!({"user": "alice", "data": "1"})).await;
     for i in 2..=5 {
         publish_to(&node, json!({"user": "alice", "data": i.to_string()})).await;
@@ -872,14 +870,7 @@ async fn wildcard_user_ids_cannot_read_other_users_on_nats() {
 #[tokio::test]
 async fn undeliverable_events_are_dropped_and_counted_without_harm() {
     let nats = NatsServer::start().expect("nats-server");
-    let url = nats.url();
-    let node = EdgeNode::start(move |s| {
-        s.bus.kind = BusKind::Nats;
-        s.nats.url = url;
-        s.nats.max_event_bytes = 1024;
-    })
-    .await
-    .expect("node");
+    let node = nats_node_with(&nats, |n| n.max_event_bytes = 1024).await;
     let mut stream = SseClient::open(&node, "alice").await.expect("stream");
     let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
     let with_type = |event_type: &str| {
@@ -930,25 +921,14 @@ async fn a_conflicting_stream_is_refused_unless_updates_are_allowed() {
     })
     .await
     .expect("a stream without RePublish");
-    let url = nats.url();
-    let refused = EdgeNode::start({
-        let url = url.clone();
-        move |s| {
-            s.bus.kind = BusKind::Nats;
-            s.nats.url = url;
-        }
-    })
-    .await
-    .expect_err("refused");
+    let refused = start_on_nats(nats.url(), |_| {})
+        .await
+        .expect_err("refused");
     assert!(refused.to_string().contains("republish"), "{refused}");
 
-    let node = EdgeNode::start(move |s| {
-        s.bus.kind = BusKind::Nats;
-        s.nats.url = url;
-        s.nats.update_stream = true;
-    })
-    .await
-    .expect("starts after updating the stream");
+    let node = start_on_nats(nats.url(), |n| n.update_stream = true)
+        .await
+        .expect("starts after updating the stream");
     let mut stream = SseClient::open(&node, "alice").await.expect("stream");
     let id = publish_to(&node, json!({"user": "alice", "data": "works"})).await;
     assert_eq!(stream.next_event(PATIENCE).await.expect("event").id, id);

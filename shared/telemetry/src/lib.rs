@@ -49,9 +49,12 @@ pub enum TelemetryError {
         #[source]
         source: tracing_subscriber::filter::ParseError,
     },
+    /// The exporter's own runtime (its thread) could not be started.
+    #[error("telemetry.otlp_endpoint: cannot set up the OTLP exporter: {0}")]
+    ExporterRuntime(#[source] std::io::Error),
     /// The OTLP exporter could not be built (bad endpoint, ...).
     #[error("telemetry.otlp_endpoint: cannot set up the OTLP exporter: {0}")]
-    Exporter(String),
+    Exporter(#[source] opentelemetry_otlp::ExporterBuildError),
     /// A global subscriber was already installed.
     #[error("a global tracing subscriber is already installed")]
     AlreadyInstalled,
@@ -140,8 +143,7 @@ fn tracer_provider(
         .filter_map(|header| header.split_once('='))
         .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
         .collect();
-    let runtime =
-        exporter::ExportRuntime::new().map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    let runtime = exporter::ExportRuntime::new().map_err(TelemetryError::ExporterRuntime)?;
     let built = {
         // The gRPC channel is set up inside the exporter's own runtime.
         let _entered = runtime.enter();
@@ -173,7 +175,7 @@ fn tracer_provider(
             }
         }
     }
-    .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    .map_err(TelemetryError::Exporter)?;
     let processor = BatchSpanProcessor::builder(exporter::OnOwnRuntime::new(built, runtime))
         .with_batch_config(
             BatchConfigBuilder::default()

@@ -37,20 +37,49 @@ use crate::metrics::{Metrics, StateLabel};
 
 pub use member::{ClusterView, Member, MemberState, NodeInfo};
 
-/// Why gossip could not start.
+/// Why gossip could not start. Nothing is left running when this is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    /// `gossip.listen` or `gossip.advertise` is not usable.
-    #[error("{key}: {message}")]
-    Address {
-        /// The configuration key.
-        key: &'static str,
-        /// What is wrong.
-        message: String,
+    /// `gossip.listen` is not a socket address.
+    #[error("gossip.listen: {listen:?} is not an address ({source})")]
+    ListenAddress {
+        /// The configured value.
+        listen: String,
+        /// The parser's complaint.
+        #[source]
+        source: std::net::AddrParseError,
     },
-    /// The gossip socket could not be opened.
+    /// `gossip.listen` has port 0 and no free port could be found on its host.
+    #[error("gossip.listen: cannot bind {addr}: {source}")]
+    ListenProbe {
+        /// The address probed.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `gossip.advertise` could not be resolved.
+    #[error("gossip.advertise: cannot resolve {advertise:?}: {source}")]
+    AdvertiseLookup {
+        /// The configured value.
+        advertise: String,
+        /// The resolver's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `gossip.advertise` resolved to no address at all.
+    #[error("gossip.advertise: {advertise:?} resolves to no address")]
+    AdvertiseUnresolved {
+        /// The configured value.
+        advertise: String,
+    },
+    /// The port probed for `gossip.listen` could not be read back.
     #[error("gossip: {0}")]
-    Start(String),
+    ProbePort(#[source] std::io::Error),
+    /// The gossip socket could not be opened (chitchat reports its errors as
+    /// `anyhow::Error`; the message shows its whole chain of causes).
+    #[error("gossip: {0:#}")]
+    Start(#[source] anyhow::Error),
 }
 
 /// This node's load, as gossiped.
@@ -185,7 +214,7 @@ impl Cluster {
         };
         let handle = spawn_chitchat(config, info.to_key_values(), &UdpTransport)
             .await
-            .map_err(|err| ClusterError::Start(format!("{err:#}")))?;
+            .map_err(ClusterError::Start)?;
         let chitchat = handle.chitchat();
         let termination = handle.termination_watcher();
         let failed = cluster.failed.clone();
@@ -462,19 +491,16 @@ fn write(lock: &RwLock<NodeInfo>) -> std::sync::RwLockWriteGuard<'_, NodeInfo> {
 /// `gossip.listen`; port 0 becomes a free port (chitchat needs to know its
 /// port before it binds, to advertise it).
 fn listen_addr(listen: &str) -> Result<SocketAddr, ClusterError> {
-    let mut addr: SocketAddr = listen.parse().map_err(|err| ClusterError::Address {
-        key: "gossip.listen",
-        message: format!("{listen:?} is not an address ({err})"),
-    })?;
-    if addr.port() == 0 {
-        let probe = std::net::UdpSocket::bind(addr).map_err(|err| ClusterError::Address {
-            key: "gossip.listen",
-            message: format!("cannot bind {addr}: {err}"),
+    let mut addr: SocketAddr = listen
+        .parse()
+        .map_err(|source| ClusterError::ListenAddress {
+            listen: listen.to_owned(),
+            source,
         })?;
-        let port = probe
-            .local_addr()
-            .map_err(|err| ClusterError::Start(err.to_string()))?
-            .port();
+    if addr.port() == 0 {
+        let probe = std::net::UdpSocket::bind(addr)
+            .map_err(|source| ClusterError::ListenProbe { addr, source })?;
+        let port = probe.local_addr().map_err(ClusterError::ProbePort)?.port();
         addr.set_port(port);
     }
     Ok(addr)
@@ -490,14 +516,13 @@ async fn advertise_addr(
         Some(advertise) => {
             let resolved = tokio::net::lookup_host(advertise.as_str())
                 .await
-                .map_err(|err| ClusterError::Address {
-                    key: "gossip.advertise",
-                    message: format!("cannot resolve {advertise:?}: {err}"),
+                .map_err(|source| ClusterError::AdvertiseLookup {
+                    advertise: advertise.clone(),
+                    source,
                 })?
                 .min_by_key(|addr| addr.is_ipv6());
-            resolved.ok_or_else(|| ClusterError::Address {
-                key: "gossip.advertise",
-                message: format!("{advertise:?} resolves to no address"),
+            resolved.ok_or_else(|| ClusterError::AdvertiseUnresolved {
+                advertise: advertise.clone(),
             })
         }
         None if listen.ip().is_unspecified() => {
@@ -543,5 +568,28 @@ async fn wait_for_seeds(settings: &GossipSettings) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn an_unparsable_listen_address_names_the_key_and_keeps_the_parser_error_as_its_source() {
+        let err = listen_addr("everywhere").expect_err("not an address");
+        assert_eq!(
+            err.to_string(),
+            "gossip.listen: \"everywhere\" is not an address (invalid socket address syntax)"
+        );
+        assert!(err.source().is_some());
+    }
+
+    #[test]
+    fn port_zero_becomes_a_free_port() {
+        let addr = listen_addr("127.0.0.1:0").expect("a free port");
+        assert_ne!(addr.port(), 0);
     }
 }

@@ -13,8 +13,8 @@ use warp::Rejection;
 use warp::http::HeaderMap;
 
 use super::AppState;
+use super::credentials::require_publisher;
 use super::errors::ApiError;
-use super::stream::bearer_token;
 use crate::cluster::MemberState;
 
 /// `GET /healthz`: the process is up and serving HTTP.
@@ -56,14 +56,7 @@ pub async fn presence(
     state: Arc<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, Rejection> {
-    let token = bearer_token(&headers)?.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "no credential: send Authorization: Bearer <publisher jwt>",
-        )
-    })?;
-    let publisher = state.auth.publisher(&token).map_err(ApiError::from)?;
+    let publisher = require_publisher(&state.auth, &headers)?;
     let name = percent_encoding::percent_decode_str(&raw_user)
         .decode_utf8()
         .map_err(|_| {

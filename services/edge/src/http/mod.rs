@@ -3,12 +3,15 @@
 //! - [`routes`]: every endpoint, with [`errors::recover`] turning failures into
 //!   JSON errors;
 //! - [`stream`]: `GET /v1/stream`, one SSE stream per client;
+//! - `credentials`: where a request's token is read from (header, query,
+//!   cookie), and the publisher check every publisher endpoint runs;
 //! - [`publish`]: `POST /v1/publish`;
-//! - [`health`]: `/healthz`, `/readyz`, `/metrics`;
+//! - [`health`]: `/healthz`, `/readyz`, `/v1/cluster`, `/v1/presence`, `/metrics`;
 //! - [`throttle`]: per-credential publish rate limits;
 //! - [`server`]: the hyper accept loop (header timeouts, size limits, killing a
 //!   slow client's socket, graceful shutdown).
 
+mod credentials;
 pub mod direct;
 pub mod errors;
 pub mod health;

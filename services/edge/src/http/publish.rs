@@ -18,8 +18,8 @@ use warp::reply::Response;
 use warp::{Rejection, Reply};
 
 use super::AppState;
+use super::credentials::require_publisher;
 use super::errors::ApiError;
-use super::stream::bearer_token;
 use crate::bus::{PublishError, PublishRequest};
 
 /// Longest accepted `msg_id`, bytes.
@@ -41,14 +41,7 @@ pub async fn publish(
     headers: HeaderMap,
     body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
 ) -> Result<Response, Rejection> {
-    let token = bearer_token(&headers)?.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "no credential: send Authorization: Bearer <publisher jwt>",
-        )
-    })?;
-    let publisher = state.auth.publisher(&token).map_err(ApiError::from)?;
+    let publisher = require_publisher(&state.auth, &headers)?;
     if let Err(wait) = state.throttle.take(&publisher.id) {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,

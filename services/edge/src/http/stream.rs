@@ -32,13 +32,11 @@ use warp::reply::Response;
 use warp::{Rejection, Reply};
 
 use super::AppState;
+use super::credentials::{bearer_token, cookie_token};
 use super::errors::ApiError;
 use crate::bus::{Event, FollowState, LostReason, Replay};
 use crate::metrics::ReasonLabel;
 use crate::registry::{AttachError, ConnectionHandle, DisconnectReason, Frame, Kill, Queued};
-
-/// Name of the cookie that may carry the token.
-pub const TOKEN_COOKIE: &str = "herald_token";
 
 /// How long to wait for the bus to start live delivery of a stream's targets.
 const FOLLOW_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,37 +78,6 @@ impl StreamRequest {
         }
         Ok(request)
     }
-}
-
-/// The token from `Authorization: Bearer <jwt>`, if that header is present.
-pub fn bearer_token(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(value) = headers.get("authorization") else {
-        return Ok(None);
-    };
-    let value = value.to_str().ok().and_then(|v| {
-        v.strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-    });
-    match value {
-        Some(token) => Ok(Some(token.trim().to_owned())),
-        None => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "the Authorization header must be \"Bearer <jwt>\"",
-        )),
-    }
-}
-
-fn cookie_token(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all("cookie")
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .find_map(|pair| {
-            let (name, value) = pair.trim().split_once('=')?;
-            (name == TOKEN_COOKIE).then(|| value.to_owned())
-        })
 }
 
 /// Where a stream starts.

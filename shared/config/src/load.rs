@@ -1,0 +1,182 @@
+//! Layered loading: serde defaults, then an optional TOML file, then
+//! `HERALD__SECTION__KEY` environment variables; the result is validated
+//! ([`Settings::load`]).
+
+use std::path::Path;
+
+use crate::{ConfigError, Settings};
+
+/// Prefix of the environment variables read by [`Settings::load`].
+pub const ENV_PREFIX: &str = "HERALD";
+
+impl Settings {
+    /// Loads defaults, then `file` (TOML) if given, then `HERALD__*` variables
+    /// from the process environment, and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(file, None)
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly (tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: Option<config::Map<String, String>>,
+    ) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("http.cors_allowed_origins")
+                .with_list_parse_key("auth.algorithms")
+                .with_list_parse_key("telemetry.otlp_headers")
+                .with_list_parse_key("gossip.seeds")
+                .source(env),
+        );
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+}
+
+/// Loading with an explicit environment, for the tests of this crate.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::{ConfigError, Settings};
+
+    /// An HS256 secret of the shortest accepted length.
+    pub(crate) const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    /// An environment holding exactly `pairs`.
+    pub(crate) fn env(pairs: &[(&str, &str)]) -> Option<config::Map<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    /// Defaults plus the environment `pairs`, validated.
+    pub(crate) fn load(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load_from(None, env(pairs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{SECRET, env, load};
+    use crate::{BusKind, Settings};
+
+    #[test]
+    fn defaults_plus_a_secret_are_valid() {
+        let settings = load(&[("HERALD__AUTH__HS256_SECRET", SECRET)]).expect("valid");
+        assert_eq!(settings.http.listen, "127.0.0.1:8080");
+        assert_eq!(settings.stream.heartbeat_ms, 15_000);
+        assert_eq!(settings.bus.kind, BusKind::Memory);
+    }
+
+    #[test]
+    fn environment_variables_override_nested_keys() {
+        let settings = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__HTTP__LISTEN", "0.0.0.0:9000"),
+            ("HERALD__STREAM__QUEUE_CAPACITY", "8"),
+        ])
+        .expect("valid");
+        assert_eq!(settings.http.listen, "0.0.0.0:9000");
+        assert_eq!(settings.stream.queue_capacity, 8);
+    }
+
+    #[test]
+    fn cors_origins_are_a_comma_separated_list_in_the_environment() {
+        let settings = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            (
+                "HERALD__HTTP__CORS_ALLOWED_ORIGINS",
+                "https://a.example.com,http://localhost:3000",
+            ),
+        ])
+        .expect("valid");
+        assert_eq!(
+            settings.http.cors_allowed_origins,
+            ["https://a.example.com", "http://localhost:3000"]
+        );
+        let err = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__HTTP__CORS_ALLOWED_ORIGINS", "a.example.com/"),
+        ])
+        .expect_err("invalid");
+        assert!(
+            err.to_string().contains("http.cors_allowed_origins"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn gossip_seeds_are_a_comma_separated_list_and_each_must_be_host_port() {
+        let settings = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__GOSSIP__SEEDS", "edge-1:7946,10.0.0.7:7946"),
+            ("HERALD__GOSSIP__ADVERTISE", "edge-2:7946"),
+        ])
+        .expect("valid");
+        assert_eq!(settings.gossip.seeds, ["edge-1:7946", "10.0.0.7:7946"]);
+        assert_eq!(settings.gossip.advertise.as_deref(), Some("edge-2:7946"));
+        let err = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__GOSSIP__SEEDS", "edge-1"),
+            ("HERALD__GOSSIP__LISTEN", "everywhere"),
+            ("HERALD__NODE__HTTP_ADVERTISE", "edge-1:8080"),
+        ])
+        .expect_err("invalid");
+        let message = err.to_string();
+        for key in ["gossip.seeds", "gossip.listen", "node.http_advertise"] {
+            assert!(message.contains(key), "{key} not named in: {message}");
+        }
+    }
+
+    #[test]
+    fn a_file_is_read_and_the_environment_wins_over_it() {
+        let dir = std::env::temp_dir().join(format!("herald-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("herald.toml");
+        std::fs::write(
+            &path,
+            format!("[http]\nlisten = \"127.0.0.1:7000\"\nmax_body_bytes = 10\n[auth]\nhs256_secret = \"{SECRET}\"\n"),
+        )
+        .expect("write");
+        let settings =
+            Settings::load_from(Some(&path), env(&[("HERALD__HTTP__MAX_BODY_BYTES", "20")]))
+                .expect("valid");
+        assert_eq!(settings.http.listen, "127.0.0.1:7000");
+        assert_eq!(settings.http.max_body_bytes, 20);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_unknown_bus_kind_is_refused_naming_the_key() {
+        let err = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__BUS__KIND", "carrier-pigeon"),
+        ])
+        .expect_err("invalid");
+        let message = err.to_string();
+        assert!(message.contains("bus.kind"), "{message}");
+        assert!(message.contains("carrier-pigeon"), "{message}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_rather_than_ignored() {
+        let err = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__HTTP__LISTNE", "127.0.0.1:1"),
+        ])
+        .expect_err("invalid");
+        assert!(err.to_string().contains("listne"), "{err}");
+    }
+}

@@ -1,0 +1,187 @@
+//! `[nats]`: the NATS JetStream bus ([`NatsSettings`], [`NatsStorage`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::Secret;
+
+/// JetStream storage backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NatsStorage {
+    /// On disk (default): survives server restarts.
+    #[default]
+    File,
+    /// In memory: fast, lost when the server restarts.
+    Memory,
+}
+
+/// The NATS JetStream bus.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSettings {
+    /// Server URL(s), comma-separated. Default `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// JetStream stream holding every event. Default `HERALD`.
+    pub stream: String,
+    /// Subject prefix publishers use: `<prefix>.user.<id>`,
+    /// `<prefix>.topic.<name>`. Default `herald`.
+    pub subject_prefix: String,
+    /// Subject prefix the stream republishes stored events under, for live
+    /// delivery to edge nodes. Must not overlap `subject_prefix`. Default
+    /// `herald-live`.
+    pub live_prefix: String,
+    /// User name for user/password authentication. Default: none.
+    pub user: Option<String>,
+    /// Password for user/password authentication. Default: none.
+    pub password: Option<Secret>,
+    /// Token authentication. Default: none.
+    pub token: Option<Secret>,
+    /// NKey seed authentication. Default: none.
+    pub nkey_seed: Option<Secret>,
+    /// Credentials file (JWT + NKey). Default: none.
+    pub creds_file: Option<String>,
+    /// CA certificate (PEM) to verify the server's TLS certificate. Default: none.
+    pub tls_ca_file: Option<String>,
+    /// Require TLS. Default false.
+    pub tls_required: bool,
+    /// Time allowed to connect at start-up, milliseconds. Default 5000.
+    pub connect_timeout_ms: u64,
+    /// How often the edge pings its NATS server, milliseconds. A connection
+    /// that leaves three pings unanswered is dropped and re-established, so a
+    /// silent network partition is noticed within about three intervals.
+    /// Default 10000.
+    pub ping_interval_ms: u64,
+    /// Connect only to the servers in `url`, never to the addresses the
+    /// cluster advertises (set when those are not reachable from the edge:
+    /// NAT, proxies). Default false.
+    pub ignore_discovered_servers: bool,
+    /// How long `GET /v1/presence/{user}` waits for the nodes' answers when not
+    /// every alive member answered, milliseconds. Default 500.
+    pub presence_timeout_ms: u64,
+    /// Stream storage: `file` (default) or `memory`.
+    pub storage: NatsStorage,
+    /// Stream replicas (1, 3 or 5 in a cluster). Default 1.
+    pub replicas: usize,
+    /// Oldest event kept, seconds. Default 86400.
+    pub max_age_secs: u64,
+    /// Most bytes kept in the stream. Default 1073741824 (1 GiB).
+    pub max_bytes: i64,
+    /// Most events kept per user or topic. Default 10000.
+    pub max_messages_per_subject: i64,
+    /// Window in which a repeated `Nats-Msg-Id` is recognised, seconds. Default 120.
+    pub duplicate_window_secs: u64,
+    /// Largest event payload accepted, bytes. Default 65536.
+    pub max_event_bytes: usize,
+    /// When an existing stream's configuration conflicts with what Herald
+    /// needs, update it instead of refusing to start. Default false.
+    pub update_stream: bool,
+    /// How often every followed user and topic is checked against the
+    /// stream for an event whose live copy never arrived, milliseconds. A
+    /// lost copy reaches its clients within about twice this, even for a
+    /// target that receives nothing more. Each check is one batched read per
+    /// 1,000 followed targets (nats-server 2.11+). Default 2000.
+    pub check_interval_ms: u64,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        NatsSettings {
+            url: "nats://127.0.0.1:4222".into(),
+            stream: "HERALD".into(),
+            subject_prefix: "herald".into(),
+            live_prefix: "herald-live".into(),
+            user: None,
+            password: None,
+            token: None,
+            nkey_seed: None,
+            creds_file: None,
+            tls_ca_file: None,
+            tls_required: false,
+            connect_timeout_ms: 5_000,
+            ping_interval_ms: 10_000,
+            ignore_discovered_servers: false,
+            presence_timeout_ms: 500,
+            storage: NatsStorage::File,
+            replicas: 1,
+            max_age_secs: 86_400,
+            max_bytes: 1 << 30,
+            max_messages_per_subject: 10_000,
+            duplicate_window_secs: 120,
+            max_event_bytes: 64 * 1024,
+            update_stream: false,
+            check_interval_ms: 2_000,
+        }
+    }
+}
+
+impl NatsSettings {
+    /// Subjects, stream name, bounds, timeouts and credentials. Checked only
+    /// when `bus.kind = "nats"`.
+    pub(crate) fn validate(&self, problems: &mut Vec<String>) {
+        let token_ok = |s: &str| {
+            !s.is_empty()
+                && s.split('.').all(|t| {
+                    !t.is_empty()
+                        && t.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                })
+        };
+        for (key, value) in [
+            ("nats.subject_prefix", &self.subject_prefix),
+            ("nats.live_prefix", &self.live_prefix),
+        ] {
+            if !token_ok(value) {
+                problems.push(format!(
+                    "{key}: {value:?} must be dot-separated tokens of [A-Za-z0-9_-]"
+                ));
+            }
+        }
+        let overlaps = |a: &str, b: &str| {
+            a == b || a.starts_with(&format!("{b}.")) || b.starts_with(&format!("{a}."))
+        };
+        if overlaps(&self.subject_prefix, &self.live_prefix) {
+            problems.push("nats.live_prefix must not overlap nats.subject_prefix".into());
+        }
+        if self.stream.is_empty() || self.stream.contains(['.', '*', '>', ' ']) {
+            problems.push(format!(
+                "nats.stream: {:?} is not a valid stream name",
+                self.stream
+            ));
+        }
+        if self.url.trim().is_empty() {
+            problems.push("nats.url is required".into());
+        }
+        if !matches!(self.replicas, 1..=5) {
+            problems.push("nats.replicas must be between 1 and 5".into());
+        }
+        for (key, value) in [
+            ("nats.max_bytes", self.max_bytes),
+            (
+                "nats.max_messages_per_subject",
+                self.max_messages_per_subject,
+            ),
+        ] {
+            if value <= 0 {
+                problems.push(format!(
+                    "{key} must be greater than 0 (history must stay bounded)"
+                ));
+            }
+        }
+        for (key, value) in [
+            ("nats.max_age_secs", self.max_age_secs),
+            ("nats.duplicate_window_secs", self.duplicate_window_secs),
+            ("nats.connect_timeout_ms", self.connect_timeout_ms),
+            ("nats.ping_interval_ms", self.ping_interval_ms),
+            ("nats.presence_timeout_ms", self.presence_timeout_ms),
+            ("nats.max_event_bytes", self.max_event_bytes as u64),
+            ("nats.check_interval_ms", self.check_interval_ms),
+        ] {
+            if value == 0 {
+                problems.push(format!("{key} must be greater than 0"));
+            }
+        }
+        if self.user.is_some() != self.password.is_some() {
+            problems.push("nats.user and nats.password go together".into());
+        }
+    }
+}
