@@ -49,7 +49,7 @@ pub async fn publish(
         )
     })?;
     let publisher = state.auth.publisher(&token).map_err(ApiError::from)?;
-    if let Err(wait) = state.throttle.take(&publisher.id) {
+    if let Err(wait) = state.throttle.take(&publisher.id.to_string()) {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
