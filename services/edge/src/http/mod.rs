@@ -4,6 +4,7 @@
 //!   JSON errors;
 //! - [`stream`]: `GET /v1/stream`, one SSE stream per client;
 //! - [`publish`]: `POST /v1/publish`;
+//! - [`idempotency`]: `msg_id` dedup keys scoped to publisher and target;
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`;
 //! - [`throttle`]: per-credential publish rate limits;
 //! - [`server`]: the hyper accept loop (header timeouts, size limits, killing a
@@ -12,6 +13,7 @@
 pub mod direct;
 pub mod errors;
 pub mod health;
+mod idempotency;
 pub mod publish;
 pub mod server;
 pub mod stream;
