@@ -96,12 +96,56 @@ impl Subscriber {
     }
 }
 
+/// Who a publisher credential speaks for: rate limits and `msg_id`
+/// deduplication are kept per publisher id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PublisherId {
+    /// The token's `sub`: every token issued for that name is one publisher.
+    Subject(String),
+    /// A token without `sub` is its own publisher, named by the hex SHA-256 of
+    /// the token (never the token itself: the digest cannot be turned back
+    /// into a credential).
+    Token(String),
+}
+
+impl PublisherId {
+    /// The id of a token with the given `sub` claim.
+    fn of(sub: Option<String>, token: &str) -> Self {
+        match sub {
+            Some(sub) => PublisherId::Subject(sub),
+            None => PublisherId::Token(sha256_hex(token.as_bytes())),
+        }
+    }
+}
+
+impl std::fmt::Display for PublisherId {
+    /// `sub:<sub>` or `token:<first 16 hex digits of the digest>`: the two
+    /// kinds never render alike.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublisherId::Subject(sub) => write!(f, "sub:{sub}"),
+            PublisherId::Token(digest) => write!(f, "token:{}", digest.get(..16).unwrap_or(digest)),
+        }
+    }
+}
+
+/// Lower-case hex of the SHA-256 of `bytes` (64 characters).
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
+    Sha256::digest(bytes)
+        .iter()
+        .fold(String::with_capacity(64), |mut hex, byte| {
+            let _ = write!(hex, "{byte:02x}");
+            hex
+        })
+}
+
 /// An authenticated publisher.
 #[derive(Debug, Clone)]
 pub struct Publisher {
-    /// Who publishes, for rate limits: the token's `sub`, or a hash of the
-    /// token when it has none (never the token itself).
-    pub id: String,
+    /// Who publishes (see [`PublisherId`]).
+    pub id: PublisherId,
     grants: Option<Vec<(TargetKind, Grant)>>,
 }
 
@@ -132,8 +176,9 @@ pub enum AuthError {
     /// The token is not valid (signature, algorithm, format, nbf, iss, aud...).
     #[error("invalid token: {0}")]
     Invalid(&'static str),
-    /// A publisher credential was used to open a stream.
-    #[error("a publisher credential cannot open a stream")]
+    /// A publisher credential (any `herald_publish` claim, even `false`) was
+    /// used to open a stream.
+    #[error("a token with a herald_publish claim cannot open a stream")]
     PublisherOnStream,
     /// A token without `herald_publish` was used to publish.
     #[error("this token has no herald_publish claim and cannot publish")]
@@ -328,8 +373,10 @@ impl Authenticator {
     /// Validates a subscriber token.
     pub fn subscriber(&self, token: &str) -> Result<Subscriber, AuthError> {
         let claims = self.claims(token)?;
-        // `herald_publish: false` grants nothing: such a token is a subscriber's.
-        if !matches!(claims.herald_publish, None | Some(PublishClaim::All(false))) {
+        // Any `herald_publish` claim, even `false`, marks a publisher
+        // credential (docs/api.md): a stream needs a token without the claim,
+        // so a credential minted for a service never doubles as a user's.
+        if claims.herald_publish.is_some() {
             return Err(AuthError::PublisherOnStream);
         }
         let user = claims
@@ -364,13 +411,10 @@ impl Authenticator {
                     .collect(),
             ),
         };
-        let id = claims.sub.unwrap_or_else(|| {
-            use std::hash::{Hash, Hasher};
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            token.hash(&mut hasher);
-            format!("token-{:016x}", hasher.finish())
-        });
-        Ok(Publisher { id, grants })
+        Ok(Publisher {
+            id: PublisherId::of(claims.sub, token),
+            grants,
+        })
     }
 }
 
@@ -679,7 +723,7 @@ mod tests {
     }
 
     #[test]
-    fn a_token_whose_publish_claim_is_false_is_a_subscribers() {
+    fn a_token_whose_publish_claim_is_false_neither_streams_nor_publishes() {
         let claims = Claims {
             herald_publish: Some(PublishClaim::All(false)),
             ..subscriber_claims("alice")
@@ -687,10 +731,34 @@ mod tests {
         let token = mint(SECRET, &claims).expect("signed");
         let auth = authenticator();
         assert_eq!(
-            auth.subscriber(&token).expect("a subscriber").user.name(),
-            "alice"
+            auth.subscriber(&token).err(),
+            Some(AuthError::PublisherOnStream)
         );
         assert_eq!(auth.publisher(&token).err(), Some(AuthError::NotAPublisher));
+    }
+
+    #[test]
+    fn a_publisher_is_named_by_its_sub_or_else_by_a_digest_of_its_token() {
+        let auth = authenticator();
+        let named = Claims {
+            herald_publish: Some(PublishClaim::All(true)),
+            ..subscriber_claims("billing")
+        };
+        let named = mint(SECRET, &named).expect("signed");
+        assert_eq!(
+            auth.publisher(&named).expect("valid").id,
+            PublisherId::Subject("billing".into())
+        );
+        let anonymous = Claims {
+            herald_publish: Some(PublishClaim::All(true)),
+            exp: expiry_in(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        let anonymous = mint(SECRET, &anonymous).expect("signed");
+        let id = auth.publisher(&anonymous).expect("valid").id;
+        assert_eq!(id, PublisherId::Token(sha256_hex(anonymous.as_bytes())));
+        assert!(!id.to_string().contains(&anonymous));
+        assert!(id.to_string().starts_with("token:"));
     }
 
     #[test]

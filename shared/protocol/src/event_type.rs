@@ -5,12 +5,16 @@ use std::fmt;
 /// The longest event type accepted, in bytes.
 pub const MAX_EVENT_TYPE_BYTES: usize = 128;
 
-/// Event types starting with this prefix are Herald's own (`herald.reset`, ...);
-/// publishers may not use them.
+/// Event types starting with this prefix, in any letter case, are Herald's own
+/// (`herald.reset`, ...); publishers may not use them. Case is ignored so that
+/// `HERALD.reset` cannot pass for a system event in a client that compares
+/// names case-insensitively.
 pub const RESERVED_PREFIX: &str = "herald.";
 
 /// A validated SSE event type: non-empty, at most [`MAX_EVENT_TYPE_BYTES`], no
-/// control characters (so no CR or LF can reach the framing).
+/// control characters (so no CR or LF can reach the framing or a NATS header)
+/// and no leading or trailing whitespace (the `Herald-Event` header carries it
+/// on NATS, and NATS trims header values, so it would not arrive as sent).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EventType(String);
 
@@ -26,8 +30,11 @@ pub enum EventTypeError {
     /// Contains CR, LF, NUL or another control character.
     #[error("event type contains a control character (such as a line break)")]
     ControlCharacter,
-    /// Starts with the reserved `herald.` prefix.
-    #[error("event types starting with \"herald.\" are reserved")]
+    /// Starts or ends with whitespace, which the NATS header does not keep.
+    #[error("event type starts or ends with whitespace")]
+    SurroundingWhitespace,
+    /// Starts with the reserved `herald.` prefix (in any letter case).
+    #[error("event types starting with \"herald.\" (in any letter case) are reserved")]
     Reserved,
 }
 
@@ -36,7 +43,7 @@ impl EventType {
     pub fn new(value: impl Into<String>) -> Result<Self, EventTypeError> {
         let value = value.into();
         Self::check(&value)?;
-        if value.starts_with(RESERVED_PREFIX) {
+        if is_reserved(&value) {
             return Err(EventTypeError::Reserved);
         }
         Ok(EventType(value))
@@ -44,7 +51,7 @@ impl EventType {
 
     /// An event type of Herald's own (`herald.*`), for system events.
     pub fn system(name: &'static str) -> Self {
-        debug_assert!(Self::check(name).is_ok() && name.starts_with(RESERVED_PREFIX));
+        debug_assert!(Self::check(name).is_ok() && is_reserved(name));
         EventType(name.to_owned())
     }
 
@@ -58,6 +65,9 @@ impl EventType {
         if value.chars().any(char::is_control) {
             return Err(EventTypeError::ControlCharacter);
         }
+        if value.trim() != value {
+            return Err(EventTypeError::SurroundingWhitespace);
+        }
         Ok(())
     }
 
@@ -65,6 +75,13 @@ impl EventType {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Whether `value` starts with [`RESERVED_PREFIX`], ignoring ASCII letter case.
+fn is_reserved(value: &str) -> bool {
+    value
+        .get(..RESERVED_PREFIX.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(RESERVED_PREFIX))
 }
 
 impl fmt::Display for EventType {
@@ -85,12 +102,30 @@ mod tests {
     }
 
     #[test]
-    fn the_herald_prefix_is_reserved_for_the_server() {
-        assert_eq!(
-            EventType::new("herald.reset"),
-            Err(EventTypeError::Reserved)
-        );
+    fn the_herald_prefix_is_reserved_for_the_server_in_any_letter_case() {
+        for reserved in ["herald.reset", "HERALD.reset", "Herald.x", "hErAlD."] {
+            assert_eq!(
+                EventType::new(reserved),
+                Err(EventTypeError::Reserved),
+                "{reserved}"
+            );
+        }
         assert_eq!(EventType::system("herald.reset").as_str(), "herald.reset");
+        // Only the prefix with its dot is reserved.
+        assert!(EventType::new("heraldry").is_ok());
+        assert!(EventType::new("my.herald.x").is_ok());
+    }
+
+    #[test]
+    fn space_padded_event_types_are_refused_because_nats_would_trim_them() {
+        for padded in [" a", "a ", "\u{a0}a", "a\u{2003}"] {
+            assert_eq!(
+                EventType::new(padded),
+                Err(EventTypeError::SurroundingWhitespace),
+                "{padded:?}"
+            );
+        }
+        assert!(EventType::new("two words").is_ok());
     }
 
     #[test]

@@ -40,9 +40,16 @@ impl TraceParent {
             return None;
         }
         let sampled = u8::from_str_radix(flags, 16).ok()? & 1 == 1;
+        // Printable ASCII only (tabs allowed, as W3C list separators may be):
+        // the value is written into a NATS header, where CR or LF would panic
+        // the client and any other control character has no business.
         let tracestate = tracestate
             .map(str::trim)
-            .filter(|s| !s.is_empty() && s.len() <= MAX_TRACESTATE_BYTES && s.is_ascii())
+            .filter(|s| {
+                !s.is_empty()
+                    && s.len() <= MAX_TRACESTATE_BYTES
+                    && s.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+            })
             .map(Into::into);
         Some(TraceParent {
             traceparent: traceparent.trim().into(),
@@ -92,6 +99,23 @@ mod tests {
         )
         .expect("valid");
         assert!(!unsampled.is_sampled());
+    }
+
+    #[test]
+    fn a_tracestate_with_line_breaks_or_other_controls_is_dropped_not_forwarded() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for bad in [
+            "a=1\r\nX-Injected: 1",
+            "a=1\nb=2",
+            "a=\u{1}",
+            "a=\u{7f}",
+            "a=é",
+        ] {
+            let tp = TraceParent::parse(parent, Some(bad)).expect("traceparent kept");
+            assert_eq!(tp.tracestate(), None, "{bad:?}");
+        }
+        let tp = TraceParent::parse(parent, Some("a=1,\tb=2")).expect("valid");
+        assert_eq!(tp.tracestate(), Some("a=1,\tb=2"));
     }
 
     #[test]

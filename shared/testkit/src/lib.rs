@@ -118,9 +118,17 @@ pub fn subscriber_token(user: &str, topics: &[&str]) -> String {
     })
 }
 
-/// A publisher credential for any target, valid for an hour.
+/// The `sub` of [`publisher_token`].
+pub const TEST_PUBLISHER: &str = "herald-testkit";
+
+/// A publisher credential for any target, valid for an hour, named
+/// [`TEST_PUBLISHER`]. The name makes every credential this returns one
+/// publisher: a `msg_id` deduplicates per publisher, and a token without `sub`
+/// is a publisher of its own, so two calls a second apart (different `exp`)
+/// would otherwise not deduplicate each other's retries.
 pub fn publisher_token() -> String {
     token(Claims {
+        sub: Some(TEST_PUBLISHER.into()),
         herald_publish: Some(PublishClaim::All(true)),
         exp: auth::expiry_in(Duration::from_secs(3600)),
         ..Default::default()

@@ -1,8 +1,10 @@
 //! The real `herald-edge` binary as a child process, for tests that kill a node
-//! (SIGKILL) or stop it with a signal. Killed on drop.
+//! (SIGKILL), stop it with a signal or read what it prints. Killed on drop.
 
+use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -16,6 +18,9 @@ pub struct EdgeProcess {
     /// `127.0.0.1:<port>` it listens on.
     pub addr: String,
     child: Child,
+    /// Everything the process wrote to stderr so far, when started with
+    /// [`EdgeProcess::start_capturing`] (a thread appends as it reads).
+    stderr: Option<Arc<Mutex<Vec<u8>>>>,
 }
 
 /// The command that runs `binary` as a test node on a free port (returned
@@ -44,10 +49,28 @@ impl EdgeProcess {
     /// process binds it, so another test can take it in between: a start that
     /// fails is retried on a fresh port (twice).
     pub async fn start(binary: &Path, env: &[(&str, &str)]) -> anyhow::Result<EdgeProcess> {
+        Self::start_retrying(binary, env, false).await
+    }
+
+    /// Like [`EdgeProcess::start`], but keeps the process's stderr (its logs
+    /// and any panic message) for [`EdgeProcess::stderr`] instead of passing
+    /// it through.
+    pub async fn start_capturing(
+        binary: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<EdgeProcess> {
+        Self::start_retrying(binary, env, true).await
+    }
+
+    async fn start_retrying(
+        binary: &Path,
+        env: &[(&str, &str)],
+        capture: bool,
+    ) -> anyhow::Result<EdgeProcess> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Self::start_once(binary, env).await {
+            match Self::start_once(binary, env, capture).await {
                 Ok(process) => return Ok(process),
                 Err(err) if attempt < 3 => {
                     eprintln!("herald-edge start failed ({err:#}); retrying")
@@ -57,12 +80,48 @@ impl EdgeProcess {
         }
     }
 
-    async fn start_once(binary: &Path, env: &[(&str, &str)]) -> anyhow::Result<EdgeProcess> {
+    async fn start_once(
+        binary: &Path,
+        env: &[(&str, &str)],
+        capture: bool,
+    ) -> anyhow::Result<EdgeProcess> {
         let (mut command, addr) = command(binary, env)?;
-        let child = command.spawn().context("starting herald-edge")?;
-        let mut process = EdgeProcess { addr, child };
+        if capture {
+            command.stderr(Stdio::piped());
+        }
+        let mut child = command.spawn().context("starting herald-edge")?;
+        let stderr = child.stderr.take().map(|mut pipe| {
+            let captured = Arc::new(Mutex::new(Vec::new()));
+            let sink = Arc::clone(&captured);
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(read @ 1..) = pipe.read(&mut chunk) {
+                    sink.lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .extend_from_slice(&chunk[..read]);
+                }
+            });
+            captured
+        });
+        let mut process = EdgeProcess {
+            addr,
+            child,
+            stderr,
+        };
         process.wait_ready().await?;
         Ok(process)
+    }
+
+    /// What the process has written to stderr so far (lossy UTF-8); empty
+    /// unless it was started with [`EdgeProcess::start_capturing`].
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .as_ref()
+            .map(|captured| {
+                let bytes = captured.lock().unwrap_or_else(|p| p.into_inner());
+                String::from_utf8_lossy(&bytes).into_owned()
+            })
+            .unwrap_or_default()
     }
 
     /// `http://<addr><path>`.

@@ -6,6 +6,7 @@
 //! - `credentials`: where a request's token is read from (header, query,
 //!   cookie), and the publisher check every publisher endpoint runs;
 //! - [`publish`]: `POST /v1/publish`;
+//! - [`idempotency`]: `msg_id` dedup keys scoped to publisher and target;
 //! - [`health`]: `/healthz`, `/readyz`, `/v1/cluster`, `/v1/presence`, `/metrics`;
 //! - [`throttle`]: per-credential publish rate limits;
 //! - [`server`]: the hyper accept loop (header timeouts, size limits, killing a
@@ -15,6 +16,7 @@ mod credentials;
 pub mod direct;
 pub mod errors;
 pub mod health;
+mod idempotency;
 pub mod publish;
 pub mod server;
 pub mod stream;

@@ -5,12 +5,19 @@
 //! string is sent as is, any other JSON value as its compact JSON text),
 //! `"event"` (optional SSE event type), `"msg_id"` (optional idempotency key).
 //! Answers `{"id": "<sse id>", "duplicate": false}` once the bus stored the event.
+//!
+//! Every field is validated before anything is built from it: a value that
+//! could not travel unchanged in a NATS subject, a NATS header or the SSE
+//! framing is a 400 whose code names the field (`invalid_user`,
+//! `invalid_topic`, `invalid_event`, `invalid_msg_id`), never a panic further
+//! down. The `msg_id` reaches the bus only as a key scoped to the publisher
+//! and the target (see [`super::idempotency`]).
 
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
-use herald_protocol::{EventType, Target, TraceParent};
+use herald_protocol::{EventType, MsgId, Target, TargetKind, TraceParent};
 use serde::Deserialize;
 use serde_json::json;
 use warp::http::{HeaderMap, StatusCode};
@@ -20,10 +27,9 @@ use warp::{Rejection, Reply};
 use super::AppState;
 use super::credentials::require_publisher;
 use super::errors::ApiError;
+use super::idempotency::dedup_key;
+use crate::auth::PublisherId;
 use crate::bus::{PublishError, PublishRequest};
-
-/// Longest accepted `msg_id`, bytes.
-pub const MAX_MSG_ID_BYTES: usize = 256;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,7 +48,7 @@ pub async fn publish(
     body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
 ) -> Result<Response, Rejection> {
     let publisher = require_publisher(&state.auth, &headers)?;
-    if let Err(wait) = state.throttle.take(&publisher.id) {
+    if let Err(wait) = state.throttle.take(&publisher.id.to_string()) {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
@@ -55,20 +61,20 @@ pub async fn publish(
         .into());
     }
     let body = read_limited(body, &headers, state.settings.http.max_body_bytes).await?;
-    let mut request = parse(&body)?;
-    request.trace = trace_context(&headers);
-    if !publisher.may_publish(&request.target) {
+    let publication = parse(&body)?;
+    if !publisher.may_publish(&publication.target) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!(
                 "this credential may not publish to {}",
-                request.target.kind().as_str()
+                publication.target.kind().as_str()
             ),
         )
         .into());
     }
-    let target = request.target.clone();
+    let target = publication.target.clone();
+    let request = publication.into_request(&publisher.id, trace_context(&headers));
     match state.bus.publish(request).await {
         Ok(receipt) => {
             if !receipt.duplicate {
@@ -148,13 +154,38 @@ async fn read_limited(
     Ok(collected.freeze())
 }
 
-/// Validates a JSON body into a publish request.
-fn parse(body: &[u8]) -> Result<PublishRequest, ApiError> {
+/// A validated publish body, before it is scoped to its publisher.
+#[derive(Debug)]
+struct Publication {
+    target: Target,
+    event_type: Option<EventType>,
+    data: String,
+    msg_id: Option<MsgId>,
+}
+
+impl Publication {
+    /// The bus request: the `msg_id` becomes its key scoped to `publisher`
+    /// and the target, so it deduplicates only that publisher's retries.
+    fn into_request(self, publisher: &PublisherId, trace: Option<TraceParent>) -> PublishRequest {
+        PublishRequest {
+            msg_id: self
+                .msg_id
+                .map(|msg_id| dedup_key(publisher, &self.target, &msg_id)),
+            target: self.target,
+            event_type: self.event_type,
+            data: self.data,
+            trace,
+        }
+    }
+}
+
+/// Validates a JSON body into a publication; every refusal names its field.
+fn parse(body: &[u8]) -> Result<Publication, ApiError> {
     let body: PublishBody = serde_json::from_slice(body)
         .map_err(|err| ApiError::bad_request("invalid_json", format!("invalid body: {err}")))?;
-    let target = match (body.user, body.topic) {
-        (Some(user), None) => Target::user(user),
-        (None, Some(topic)) => Target::topic(topic),
+    let (kind, name) = match (body.user, body.topic) {
+        (Some(user), None) => (TargetKind::User, user),
+        (None, Some(topic)) => (TargetKind::Topic, topic),
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request(
                 "ambiguous_target",
@@ -167,33 +198,33 @@ fn parse(body: &[u8]) -> Result<PublishRequest, ApiError> {
                 "give a \"user\" or a \"topic\" to publish to",
             ));
         }
-    }
-    .map_err(|err| ApiError::bad_request("invalid_target", err.to_string()))?;
+    };
+    let target = Target::new(kind, name).map_err(|err| {
+        let code = match kind {
+            TargetKind::User => "invalid_user",
+            TargetKind::Topic => "invalid_topic",
+        };
+        ApiError::bad_request(code, err.to_string())
+    })?;
     let event_type = body
         .event
         .map(EventType::new)
         .transpose()
         .map_err(|err| ApiError::bad_request("invalid_event", err.to_string()))?;
-    if body
+    let msg_id = body
         .msg_id
-        .as_ref()
-        .is_some_and(|id| id.is_empty() || id.len() > MAX_MSG_ID_BYTES)
-    {
-        return Err(ApiError::bad_request(
-            "invalid_msg_id",
-            format!("msg_id must be 1 to {MAX_MSG_ID_BYTES} bytes"),
-        ));
-    }
+        .map(MsgId::new)
+        .transpose()
+        .map_err(|err| ApiError::bad_request("invalid_msg_id", err.to_string()))?;
     let data = match body.data {
         serde_json::Value::String(text) => text,
         other => other.to_string(),
     };
-    Ok(PublishRequest {
+    Ok(Publication {
         target,
         event_type,
         data,
-        msg_id: body.msg_id,
-        trace: None,
+        msg_id,
     })
 }
 
@@ -224,11 +255,11 @@ mod tests {
             object.event_type.map(|t| t.to_string()),
             Some("update".into())
         );
-        assert_eq!(object.msg_id.as_deref(), Some("m-1"));
+        assert_eq!(object.msg_id.map(|id| id.to_string()), Some("m-1".into()));
     }
 
     #[test]
-    fn bad_bodies_are_refused_with_a_code_naming_the_problem() {
+    fn bad_bodies_are_refused_with_a_code_naming_the_field() {
         assert_eq!(code("not json"), "invalid_json");
         assert_eq!(code(r#"{"data":"x"}"#), "missing_target");
         assert_eq!(
@@ -237,7 +268,9 @@ mod tests {
         );
         assert_eq!(code(r#"{"user":"a"}"#), "invalid_json");
         assert_eq!(code(r#"{"user":"a","data":"x","extra":1}"#), "invalid_json");
-        assert_eq!(code(r#"{"user":"","data":"x"}"#), "invalid_target");
+        assert_eq!(code(r#"{"user":"","data":"x"}"#), "invalid_user");
+        assert_eq!(code(r#"{"user":"a\u0000b","data":"x"}"#), "invalid_user");
+        assert_eq!(code(r#"{"topic":"a\r\nb","data":"x"}"#), "invalid_topic");
         assert_eq!(
             code(r#"{"user":"a","data":"x","event":"a\r\ndata: evil"}"#),
             "invalid_event"
@@ -247,8 +280,39 @@ mod tests {
             "invalid_event"
         );
         assert_eq!(
+            code(r#"{"user":"a","data":"x","event":"HERALD.reset"}"#),
+            "invalid_event"
+        );
+        assert_eq!(
             code(r#"{"user":"a","data":"x","msg_id":""}"#),
             "invalid_msg_id"
         );
+        assert_eq!(
+            code(r#"{"user":"a","data":"x","msg_id":"m0\r\nX-Injected: 1"}"#),
+            "invalid_msg_id"
+        );
+        let long = format!(
+            r#"{{"user":"a","data":"x","msg_id":"{}"}}"#,
+            "m".repeat(herald_protocol::msg_id::MAX_MSG_ID_BYTES + 1)
+        );
+        assert_eq!(code(&long), "invalid_msg_id");
+    }
+
+    #[test]
+    fn the_bus_sees_the_msg_id_only_as_a_key_scoped_to_publisher_and_target() {
+        let body = br#"{"user":"alice","data":"x","msg_id":"order-42"}"#;
+        let request = |publisher: &str| {
+            parse(body)
+                .expect("valid")
+                .into_request(&PublisherId::Subject(publisher.into()), None)
+        };
+        let billing = request("billing").msg_id.expect("keyed");
+        assert_ne!(billing, "order-42");
+        assert_eq!(Some(billing.clone()), request("billing").msg_id);
+        assert_ne!(Some(billing), request("mallory").msg_id);
+        let without = parse(br#"{"user":"alice","data":"x"}"#)
+            .expect("valid")
+            .into_request(&PublisherId::Subject("billing".into()), None);
+        assert_eq!(without.msg_id, None);
     }
 }
