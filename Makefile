@@ -117,6 +117,7 @@ RENDERED := $(BIN)/rendered
 
 deploy-check: $(HELM) $(DEPLOY_VENV)/.installed ## Lint, render and schema-check the Helm chart (every ci/ values file), validate compose, nginx -t, Dockerfile rules
 	$(CARGO) build -p herald-edge --locked
+	@test -n "$(CHART_CI)" -a -n "$(CHART_INVALID)" || { echo "deploy-check: no values files in $(CHART)/ci or ci-invalid"; exit 1; }
 	@rm -rf $(RENDERED) && mkdir -p $(RENDERED)
 	@for f in $(CHART_CI); do \
 	  echo "helm lint --strict and helm template: $$f"; \
