@@ -109,16 +109,29 @@ HELM_VERSION ?= v3.16.4
 HELM := $(BIN)/helm
 DEPLOY_VENV := $(BIN)/deploy-venv
 CHART := deploy/helm/herald
-CHART_SECRET := --set auth.hs256Secret=0123456789abcdef0123456789abcdef
+# Every values file in ci/ is linted, rendered and validated; every file in
+# ci-invalid/ must be refused by the chart's values.schema.json.
+CHART_CI := $(wildcard $(CHART)/ci/*-values.yaml)
+CHART_INVALID := $(wildcard $(CHART)/ci-invalid/*-values.yaml)
+RENDERED := $(BIN)/rendered
 
-deploy-check: $(HELM) $(DEPLOY_VENV)/.installed ## Lint and render the Helm chart, validate the compose file, nginx -t, Dockerfile rules
+deploy-check: $(HELM) $(DEPLOY_VENV)/.installed ## Lint, render and schema-check the Helm chart (every ci/ values file), validate compose, nginx -t, Dockerfile rules
 	$(CARGO) build -p herald-edge --locked
-	$(HELM) lint --strict $(CHART) $(CHART_SECRET)
-	$(HELM) lint --strict $(CHART) -f $(CHART)/ci/full-values.yaml
-	$(HELM) template herald $(CHART) --namespace herald $(CHART_SECRET) > $(BIN)/rendered-default.yaml
-	$(HELM) template herald $(CHART) --namespace herald -f $(CHART)/ci/full-values.yaml > $(BIN)/rendered-full.yaml
-	$(DEPLOY_VENV)/bin/python deploy/check/check.py $(DEPLOY_VENV)/compose_spec.json target/debug/herald-edge \
-	  $(BIN)/rendered-default.yaml $(BIN)/rendered-full.yaml
+	@test -n "$(CHART_CI)" -a -n "$(CHART_INVALID)" || { echo "deploy-check: no values files in $(CHART)/ci or ci-invalid"; exit 1; }
+	@rm -rf $(RENDERED) && mkdir -p $(RENDERED)
+	@for f in $(CHART_CI); do \
+	  echo "helm lint --strict and helm template: $$f"; \
+	  $(HELM) lint --strict --quiet $(CHART) -f $$f > $(RENDERED)/lint.log 2>&1 || { cat $(RENDERED)/lint.log; exit 1; }; \
+	  $(HELM) template herald $(CHART) --namespace herald -f $$f > $(RENDERED)/$$(basename $$f .yaml).yaml || exit 1; \
+	done
+	@for f in $(CHART_INVALID); do \
+	  if out=$$($(HELM) template herald $(CHART) --namespace herald -f $$f 2>&1); then \
+	    echo "deploy-check: helm accepted $$f, which values.schema.json must refuse"; exit 1; fi; \
+	  echo "$$out" | grep -q "don't meet the specifications of the schema" \
+	    || { echo "deploy-check: $$f was refused, but not by values.schema.json:"; echo "$$out"; exit 1; }; \
+	  echo "refused, as it must be: $$f ($$(echo "$$out" | grep -c '^- ') schema errors)"; \
+	done
+	$(DEPLOY_VENV)/bin/python deploy/check/check.py $(DEPLOY_VENV)/compose_spec.json target/debug/herald-edge $(RENDERED)/*-values.yaml
 	deploy/check/nginx.sh
 	@# The compose topology as processes (3 NATS, 3 edges, nginx), on ports of its own.
 	CLUSTER_DIR=$(CURDIR)/.cluster-check EDGE_BIN=$(CURDIR)/target/debug/herald-edge BASE_PORT=18080 NATS_PORT=14422 GOSSIP_PORT=17946 \
@@ -167,11 +180,13 @@ $(HELM):
 	@mkdir -p $(BIN)
 	GOBIN=$(BIN) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 
-# jsonschema and PyYAML from PyPI; the Compose specification's JSON schema from
+# deploy/check/requirements.txt from PyPI (jsonschema, PyYAML, kubernetes-validate
+# with the Kubernetes API schemas); the Compose specification's JSON schema from
 # the pinned docker-compose wheel (not installed, only read).
-$(DEPLOY_VENV)/.installed:
+$(DEPLOY_VENV)/.installed: deploy/check/requirements.txt
+	rm -rf $(DEPLOY_VENV)
 	python3 -m venv $(DEPLOY_VENV)
-	$(DEPLOY_VENV)/bin/pip install -q --disable-pip-version-check jsonschema==4.23.0 pyyaml==6.0.2
+	$(DEPLOY_VENV)/bin/pip install -q --disable-pip-version-check -r deploy/check/requirements.txt
 	$(DEPLOY_VENV)/bin/pip download -q --disable-pip-version-check --no-deps docker-compose==1.29.2 -d $(DEPLOY_VENV)/wheels
 	$(DEPLOY_VENV)/bin/python -c "import zipfile, glob; z = zipfile.ZipFile(glob.glob('$(DEPLOY_VENV)/wheels/docker_compose-*.whl')[0]); open('$(DEPLOY_VENV)/compose_spec.json', 'wb').write(z.read('compose/config/compose_spec.json'))"
 	@touch $@

@@ -14,7 +14,7 @@ $cluster up >/dev/null
 trap '$cluster down >/dev/null 2>&1 || true' EXIT
 sub=$(HERALD__AUTH__HS256_SECRET=$HERALD_SECRET "$EDGE_BIN" token --user chromium)
 pub=$(HERALD__AUTH__HS256_SECRET=$HERALD_SECRET "$EDGE_BIN" token --publish)
-verdict=$(BASE="http://127.0.0.1:$BASE_PORT" USER_ID=chromium SUB_TOKEN=$sub PUB_TOKEN=$pub \
+verdict=$(BASE="http://127.0.0.1:$BASE_PORT" PRESENCE_BASE="http://127.0.0.1:$((BASE_PORT + 1))" USER_ID=chromium SUB_TOKEN=$sub PUB_TOKEN=$pub \
   FAULT="${name#chromium-}" KILL_EDGE="$cluster kill-edge {n}" RESTART_EDGE="$cluster restart-edge {n}" \
   node tools/sse-clients/chromium-faults.mjs || true)
 echo "$verdict"

@@ -3,15 +3,28 @@
 
 Usage: check.py COMPOSE_SCHEMA HERALD_EDGE RENDERED_MANIFESTS...
 
+Each RENDERED_MANIFESTS file is `helm template` of the chart with one values
+file from deploy/helm/herald/ci/ (the Makefile renders them).
+
 1. docker compose: deploy/compose/docker-compose.yml against the Compose
    specification's JSON schema (taken from the pinned docker-compose wheel, see
    the Makefile), every `depends_on` names a service and uses a condition that
    service can meet, every bind-mounted file exists, and each Herald service's
    environment (with .env.example's values) is a configuration the real
    `herald-edge` binary accepts (unknown keys and bad values are refused).
-2. Helm: every rendered manifest has apiVersion, kind and a name, only known
-   kinds appear, and the ConfigMap's herald.toml plus the Deployment's
-   environment load in the real binary too.
+   The README's and docs/deploy.md's compose commands, run with `docker`
+   stubbed, leave a .env that sets every variable the compose file requires.
+2. Helm: every rendered manifest validates against the Kubernetes API's JSON
+   schemas (strict: unknown fields refused) of the two newest Kubernetes minor
+   versions the pinned kubernetes-validate ships; the custom resources it has
+   no schema for (CRD_SCHEMAS below: HTTPRoute, PrometheusRule,
+   ServiceMonitor) against minimal schemas of the fields the chart writes.
+   Only known kinds appear, and the ConfigMap's herald.toml plus the
+   Deployment's environment load in the real binary too (key files mounted
+   from Secrets/ConfigMaps replaced by local stand-ins). Every herald_* metric
+   that the PrometheusRule or the Grafana dashboard names is one
+   docs/observability.md lists and services/edge/src/metrics.rs registers, and
+   the chart's copy of the dashboard is deploy/grafana's.
 3. Dockerfile: exec-form ENTRYPOINT, a non-root USER, a HEALTHCHECK and
    STOPSIGNAL in the runtime stage, build args for both base images.
 
@@ -27,23 +40,49 @@ import tempfile
 
 import jsonschema
 import yaml
+from kubernetes_validate import utils as kubernetes_schemas
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "deploy/compose/docker-compose.yml"
 KNOWN_KINDS = {
     "ConfigMap", "Secret", "Service", "Deployment", "PodDisruptionBudget",
-    "HorizontalPodAutoscaler", "ServiceMonitor",
+    "HorizontalPodAutoscaler", "ServiceMonitor", "ServiceAccount", "Ingress",
+    "HTTPRoute", "NetworkPolicy", "PrometheusRule", "Pod",
+}
+# The two newest Kubernetes minor versions whose schemas kubernetes-validate ships.
+KUBERNETES_VERSIONS = sorted({kubernetes_schemas.major_minor(v) for v in kubernetes_schemas.all_versions()},
+                             key=lambda v: tuple(map(int, v.split("."))))[-2:]
+# Environment variables the chart fills from a Secret, and what stands in for
+# them when the real binary loads the configuration.
+SECRET_STAND_INS = {
+    "HERALD__AUTH__HS256_SECRET": "0123456789abcdef0123456789abcdef-deploy-check",
+    "HERALD__TELEMETRY__OTLP_HEADERS": "authorization=Bearer deploy-check",
+}
+# Key files mounted from a Secret or ConfigMap, by the variable naming them.
+KEY_FILE_STAND_INS = {
+    "HERALD__AUTH__PUBLIC_KEY_FILE": (ROOT / "services/edge/tests/keys/rsa-public.pem").read_text(),
+    "HERALD__AUTH__JWKS_FILE": '{"keys": []}\n',
+    "HERALD__AUTH__JWKS_CA_FILE": (ROOT / "services/edge/tests/keys/rsa-public.pem").read_text(),
+}
+# Contract v2 keys (docs: DESIGN.md) a herald-edge binary may not know yet
+# (issue 19, item 1). When the binary refuses one as unknown, the rest of the
+# configuration is still checked, with a JWKS file standing in for the URL.
+V2_KEY_SOURCES = {
+    "HERALD__AUTH__JWKS_URL": "jwks_url",
+    "HERALD__AUTH__OIDC_ISSUER": "oidc_issuer",
+    "HERALD__AUTH__JWKS_CA_FILE": "jwks_ca_file",
 }
 problems = []
+notes = []
 
 
 def problem(message: str) -> None:
     problems.append(message)
 
 
-def herald_accepts(what: str, env: dict, config_text: str | None = None) -> None:
+def herald_refusal(env: dict, config_text: str | None = None) -> str | None:
     """Runs `herald-edge token` (which loads and validates the configuration)
-    with exactly `env` and, if given, a config file."""
+    with exactly `env` and, if given, a config file; returns why it refused."""
     with tempfile.TemporaryDirectory() as tmp:
         args = [HERALD_EDGE, "token", "--user", "deploy-check"]
         if config_text is not None:
@@ -52,8 +91,13 @@ def herald_accepts(what: str, env: dict, config_text: str | None = None) -> None
             args += ["--config", str(path)]
         run = subprocess.run(args, env={"PATH": os.environ.get("PATH", "")} | env,
                              capture_output=True, text=True)
-        if run.returncode != 0:
-            problem(f"{what}: herald-edge refuses this configuration: {run.stderr.strip()}")
+        return run.stderr.strip() if run.returncode != 0 else None
+
+
+def herald_accepts(what: str, env: dict, config_text: str | None = None) -> None:
+    refusal = herald_refusal(env, config_text)
+    if refusal:
+        problem(f"{what}: herald-edge refuses this configuration: {refusal}")
 
 
 def dotenv(path: pathlib.Path) -> dict:
@@ -107,7 +151,209 @@ def check_compose(schema_path: str) -> None:
             herald_accepts(f"compose service {name}", env)
 
 
+def check_compose_commands() -> None:
+    """The compose commands in README.md and docs/deploy.md, pasted into bash
+    at the repository's root with `docker` stubbed: they must run docker
+    compose in deploy/compose with a .env that sets every ${VAR:?} the
+    compose file requires (an HS256 secret of at least 32 bytes)."""
+    compose_text = COMPOSE.read_text()
+    required = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):\?", compose_text))
+    for doc in ("README.md", "docs/deploy.md"):
+        blocks = [b for b in re.findall(r"```sh\n(.*?)```", (ROOT / doc).read_text(), re.S)
+                  if "docker compose -p herald up" in b]
+        if not blocks:
+            problem(f"{doc}: no sh block with `docker compose -p herald up`")
+        for block in blocks:
+            with tempfile.TemporaryDirectory() as tmp:
+                compose_dir = pathlib.Path(tmp) / "deploy/compose"
+                compose_dir.mkdir(parents=True)
+                (compose_dir / ".env.example").write_text((COMPOSE.parent / ".env.example").read_text())
+                stub = 'docker() { printf "%s\\n%s\\n" "$PWD" "$*" > "$STUB_OUT"; }\n'
+                run = subprocess.run(["bash", "-euo", "pipefail", "-c", stub + block], cwd=tmp,
+                                     env=os.environ | {"STUB_OUT": f"{tmp}/docker-call"},
+                                     capture_output=True, text=True)
+                call = pathlib.Path(tmp, "docker-call")
+                if run.returncode != 0 or not call.exists():
+                    problem(f"{doc}: the compose commands fail as pasted: {run.stderr.strip()}")
+                    continue
+                cwd, args = call.read_text().splitlines()[:2]
+                if pathlib.Path(cwd) != compose_dir or not args.startswith("compose -p herald up"):
+                    problem(f"{doc}: docker {args} runs in {cwd}, not deploy/compose")
+                env_file = compose_dir / ".env"
+                values = dotenv(env_file) if env_file.exists() else {}
+                for name in sorted(required):
+                    if not values.get(name):
+                        problem(f"{doc}: after its commands, .env does not set {name}, which the compose file requires")
+                if len(values.get("HERALD_SECRET", "").encode()) < 32:
+                    problem(f"{doc}: after its commands, HERALD_SECRET is shorter than 32 bytes")
+
+
+def crd_schemas() -> dict:
+    """Minimal schemas for the custom resources the chart renders, which
+    kubernetes-validate has no schema for: the fields the chart writes, with
+    unknown fields refused where the chart controls them (a misspelt field in
+    a template fails here instead of being dropped by the API server)."""
+    def strict(properties, required=()):
+        return {"type": "object", "additionalProperties": False,
+                "properties": properties, "required": list(required)}
+    string = {"type": "string"}
+    strings = {"type": "array", "items": string}
+    labels = {"type": "object", "additionalProperties": string}
+    duration = {"type": "string", "pattern": "^([0-9]{1,5}(h|m|s|ms)){1,4}$"}
+    metadata = {"type": "object", "required": ["name"],
+                "properties": {"name": string, "namespace": string, "labels": labels, "annotations": labels}}
+    def resource(api_version, kind, spec):
+        return strict({"apiVersion": {"const": api_version}, "kind": {"const": kind},
+                       "metadata": metadata, "spec": spec}, ["apiVersion", "kind", "metadata", "spec"])
+    label_selector = {"type": "object", "properties": {"matchLabels": labels, "matchExpressions": {"type": "array"}}}
+    return {
+        # Gateway API v1 (gateway.networking.k8s.io), the standard channel's fields.
+        "HTTPRoute": resource("gateway.networking.k8s.io/v1", "HTTPRoute", strict({
+            "parentRefs": {"type": "array", "minItems": 1, "items": strict({
+                "group": string, "kind": string, "namespace": string, "name": string,
+                "sectionName": string, "port": {"type": "integer"}}, ["name"])},
+            "hostnames": strings,
+            "rules": {"type": "array", "items": strict({
+                "name": string,
+                "matches": {"type": "array", "items": strict({
+                    "path": strict({"type": {"enum": ["Exact", "PathPrefix", "RegularExpression"]},
+                                    "value": string}),
+                    "headers": {"type": "array"}, "queryParams": {"type": "array"}, "method": string})},
+                "filters": {"type": "array"},
+                "backendRefs": {"type": "array", "items": strict({
+                    "group": string, "kind": string, "name": string, "namespace": string,
+                    "port": {"type": "integer"}, "weight": {"type": "integer"}, "filters": {"type": "array"}},
+                    ["name"])},
+                "timeouts": strict({"request": duration, "backendRequest": duration}),
+            })},
+        }, ["parentRefs", "rules"])),
+        # Prometheus Operator (monitoring.coreos.com/v1).
+        "PrometheusRule": resource("monitoring.coreos.com/v1", "PrometheusRule", strict({
+            "groups": {"type": "array", "minItems": 1, "items": strict({
+                "name": string, "interval": duration, "limit": {"type": "integer"},
+                "rules": {"type": "array", "minItems": 1, "items": {
+                    **strict({"alert": string, "record": string, "expr": {"type": "string", "minLength": 1},
+                              "for": duration, "keep_firing_for": duration,
+                              "labels": labels, "annotations": labels}, ["expr"]),
+                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}]}},
+            }, ["name", "rules"])},
+        }, ["groups"])),
+        "ServiceMonitor": resource("monitoring.coreos.com/v1", "ServiceMonitor", strict({
+            "selector": label_selector,
+            "namespaceSelector": {"type": "object"},
+            "jobLabel": string,
+            "endpoints": {"type": "array", "minItems": 1, "items": strict({
+                "port": string, "path": string, "interval": duration, "scrapeTimeout": duration,
+                "scheme": {"enum": ["http", "https"]}, "honorLabels": {"type": "boolean"},
+                "relabelings": {"type": "array"}, "metricRelabelings": {"type": "array"}})},
+        }, ["selector", "endpoints"])),
+    }
+
+
+CRD_SCHEMAS = crd_schemas()
+
+
+def check_kubernetes_schema(path: str, document: dict) -> None:
+    kind = document.get("kind")
+    name = (document.get("metadata") or {}).get("name")
+    where = f"{pathlib.Path(path).name}: {kind}/{name}"
+    if kind in CRD_SCHEMAS:
+        for error in jsonschema.Draft7Validator(CRD_SCHEMAS[kind]).iter_errors(document):
+            location = "/".join(str(p) for p in error.absolute_path)
+            problem(f"{where}: {location}: {error.message} (minimal {kind} schema in check.py)")
+        return
+    for version in KUBERNETES_VERSIONS:
+        try:
+            kubernetes_schemas.validate(document, version, strict=True)
+        except kubernetes_schemas.SchemaNotFoundError as error:
+            problem(f"{where}: {error.message}")
+        except kubernetes_schemas.ValidationError as error:
+            location = "/".join(str(p) for p in error.path)
+            problem(f"{where}: Kubernetes {version}: {location}: {error.message}")
+
+
+def documented_metrics() -> set:
+    """herald_* metric names in docs/observability.md's table, each checked
+    against a registration in services/edge/src/metrics.rs."""
+    table = (ROOT / "docs/observability.md").read_text()
+    names = set(re.findall(r"^\| `(herald_[a-z_]+)(?:\{[^}]*\})?` \|", table, re.M))
+    source = (ROOT / "services/edge/src/metrics.rs").read_text()
+    registered = set(re.findall(r'register\(\s*"([a-z_]+)"', source))
+    for name in names:
+        base = re.sub(r"_total$", "", name.removeprefix("herald_"))
+        if base not in registered and name != "herald_heap_allocated_bytes":
+            problem(f"docs/observability.md lists {name}, which services/edge/src/metrics.rs does not register")
+    return names
+
+
+def check_metric_names(where: str, expressions: list, known: set) -> None:
+    for expression in expressions:
+        for name in set(re.findall(r"\bherald_[a-z_]+", expression)):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            if name not in known and base not in known:
+                problem(f"{where}: {name} is not a metric herald-edge exports (docs/observability.md)")
+
+
+def check_dashboard(known: set) -> None:
+    original = ROOT / "deploy/grafana/herald-dashboard.json"
+    copy = ROOT / "deploy/helm/herald/dashboards/herald-dashboard.json"
+    if original.read_bytes() != copy.read_bytes():
+        problem(f"{copy.relative_to(ROOT)} differs from {original.relative_to(ROOT)}: cp the second over the first")
+    expressions = re.findall(r'"expr":\s*"((?:[^"\\]|\\.)*)"', original.read_text())
+    check_metric_names(str(original.relative_to(ROOT)), expressions, known)
+
+
+def container_env(path: str, spec: dict) -> dict:
+    """The edge container's environment as the binary would see it, with
+    Secret values and mounted key files replaced by local stand-ins."""
+    container = spec["containers"][0]
+    stand_in_dir = pathlib.Path(tempfile.mkdtemp(prefix="deploy-check-"))
+    mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
+    env = {}
+    for item in container.get("env", []):
+        name = item["name"]
+        if "value" in item:
+            value = item["value"].replace("$(POD_IP)", "10.0.0.7")
+            if name in KEY_FILE_STAND_INS and any(value.startswith(m + "/") for m in mounts):
+                local = stand_in_dir / value.lstrip("/")
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_text(KEY_FILE_STAND_INS[name])
+                value = str(local)
+            elif value.startswith("/etc/herald-auth/"):
+                problem(f"{path}: {name}={value} is not under any of the container's volume mounts")
+            env[name] = value
+        elif "secretKeyRef" in item.get("valueFrom", {}):
+            if name not in SECRET_STAND_INS:
+                problem(f"{path}: {name} comes from a Secret and check.py has no stand-in for it (SECRET_STAND_INS)")
+            env[name] = SECRET_STAND_INS.get(name, "")
+        else:
+            env[name] = "pod-0"
+    return env
+
+
+def check_herald_loads(path: str, env: dict, config: str) -> None:
+    what = f"{path}: ConfigMap herald.toml with the Deployment's environment"
+    if "HERALD__AUTH__HS256_SECRET" not in env:
+        # `token` mints with an HS256 secret; an unused one changes no rule.
+        env = env | {"HERALD__AUTH__HS256_SECRET": SECRET_STAND_INS["HERALD__AUTH__HS256_SECRET"]}
+    refusal = herald_refusal(env, config)
+    present = sorted(key for var, key in V2_KEY_SOURCES.items() if var in env)
+    if any(f"unknown field `{key}`" in (refusal or "") for key in present):
+        unknown = present
+        stand_in = {k: v for k, v in env.items() if k not in V2_KEY_SOURCES}
+        if "HERALD__AUTH__JWKS_FILE" not in stand_in:
+            jwks = pathlib.Path(tempfile.mkdtemp(prefix="deploy-check-")) / "jwks.json"
+            jwks.write_text(KEY_FILE_STAND_INS["HERALD__AUTH__JWKS_FILE"])
+            stand_in["HERALD__AUTH__JWKS_FILE"] = str(jwks)
+        notes.append(f"{pathlib.Path(path).name}: this herald-edge does not know auth.{', auth.'.join(unknown)} "
+                     "yet (contract v2, issue 19 item 1): the rest was checked with a JWKS file in their place")
+        refusal = herald_refusal(stand_in, config)
+    if refusal:
+        problem(f"{what}: herald-edge refuses this configuration: {refusal}")
+
+
 def check_manifests(paths: list) -> None:
+    known_metrics = documented_metrics()
     for path in paths:
         documents = [d for d in yaml.safe_load_all(pathlib.Path(path).read_text()) if d]
         if not documents:
@@ -119,26 +365,24 @@ def check_manifests(paths: list) -> None:
             name = (document.get("metadata") or {}).get("name")
             if not document.get("apiVersion") or not kind or not name:
                 problem(f"{path}: a manifest without apiVersion, kind or metadata.name")
+                continue
             if kind not in KNOWN_KINDS:
                 problem(f"{path}: unexpected kind {kind}")
+            check_kubernetes_schema(path, document)
+            if kind == "PrometheusRule":
+                expressions = [r["expr"] for g in document["spec"]["groups"] for r in g["rules"]]
+                check_metric_names(f"{path}: PrometheusRule", expressions, known_metrics)
         for needed in ("Deployment", "ConfigMap", "Service"):
             if needed not in kinds:
                 problem(f"{path}: no {needed}")
-        config = next((d["data"]["herald.toml"] for d in documents if d.get("kind") == "ConfigMap"), None)
+        config = next((d["data"]["herald.toml"] for d in documents
+                       if d.get("kind") == "ConfigMap" and "herald.toml" in d.get("data", {})), None)
         deployment = next((d for d in documents if d.get("kind") == "Deployment"), None)
         if config is None or deployment is None:
             continue
         spec = deployment["spec"]["template"]["spec"]
         container = spec["containers"][0]
-        env = {}
-        for item in container.get("env", []):
-            if "value" in item:
-                env[item["name"]] = item["value"].replace("$(POD_IP)", "10.0.0.7")
-            elif "secretKeyRef" in item.get("valueFrom", {}):
-                env[item["name"]] = "0123456789abcdef0123456789abcdef-deploy-check"
-            else:
-                env[item["name"]] = "pod-0"
-        herald_accepts(f"{path}: ConfigMap herald.toml with the Deployment's environment", env, config)
+        check_herald_loads(path, container_env(path, spec), config)
         grace = spec.get("terminationGracePeriodSeconds", 30)
         drain = re.search(r"drain_ms = (\d+)", config)
         if drain and grace * 1000 <= int(drain.group(1)):
@@ -149,6 +393,13 @@ def check_manifests(paths: list) -> None:
         security = container.get("securityContext", {})
         if not security.get("readOnlyRootFilesystem") or not spec.get("securityContext", {}).get("runAsNonRoot"):
             problem(f"{path}: the container must run as non-root with a read-only root filesystem")
+        public = {p["path"] for d in documents if d.get("kind") == "Ingress"
+                  for rule in d["spec"]["rules"] for p in rule["http"]["paths"]}
+        public |= {m["path"]["value"] for d in documents if d.get("kind") == "HTTPRoute"
+                   for rule in d["spec"]["rules"] for m in rule.get("matches", [])}
+        if public - {"/v1/stream", "/v1/publish"}:
+            problem(f"{path}: the Ingress/HTTPRoute exposes {sorted(public)}; only /v1/stream and /v1/publish are public")
+    check_dashboard(known_metrics)
 
 
 def check_dockerfile() -> None:
@@ -172,10 +423,14 @@ def check_dockerfile() -> None:
 if __name__ == "__main__":
     schema, HERALD_EDGE, *rendered = sys.argv[1:]
     check_compose(schema)
+    check_compose_commands()
     check_manifests(rendered)
     check_dockerfile()
+    for line in notes:
+        print(f"deploy-check: note: {line}")
     for line in problems:
         print(f"deploy-check: {line}", file=sys.stderr)
     if problems:
         sys.exit(1)
-    print(f"deploy-check: compose, {len(rendered)} rendered chart(s) and the Dockerfile are consistent")
+    print(f"deploy-check: compose, {len(rendered)} rendered chart(s) (Kubernetes {' and '.join(KUBERNETES_VERSIONS)} "
+          f"schemas; {', '.join(sorted(CRD_SCHEMAS))} against minimal schemas) and the Dockerfile are consistent")

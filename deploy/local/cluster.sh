@@ -158,7 +158,13 @@ check() {
   wait_for "the event through nginx" grep -q '^data: through nginx' "$out"
   kill "$reader" 2>/dev/null || true
   rm -f "$out"
-  echo "cluster: an event published through nginx reached a stream opened through nginx"
+  # Only streams and publish are public (docs/deploy.md, "Exposing Herald").
+  local path status
+  for path in /v1/cluster /v1/presence/cluster-check /metrics /healthz /readyz; do
+    status=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $pub" "http://127.0.0.1:$BASE_PORT$path")
+    [ "$status" = 404 ] || { echo "cluster: nginx answers $status for $path, which must not be exposed" >&2; return 1; }
+  done
+  echo "cluster: an event published through nginx reached a stream opened through nginx; cluster, presence, metrics and health are not exposed"
 }
 
 nats_healthy() { # index 0..2

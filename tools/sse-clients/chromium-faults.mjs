@@ -46,8 +46,10 @@ async function publish(k) {
   throw new Error(`publish ${k}: ${last}`);
 }
 
+// Presence is not public (nginx routes only streams and publish): ask an edge
+// directly (PRESENCE_BASE), any of them answers for the whole cluster.
 async function edgeHoldingTheStream() {
-  const response = await fetch(`${base}/v1/presence/${encodeURIComponent(user)}`, {
+  const response = await fetch(`${process.env.PRESENCE_BASE ?? base}/v1/presence/${encodeURIComponent(user)}`, {
     headers: { authorization: `Bearer ${process.env.PUB_TOKEN}` },
   });
   const body = await response.json();
