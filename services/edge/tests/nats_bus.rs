@@ -933,3 +933,167 @@ async fn a_conflicting_stream_is_refused_unless_updates_are_allowed() {
     let id = publish_to(&node, json!({"user": "alice", "data": "works"})).await;
     assert_eq!(stream.next_event(PATIENCE).await.expect("event").id, id);
 }
+
+/// A live copy whose previous sequence is not the last one the node
+/// delivered for its target is never written as it is: here a forged copy
+/// names a sequence far ahead, after a previous sequence the stream never
+/// held. The node fills from the stream instead (which holds nothing of it),
+/// drops the copy, and the target's real events keep flowing in order.
+#[tokio::test]
+async fn a_live_copy_that_does_not_connect_is_never_written_as_it_is() {
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node(&nats).await;
+    let mut stream = SseClient::open(&node, "alice").await.expect("stream");
+    let e1 = publish_to(&node, json!({"user": "alice", "data": "e1"})).await;
+    assert_eq!(stream.next_event(PATIENCE).await.expect("e1").id, e1);
+    let delivered = sequence_of(&e1);
+
+    let client = async_nats::connect(nats.url()).await.expect("client");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Sequence", (delivered + 1_000).to_string().as_str());
+    headers.insert("Nats-Last-Sequence", (delivered + 999).to_string().as_str());
+    headers.insert("Nats-Time-Stamp", "2030-01-01T00:00:00.000000001Z");
+    client
+        .publish_with_headers("herald-live.user.alice", headers, "forged".into())
+        .await
+        .expect("sent");
+    client.flush().await.expect("flushed");
+
+    let e2 = publish_to(&node, json!({"user": "alice", "data": "e2"})).await;
+    let e3 = publish_to(&node, json!({"user": "alice", "data": "e3"})).await;
+    let events = stream.events(2).await.expect("e2, e3");
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.id.as_str(), e.data.as_str()))
+            .collect::<Vec<_>>(),
+        [(e2.as_str(), "e2"), (e3.as_str(), "e3")],
+        "the forged copy was written, or pushed the real events aside"
+    );
+}
+
+/// A copy of an event already delivered (a new leader re-sending what the
+/// old one sent) is dropped silently; so is a copy that names a delivered
+/// sequence with another store time while the stream still holds the
+/// delivered event there (the stream is asked before anything is decided):
+/// no reset, no stream ended, the next event follows.
+#[tokio::test]
+async fn a_resent_copy_is_dropped_and_a_reused_sequence_is_checked_against_the_stream() {
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node(&nats).await;
+    let mut stream = SseClient::open(&node, "alice").await.expect("stream");
+    let e1 = publish_to(&node, json!({"user": "alice", "data": "e1"})).await;
+    assert_eq!(stream.next_event(PATIENCE).await.expect("e1").id, e1);
+
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    let stored = js
+        .get_stream("HERALD")
+        .await
+        .expect("stream")
+        .get_raw_message(sequence_of(&e1))
+        .await
+        .expect("e1 stored");
+    let stamp = time::OffsetDateTime::from(stored.time)
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("a time stamp");
+    let client = js.client();
+    for (stamp, data) in [
+        (stamp.as_str(), "a re-send of e1"),
+        ("2030-01-01T00:00:00Z", "another event under e1's sequence"),
+    ] {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Sequence", sequence_of(&e1).to_string().as_str());
+        headers.insert("Nats-Last-Sequence", "0");
+        headers.insert("Nats-Time-Stamp", stamp);
+        client
+            .publish_with_headers("herald-live.user.alice", headers, data.into())
+            .await
+            .expect("sent");
+    }
+    client.flush().await.expect("flushed");
+
+    let e2 = publish_to(&node, json!({"user": "alice", "data": "e2"})).await;
+    let next = stream.next_event(PATIENCE).await.expect("e2");
+    assert_eq!((next.id.as_str(), next.data.as_str()), (e2.as_str(), "e2"));
+    assert_eq!(metric(&node, "herald_history_changes_total"), 0);
+}
+
+/// A stored history that went back while the node's connection stayed up:
+/// the stream is recreated under the same epoch (as a store restored from a
+/// copy keeps it), and the user's next event lands beyond every sequence the
+/// client had, after a previous sequence that is not the one delivered. The
+/// chain does not connect and the delivered event no longer stands, so the
+/// node ends the stream instead of writing the event, and the resume is told
+/// with one `herald.reset`.
+#[tokio::test]
+async fn a_history_rewound_without_a_reconnect_ends_the_stream_and_resets_it() {
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node(&nats).await;
+    let mut stream = SseClient::open(&node, "alice").await.expect("stream");
+    let mut sent = Vec::new();
+    for data in ["old 1", "old 2"] {
+        sent.push(publish_to(&node, json!({"user": "alice", "data": data})).await);
+    }
+    assert_eq!(stream.events(2).await.expect("old events")[1].id, sent[1]);
+    let epoch = sent[1].split('-').next().expect("epoch").to_owned();
+
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    let mut config = js
+        .get_stream("HERALD")
+        .await
+        .expect("stream")
+        .cached_info()
+        .config
+        .clone();
+    config.metadata.insert("herald_epoch".into(), epoch);
+    js.delete_stream("HERALD").await.expect("deleted");
+    js.create_stream(config)
+        .await
+        .expect("recreated, same epoch");
+    for _ in 0..3 {
+        store(&js, "herald.user.bob", "someone else").await;
+    }
+    let new = store(&js, "herald.user.alice", "new history").await;
+    assert!(new > sequence_of(&sent[1]), "beyond what the client had");
+
+    let rest = stream.until_end(PATIENCE).await.expect("the stream ends");
+    assert!(
+        !rest
+            .iter()
+            .any(|item| matches!(item, Item::Event(e) if e.data == "new history")),
+        "an event of the rewound history was written: {rest:?}"
+    );
+    let mut resumed = resume(&node, "alice", &sent[1]).await;
+    let reset = resumed.next_event(PATIENCE).await.expect("reset");
+    assert_eq!(reset.event_type, "herald.reset", "{reset:?}");
+}
+
+/// A live copy lost for a user who then receives nothing more still reaches
+/// the stream: the periodic check finds the stored event that never arrived
+/// and fills it, with no later event to reveal the gap.
+#[tokio::test]
+async fn a_lost_live_copy_of_a_quiet_target_arrives_without_another_event() {
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node_with(&nats, |n| n.check_interval_ms = 500).await;
+    let mut stream = SseClient::open(&node, "alice").await.expect("stream");
+    let e1 = publish_to(&node, json!({"user": "alice", "data": "e1"})).await;
+    assert_eq!(stream.next_event(PATIENCE).await.expect("e1").id, e1);
+
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    let lost =
+        publish_losing_the_live_copy(&js, &node, json!({"user": "alice", "data": "e2"})).await;
+    let event = stream.next_event(PATIENCE).await.expect("the lost event");
+    assert_eq!(
+        (event.id.as_str(), event.data.as_str()),
+        (lost.as_str(), "e2")
+    );
+    assert_eq!(metric(&node, "herald_gap_repairs_total"), 1);
+}
+
+/// The stream sequence of a single-target id (`<epoch>-<seq>`).
+fn sequence_of(id: &str) -> u64 {
+    id.rsplit('-')
+        .next()
+        .and_then(|seq| seq.parse().ok())
+        .expect("an <epoch>-<seq> id")
+}
