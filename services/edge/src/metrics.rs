@@ -124,6 +124,14 @@ metrics! {
     /// acknowledged writes, a recreated stream) and ended every stream.
     history_changes: Counter, "history_changes",
         "Times the stored history changed under this node (lost writes, recreated stream); every stream resumed with herald.reset";
+    /// Checks of every followed target against the stream (NATS bus): each
+    /// finds stored events whose live copy never arrived.
+    live_checks: Counter, "live_checks",
+        "Checks of every followed target against the stream for events whose live copy never arrived";
+    /// Requests the live checks sent to the stream (one batched read per
+    /// 1,000 followed targets on nats-server 2.11+, one per target before).
+    live_check_reads: Counter, "live_check_reads",
+        "Stream reads made by the live checks";
     /// Bus messages dropped as undeliverable (bad subject, UTF-8, type, size).
     bus_bad_events: Counter, "bus_bad_events", "Bus messages dropped as undeliverable";
     /// 1 while the NATS connection is up (NATS bus only).
@@ -190,6 +198,8 @@ mod tests {
             "herald_gap_repairs counter",
             "herald_stream_leader_changes counter",
             "herald_history_changes counter",
+            "herald_live_checks counter",
+            "herald_live_check_reads counter",
             "herald_bus_bad_events counter",
             "herald_nats_connected gauge",
             "herald_queued_events gauge",

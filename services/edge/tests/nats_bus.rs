@@ -993,7 +993,8 @@ async fn a_resent_copy_is_dropped_and_a_reused_sequence_is_checked_against_the_s
         .get_raw_message(sequence_of(&e1))
         .await
         .expect("e1 stored");
-    let stamp = time::OffsetDateTime::from(stored.time)
+    let stamp = stored
+        .time
         .format(&time::format_description::well_known::Rfc3339)
         .expect("a time stamp");
     let client = js.client();

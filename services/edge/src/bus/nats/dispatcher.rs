@@ -525,8 +525,12 @@ impl Dispatcher {
             Outcome::Rewound { key } => self.rewound(key, epoch),
             Outcome::Checked { snapshot, newest } => {
                 self.checking = false;
+                self.metrics.live_checks.inc();
                 match newest {
-                    Ok(newest) => self.checked(snapshot, newest),
+                    Ok(newest) => {
+                        self.metrics.live_check_reads.inc_by(newest.reads);
+                        self.checked(snapshot, newest);
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "cannot check the followed targets against the stream");
                     }

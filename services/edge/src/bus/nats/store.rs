@@ -105,6 +105,8 @@ pub(super) struct Newest {
     /// Every stored message up to this sequence was considered; `None` when the
     /// answer cannot say (nothing stored for any subject asked).
     pub through: Option<u64>,
+    /// Requests the answer took.
+    pub reads: u64,
 }
 
 /// The bus's reads of the stream, and its epoch.
@@ -255,6 +257,7 @@ impl Store {
         let mut through: Option<u64> = None;
         for batch in subjects.chunks(SUBJECTS_PER_BATCH) {
             let part = self.newest_batch(batch).await?;
+            newest.reads += 1;
             newest.by_subject.extend(part.by_subject);
             // The whole answer is complete only as far as its least complete part.
             through = match (through, part.through) {
@@ -344,6 +347,7 @@ impl Store {
         let through = self.state().await?.last_sequence;
         let mut newest = Newest {
             through: Some(through),
+            reads: 1 + subjects.len() as u64,
             ..Newest::default()
         };
         for chunk in subjects.chunks(16) {
