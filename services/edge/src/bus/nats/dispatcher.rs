@@ -721,6 +721,7 @@ impl Dispatcher {
     fn checked(&mut self, snapshot: Vec<(u64, Link)>, newest: Newest) {
         // Copies that arrived while the check read are judged first.
         self.drain();
+        let mut behind: Option<(u64, Link)> = None;
         for (key, then) in snapshot {
             let Some(followed) = self.followed.get_mut(&key) else {
                 continue;
@@ -730,6 +731,19 @@ impl Dispatcher {
                 continue;
             }
             let last = followed.last;
+            if newest.unanswered.contains(&followed.stored) {
+                continue;
+            }
+            if newest.through.is_none_or(|through| through < last.seq) {
+                // The answer ends before this chain does: the answering
+                // server is behind, or the stream's end went back below what
+                // this node delivered. One leader read for the furthest such
+                // chain tells which.
+                if behind.is_none_or(|(_, furthest): (u64, Link)| furthest.seq < last.seq) {
+                    behind = Some((key, last));
+                }
+                continue;
+            }
             let stored = newest.by_subject.get(&followed.stored).copied();
             let complete = match stored {
                 Some(stored) if stored.seq > last.seq => {
@@ -754,8 +768,8 @@ impl Dispatcher {
                     ) == Verdict::Duplicate
                 }
                 None if last.seq == 0 => true,
-                // Older than the chain's end, or nothing: the end was
-                // removed, the answering server is behind, or the history
+                // Older than the chain's end, or nothing, from a server that
+                // has caught up with it: the end was removed, or the history
                 // went back; the leader tells which.
                 _ => false,
             };
@@ -768,6 +782,15 @@ impl Dispatcher {
                     followed.progressed = through;
                     self.sink.progress(&followed.target, self.store.id(through));
                 }
+            }
+        }
+        if let Some((key, last)) = behind {
+            if self
+                .followed
+                .get(&key)
+                .is_some_and(|f| !f.repairing && f.last == last)
+            {
+                self.start(key, Repair::Confirm { last });
             }
         }
     }

@@ -15,7 +15,7 @@
 //! wrote into the stream's metadata ([`Store::move_epoch`]). Every read of the
 //! stream's state notices a changed epoch and publishes it on a watch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -105,6 +105,10 @@ pub(super) struct Newest {
     /// Every stored message up to this sequence was considered; `None` when the
     /// answer cannot say (nothing stored for any subject asked).
     pub through: Option<u64>,
+    /// Subjects whose part of the answer cannot say how far it is complete
+    /// (a batch with nothing stored for any of its subjects): judged by the
+    /// next check instead.
+    pub unanswered: HashSet<String>,
     /// Requests the answer took.
     pub reads: u64,
 }
@@ -259,12 +263,12 @@ impl Store {
             let part = self.newest_batch(batch).await?;
             newest.reads += 1;
             newest.by_subject.extend(part.by_subject);
-            // The whole answer is complete only as far as its least complete part.
-            through = match (through, part.through) {
-                (None, part) => part,
-                (Some(so_far), Some(part)) => Some(so_far.min(part)),
-                (Some(so_far), None) => Some(so_far),
-            };
+            // The whole answer is complete only as far as its least complete
+            // part; a part that cannot say is left out of it.
+            match part.through {
+                Some(part) => through = Some(through.map_or(part, |so_far: u64| so_far.min(part))),
+                None => newest.unanswered.extend(batch.iter().cloned()),
+            }
         }
         newest.through = through;
         Ok(newest)
