@@ -139,7 +139,7 @@ deploy-check: $(HELM) $(DEPLOY_VENV)/.installed ## Lint, render and schema-check
 
 CHAOS_FAST := edge-sigkill rolling-restart stream-leader-kill edge-nats-partition gossip-partition reconnect-storm \
   publisher-retries nats-history-rewound chromium-edge-kill chromium-rolling-restart chromium-statuses \
-  eventsource-npm clock-skew mixed-targets
+  eventsource-npm clock-skew mixed-targets mixed-targets-leader nats-route-drop client-slow-consumer
 
 chaos-deps: nats-server sse-clients
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || (apt-get install -y nginx-light || sudo apt-get install -y nginx-light)
@@ -149,7 +149,7 @@ chaos-deps: nats-server sse-clients
 	@[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || [ -n "$$(find /usr/lib -name libfaketime.so.1 2>/dev/null)" ] \
 	  || (apt-get install -y libfaketime || sudo apt-get install -y libfaketime)
 
-chaos: chaos-deps ## Fault-injection suite (19 scenarios, ~19 min) through nginx on the local cluster: lost/dup/reordered, recovery, non-200 per scenario
+chaos: chaos-deps ## Fault-injection suite (21 scenarios, ~21 min) through nginx on the local cluster: lost/dup/reordered, recovery, non-200 per scenario
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	chaos/run.sh $(SCENARIOS_CHAOS)
 
@@ -165,7 +165,7 @@ churn: chaos-deps ## Memory across stream churn: 1000 streams come, replay and g
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	chaos/churn.sh
 
-chaos-fast: chaos-deps ## The fourteen chaos scenarios make test runs (debug builds, about 15 minutes)
+chaos-fast: chaos-deps ## The seventeen chaos scenarios make test runs (debug builds, about 17 minutes)
 	$(CARGO) build -p herald-edge -p herald-loadtest --locked
 	EDGE_BIN=$(CURDIR)/target/debug/herald-edge LOADTEST_BIN=$(CURDIR)/target/debug/herald-loadtest chaos/run.sh $(CHAOS_FAST)
 
