@@ -27,6 +27,8 @@ export BASE_PORT=${BASE_PORT:-28080} NATS_PORT=${NATS_PORT:-24222} GOSSIP_PORT=$
 export CONNECTIONS=${CONNECTIONS:-300} RATE=${RATE:-300} DURATION=${DURATION:-15} CUT_SECS=${CUT_SECS:-8}
 export STALL_SECS=${STALL_SECS:-2}
 . chaos/lib.sh
+# No proxy outlives the run, even one whose cluster failed to start.
+trap stop_faults EXIT
 
 SCENARIOS=(edge-sigkill rolling-restart nats-restart stream-leader-kill edge-nats-cut edge-nats-partition gossip-partition
            slow-consumers reconnect-storm publisher-retries nats-power-loss nats-history-rewound
