@@ -25,7 +25,7 @@ export HERALD_NATS_SERVER := $(NATS_SERVER)
 export HERALD_NATS_SERVER_2_9 := $(NATS_TOO_OLD)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
-.PHONY: help run test test-nats-oldest test-deps deploy-check chaos chaos-deps chaos-fast soak churn cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
+.PHONY: help run test test-nats-oldest test-deps deploy-check chaos chaos-deps chaos-fast chaos-repeat soak churn cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -168,6 +168,14 @@ churn: chaos-deps ## Memory across stream churn: 1000 streams come, replay and g
 chaos-fast: chaos-deps ## The seventeen chaos scenarios make test runs (debug builds, about 17 minutes)
 	$(CARGO) build -p herald-edge -p herald-loadtest --locked
 	EDGE_BIN=$(CURDIR)/target/debug/herald-edge LOADTEST_BIN=$(CURDIR)/target/debug/herald-loadtest chaos/run.sh $(CHAOS_FAST)
+
+N ?= 5
+BUILD ?= release
+HOG ?= 0
+
+chaos-repeat: chaos-deps ## Repeat one chaos scenario and print the pass count: make chaos-repeat SCENARIO=mixed-targets-leader N=20 [BUILD=release|debug] [HOG=1]
+	$(CARGO) build $(if $(filter debug,$(BUILD)),,--release) -p herald-edge -p herald-loadtest --locked
+	BUILD=$(BUILD) HOG=$(HOG) chaos/repeat.sh $(SCENARIO) $(N)
 
 cluster-up: nats-server ## Start the compose topology as local processes: 3 NATS, 3 edges, nginx on 127.0.0.1:8080
 	$(CARGO) build --release -p herald-edge
