@@ -103,13 +103,24 @@ mixed_targets_fault() { # leader|follower: which NATS server to restart
 }
 # nats-2 cut off from its peers (chaos/lib.sh route_nats2) while edge-3 is
 # connected to it alone: the leader's republished copies stop reaching edge-3,
-# and nothing tells it (its connection stays up). If nats-2 led the stream,
-# the other two elect a new leader (publishes stall meanwhile, and are
-# retried): allowed, and noted.
+# and nothing tells it (its connection stays up). The stream's leader is
+# kept off nats-2 first (asked to step down if it is there): the case to show
+# is the leader keeping its quorum and publishing on while nats-2 misses its
+# copies. Led by nats-2, the cut would stall publishing until the other two
+# elect a leader (one run kept nats-2 leading through all 8 s), and little
+# would be lost.
 fault_nats_route_drop() {
   sleep 4
   local leader cid repairs pids t
   leader=$($cluster nats-leader) || fault_failed "no stream leader found"
+  if [ "$leader" = 2 ]; then
+    for _ in 1 2 3; do
+      $cluster stream-stepdown >/dev/null || true
+      t=$(waited 10 leader_other_than 2) && break
+    done
+    leader=$($cluster nats-leader) && [ "$leader" != 2 ] || fault_failed "nats-2 still leads the stream after three step-downs"
+    note "nats-2 led the stream: asked it to step down, nats-$leader leads ${t} s later"
+  fi
   cid=$(nats_client_cid 2 edge-3) || fault_failed "edge-3 has no connection on nats-2"
   repairs=$(edge_metric 3 herald_gap_repairs_total)
   pids=$(nats_pids)
@@ -117,7 +128,7 @@ fault_nats_route_drop() {
   cut_at=$(date +%s.%N)
   faults_signal "$name" USR1
   t=$(waited 10 nats_unrouted 2) || fault_failed "nats-2 still had routes 10 s into the cut"
-  note "nats-2 had no route ${t} s into the cut (the stream leader was nats-$leader)"
+  note "nats-2 had no route ${t} s into the cut (the stream leader: nats-$leader)"
   connected_throughout 3 "$CUT_SECS" || fault_failed "edge-3's NATS connection dropped during the cut"
   faults_signal "$name" USR2
   t=$(waited 30 nats_routed 2) || fault_failed "nats-2 had no route 30 s after healing"

@@ -223,6 +223,30 @@ for account in json.load(sys.stdin).get("account_details") or []:
 }
 nats_leader() { nats_stream leader; }
 
+# Asks the HERALD stream's leader to step down (the JetStream API request,
+# in the NATS text protocol, through server 0); the other replicas elect a
+# new one.
+stream_stepdown() {
+  python3 - "$NATS_PORT" <<'PY'
+import socket, sys
+connection = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+reader = connection.makefile("rb")
+reader.readline()  # INFO
+connection.sendall(b'CONNECT {"verbose":false}\r\nSUB _INBOX.stepdown 1\r\n'
+                   b"PUB $JS.API.STREAM.LEADER.STEPDOWN.HERALD _INBOX.stepdown 0\r\n\r\n")
+while True:
+    line = reader.readline()
+    if not line:
+        sys.exit("cluster: no answer to the stream leader step-down")
+    if line.startswith(b"PING"):
+        connection.sendall(b"PONG\r\n")
+    elif line.startswith(b"MSG"):
+        answer = reader.read(int(line.split()[-1]) + 2).decode().strip()
+        print(answer)
+        sys.exit(0 if '"success":true' in answer else 1)
+PY
+}
+
 # Stops every NATS server cleanly, copies their stores aside and starts them
 # again; `restore-nats` later kills them all and puts the copies back: the
 # stream's history goes back in time, as after losing acknowledged writes.
@@ -284,10 +308,11 @@ case "${1:-}" in
   start-nats) start_nats "$2"; nats_healthy "$2" ;;
   nats-leader) nats_leader ;;
   nats-routes) nats_routes "$2" ;;
+  stream-stepdown) stream_stepdown ;;
   nats-last-seq) nats_stream last_seq ;;
   snapshot-nats) snapshot_nats ;;
   restore-nats) restore_nats ;;
   restart-nginx) restart_nginx ;;
-  *) echo "usage: $0 up|check|down|kill-edge N|start-edge N|restart-edge N|restart-nats N|kill-nats N|start-nats N|nats-leader|nats-routes N|nats-last-seq|snapshot-nats|restore-nats|restart-nginx" >&2
+  *) echo "usage: $0 up|check|down|kill-edge N|start-edge N|restart-edge N|restart-nats N|kill-nats N|start-nats N|nats-leader|nats-routes N|stream-stepdown|nats-last-seq|snapshot-nats|restore-nats|restart-nginx" >&2
      exit 64 ;;
 esac
