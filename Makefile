@@ -25,7 +25,7 @@ export HERALD_NATS_SERVER := $(NATS_SERVER)
 export HERALD_NATS_SERVER_2_9 := $(NATS_TOO_OLD)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
-.PHONY: help run test test-nats-oldest test-deps deploy-check chaos chaos-deps chaos-fast soak churn cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
+.PHONY: help run test test-nats-oldest test-deps deploy-check chaos chaos-deps chaos-fast chaos-repeat soak churn cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -139,7 +139,7 @@ deploy-check: $(HELM) $(DEPLOY_VENV)/.installed ## Lint, render and schema-check
 
 CHAOS_FAST := edge-sigkill rolling-restart stream-leader-kill edge-nats-partition gossip-partition reconnect-storm \
   publisher-retries nats-history-rewound chromium-edge-kill chromium-rolling-restart chromium-statuses \
-  eventsource-npm clock-skew mixed-targets
+  eventsource-npm clock-skew mixed-targets mixed-targets-leader nats-route-drop client-slow-consumer
 
 chaos-deps: nats-server sse-clients
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || (apt-get install -y nginx-light || sudo apt-get install -y nginx-light)
@@ -149,7 +149,7 @@ chaos-deps: nats-server sse-clients
 	@[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || [ -n "$$(find /usr/lib -name libfaketime.so.1 2>/dev/null)" ] \
 	  || (apt-get install -y libfaketime || sudo apt-get install -y libfaketime)
 
-chaos: chaos-deps ## Fault-injection suite (19 scenarios, ~19 min) through nginx on the local cluster: lost/dup/reordered, recovery, non-200 per scenario
+chaos: chaos-deps ## Fault-injection suite (21 scenarios, ~21 min) through nginx on the local cluster: lost/dup/reordered, recovery, non-200 per scenario
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	chaos/run.sh $(SCENARIOS_CHAOS)
 
@@ -165,9 +165,17 @@ churn: chaos-deps ## Memory across stream churn: 1000 streams come, replay and g
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	chaos/churn.sh
 
-chaos-fast: chaos-deps ## The fourteen chaos scenarios make test runs (debug builds, about 15 minutes)
+chaos-fast: chaos-deps ## The seventeen chaos scenarios make test runs (debug builds, about 17 minutes)
 	$(CARGO) build -p herald-edge -p herald-loadtest --locked
 	EDGE_BIN=$(CURDIR)/target/debug/herald-edge LOADTEST_BIN=$(CURDIR)/target/debug/herald-loadtest chaos/run.sh $(CHAOS_FAST)
+
+N ?= 5
+BUILD ?= release
+HOG ?= 0
+
+chaos-repeat: chaos-deps ## Repeat one chaos scenario and print the pass count: make chaos-repeat SCENARIO=mixed-targets-leader N=20 [BUILD=release|debug] [HOG=1]
+	$(CARGO) build $(if $(filter debug,$(BUILD)),,--release) -p herald-edge -p herald-loadtest --locked
+	BUILD=$(BUILD) HOG=$(HOG) chaos/repeat.sh $(SCENARIO) $(N)
 
 cluster-up: nats-server ## Start the compose topology as local processes: 3 NATS, 3 edges, nginx on 127.0.0.1:8080
 	$(CARGO) build --release -p herald-edge

@@ -44,6 +44,10 @@ is_alive() { local state; state=$(member_state "$1" "$2") && [ "$state" = alive 
 unready() { ! curl -fsS "$(edge_url "$1")/readyz"; }
 ready() { curl -fsS "$(edge_url "$1")/readyz"; }
 converged() { is_alive 1 3 && is_alive 3 1 && is_alive 2 3; }
+# A metric of edge $1 from its /metrics (one without labels).
+edge_metric() { # edge name
+  curl -fsS "$(edge_url "$1")/metrics" | awk -v name="$2" '$1 == name { print $2; found = 1 } END { exit !found }'
+}
 
 # herald-faults between edges and what they talk to. Each proxy has a label:
 # its pid and addresses are $CLUSTER_DIR/faults-<label>.{pid,addrs}, its log
@@ -68,7 +72,9 @@ stop_faults() { # every proxy, and the routing through them
     kill "$(cat "$pid")" 2>/dev/null || true
     rm -f "$pid"
   done
-  unset EDGE_ENV_1 EDGE_ENV_2 EDGE_ENV_3
+  unset EDGE_ENV_1 EDGE_ENV_2 EDGE_ENV_3 NATS_START_FIRST
+  unset NATS_ROUTES_0 NATS_ROUTES_1 NATS_ROUTES_2
+  unset NATS_CLUSTER_ADVERTISE_0 NATS_CLUSTER_ADVERTISE_1 NATS_CLUSTER_ADVERTISE_2
 }
 # edge-3 reaches each NATS server only through a proxy of its own. Silent
 # (1): a cut freezes the connections; otherwise (0) it resets them.
@@ -78,6 +84,24 @@ route_edge3_nats() { # label silent
   local urls
   urls=$(sed 's|^|nats://|' "$CLUSTER_DIR/faults-$1.addrs" | paste -sd,)
   export EDGE_ENV_3="${EDGE_ENV_3:-} HERALD__NATS__URL=$urls HERALD__NATS__IGNORE_DISCOVERED_SERVERS=true HERALD__NATS__PING_INTERVAL_MS=1000"
+}
+# Every route of nats-2 passes a proxy of one herald-faults process, so a cut
+# isolates nats-2 from its peers while every server and every client
+# connection stays up (deploy/local/cluster.sh reads the NATS_* routing).
+# nats-2 routes to nats-0 and nats-1 through their proxies (a JetStream
+# server refuses to start without configured routes, so its list cannot be
+# empty) and advertises its own; nats-0 and nats-1 route to each other
+# directly and to nats-2 through its proxy, and advertise their own proxies,
+# so a route dialled after gossip passes a proxy too. They start first: their
+# direct route is up before nats-2 gossips the proxied addresses.
+route_nats2() { # label
+  local cluster0=127.0.0.1:$((NATS_PORT + 2000)) cluster1=127.0.0.1:$((NATS_PORT + 2001))
+  start_faults "$1" tcp --upstream "$cluster0" --upstream "$cluster1" --upstream "127.0.0.1:$((NATS_PORT + 2002))"
+  local proxies
+  mapfile -t proxies < "$CLUSTER_DIR/faults-$1.addrs"
+  export NATS_ROUTES_0="$cluster1,${proxies[2]}" NATS_ROUTES_1="$cluster0,${proxies[2]}" NATS_ROUTES_2="${proxies[0]},${proxies[1]}"
+  export NATS_CLUSTER_ADVERTISE_0=${proxies[0]} NATS_CLUSTER_ADVERTISE_1=${proxies[1]} NATS_CLUSTER_ADVERTISE_2=${proxies[2]}
+  export NATS_START_FIRST="0 1"
 }
 # Every edge advertises a relay of its own, so all gossip passes through them;
 # a cut isolates edge-3 from its peers (not from NATS).

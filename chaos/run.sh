@@ -15,7 +15,8 @@
 # get this file's environment and leave $RESULTS/<name>.json.
 #
 # Sizes: CONNECTIONS (300), RATE (300 events/s), DURATION (15 s), CUT_SECS (8:
-# how long a network cut lasts). Binaries: EDGE_BIN, LOADTEST_BIN, FAULTS_BIN
+# how long a network cut lasts), STALL_SECS (2: how long client-slow-consumer
+# stops edge-3). Binaries: EDGE_BIN, LOADTEST_BIN, FAULTS_BIN
 # (default: the release builds). Traffic stays on 127.0.0.1; every run is
 # bounded by DURATION plus the drain time.
 set -euo pipefail
@@ -24,11 +25,15 @@ cd "$(dirname "$0")/.."
 export CLUSTER_DIR=${CLUSTER_DIR:-$PWD/.cluster-chaos}
 export BASE_PORT=${BASE_PORT:-28080} NATS_PORT=${NATS_PORT:-24222} GOSSIP_PORT=${GOSSIP_PORT:-27946}
 export CONNECTIONS=${CONNECTIONS:-300} RATE=${RATE:-300} DURATION=${DURATION:-15} CUT_SECS=${CUT_SECS:-8}
+export STALL_SECS=${STALL_SECS:-2}
 . chaos/lib.sh
+# No proxy outlives the run, even one whose cluster failed to start.
+trap stop_faults EXIT
 
 SCENARIOS=(edge-sigkill rolling-restart nats-restart stream-leader-kill edge-nats-cut edge-nats-partition gossip-partition
            slow-consumers reconnect-storm publisher-retries nats-power-loss nats-history-rewound
-           chromium-edge-kill chromium-rolling-restart chromium-statuses eventsource-npm clock-skew mixed-targets mixed-targets-leader)
+           chromium-edge-kill chromium-rolling-restart chromium-statuses eventsource-npm clock-skew mixed-targets mixed-targets-leader
+           nats-route-drop client-slow-consumer)
 declare -A DESCRIBE=(
   [edge-sigkill]="an edge killed with SIGKILL under load, back 3 s later"
   [rolling-restart]="every edge restarted in turn with SIGTERM (drain)"
@@ -47,9 +52,25 @@ declare -A DESCRIBE=(
   [eventsource-npm]="30 npm eventsource clients through nginx, events from the Node nats client, across an edge SIGKILL and a drain"
   [chromium-statuses]="headless Chromium's EventSource against forced 401, 429, 503 and 204 answers"
   [clock-skew]="edge-3's clock 5 minutes fast, edge-2's 5 minutes slow (libfaketime): resumes, order, tokens, gossip"
-  [mixed-targets]="each client follows its user and a shared topic (one stream, two targets) across an edge SIGKILL and a NATS server restart (not the stream leader's): stream order across targets"
-  [mixed-targets-leader]="mixed-targets with the stream leader's NATS server restarted: stream order across targets through an election"
+  [mixed-targets]="each client follows its user and a shared topic (one stream, two targets) across an edge SIGKILL and a NATS server restart (not the stream leader's): each target's events in order, and every id resumes exactly"
+  [mixed-targets-leader]="mixed-targets with the stream leader's NATS server restarted: each target's events in order, and every id resumes exactly, through an election"
+  [nats-route-drop]="every route of nats-2 cut for CUT_SECS, no server restarted; edge-3 stays connected to nats-2 only, so its live copies are lost without a reconnect; quiet users among the clients"
+  [client-slow-consumer]="edge-3's NATS client drops live copies itself (subscription capacity 2, edge-3 stopped for STALL_SECS); quiet users among the clients"
 )
+# The longest a quiet user's event may take (publish to client), seconds:
+# how long the fault kept it from edge-3, plus the 5 s within which a check
+# (every 2 s, nats.check_interval_ms) fills a lost live copy.
+# client-slow-consumer: an event published while edge-3 is stopped waits
+# the stall; a copy dropped when it resumes is filled by the check the drop
+# asks for: the stall plus 5 s. nats-route-drop: nothing reaches edge-3
+# while nats-2 is cut off (not its copies, not its reads of the stream), and
+# healing does not end it at once: nats-2 campaigned alone during the cut,
+# so its higher Raft term makes the stream's and the meta group's leaders
+# step down when it is back, and nothing can be read or stored until they
+# are elected again (5-10 s). The fault measures that time, from the cut to
+# every server's /healthz passing with a stream leader, and writes the
+# bound ($RESULTS/<scenario>.quiet-bound): that time plus 5 s.
+export QUIET_BOUNDS="client-slow-consumer=$((STALL_SECS + 5))"
 
 # The edge holding most streams is not known in advance; the faults below
 # pick fixed members (edge-3, the stream leader) and prove the fault took
@@ -79,6 +100,102 @@ mixed_targets_fault() { # leader|follower: which NATS server to restart
   [ "$1" = leader ] || server=$(( (leader + 1) % 3 ))
   $cluster restart-nats "$server" >/dev/null
   note "restarted nats-$server (the stream leader was nats-$leader)"
+}
+# nats-2 cut off from its peers (chaos/lib.sh route_nats2) while edge-3 is
+# connected to it alone: the leader's republished copies stop reaching edge-3,
+# and nothing tells it (its connection stays up). The stream's leader is
+# kept off nats-2 first (asked to step down if it is there): the case to show
+# is the leader keeping its quorum and publishing on while nats-2 misses its
+# copies. Led by nats-2, the cut would stall publishing until the other two
+# elect a leader (one run kept nats-2 leading through all 8 s), and little
+# would be lost.
+fault_nats_route_drop() {
+  sleep 4
+  local leader cid repairs pids t
+  leader=$($cluster nats-leader) || fault_failed "no stream leader found"
+  if [ "$leader" = 2 ]; then
+    for _ in 1 2 3; do
+      $cluster stream-stepdown >/dev/null || true
+      t=$(waited 10 leader_other_than 2) && break
+    done
+    leader=$($cluster nats-leader) && [ "$leader" != 2 ] || fault_failed "nats-2 still leads the stream after three step-downs"
+    note "nats-2 led the stream: asked it to step down, nats-$leader leads ${t} s later"
+  fi
+  cid=$(nats_client_cid 2 edge-3) || fault_failed "edge-3 has no connection on nats-2"
+  repairs=$(edge_metric 3 herald_gap_repairs_total)
+  pids=$(nats_pids)
+  local cut_at healthy_at
+  cut_at=$(date +%s.%N)
+  faults_signal "$name" USR1
+  t=$(waited 10 nats_unrouted 2) || fault_failed "nats-2 still had routes 10 s into the cut"
+  note "nats-2 had no route ${t} s into the cut (the stream leader: nats-$leader)"
+  connected_throughout 3 "$CUT_SECS" || fault_failed "edge-3's NATS connection dropped during the cut"
+  faults_signal "$name" USR2
+  t=$(waited 30 nats_routed 2) || fault_failed "nats-2 had no route 30 s after healing"
+  note "nats-2 routed again ${t} s after healing ($($cluster nats-routes 2) routes)"
+  t=$(waited 60 nats_healthy) || fault_failed "NATS not healthy 60 s after healing"
+  healthy_at=$(date +%s.%N)
+  awk "BEGIN { printf \"%.1f\", $healthy_at - $cut_at + 5 }" > "$RESULTS/$name.quiet-bound"
+  note "NATS healthy again ${t} s after healing (every /healthz, a stream leader: nats-$($cluster nats-leader)); quiet bound $(cat "$RESULTS/$name.quiet-bound") s"
+  [ "$(nats_client_cid 2 edge-3)" = "$cid" ] || fault_failed "edge-3 reconnected (its connection $cid on nats-2 is gone)"
+  [ "$(nats_pids)" = "$pids" ] || fault_failed "a NATS server restarted"
+  t=$(waited 15 metric_beyond 3 herald_gap_repairs_total "$repairs") \
+    || fault_failed "edge-3 filled no gap: no live copy was lost"
+  sleep 3
+  note "edge-3 stayed connected (herald_nats_connected 1 throughout, connection $cid on nats-2 kept) and filled $(( $(edge_metric 3 herald_gap_repairs_total) - repairs )) gaps; $(check_fills 3)"
+}
+nats_healthy() {
+  local i
+  for i in 0 1 2; do curl -fsS "http://127.0.0.1:$((NATS_PORT + 4000 + i))/healthz" >/dev/null || return 1; done
+  $cluster nats-leader >/dev/null 2>&1
+}
+nats_unrouted() { [ "$($cluster nats-routes "$1")" = 0 ]; }
+nats_routed() { local n; n=$($cluster nats-routes "$1") && [ "$n" -gt 0 ]; }
+nats_pids() { cat "$CLUSTER_DIR"/pid.nats-{0,1,2}; }
+# The cid of the client connection named $2 on NATS server $1 (/connz).
+nats_client_cid() {
+  curl -fsS "http://127.0.0.1:$((NATS_PORT + 4000 + $1))/connz?limit=4096" | python3 -c '
+import json, sys
+print(next(c["cid"] for c in json.load(sys.stdin)["connections"] if c.get("name") == sys.argv[1]))' "$2"
+}
+# What edge $1's periodic check found (its dispatcher logs at info level):
+# targets whose newest stored event never arrived live, quiet users' apart.
+check_fills() {
+  local first_quiet=$((CONNECTIONS - CONNECTIONS / 10))
+  grep 'never arrived live' "$CLUSTER_DIR/logs/edge-$1.log" | grep -o 'user:lt-u[0-9]*' | sed 's/.*lt-u//' \
+    | awk -v q="$first_quiet" '{ all++; if ($1 >= q) quiet++ } END { printf "its check found a target whose newest event never arrived live %d times (%d of them a quiet user)", all, quiet }'
+}
+metric_beyond() { local value; value=$(edge_metric "$1" "$2") && [ "$value" -gt "$3" ]; }
+# herald_nats_connected of edge $1 read as 1 every quarter second for $2 s.
+connected_throughout() {
+  local until=$(( $(date +%s) + $2 ))
+  while [ "$(date +%s)" -lt "$until" ]; do
+    [ "$(edge_metric "$1" herald_nats_connected)" = 1 ] || return 1
+    sleep 0.25
+  done
+}
+# edge-3 runs with nats.subscription_capacity = 2 and is stopped (SIGSTOP)
+# for STALL_SECS under load: its server keeps sending, and once it runs again
+# (SIGCONT) its NATS client reads the backlog faster than the dispatcher
+# takes it, so async-nats drops copies of busy targets. The drop asks for a
+# check at once; quiet targets show that nothing waits for a next event.
+fault_client_slow_consumer() {
+  sleep 5
+  local pid before repairs t
+  pid=$(cat "$CLUSTER_DIR/pid.edge-3")
+  before=$(edge_metric 3 herald_nats_slow_consumer_total) \
+    || fault_failed "edge-3 exports no herald_nats_slow_consumer_total"
+  repairs=$(edge_metric 3 herald_gap_repairs_total)
+  kill -STOP "$pid"
+  sleep "$STALL_SECS"
+  kill -CONT "$pid"
+  t=$(waited 10 metric_beyond 3 herald_nats_slow_consumer_total "$before") \
+    || fault_failed "edge-3's NATS client dropped nothing (herald_nats_slow_consumer_total stayed $before)"
+  note "edge-3 stopped for ${STALL_SECS} s; ${t} s after SIGCONT its NATS client had dropped copies $(( $(edge_metric 3 herald_nats_slow_consumer_total) - before )) times"
+  t=$(waited 15 metric_beyond 3 herald_gap_repairs_total "$repairs") \
+    || fault_failed "edge-3 filled no gap after the drops"
+  sleep 3
+  note "edge-3 filled $(( $(edge_metric 3 herald_gap_repairs_total) - repairs )) gaps ($(edge_metric 3 herald_nats_slow_consumer_total) drops in all, herald_nats_connected $(edge_metric 3 herald_nats_connected)); $(check_fills 3)"
 }
 fault_slow_consumers() { :; }     # the fault is the clients: --slow-fraction
 fault_publisher_retries() { :; }  # the fault is the publishers: --publish-twice
@@ -154,6 +271,13 @@ fault_reconnect_storm() {
 setup_edge_nats_cut() { route_edge3_nats "$name" 0; }
 setup_edge_nats_partition() { route_edge3_nats "$name" 1; }
 setup_gossip_partition() { route_gossip "$name"; }
+setup_nats_route_drop() {
+  route_nats2 "$name"
+  export EDGE_ENV_3="HERALD__NATS__URL=nats://127.0.0.1:$((NATS_PORT + 2)) HERALD__NATS__IGNORE_DISCOVERED_SERVERS=true $CHECK_LOG"
+}
+setup_client_slow_consumer() { export EDGE_ENV_3="HERALD__NATS__SUBSCRIPTION_CAPACITY=2 $CHECK_LOG"; }
+# edge-3 logs what its periodic check fills (check_fills).
+CHECK_LOG="RUST_LOG=$RUST_LOG,herald_edge::bus::nats::dispatcher=info"
 
 run_loadtest_scenario() {
   local extra=() duration=$DURATION
@@ -166,6 +290,14 @@ run_loadtest_scenario() {
     # A whole NATS cluster takes 10-20 s to elect its leaders again: publish
     # long enough for events to flow after it (and, rewound, before the rewind).
     nats-power-loss | nats-history-rewound) duration=$((DURATION + 30)) ;;
+    # The last tenth of the users get an event every 5 s. Publishers stay
+    # off nats-2, whose routes are cut: the fault is edge-3's, not theirs.
+    nats-route-drop) duration=$((DURATION + 10)) extra=(--quiet-users $((CONNECTIONS / 10)) --quiet-every-secs 5
+                            --nats "nats://127.0.0.1:$NATS_PORT,nats://127.0.0.1:$((NATS_PORT + 1))") ;;
+    # Three events at each quiet turn: one more than edge-3's subscriptions
+    # buffer, so a turn that falls in the stall loses its last copy, which no
+    # later event reveals for 5 s.
+    client-slow-consumer) extra=(--quiet-users $((CONNECTIONS / 10)) --quiet-every-secs 5 --quiet-burst 3) ;;
   esac
   $cluster down >/dev/null 2>&1 || true
   if declare -F "setup_${name//-/_}" >/dev/null; then "setup_${name//-/_}"; fi
@@ -189,11 +321,12 @@ non_200() {
 
 report() {
   python3 - "$RESULTS" "$CONNECTIONS" "$@" <<'PY'
-import json, pathlib, sys
+import json, os, pathlib, sys
 results, connections = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+quiet_bounds = {k: float(v) for k, v in (b.split("=") for b in os.environ.get("QUIET_BOUNDS", "").split())}
 failed = 0
 print(f"{'scenario':<24} {'published':>9} {'delivered':>9} {'lost':>5} {'dup':>4} {'reord':>5} "
-      f"{'recover':>8} {'reconn':>6} {'retries':>7} {'dup acks':>8} {'non-200':>7}  result")
+      f"{'recover':>8} {'quiet max':>9} {'reconn':>6} {'retries':>7} {'dup acks':>8} {'non-200':>7}  result")
 notes = []
 for name in sys.argv[3:]:
     path = results / f"{name}.json"
@@ -239,10 +372,21 @@ for name in sys.argv[3:]:
         problems.append(f"{r['resets']} unexpected herald.reset")
     if name == "reconnect-storm" and r["reconnects"] < connections:
         problems.append("not every client reconnected")
+    # Quiet users: the longest any of their events took (a lost live copy
+    # of a target that stays quiet is repaired by the periodic check).
+    quiet = "—"
+    if r.get("quiet_users"):
+        quiet = f"{r['quiet_delay_max_secs']:.2f}s"
+        bound_file = results / f"{name}.quiet-bound"
+        bound = float(bound_file.read_text()) if bound_file.exists() else quiet_bounds.get(name)
+        if not r.get("quiet_delivered"):
+            problems.append("no quiet user's event was delivered")
+        elif bound is not None and r["quiet_delay_max_secs"] > bound:
+            problems.append(f"a quiet user's event took {r['quiet_delay_max_secs']:.2f} s (bound {bound:g} s)")
     failed += bool(problems)
     # Recovery: the longest any event waited between publish and delivery.
     print(f"{name:<24} {r['published']:>9} {r['delivered']:>9} {r['lost']:>5} {r['duplicated']:>4} "
-          f"{r['reordered']:>5} {r['latency_us']['max'] / 1e6:>7.2f}s {r['reconnects']:>6} "
+          f"{r['reordered']:>5} {r['latency_us']['max'] / 1e6:>7.2f}s {quiet:>9} {r['reconnects']:>6} "
           f"{r.get('publish_retries', 0):>7} {r.get('duplicate_acks', 0):>8} {non200:>7}  "
           f"{'pass' if not problems else 'FAIL: ' + '; '.join(problems)}")
 if notes:
@@ -258,7 +402,7 @@ for name in "${selected[@]}"; do
 done
 for name in "${selected[@]}"; do
   echo "== $name: ${DESCRIBE[$name]}"
-  rm -f "$RESULTS/$name".{json,note,fault-failed,non200.log}
+  rm -f "$RESULTS/$name".{json,note,fault-failed,non200.log,quiet-bound}
   export name
   if [ -x "chaos/scenarios/$name.sh" ]; then
     "chaos/scenarios/$name.sh" > "$RESULTS/$name.log" 2>&1 || true

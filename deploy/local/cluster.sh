@@ -14,6 +14,16 @@
 # BASE_PORT shifts the HTTP
 # ones. EDGE_BIN picks the binary (default target/release/herald-edge);
 # EDGE_ENV_<n> adds settings to edge n (see start_edge).
+#
+# NATS routing, for faults between the servers (the chaos suite's
+# nats-route-drop puts one server's routes through a proxy); unset, every
+# server lists every cluster port and they all start at once:
+#   NATS_ROUTES_<i>             server i's explicit routes, comma-separated
+#                               host:port (JetStream needs at least one)
+#   NATS_CLUSTER_ADVERTISE_<i>  the cluster address server i gossips to its
+#                               peers (where they dial it)
+#   NATS_START_FIRST            servers started first (e.g. "0 1"); the others
+#                               start once these are routed to each other
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -32,6 +42,33 @@ wait_for() { # what, command...
   echo "cluster: $what did not come up; logs in $STATE/logs" >&2
   return 1
 }
+
+nats_conf() { # index 0..2: writes its configuration (see NATS_ROUTES_<i> above)
+  local i=$1 routes="" route advertise=""
+  local routes_var="NATS_ROUTES_$i" advertise_var="NATS_CLUSTER_ADVERTISE_$i" list
+  if [ -n "${!routes_var+set}" ]; then
+    list=${!routes_var}
+  else
+    list=$(printf '127.0.0.1:%s,' $((NATS_PORT + 2000)) $((NATS_PORT + 2001)) $((NATS_PORT + 2002)))
+  fi
+  for route in ${list//,/ }; do routes+="\"nats-route://$route\", "; done
+  [ -z "${!advertise_var:-}" ] || advertise=", advertise: \"${!advertise_var}\""
+  mkdir -p "$STATE/nats-$i"
+  cat > "$STATE/nats-$i.conf" <<CONF
+server_name: nats-$i
+listen: "127.0.0.1:$((NATS_PORT + i))"
+http: "127.0.0.1:$((NATS_PORT + 4000 + i))"
+jetstream { store_dir: "$STATE/nats-$i", sync_interval: always }
+cluster { name: herald, listen: "127.0.0.1:$((NATS_PORT + 2000 + i))", routes: [ ${routes%, } ]$advertise }
+CONF
+}
+
+# Routes server $1 holds right now, from its monitoring endpoint (/routez).
+nats_routes() { # index 0..2
+  curl -fsS "http://127.0.0.1:$((NATS_PORT + 4000 + $1))/routez" \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["num_routes"])'
+}
+nats_routed() { local n; n=$(nats_routes "$1") && [ "$n" -gt 0 ]; }
 
 start_nats() { # index 0..2
   "$NATS_BIN" -c "$STATE/nats-$1.conf" >> "$STATE/logs/nats-$1.log" 2>&1 &
@@ -82,19 +119,13 @@ up() {
   # A start that fails half-way leaves nothing running. (An EXIT trap: set -e
   # ends the script from inside a function, where an ERR trap does not run.)
   trap 'echo "cluster: start failed, stopping what was started" >&2; down >/dev/null' EXIT
-  local routes="" i
-  for i in 0 1 2; do routes+="\"nats-route://127.0.0.1:$((NATS_PORT + 2000 + i))\", "; done
-  for i in 0 1 2; do
-    mkdir -p "$STATE/nats-$i"
-    cat > "$STATE/nats-$i.conf" <<CONF
-server_name: nats-$i
-listen: "127.0.0.1:$((NATS_PORT + i))"
-http: "127.0.0.1:$((NATS_PORT + 4000 + i))"
-jetstream { store_dir: "$STATE/nats-$i", sync_interval: always }
-cluster { name: herald, listen: "127.0.0.1:$((NATS_PORT + 2000 + i))", routes: [ ${routes%, } ] }
-CONF
-    start_nats "$i"
-  done
+  local i first=${NATS_START_FIRST:-0 1 2}
+  for i in 0 1 2; do nats_conf "$i"; done
+  for i in $first; do start_nats "$i"; done
+  if [ "$first" != "0 1 2" ]; then
+    for i in $first; do wait_for "nats-$i routed to the servers started with it" nats_routed "$i"; done
+    for i in 0 1 2; do [[ " $first " == *" $i "* ]] || start_nats "$i"; done
+  fi
   # Healthy once JetStream has a meta leader (the edges create the stream).
   for i in 0 1 2; do nats_healthy "$i"; done
 
@@ -192,6 +223,30 @@ for account in json.load(sys.stdin).get("account_details") or []:
 }
 nats_leader() { nats_stream leader; }
 
+# Asks the HERALD stream's leader to step down (the JetStream API request,
+# in the NATS text protocol, through server 0); the other replicas elect a
+# new one.
+stream_stepdown() {
+  python3 - "$NATS_PORT" <<'PY'
+import socket, sys
+connection = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+reader = connection.makefile("rb")
+reader.readline()  # INFO
+connection.sendall(b'CONNECT {"verbose":false}\r\nSUB _INBOX.stepdown 1\r\n'
+                   b"PUB $JS.API.STREAM.LEADER.STEPDOWN.HERALD _INBOX.stepdown 0\r\n\r\n")
+while True:
+    line = reader.readline()
+    if not line:
+        sys.exit("cluster: no answer to the stream leader step-down")
+    if line.startswith(b"PING"):
+        connection.sendall(b"PONG\r\n")
+    elif line.startswith(b"MSG"):
+        answer = reader.read(int(line.split()[-1]) + 2).decode().strip()
+        print(answer)
+        sys.exit(0 if '"success":true' in answer else 1)
+PY
+}
+
 # Stops every NATS server cleanly, copies their stores aside and starts them
 # again; `restore-nats` later kills them all and puts the copies back: the
 # stream's history goes back in time, as after losing acknowledged writes.
@@ -252,10 +307,12 @@ case "${1:-}" in
   kill-nats) stop_one "nats-$2" KILL ;;
   start-nats) start_nats "$2"; nats_healthy "$2" ;;
   nats-leader) nats_leader ;;
+  nats-routes) nats_routes "$2" ;;
+  stream-stepdown) stream_stepdown ;;
   nats-last-seq) nats_stream last_seq ;;
   snapshot-nats) snapshot_nats ;;
   restore-nats) restore_nats ;;
   restart-nginx) restart_nginx ;;
-  *) echo "usage: $0 up|check|down|kill-edge N|start-edge N|restart-edge N|restart-nats N|kill-nats N|start-nats N|nats-leader|nats-last-seq|snapshot-nats|restore-nats|restart-nginx" >&2
+  *) echo "usage: $0 up|check|down|kill-edge N|start-edge N|restart-edge N|restart-nats N|kill-nats N|start-nats N|nats-leader|nats-routes N|stream-stepdown|nats-last-seq|snapshot-nats|restore-nats|restart-nginx" >&2
      exit 64 ;;
 esac

@@ -27,6 +27,9 @@ usage: herald-loadtest --secret S [--option value]...
   --reconnect 0|1         reconnect ended streams with Last-Event-ID, like a browser
   --honor-retry 0|1       wait the retry: the server asked for before reconnecting
   --slow-fraction F       share of connections that never read (0.0 to 1.0)
+  --quiet-users N         the last N users get an event only every --quiet-every-secs
+  --quiet-every-secs SECS how often a quiet user gets events (default 5)
+  --quiet-burst N         events a quiet user gets each time, back to back (default 1)
   --owed N                events each client is owed at connect (replay scenario)
   --source-ips N          spread connections over 127.0.0.1..=127.0.0.N
   --connect-concurrency N connections opened at once
@@ -69,6 +72,18 @@ pub struct Options {
     pub publishers: usize,
     /// Share of connections that never read after connecting (slow consumers).
     pub slow_fraction: f64,
+    /// The last this many users are quiet: each gets events only every
+    /// `quiet_every_secs` (the other targets share the rest of the rate), so
+    /// a live copy lost for one is revealed by no later event of its own for
+    /// a while. The report gives their events' longest delay apart. A plain
+    /// `--topic` run has no user targets, so none is quiet.
+    pub quiet_users: usize,
+    /// Seconds between two turns of a quiet user.
+    pub quiet_every_secs: u64,
+    /// Events a quiet user gets at each turn, back to back: more than a
+    /// subscription buffers (`nats.subscription_capacity`) lets a stalled
+    /// node drop the last of them, which no later event then reveals.
+    pub quiet_burst: u64,
     /// Server process ids to sample RSS and CPU from.
     pub pids: Vec<u32>,
     /// Replay mode: send every client away, publish this many events to each
@@ -110,6 +125,9 @@ impl Options {
             connect_concurrency: 256,
             publishers: 4,
             slow_fraction: 0.0,
+            quiet_users: 0,
+            quiet_every_secs: 5,
+            quiet_burst: 1,
             pids: Vec::new(),
             owed: None,
             reconnect: false,
@@ -151,6 +169,9 @@ impl Options {
                 "--slow-fraction" => {
                     options.slow_fraction = value.parse().context("--slow-fraction: 0.0 to 1.0")?
                 }
+                "--quiet-users" => options.quiet_users = number(&value)? as usize,
+                "--quiet-every-secs" => options.quiet_every_secs = number(&value)?.max(1),
+                "--quiet-burst" => options.quiet_burst = number(&value)?.max(1),
                 "--pids" => {
                     options.pids = value
                         .split(',')
@@ -180,6 +201,13 @@ impl Options {
         if options.mixed && options.topic.is_none() {
             bail!("--mixed needs --topic");
         }
+        if options.quiet_users > options.users {
+            bail!(
+                "--quiet-users {} is more than the {} users",
+                options.quiet_users,
+                options.users
+            );
+        }
         if options.topic.is_some() && !options.mixed {
             // One ordered sequence per topic needs one publisher.
             options.publishers = 1;
@@ -207,6 +235,13 @@ impl Options {
             (Some(topic), true) if target == self.users => Some(topic),
             _ => None,
         }
+    }
+
+    /// Whether `target` is a quiet user (one of the last `quiet_users`).
+    pub fn is_quiet(&self, target: usize) -> bool {
+        target < self.users
+            && target >= self.users - self.quiet_users
+            && self.topic_of(target).is_none()
     }
 
     /// The targets whose events a connection of `user` receives.
@@ -268,6 +303,30 @@ mod tests {
             options.publishers, 4,
             "users and the topic spread over publishers"
         );
+    }
+
+    #[test]
+    fn quiet_users_are_the_last_users_and_never_the_topic() {
+        let options = parse(&[
+            "--connections",
+            "20",
+            "--users",
+            "10",
+            "--quiet-users",
+            "3",
+            "--topic",
+            "news",
+            "--mixed",
+            "1",
+        ]);
+        let quiet: Vec<usize> = (0..options.targets())
+            .filter(|&t| options.is_quiet(t))
+            .collect();
+        assert_eq!(quiet, vec![7, 8, 9]);
+        assert_eq!(options.quiet_every_secs, 5);
+        let too_many = ["--secret", "s", "--users", "2", "--connections", "2"];
+        let too_many = too_many.into_iter().chain(["--quiet-users", "3"]);
+        assert!(Options::parse(too_many.map(str::to_owned)).is_err());
     }
 
     #[test]

@@ -449,25 +449,32 @@ pub async fn run(options: &Options, published: &Arc<Published>) -> anyhow::Resul
         let options = options.clone();
         tasks.push(tokio::spawn(async move {
             let mut client = Publisher::connect(&options, &token, &published).await?;
-            let owned: Vec<usize> = (index..targets).step_by(options.publishers).collect();
+            let (quiet, owned): (Vec<usize>, Vec<usize>) = (index..targets)
+                .step_by(options.publishers)
+                .partition(|&target| options.is_quiet(target));
+            let mut quiet = QuietSchedule::new(&options, started, quiet);
             let mut ticker = tokio::time::interval(per_publisher);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             while Instant::now() < deadline {
                 ticker.tick().await;
-                let target = owned[if owned.len() == 1 {
-                    0
-                } else {
-                    fastrand::usize(..owned.len())
-                }];
-                let k = published.per_target[target].load(Ordering::Relaxed) + 1;
-                let outgoing = event(options.topic_of(target), target, k, &padding);
-                match client.publish(outgoing).await {
-                    Ok(()) => published.per_target[target].store(k, Ordering::Relaxed),
-                    Err(err) => {
-                        if published.errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                            eprintln!("publish failed: {err:#}");
+                // A quiet target whose turn came takes this tick's event.
+                let (target, events) = match quiet.due(Instant::now()) {
+                    Some(target) => (target, options.quiet_burst),
+                    None if owned.is_empty() => continue,
+                    None if owned.len() == 1 => (owned[0], 1),
+                    None => (owned[fastrand::usize(..owned.len())], 1),
+                };
+                for _ in 0..events {
+                    let k = published.per_target[target].load(Ordering::Relaxed) + 1;
+                    let outgoing = event(options.topic_of(target), target, k, &padding);
+                    match client.publish(outgoing).await {
+                        Ok(()) => published.per_target[target].store(k, Ordering::Relaxed),
+                        Err(err) => {
+                            if published.errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                                eprintln!("publish failed: {err:#}");
+                            }
+                            client = Publisher::connect(&options, &token, &published).await?;
                         }
-                        client = Publisher::connect(&options, &token, &published).await?;
                     }
                 }
             }
@@ -481,6 +488,38 @@ pub async fn run(options: &Options, published: &Arc<Published>) -> anyhow::Resul
         .secs
         .store(started.elapsed().as_secs_f64().to_bits(), Ordering::Relaxed);
     Ok(())
+}
+
+/// When each quiet target (`--quiet-users`) a publisher owns gets its next
+/// events (`quiet_burst` of them back to back): every `quiet_every_secs`, the quiet users' turns spread evenly
+/// over that period so they do not all come at once.
+struct QuietSchedule {
+    every: Duration,
+    /// (next turn, target), one per quiet target owned.
+    turns: Vec<(Instant, usize)>,
+}
+
+impl QuietSchedule {
+    fn new(options: &Options, started: Instant, targets: Vec<usize>) -> Self {
+        let every = Duration::from_secs(options.quiet_every_secs);
+        let first_quiet = options.users - options.quiet_users;
+        let turns = targets
+            .into_iter()
+            .map(|target| {
+                let place = (target - first_quiet) as f64 / options.quiet_users.max(1) as f64;
+                (started + every.mul_f64(place), target)
+            })
+            .collect();
+        QuietSchedule { every, turns }
+    }
+
+    /// A quiet target whose turn has come at `now` (its next turn moves one
+    /// period on), if any.
+    fn due(&mut self, now: Instant) -> Option<usize> {
+        let turn = self.turns.iter_mut().find(|(at, _)| *at <= now)?;
+        turn.0 += self.every;
+        Some(turn.1)
+    }
 }
 
 /// One keep-alive HTTP/1.1 connection used for publishing.

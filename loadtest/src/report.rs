@@ -60,6 +60,18 @@ pub struct Report {
     /// told to refetch.
     repeated_after_reset: u64,
     slow_connections: usize,
+    /// Users that get an event only every `quiet_every_secs` (the last ones).
+    quiet_users: usize,
+    /// Seconds between two turns of a quiet user.
+    quiet_every_secs: u64,
+    /// Events a quiet user gets at each turn.
+    quiet_burst: u64,
+    /// Quiet users' events received by reading connections.
+    quiet_delivered: u64,
+    /// The longest any quiet user's event took from publish to a client,
+    /// seconds (0 without quiet users): how long a lost live copy of a
+    /// target that stays quiet took to be repaired, in the worst case.
+    quiet_delay_max_secs: f64,
     /// Streams the servers cut as too slow (`herald_slow_disconnects_total`).
     slow_connections_closed: u64,
     /// Replay mode: seconds from "everyone back" until all resumed with
@@ -156,6 +168,7 @@ impl Report {
         }
         let latency = subscribers.latency();
         let slow_connections = subscribers.connections.iter().filter(|c| c.slow).count();
+        let (quiet_delivered, quiet_max_us) = subscribers.quiet();
         Report {
             scenario: options.label.clone(),
             connections: options.connections,
@@ -183,6 +196,11 @@ impl Report {
             skipped_after_reset,
             repeated_after_reset,
             slow_connections,
+            quiet_users: options.quiet_users,
+            quiet_every_secs: options.quiet_every_secs,
+            quiet_burst: options.quiet_burst,
+            quiet_delivered,
+            quiet_delay_max_secs: quiet_max_us as f64 / 1e6,
             slow_connections_closed: slow_disconnects,
             resume_secs,
             reconnects: subscribers.reconnects(),
@@ -258,6 +276,16 @@ impl Report {
             println!(
                 "slow connections       {} (closed by the server: {})",
                 self.slow_connections, self.slow_connections_closed
+            );
+        }
+        if self.quiet_users > 0 {
+            println!(
+                "quiet users            {} ({} event(s) every {} s): {} delivered, longest delay {:.2}s",
+                self.quiet_users,
+                self.quiet_burst,
+                self.quiet_every_secs,
+                self.quiet_delivered,
+                self.quiet_delay_max_secs
             );
         }
         println!(

@@ -61,6 +61,12 @@ pub struct ConnectionStats {
     /// again (a publisher's retry stored after the lost one), and a client
     /// that was told to refetch cannot tell; not counted as duplicates.
     pub repeated_after_reset: AtomicU64,
+    /// Events of quiet targets (`--quiet-users`) received.
+    pub quiet_received: AtomicU64,
+    /// The longest any quiet target's event took from publish to here,
+    /// microseconds: a lost live copy of a target that stays quiet shows
+    /// here as the time its repair took.
+    pub quiet_max_delay_us: AtomicU64,
 }
 
 /// One target a connection follows.
@@ -74,6 +80,8 @@ pub struct TargetState {
     /// (what it skipped shows only when the next newer event arrives, or at
     /// the end).
     pub reset_pending: std::sync::atomic::AtomicBool,
+    /// Whether the target is a quiet user (`--quiet-users`).
+    pub quiet: bool,
 }
 
 impl TargetState {
@@ -148,8 +156,13 @@ impl ConnectionStats {
             }
         }
         self.received.fetch_add(1, Ordering::Relaxed);
+        let delay = now.saturating_sub(t).max(1);
+        if state.quiet {
+            self.quiet_received.fetch_add(1, Ordering::Relaxed);
+            self.quiet_max_delay_us.fetch_max(delay, Ordering::Relaxed);
+        }
         if let Ok(mut histogram) = latencies.lock() {
-            let _ = histogram.record(now.saturating_sub(t).max(1));
+            let _ = histogram.record(delay);
         }
     }
 }
@@ -216,7 +229,10 @@ impl Subscribers {
                         targets: options
                             .targets_of(i % options.users)
                             .into_iter()
-                            .map(TargetState::new)
+                            .map(|target| TargetState {
+                                quiet: options.is_quiet(target),
+                                ..TargetState::new(target)
+                            })
                             .collect(),
                         slow: i < slow_count,
                         ..Default::default()
@@ -323,6 +339,20 @@ impl Subscribers {
     /// Sends every connection away (closing its stream) or back.
     pub fn set_phase(&self, phase: Phase) {
         self.phase.send_replace(phase);
+    }
+
+    /// Quiet targets' events received by reading connections, and the
+    /// longest delay among them (microseconds).
+    pub fn quiet(&self) -> (u64, u64) {
+        self.connections
+            .iter()
+            .filter(|c| !c.slow)
+            .fold((0, 0), |(received, max), c| {
+                (
+                    received + c.quiet_received.load(Ordering::Relaxed),
+                    max.max(c.quiet_max_delay_us.load(Ordering::Relaxed)),
+                )
+            })
     }
 
     /// Total reconnections.
@@ -745,6 +775,36 @@ mod tests {
         stats.record(event(10, 2, 9), &histogram);
         assert_eq!(stats.misordered.load(Ordering::Relaxed), 1);
         assert_eq!(stats.received.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn a_quiet_targets_events_keep_their_longest_delay_apart() {
+        let histogram = Mutex::new(Histogram::new(3).expect("histogram"));
+        let stats = ConnectionStats {
+            targets: vec![
+                TargetState::new(3),
+                TargetState {
+                    quiet: true,
+                    ..TargetState::new(10)
+                },
+            ],
+            ..Default::default()
+        };
+        let at = |g, k, ago_us: u64| Dispatched::Event {
+            g,
+            k,
+            t: now_micros() - ago_us,
+            id: None,
+        };
+        stats.record(at(3, 1, 9_000_000), &histogram);
+        stats.record(at(10, 1, 2_000_000), &histogram);
+        stats.record(at(10, 2, 1_000_000), &histogram);
+        assert_eq!(stats.quiet_received.load(Ordering::Relaxed), 2);
+        let max = stats.quiet_max_delay_us.load(Ordering::Relaxed);
+        assert!(
+            (2_000_000..9_000_000).contains(&max),
+            "the busy target's delay is not a quiet one's: {max}"
+        );
     }
 
     #[test]

@@ -136,6 +136,11 @@ metrics! {
     bus_bad_events: Counter, "bus_bad_events", "Bus messages dropped as undeliverable";
     /// 1 while the NATS connection is up (NATS bus only).
     nats_connected: Gauge, "nats_connected", "1 while the NATS connection is up";
+    /// Times async-nats dropped live messages because a subscription's
+    /// buffer (`nats.subscription_capacity`) was full; each asks for an
+    /// immediate check of every followed target.
+    nats_slow_consumer: Counter, "nats_slow_consumer",
+        "Times the NATS client dropped messages for a full subscription buffer (nats.subscription_capacity); each triggers a check of every followed target";
     /// Events waiting in connection queues, all connections together (set
     /// when metrics are scraped).
     queued_events: Gauge, "queued_events", "Events waiting in connection queues";
@@ -202,6 +207,7 @@ mod tests {
             "herald_live_check_reads counter",
             "herald_bus_bad_events counter",
             "herald_nats_connected gauge",
+            "herald_nats_slow_consumer counter",
             "herald_queued_events gauge",
             "herald_cluster_members gauge",
             "herald_streams_moved counter",

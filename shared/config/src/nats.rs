@@ -81,6 +81,15 @@ pub struct NatsSettings {
     /// target that receives nothing more. Each check is one batched read per
     /// 1,000 followed targets (nats-server 2.11+). Default 2000.
     pub check_interval_ms: u64,
+    /// Messages async-nats buffers per subscription (each followed user or
+    /// topic has one) before it drops them as a slow consumer. A drop is
+    /// repaired like any lost live copy (the periodic check finds it, and
+    /// the drop itself asks for a check at once) and counted in
+    /// `herald_nats_slow_consumer_total`. The periodic check's batched reads
+    /// ask for at most one subject fewer than this per request, so their own
+    /// answer always fits. Lower it only to test the drop. At least 2.
+    /// Default 65536 (async-nats' own default).
+    pub subscription_capacity: usize,
 }
 
 impl Default for NatsSettings {
@@ -110,6 +119,7 @@ impl Default for NatsSettings {
             max_event_bytes: 64 * 1024,
             update_stream: false,
             check_interval_ms: 2_000,
+            subscription_capacity: 64 * 1024,
         }
     }
 }
@@ -179,6 +189,12 @@ impl NatsSettings {
             if value == 0 {
                 problems.push(format!("{key} must be greater than 0"));
             }
+        }
+        if self.subscription_capacity < 2 {
+            problems.push(
+                "nats.subscription_capacity must be at least 2 (a batched read's answer needs room for one event and its end)"
+                    .into(),
+            );
         }
         if self.user.is_some() != self.password.is_some() {
             problems.push("nats.user and nats.password go together".into());

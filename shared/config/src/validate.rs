@@ -102,11 +102,16 @@ mod tests {
         assert_eq!(settings.bus.kind, BusKind::Nats);
         assert_eq!(settings.nats.url, "nats://10.0.0.1:4222");
         assert_eq!(settings.nats.replicas, 3);
+        assert_eq!(
+            settings.nats.subscription_capacity, 65_536,
+            "async-nats' own default"
+        );
         let err = load(&[
             ("HERALD__AUTH__HS256_SECRET", SECRET),
             ("HERALD__BUS__KIND", "nats"),
             ("HERALD__NATS__LIVE_PREFIX", "herald.live"),
             ("HERALD__NATS__MAX_BYTES", "0"),
+            ("HERALD__NATS__SUBSCRIPTION_CAPACITY", "1"),
         ])
         .expect_err("invalid");
         let message = err.to_string();
@@ -115,6 +120,10 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("nats.max_bytes"), "{message}");
+        assert!(
+            message.contains("nats.subscription_capacity must be at least 2"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -199,6 +199,7 @@ impl NatsBus {
             settings.stream.clone(),
             epoch,
             provision::has_batched_reads(&version),
+            store::subjects_per_batch(settings.subscription_capacity),
         ));
         let decoder = Arc::new(Decoder::new(
             settings.subject_prefix.clone(),

@@ -44,6 +44,7 @@ pub(super) async fn connect_client(
         .connection_timeout(Duration::from_millis(settings.connect_timeout_ms))
         .ping_interval(Duration::from_millis(settings.ping_interval_ms))
         .require_tls(settings.tls_required)
+        .subscription_capacity(settings.subscription_capacity)
         .event_callback(move |event| {
             let events = Arc::clone(&events);
             let metrics = Arc::clone(&metrics);
@@ -64,6 +65,7 @@ pub(super) async fn connect_client(
                         );
                     }
                     async_nats::Event::SlowConsumer(sid) => {
+                        metrics.nats_slow_consumer.inc();
                         tracing::warn!(
                             subscription = sid,
                             "NATS dropped live messages for a slow subscription; checking every target"

@@ -39,6 +39,17 @@ pub(super) const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// messages to one multi-subject Direct Get).
 const SUBJECTS_PER_BATCH: usize = 1000;
 
+/// How many subjects one batched read may ask for when each subscription
+/// buffers `capacity` messages (`nats.subscription_capacity`). The answer
+/// comes on a fresh inbox subscription: one message per subject, then the
+/// end-of-batch status, all possibly in one read from the socket before the
+/// reader takes any. async-nats drops what does not fit, and a dropped answer
+/// would read as "nothing stored" for its subject: so at most `capacity - 1`
+/// subjects, never fewer than one.
+pub(super) fn subjects_per_batch(capacity: usize) -> usize {
+    SUBJECTS_PER_BATCH.min(capacity.saturating_sub(1)).max(1)
+}
+
 /// Why the stream could not be read. Nothing changed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -124,6 +135,8 @@ pub(super) struct Store {
     epochs: watch::Sender<u64>,
     /// Whether the server answers multi-subject Direct Gets (2.11+).
     batched_reads: bool,
+    /// Most subjects one batched read asks for ([`subjects_per_batch`]).
+    per_batch: usize,
 }
 
 impl Store {
@@ -134,6 +147,7 @@ impl Store {
         name: String,
         epoch: u64,
         batched_reads: bool,
+        per_batch: usize,
     ) -> Self {
         Store {
             client,
@@ -143,6 +157,7 @@ impl Store {
             epoch: AtomicU64::new(epoch),
             epochs: watch::channel(epoch).0,
             batched_reads,
+            per_batch,
         }
     }
 
@@ -259,7 +274,7 @@ impl Store {
         }
         let mut newest = Newest::default();
         let mut through: Option<u64> = None;
-        for batch in subjects.chunks(SUBJECTS_PER_BATCH) {
+        for batch in subjects.chunks(self.per_batch) {
             let part = self.newest_batch(batch).await?;
             newest.reads += 1;
             newest.by_subject.extend(part.by_subject);
@@ -445,4 +460,18 @@ async fn timed_raw<T>(call: impl Future<Output = T>) -> Result<T, ReadError> {
     tokio::time::timeout(API_TIMEOUT, call)
         .await
         .map_err(|_| ReadError::TimedOut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batched_reads_answer_and_its_end_always_fit_in_one_subscriptions_buffer() {
+        assert_eq!(subjects_per_batch(64 * 1024), SUBJECTS_PER_BATCH);
+        assert_eq!(subjects_per_batch(1001), 1000);
+        assert_eq!(subjects_per_batch(16), 15);
+        assert_eq!(subjects_per_batch(2), 1);
+        assert_eq!(subjects_per_batch(1), 1, "never zero subjects per read");
+    }
 }
