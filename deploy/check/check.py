@@ -278,7 +278,10 @@ def documented_metrics() -> set:
     table = (ROOT / "docs/observability.md").read_text()
     names = set(re.findall(r"^\| `(herald_[a-z_]+)(?:\{[^}]*\})?` \|", table, re.M))
     source = (ROOT / "services/edge/src/metrics.rs").read_text()
-    registered = set(re.findall(r'register\(\s*"([a-z_]+)"', source))
+    # Each metric is one entry of the `metrics!` list (`field: Type, "name", "help";`),
+    # or registered by hand (`register("name", …)`).
+    registered = set(re.findall(r'^\s+[a-z_]+: [^\n]*?,(?:\s*//[^\n]*)?\s*"([a-z_]+)",', source, re.M))
+    registered |= set(re.findall(r'register\(\s*"([a-z_]+)"', source))
     for name in names:
         base = re.sub(r"_total$", "", name.removeprefix("herald_"))
         if base not in registered and name != "herald_heap_allocated_bytes":
