@@ -1,8 +1,11 @@
-//! `[gossip]`: gossip membership ([`GossipSettings`]).
+//! `[gossip]`: gossip membership ([`GossipSettings`]); its keys are decoded
+//! in `gossip_key.rs`.
 
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
+
+use crate::Secret;
 
 /// Gossip membership (chitchat: scuttlebutt with a phi-accrual failure
 /// detector). Delivery never depends on it; it gives every node a view of its
@@ -47,6 +50,23 @@ pub struct GossipSettings {
     /// At start, how long to keep retrying seed DNS names that resolve to
     /// nothing (pods starting together), milliseconds. Default 5000.
     pub seed_resolve_timeout_ms: u64,
+    /// The cluster's gossip key: base64 of 32 random bytes (`openssl rand
+    /// -base64 32`). Every datagram is sealed with it (XChaCha20-Poly1305),
+    /// so only key holders can join, change or read the cluster view. During
+    /// a rotation, several keys separated by commas: the first seals, every
+    /// one is accepted. Required when `gossip.listen` is not a loopback
+    /// address. Default: none. Prefer `gossip.secret_file` outside tests.
+    pub secret: Option<Secret>,
+    /// A file holding the gossip key(s), one per line, read at start (a
+    /// mounted Kubernetes or Docker secret). Exclusive with `gossip.secret`.
+    /// Default: none.
+    pub secret_file: Option<String>,
+    /// Milliseconds a sealed datagram's timestamp may differ from this node's
+    /// clock before it is dropped as stale; within it, each datagram is
+    /// accepted once. Larger tolerates more clock skew between hosts; smaller
+    /// shortens how long a captured datagram could be replayed to a node that
+    /// just restarted. Default 30000.
+    pub replay_window_ms: u64,
 }
 
 impl Default for GossipSettings {
@@ -63,12 +83,15 @@ impl Default for GossipSettings {
             forget_after_secs: 3_600,
             state_update_ms: 1_000,
             seed_resolve_timeout_ms: 5_000,
+            secret: None,
+            secret_file: None,
+            replay_window_ms: 30_000,
         }
     }
 }
 
 impl GossipSettings {
-    /// Addresses, seeds, cluster id, failure detector and intervals.
+    /// Addresses, seeds, cluster id, failure detector, intervals and keys.
     pub(crate) fn validate(&self, problems: &mut Vec<String>) {
         if let Err(err) = self.listen.parse::<SocketAddr>() {
             problems.push(format!(
@@ -102,10 +125,12 @@ impl GossipSettings {
             ("gossip.dead_after_ms", self.dead_after_ms),
             ("gossip.forget_after_secs", self.forget_after_secs),
             ("gossip.state_update_ms", self.state_update_ms),
+            ("gossip.replay_window_ms", self.replay_window_ms),
         ] {
             if value == 0 {
                 problems.push(format!("{key} must be greater than 0"));
             }
         }
+        self.validate_keys(problems);
     }
 }

@@ -16,7 +16,8 @@
 //!   `stream.rs` ([`StreamSettings`]), `bus.rs` ([`BusSettings`],
 //!   [`MemoryBusSettings`]), `nats.rs` ([`NatsSettings`]), `auth.rs`
 //!   ([`AuthSettings`]), `telemetry.rs` ([`TelemetrySettings`]), `gossip.rs`
-//!   ([`GossipSettings`]), `rebalance.rs` ([`RebalanceSettings`]).
+//!   ([`GossipSettings`]; `gossip_key.rs` decodes its keys), `rebalance.rs`
+//!   ([`RebalanceSettings`]).
 //! - `secret.rs`: [`Secret`], a value that never prints.
 //! - `load.rs`: the layers ([`Settings::load`], [`ENV_PREFIX`]).
 //! - `validate.rs`: [`Settings::validate`], every problem at once.
@@ -26,6 +27,7 @@ mod auth;
 mod bus;
 mod error;
 mod gossip;
+mod gossip_key;
 mod http;
 mod load;
 mod nats;
@@ -42,6 +44,7 @@ pub use auth::{AuthSettings, KNOWN_ALGORITHMS, MIN_SECRET_BYTES};
 pub use bus::{BusKind, BusSettings, MemoryBusSettings};
 pub use error::ConfigError;
 pub use gossip::GossipSettings;
+pub use gossip_key::{GOSSIP_KEY_BYTES, GOSSIP_KEY_HOWTO, GossipKeyError};
 pub use http::HttpSettings;
 pub use load::ENV_PREFIX;
 pub use nats::{NatsSettings, NatsStorage};
