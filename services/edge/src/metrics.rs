@@ -150,6 +150,10 @@ metrics! {
     /// Streams this node asked to move elsewhere (rebalancing).
     streams_moved: Counter, "streams_moved",
         "Streams asked to reconnect to another node by rebalancing";
+    /// Gossip datagrams dropped before the membership saw them, by reason
+    /// (`malformed`, `bad_tag`, `stale`, `replayed`, `too_many_senders`).
+    gossip_rejected: Family<ReasonLabel, Counter>, "gossip_rejected",
+        "Gossip datagrams dropped (unauthenticated, stale or replayed), by reason";
     /// Seconds from the bus storing an event to it being written to a stream.
     delivery_latency: Histogram = Histogram::new(exponential_buckets(0.0001, 2.0, 20)), // 100 µs to ~52 s.
         "delivery_latency_seconds", "Time from the bus storing an event to its write to a stream";
@@ -180,6 +184,7 @@ mod tests {
         metrics.disconnects.get_or_create(&reason).inc();
         metrics.resets.get_or_create(&reason).inc();
         metrics.rejected_streams.get_or_create(&reason).inc();
+        metrics.gossip_rejected.get_or_create(&reason).inc();
         let alive = StateLabel { state: "alive" };
         metrics.cluster_members.get_or_create(&alive).set(1);
         let text = metrics.render();
@@ -211,6 +216,7 @@ mod tests {
             "herald_queued_events gauge",
             "herald_cluster_members gauge",
             "herald_streams_moved counter",
+            "herald_gossip_rejected counter",
             "herald_delivery_latency_seconds histogram",
         ];
         assert_eq!(types[..expected.len()], expected, "{text}");

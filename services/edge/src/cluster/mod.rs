@@ -10,6 +10,7 @@
 //! docs/architecture.md explains the choice and the timers.
 //!
 //! - [`Cluster::start`] binds the UDP socket and joins through the seeds;
+//!   with a gossip key every datagram is sealed ([`transport`], [`seal`]);
 //! - [`Cluster::run`] refreshes the view every gossip interval and gossips this
 //!   node's load (at most every `gossip.state_update_ms`, only when changed);
 //! - [`Cluster::leave`] announces the departure at once (SIGTERM);
@@ -18,6 +19,8 @@
 pub mod member;
 pub mod presence;
 pub mod rebalance;
+mod seal;
+mod transport;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -25,12 +28,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use chitchat::transport::UdpTransport;
+use chitchat::transport::{Transport, UdpTransport};
 use chitchat::{
     ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, Heartbeat, ProtocolVersion,
     spawn_chitchat,
 };
-use herald_config::{GossipSettings, Settings};
+use herald_config::{GossipKeyError, GossipSettings, Settings};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, StateLabel};
@@ -80,6 +83,17 @@ pub enum ClusterError {
     /// `anyhow::Error`; the message shows its whole chain of causes).
     #[error("gossip: {0:#}")]
     Start(#[source] anyhow::Error),
+    /// `gossip.secret` / `gossip.secret_file` could not be read or decoded;
+    /// nothing was bound.
+    #[error("gossip key: {0}")]
+    Keys(#[source] GossipKeyError),
+    /// Gossip would listen beyond loopback without a key (configuration
+    /// validation refuses this first); nothing was bound.
+    #[error("gossip.listen {listen} is reachable from other hosts and no gossip key is set")]
+    KeyRequired {
+        /// `gossip.listen`.
+        listen: SocketAddr,
+    },
 }
 
 /// This node's load, as gossiped.
@@ -212,7 +226,8 @@ impl Cluster {
             extra_liveness_predicate: None,
             protocol_version: ProtocolVersion::V0,
         };
-        let handle = spawn_chitchat(config, info.to_key_values(), &UdpTransport)
+        let transport = gossip_transport(&cluster.settings, listen, &cluster.metrics)?;
+        let handle = spawn_chitchat(config, info.to_key_values(), transport.as_ref())
             .await
             .map_err(ClusterError::Start)?;
         let chitchat = handle.chitchat();
@@ -477,6 +492,39 @@ impl Cluster {
                 .set(view.count(state) as i64);
         }
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+    }
+}
+
+/// The sealed transport with the configured keys; plain UDP only when there
+/// is no key and gossip listens on loopback (one-machine development and the
+/// plain-versus-sealed benchmark).
+fn gossip_transport(
+    settings: &GossipSettings,
+    listen: SocketAddr,
+    metrics: &Arc<Metrics>,
+) -> Result<Box<dyn Transport>, ClusterError> {
+    let keys = settings.keys().map_err(ClusterError::Keys)?;
+    match seal::Keyring::new(&keys) {
+        Some(keys) => {
+            tracing::info!(
+                keys = keys.len(),
+                replay_window_ms = settings.replay_window_ms,
+                "gossip datagrams are sealed (XChaCha20-Poly1305)"
+            );
+            Ok(Box::new(transport::SealedTransport::new(
+                keys,
+                settings.replay_window_ms,
+                Arc::clone(metrics),
+            )))
+        }
+        None if listen.ip().is_loopback() => {
+            tracing::warn!(
+                listen = %listen,
+                "gossip is NOT authenticated (no gossip.secret): acceptable on loopback only"
+            );
+            Ok(Box::new(UdpTransport))
+        }
+        None => Err(ClusterError::KeyRequired { listen }),
     }
 }
 

@@ -1,0 +1,487 @@
+//! The gossip socket: chitchat's UDP transport with every datagram sealed
+//! ([`seal`](super::seal)) on the way out and opened on the way in.
+//!
+//! chitchat's transport seam (`chitchat::transport::{Transport, Socket}`)
+//! works with decoded envelopes, and its wire codec is private to the crate.
+//! So, rather than fork chitchat, [`SealedTransport`] keeps chitchat's own
+//! UDP socket as the codec, bound to a private loopback port, and puts itself
+//! between that socket and the network:
+//!
+//! ```text
+//!  chitchat ──send(peer, envelope)──▶ codec socket ──bytes──▶ outbox ─seal─▶ network socket ──▶ peer
+//!  chitchat ◀──(peer, envelope)──── codec socket ◀──bytes── inbox[peer] ◀─open─ network socket ◀── peer
+//! ```
+//!
+//! - the **network socket** is bound to `gossip.listen`; only sealed
+//!   datagrams enter or leave it;
+//! - the **outbox** receives what chitchat encodes; it is connected to the
+//!   codec socket, so the kernel delivers it nothing from anyone else;
+//! - one **inbox** per peer hands that peer's opened datagrams to chitchat, so
+//!   the address chitchat sees maps back to the real peer, exactly, whatever
+//!   the order of arrival. A datagram reaching the codec socket from any other
+//!   loopback address (another local process) is dropped.
+//!
+//! Costs: two loopback hops per datagram in each direction (a few µs each)
+//! and one socket per peer. `docs/benchmarks.md` has the CPU measured.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use chitchat::ChitchatEnvelope;
+use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpSocket as CodecSocket};
+use tokio::net::UdpSocket;
+
+use super::seal::{Keyring, OVERHEAD, Opener, Rejection, Sealer};
+use crate::metrics::{Metrics, ReasonLabel};
+
+/// Largest UDP payload over IPv4; chitchat fills datagrams up to this.
+const MAX_DATAGRAM: usize = 65_507;
+
+/// Most peers with an inbox at once; the least recently heard is closed
+/// beyond. Only peers whose datagrams opened get one.
+const MAX_INBOXES: usize = 1_024;
+
+/// How long to wait for chitchat's encoded datagram on the loopback hop.
+/// Loopback delivery is immediate; this only bounds a kernel that dropped it
+/// (a receive buffer smaller than a datagram), so gossip cannot stall.
+const LOOPBACK_PATIENCE: Duration = Duration::from_secs(1);
+
+/// At most one warning per this interval for rejected datagrams (each one is
+/// counted in `herald_gossip_rejected_total` all the same).
+const REJECTION_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Why the sealed gossip socket failed. At the chitchat seam these become
+/// `anyhow` errors: a send error is logged by chitchat and the datagram lost,
+/// a receive error stops gossip (and the node reports it as failed).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TransportError {
+    /// `gossip.listen` or a loopback socket could not be bound; nothing opened.
+    #[error("cannot bind {what} {addr}/udp")]
+    Bind {
+        /// Which socket.
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A socket failed outside of a transient condition; this datagram is
+    /// lost (and on receive, the socket is broken).
+    #[error("gossip {what} failed")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// chitchat's encoded datagram never arrived over loopback; it is lost.
+    #[error("chitchat's datagram was lost on the loopback hop")]
+    LoopbackLost,
+    /// Sealed, the datagram would exceed the UDP limit; it was not sent. Only
+    /// a cluster of about a thousand nodes fills a datagram this much.
+    #[error(
+        "sealed gossip datagram would be {bytes} bytes, over the {MAX_DATAGRAM}-byte UDP limit"
+    )]
+    TooLarge {
+        /// Size after sealing.
+        bytes: usize,
+    },
+    /// chitchat's codec socket failed.
+    #[error("chitchat codec socket")]
+    Codec(#[source] anyhow::Error),
+}
+
+/// chitchat transport sealing every datagram with the cluster's gossip keys.
+pub(crate) struct SealedTransport {
+    keys: Arc<Keyring>,
+    window_ms: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for SealedTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedTransport")
+            .field("keys", &self.keys)
+            .field("window_ms", &self.window_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SealedTransport {
+    /// A transport sealing with `keys` and accepting timestamps within
+    /// `window_ms` of this node's clock; rejections are counted in `metrics`.
+    pub(crate) fn new(keys: Keyring, window_ms: u64, metrics: Arc<Metrics>) -> SealedTransport {
+        for reason in Rejection::ALL {
+            // Present at 0 from the start, so dashboards and alerts see them.
+            drop(metrics.gossip_rejected.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            }));
+        }
+        SealedTransport {
+            keys: Arc::new(keys),
+            window_ms,
+            metrics,
+        }
+    }
+
+    async fn open_socket(&self, listen_addr: SocketAddr) -> Result<SealedSocket, TransportError> {
+        let network =
+            UdpSocket::bind(listen_addr)
+                .await
+                .map_err(|source| TransportError::Bind {
+                    what: "gossip socket",
+                    addr: listen_addr,
+                    source,
+                })?;
+        let codec = Codec::open().await?;
+        Ok(SealedSocket {
+            network,
+            codec,
+            keys: Arc::clone(&self.keys),
+            sealer: Sealer::new(),
+            opener: Opener::new(self.window_ms),
+            rejections: RejectionLog {
+                metrics: Arc::clone(&self.metrics),
+                last_warned: None,
+                suppressed: 0,
+            },
+            received: vec![0; MAX_DATAGRAM + 1].into_boxed_slice(),
+            encoded: vec![0; MAX_DATAGRAM + 1].into_boxed_slice(),
+            sealed: Vec::with_capacity(MAX_DATAGRAM),
+        })
+    }
+}
+
+#[async_trait]
+impl Transport for SealedTransport {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        Ok(Box::new(self.open_socket(listen_addr).await?))
+    }
+}
+
+/// The socket chitchat gossips through.
+struct SealedSocket {
+    network: UdpSocket,
+    codec: Codec,
+    keys: Arc<Keyring>,
+    sealer: Sealer,
+    opener: Opener,
+    rejections: RejectionLog,
+    /// Datagrams from the network (opened in place).
+    received: Box<[u8]>,
+    /// chitchat's encoded output, before sealing.
+    encoded: Box<[u8]>,
+    /// The sealed datagram being sent.
+    sealed: Vec<u8>,
+}
+
+/// What [`SealedSocket::recv`] waited for.
+enum Arrival {
+    /// chitchat decoded a datagram handed to it through an inbox.
+    Decoded(anyhow::Result<RecvOutcome>),
+    /// A datagram from the network.
+    Network(io::Result<(usize, SocketAddr)>),
+}
+
+#[async_trait]
+impl Socket for SealedSocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self
+            .network
+            .local_addr()
+            .map_err(|source| TransportError::Io {
+                what: "local address",
+                source,
+            })?)
+    }
+
+    async fn send(
+        &mut self,
+        to: SocketAddr,
+        envelope: ChitchatEnvelope,
+    ) -> anyhow::Result<SendOutcome> {
+        let len = self.codec.encode(envelope, &mut self.encoded).await?;
+        let bytes = len + OVERHEAD;
+        if bytes > MAX_DATAGRAM {
+            return Err(TransportError::TooLarge { bytes }.into());
+        }
+        self.sealer
+            .seal(&self.keys, &self.encoded[..len], now_ms(), &mut self.sealed);
+        let num_bytes_sent = self
+            .network
+            .send_to(&self.sealed, to)
+            .await
+            .map_err(|source| TransportError::Io {
+                what: "send",
+                source,
+            })?;
+        Ok(SendOutcome { num_bytes_sent })
+    }
+
+    /// Cancel-safe, as chitchat needs: every await is a socket receive or a
+    /// loopback send, and a datagram cut off between them is simply lost.
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        loop {
+            let arrival = {
+                let SealedSocket {
+                    network,
+                    codec,
+                    received,
+                    ..
+                } = self;
+                tokio::select! {
+                    // What is already opened goes to chitchat first.
+                    biased;
+                    decoded = codec.chitchat.recv() => Arrival::Decoded(decoded),
+                    datagram = network.recv_from(received) => Arrival::Network(datagram),
+                }
+            };
+            match arrival {
+                Arrival::Decoded(decoded) => {
+                    let outcome = decoded.map_err(TransportError::Codec)?;
+                    match self.codec.peer_of(outcome.from_addr) {
+                        Some(peer) => {
+                            return Ok(RecvOutcome {
+                                from_addr: peer,
+                                ..outcome
+                            });
+                        }
+                        None => tracing::warn!(
+                            from = %outcome.from_addr,
+                            "dropped a plain gossip datagram sent to the loopback codec socket by another local process"
+                        ),
+                    }
+                }
+                Arrival::Network(Err(err)) if is_transient(&err) => {
+                    tracing::debug!(error = %err, "transient gossip receive error");
+                }
+                Arrival::Network(Err(source)) => {
+                    return Err(TransportError::Io {
+                        what: "receive",
+                        source,
+                    }
+                    .into());
+                }
+                Arrival::Network(Ok((len, from))) => {
+                    if len > MAX_DATAGRAM {
+                        // Truncated by the buffer: no valid sealed datagram is this long.
+                        self.rejections.record(Rejection::Malformed, from, len);
+                        continue;
+                    }
+                    match self
+                        .opener
+                        .open(&self.keys, &mut self.received[..len], now_ms())
+                    {
+                        Ok(plaintext) => self.codec.deliver(from, plaintext).await,
+                        Err(reason) => self.rejections.record(reason, from, len),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// chitchat's own UDP socket on loopback, used as the envelope codec, with
+/// the sockets that carry bytes to and from it.
+struct Codec {
+    chitchat: CodecSocket,
+    chitchat_addr: SocketAddr,
+    outbox: UdpSocket,
+    outbox_addr: SocketAddr,
+    inboxes: HashMap<SocketAddr, Inbox>,
+    /// Inbox address → the peer it speaks for.
+    peers: HashMap<SocketAddr, SocketAddr>,
+    /// Increases with every delivery; orders inboxes by last use.
+    deliveries: u64,
+}
+
+struct Inbox {
+    socket: UdpSocket,
+    addr: SocketAddr,
+    last_used: u64,
+}
+
+impl Codec {
+    async fn open() -> Result<Codec, TransportError> {
+        let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let chitchat = CodecSocket::open(loopback)
+            .await
+            .map_err(TransportError::Codec)?;
+        let chitchat_addr = chitchat.local_addr().map_err(TransportError::Codec)?;
+        let outbox = bind_connected("gossip outbox", chitchat_addr).await?;
+        let outbox_addr = outbox.local_addr().map_err(|source| TransportError::Io {
+            what: "outbox address",
+            source,
+        })?;
+        Ok(Codec {
+            chitchat,
+            chitchat_addr,
+            outbox,
+            outbox_addr,
+            inboxes: HashMap::new(),
+            peers: HashMap::new(),
+            deliveries: 0,
+        })
+    }
+
+    /// Has chitchat encode `envelope` into `buf`; returns its length.
+    async fn encode(
+        &mut self,
+        envelope: ChitchatEnvelope,
+        buf: &mut [u8],
+    ) -> Result<usize, TransportError> {
+        // A send cancelled between the two steps below leaves its datagram
+        // in the outbox: discard it, or it would go to the next peer.
+        while self.outbox.try_recv(buf).is_ok() {}
+        self.chitchat
+            .send(self.outbox_addr, envelope)
+            .await
+            .map_err(TransportError::Codec)?;
+        match tokio::time::timeout(LOOPBACK_PATIENCE, self.outbox.recv(buf)).await {
+            Ok(Ok(len)) => Ok(len),
+            Ok(Err(source)) => Err(TransportError::Io {
+                what: "outbox receive",
+                source,
+            }),
+            Err(_) => Err(TransportError::LoopbackLost),
+        }
+    }
+
+    /// Hands an opened datagram from `peer` to chitchat. Failures lose the
+    /// datagram (as UDP may) and are logged.
+    async fn deliver(&mut self, peer: SocketAddr, plaintext: &[u8]) {
+        self.deliveries += 1;
+        if !self.inboxes.contains_key(&peer) {
+            if let Err(err) = self.add_inbox(peer).await {
+                tracing::warn!(error = %err, peer = %peer, "cannot open a gossip inbox; datagram dropped");
+                return;
+            }
+        }
+        let Some(inbox) = self.inboxes.get_mut(&peer) else {
+            return;
+        };
+        inbox.last_used = self.deliveries;
+        if let Err(err) = inbox.socket.send(plaintext).await {
+            tracing::warn!(error = %err, peer = %peer, "cannot hand a gossip datagram to chitchat; dropped");
+        }
+    }
+
+    async fn add_inbox(&mut self, peer: SocketAddr) -> Result<(), TransportError> {
+        if self.inboxes.len() >= MAX_INBOXES {
+            let oldest = self
+                .inboxes
+                .iter()
+                .min_by_key(|(_, inbox)| inbox.last_used)
+                .map(|(peer, _)| *peer);
+            if let Some(inbox) = oldest.and_then(|peer| self.inboxes.remove(&peer)) {
+                self.peers.remove(&inbox.addr);
+            }
+        }
+        let socket = bind_connected("gossip inbox", self.chitchat_addr).await?;
+        let addr = socket.local_addr().map_err(|source| TransportError::Io {
+            what: "inbox address",
+            source,
+        })?;
+        self.peers.insert(addr, peer);
+        self.inboxes.insert(
+            peer,
+            Inbox {
+                socket,
+                addr,
+                last_used: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// The peer an inbox speaks for; `None` for any other sender.
+    fn peer_of(&self, inbox: SocketAddr) -> Option<SocketAddr> {
+        self.peers.get(&inbox).copied()
+    }
+}
+
+/// A loopback UDP socket connected to `peer`: it sends only there, and the
+/// kernel gives it datagrams only from there.
+async fn bind_connected(what: &'static str, peer: SocketAddr) -> Result<UdpSocket, TransportError> {
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let socket = UdpSocket::bind(loopback)
+        .await
+        .map_err(|source| TransportError::Bind {
+            what,
+            addr: loopback,
+            source,
+        })?;
+    socket
+        .connect(peer)
+        .await
+        .map_err(|source| TransportError::Io {
+            what: "loopback connect",
+            source,
+        })?;
+    Ok(socket)
+}
+
+/// Counts every rejected datagram and warns about them at a bounded rate.
+struct RejectionLog {
+    metrics: Arc<Metrics>,
+    last_warned: Option<Instant>,
+    /// Rejections not logged since the last warning.
+    suppressed: u64,
+}
+
+impl RejectionLog {
+    fn record(&mut self, reason: Rejection, from: SocketAddr, bytes: usize) {
+        self.metrics
+            .gossip_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
+        let now = Instant::now();
+        if self
+            .last_warned
+            .is_some_and(|at| now.duration_since(at) < REJECTION_LOG_EVERY)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            reason = reason.as_str(),
+            from = %from,
+            bytes,
+            suppressed = self.suppressed,
+            "gossip datagram rejected: {reason} (at most one warning every {}s; all are counted in herald_gossip_rejected_total)",
+            REJECTION_LOG_EVERY.as_secs()
+        );
+        self.last_warned = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+/// Errors a UDP socket reports for an earlier datagram (an ICMP unreachable
+/// from a peer that went away) rather than for itself; chitchat's own UDP
+/// transport treats the same ones as transient.
+fn is_transient(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::OutOfMemory
+    )
+}
+
+/// Milliseconds since the Unix epoch (0 for a clock before 1970, which makes
+/// every datagram stale rather than panicking).
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
