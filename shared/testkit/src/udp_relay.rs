@@ -5,7 +5,8 @@
 //! to the node's real port through one socket per sender, and sends the
 //! node's answers back from the relay's own address. A [`Partition`] shared by
 //! all relays of a test decides what is dropped: every datagram to or from an
-//! isolated node's real port.
+//! isolated node's real port. [`UdpRelay::captured`] returns the last
+//! datagrams it forwarded to the node (for replay attacks in tests).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -41,12 +42,19 @@ impl Partition {
     }
 }
 
+/// How many forwarded datagrams a relay keeps for [`UdpRelay::captured`].
+const CAPTURED: usize = 32;
+
 /// A relay in front of one node's gossip port; stops when dropped.
 #[derive(Debug)]
 pub struct UdpRelay {
     addr: SocketAddr,
     stop: CancellationToken,
+    captured: Captured,
 }
+
+/// The last datagrams forwarded to the node, oldest first.
+type Captured = Arc<Mutex<std::collections::VecDeque<Vec<u8>>>>;
 
 impl UdpRelay {
     /// Starts a relay on a free loopback port for the node gossiping on
@@ -55,15 +63,28 @@ impl UdpRelay {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
         let addr = front.local_addr()?;
         let stop = CancellationToken::new();
+        let captured = Captured::default();
         let relay = Relay {
             front,
             node,
             partition,
             stop: stop.clone(),
             backs: HashMap::new(),
+            captured: Arc::clone(&captured),
         };
         tokio::spawn(relay.run());
-        Ok(UdpRelay { addr, stop })
+        Ok(UdpRelay {
+            addr,
+            stop,
+            captured,
+        })
+    }
+
+    /// The last datagrams (up to 32) the relay forwarded to the node, oldest
+    /// first: genuine traffic a test can replay.
+    pub fn captured(&self) -> Vec<Vec<u8>> {
+        let captured = self.captured.lock().unwrap_or_else(|e| e.into_inner());
+        captured.iter().cloned().collect()
     }
 
     /// The address the node advertises and peers send to.
@@ -86,6 +107,7 @@ struct Relay {
     /// One socket towards the node per sender, so the node's answers can be
     /// told apart and sent back to the right sender.
     backs: HashMap<SocketAddr, Arc<UdpSocket>>,
+    captured: Captured,
 }
 
 impl Relay {
@@ -107,6 +129,11 @@ impl Relay {
                 None => continue,
             };
             let _ = back.send_to(&buf[..len], self.node).await;
+            let mut captured = self.captured.lock().unwrap_or_else(|e| e.into_inner());
+            if captured.len() == CAPTURED {
+                captured.pop_front();
+            }
+            captured.push_back(buf[..len].to_vec());
         }
     }
 
