@@ -432,7 +432,9 @@ async fn a_node_gossiping_beyond_loopback_without_a_key_refuses_to_start_and_say
     let (mut command, _) =
         herald_testkit::process::command(binary, &[("HERALD__GOSSIP__LISTEN", "0.0.0.0:0")])
             .expect("command");
-    command.stderr(Stdio::piped());
+    command
+        .env_remove("HERALD__GOSSIP__SECRET")
+        .stderr(Stdio::piped());
     let output = tokio::process::Command::from(command)
         .output()
         .await

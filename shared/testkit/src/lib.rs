@@ -33,6 +33,11 @@ use tokio_util::sync::CancellationToken;
 /// The HS256 secret every test node and token uses.
 pub const SECRET: &str = "herald-test-secret-0123456789abcdef";
 
+/// The gossip key every test node seals its gossip with, so cluster tests
+/// run the sealed transport production runs (a test that wants plain gossip
+/// sets `gossip.secret = None`).
+pub const GOSSIP_KEY: &str = "qnRC2g8yDIrQV3ZBW6v1n3cW0AFd8E0wq9fI3Kx2TQ4=";
+
 /// How long a test waits for something that should happen promptly.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -47,6 +52,7 @@ pub fn test_settings() -> Settings {
     // One node per test unless a test builds a cluster; port 0 when it does.
     settings.gossip.enabled = false;
     settings.gossip.listen = "127.0.0.1:0".into();
+    settings.gossip.secret = Some(Secret::new(GOSSIP_KEY));
     settings
 }
 

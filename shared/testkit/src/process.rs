@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::SECRET;
 use crate::nats::free_port;
+use crate::{GOSSIP_KEY, SECRET};
 
 /// A running `herald-edge` process.
 #[derive(Debug)]
@@ -24,7 +24,7 @@ pub struct EdgeProcess {
 }
 
 /// The command that runs `binary` as a test node on a free port (returned
-/// with it): the test secret, warnings only, gossip on a free port, and `env`
+/// with it): the test secret, warnings only, sealed gossip on a free port, and `env`
 /// on top. Its stderr is inherited; a test that reads it pipes it instead.
 pub fn command(binary: &Path, env: &[(&str, &str)]) -> anyhow::Result<(Command, String)> {
     let addr = format!("127.0.0.1:{}", free_port()?);
@@ -33,8 +33,9 @@ pub fn command(binary: &Path, env: &[(&str, &str)]) -> anyhow::Result<(Command, 
         .env("HERALD__HTTP__LISTEN", &addr)
         .env("HERALD__AUTH__HS256_SECRET", SECRET)
         .env("RUST_LOG", "warn")
-        // Gossip on a free port unless `env` says otherwise.
+        // Sealed gossip on a free port unless `env` says otherwise.
         .env("HERALD__GOSSIP__LISTEN", "127.0.0.1:0")
+        .env("HERALD__GOSSIP__SECRET", GOSSIP_KEY)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     for (key, value) in env {
