@@ -57,6 +57,8 @@ KUBERNETES_VERSIONS = sorted({kubernetes_schemas.major_minor(v) for v in kuberne
 SECRET_STAND_INS = {
     "HERALD__AUTH__HS256_SECRET": "0123456789abcdef0123456789abcdef-deploy-check",
     "HERALD__TELEMETRY__OTLP_HEADERS": "authorization=Bearer deploy-check",
+    # A gossip key: base64 of 32 bytes ("deploy-check-gossip-key-32-bytes").
+    "HERALD__GOSSIP__SECRET": "ZGVwbG95LWNoZWNrLWdvc3NpcC1rZXktMzItYnl0ZXM=",
 }
 # Key files mounted from a Secret or ConfigMap, by the variable naming them.
 KEY_FILE_STAND_INS = {
