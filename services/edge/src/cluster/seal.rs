@@ -562,6 +562,24 @@ mod tests {
         assert_eq!(opener.senders.len(), 1);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_open_and_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2048)) {
+            let keys = ring(&[KEY_A]);
+            let mut opener = Opener::new(WINDOW_MS);
+            let result = open(&mut opener, &keys, bytes, NOW);
+            proptest::prop_assert!(matches!(result, Err(Rejection::Malformed | Rejection::BadTag)));
+        }
+
+        #[test]
+        fn any_plaintext_round_trips(plaintext in proptest::collection::vec(proptest::num::u8::ANY, 0..4096)) {
+            let keys = ring(&[KEY_A]);
+            let datagram = sealed(&mut Sealer::new(), &keys, &plaintext, NOW);
+            let mut opener = Opener::new(WINDOW_MS);
+            proptest::prop_assert_eq!(open(&mut opener, &keys, datagram, NOW), Ok(plaintext));
+        }
+    }
+
     #[test]
     fn an_empty_key_list_makes_no_ring() {
         assert!(Keyring::new(&[]).is_none());
