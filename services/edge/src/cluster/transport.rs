@@ -254,7 +254,7 @@ impl Socket for SealedSocket {
                         }
                         None => tracing::warn!(
                             from = %outcome.from_addr,
-                            "dropped a plain gossip datagram sent to the loopback codec socket by another local process"
+                            "dropped a gossip datagram that reached the loopback codec socket from an unknown address (another local process, or an inbox closed since)"
                         ),
                     }
                 }
@@ -484,4 +484,79 @@ fn now_ms() -> u64 {
         .map_or(0, |elapsed| {
             u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use chitchat::{ChitchatMessage, ProtocolVersion};
+
+    use super::*;
+
+    const KEY: [u8; 32] = [3; 32];
+
+    fn envelope() -> ChitchatEnvelope {
+        ChitchatEnvelope {
+            version: ProtocolVersion::V0,
+            message: ChitchatMessage::BadCluster,
+        }
+    }
+
+    async fn sealed_socket(metrics: &Arc<Metrics>) -> SealedSocket {
+        let keys = Keyring::new(&[KEY]).expect("one key");
+        SealedTransport::new(keys, 30_000, Arc::clone(metrics))
+            .open_socket(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .expect("opens")
+    }
+
+    fn rejected(metrics: &Metrics, reason: Rejection) -> u64 {
+        metrics
+            .gossip_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .get()
+    }
+
+    #[tokio::test]
+    async fn a_sealed_datagram_reaches_chitchat_with_the_real_sender_address() {
+        let metrics = Arc::new(Metrics::default());
+        let mut a = sealed_socket(&metrics).await;
+        let mut b = sealed_socket(&metrics).await;
+        let a_addr = a.local_addr().expect("addr");
+        let b_addr = b.local_addr().expect("addr");
+        let sent = a.send(b_addr, envelope()).await.expect("sent");
+        assert_eq!(
+            sent.num_bytes_sent,
+            4 + OVERHEAD,
+            "a 4-byte message, sealed"
+        );
+        let received = b.recv().await.expect("received");
+        assert_eq!(received.from_addr, a_addr);
+        assert_eq!(received.envelope, envelope());
+    }
+
+    #[tokio::test]
+    async fn plain_and_injected_datagrams_never_reach_chitchat() {
+        let metrics = Arc::new(Metrics::default());
+        let mut a = sealed_socket(&metrics).await;
+        let mut b = sealed_socket(&metrics).await;
+        let b_addr = b.local_addr().expect("addr");
+        // A plain chitchat datagram (encoded by chitchat itself) to the
+        // gossip port, and the same sent straight to the loopback codec.
+        let mut plain = CodecSocket::open(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .expect("plain chitchat socket");
+        plain.send(b_addr, envelope()).await.expect("sent");
+        plain
+            .send(b.codec.chitchat_addr, envelope())
+            .await
+            .expect("sent");
+        // Then a genuine one: the only one chitchat gets.
+        let a_addr = a.local_addr().expect("addr");
+        a.send(b_addr, envelope()).await.expect("sent");
+        let received = b.recv().await.expect("received");
+        assert_eq!(received.from_addr, a_addr);
+        assert_eq!(rejected(&metrics, Rejection::Malformed), 1);
+    }
 }
