@@ -73,11 +73,13 @@ loadtest-all: nats-server ## Run every load scenario, then regenerate the benchm
 	$(MAKE) bench-report
 
 LOAD_SECS ?= 60
+# Seconds of each plain and sealed CPU measurement in bench-membership (0 skips it).
+CPU_SECS ?= 60
 
-bench-membership: ## Gossip on 5 local nodes: join, SIGKILL and SIGTERM detection times, false suspicions under full CPU load
+bench-membership: ## Gossip on 5 local nodes (sealed): join, SIGKILL and SIGTERM detection times, false suspicions under full CPU load, CPU of sealed vs plain gossip
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	@mkdir -p loadtest/results
-	target/release/membership --edge target/release/herald-edge --rounds 3 --load-secs $(LOAD_SECS) --out loadtest/results/membership.json
+	target/release/membership --edge target/release/herald-edge --rounds 3 --load-secs $(LOAD_SECS) --cpu-secs $(CPU_SECS) --out loadtest/results/membership.json
 
 bench-tracing: ## Measure the cost of delivery tracing: fanout at 100 %, 10 %, 1 % sampling and off
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
