@@ -235,10 +235,11 @@ impl Socket for SealedSocket {
                     received,
                     ..
                 } = self;
+                let awaited = codec.in_flight > 0;
                 tokio::select! {
                     // What is already opened goes to chitchat first.
                     biased;
-                    decoded = codec.chitchat.recv() => Arrival::Decoded(decoded),
+                    decoded = codec.chitchat.recv(), if awaited => Arrival::Decoded(decoded),
                     datagram = network.recv_from(received) => Arrival::Network(datagram),
                 }
             };
@@ -247,6 +248,7 @@ impl Socket for SealedSocket {
                     let outcome = decoded.map_err(TransportError::Codec)?;
                     match self.codec.peer_of(outcome.from_addr) {
                         Some(peer) => {
+                            self.codec.in_flight = self.codec.in_flight.saturating_sub(1);
                             return Ok(RecvOutcome {
                                 from_addr: peer,
                                 ..outcome
@@ -299,6 +301,13 @@ struct Codec {
     peers: HashMap<SocketAddr, SocketAddr>,
     /// Increases with every delivery; orders inboxes by last use.
     deliveries: u64,
+    /// Datagrams handed to chitchat and not yet decoded by it. The codec
+    /// socket is polled only while some are: polling it empty would clear
+    /// its readiness and make the next datagram wait for the reactor.
+    in_flight: usize,
+    /// An [`Codec::encode`] is under way (or was cancelled midway, leaving its
+    /// datagram in the outbox).
+    encoding: bool,
 }
 
 struct Inbox {
@@ -327,6 +336,8 @@ impl Codec {
             inboxes: HashMap::new(),
             peers: HashMap::new(),
             deliveries: 0,
+            in_flight: 0,
+            encoding: false,
         })
     }
 
@@ -337,14 +348,21 @@ impl Codec {
         buf: &mut [u8],
     ) -> Result<usize, TransportError> {
         // A send cancelled between the two steps below leaves its datagram
-        // in the outbox: discard it, or it would go to the next peer.
-        while self.outbox.try_recv(buf).is_ok() {}
+        // in the outbox: discard it, or it would go to the next peer. (Only
+        // then: an empty try_recv would clear the outbox's readiness.)
+        if self.encoding {
+            while self.outbox.try_recv(buf).is_ok() {}
+        }
+        self.encoding = true;
         self.chitchat
             .send(self.outbox_addr, envelope)
             .await
             .map_err(TransportError::Codec)?;
         match tokio::time::timeout(LOOPBACK_PATIENCE, self.outbox.recv(buf)).await {
-            Ok(Ok(len)) => Ok(len),
+            Ok(Ok(len)) => {
+                self.encoding = false;
+                Ok(len)
+            }
             Ok(Err(source)) => Err(TransportError::Io {
                 what: "outbox receive",
                 source,
@@ -367,8 +385,13 @@ impl Codec {
             return;
         };
         inbox.last_used = self.deliveries;
-        if let Err(err) = inbox.socket.send(plaintext).await {
-            tracing::warn!(error = %err, peer = %peer, "cannot hand a gossip datagram to chitchat; dropped");
+        match inbox.socket.send(plaintext).await {
+            Ok(_) => self.in_flight += 1,
+            Err(err) => tracing::warn!(
+                error = %err,
+                peer = %peer,
+                "cannot hand a gossip datagram to chitchat; dropped"
+            ),
         }
     }
 
