@@ -280,7 +280,7 @@ impl Socket for SealedSocket {
                         .opener
                         .open(&self.keys, &mut self.received[..len], now_ms())
                     {
-                        Ok(plaintext) => self.codec.deliver(from, plaintext).await,
+                        Ok(plaintext) => self.codec.deliver(from, plaintext),
                         Err(reason) => self.rejections.record(reason, from, len),
                     }
                 }
@@ -294,7 +294,8 @@ impl Socket for SealedSocket {
 struct Codec {
     chitchat: CodecSocket,
     chitchat_addr: SocketAddr,
-    outbox: UdpSocket,
+    /// Not registered with the reactor (see [`bind_connected`]).
+    outbox: std::net::UdpSocket,
     outbox_addr: SocketAddr,
     inboxes: HashMap<SocketAddr, Inbox>,
     /// Inbox address → the peer it speaks for.
@@ -311,7 +312,8 @@ struct Codec {
 }
 
 struct Inbox {
-    socket: UdpSocket,
+    /// Not registered with the reactor (see [`bind_connected`]).
+    socket: std::net::UdpSocket,
     addr: SocketAddr,
     last_used: u64,
 }
@@ -323,7 +325,7 @@ impl Codec {
             .await
             .map_err(TransportError::Codec)?;
         let chitchat_addr = chitchat.local_addr().map_err(TransportError::Codec)?;
-        let outbox = bind_connected("gossip outbox", chitchat_addr).await?;
+        let outbox = bind_connected("gossip outbox", chitchat_addr)?;
         let outbox_addr = outbox.local_addr().map_err(|source| TransportError::Io {
             what: "outbox address",
             source,
@@ -348,35 +350,46 @@ impl Codec {
         buf: &mut [u8],
     ) -> Result<usize, TransportError> {
         // A send cancelled between the two steps below leaves its datagram
-        // in the outbox: discard it, or it would go to the next peer. (Only
-        // then: an empty try_recv would clear the outbox's readiness.)
+        // in the outbox: discard it, or it would go to the next peer.
         if self.encoding {
-            while self.outbox.try_recv(buf).is_ok() {}
+            while self.outbox.recv(buf).is_ok() {}
         }
         self.encoding = true;
         self.chitchat
             .send(self.outbox_addr, envelope)
             .await
             .map_err(TransportError::Codec)?;
-        match tokio::time::timeout(LOOPBACK_PATIENCE, self.outbox.recv(buf)).await {
-            Ok(Ok(len)) => {
-                self.encoding = false;
-                Ok(len)
+        // Linux delivers a loopback datagram before send returns, so it is
+        // read at once; the wait below is only for a kernel that has not.
+        let deadline = Instant::now() + LOOPBACK_PATIENCE;
+        loop {
+            match self.outbox.recv(buf) {
+                Ok(len) => {
+                    self.encoding = false;
+                    return Ok(len);
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(TransportError::LoopbackLost);
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(source) => {
+                    return Err(TransportError::Io {
+                        what: "outbox receive",
+                        source,
+                    });
+                }
             }
-            Ok(Err(source)) => Err(TransportError::Io {
-                what: "outbox receive",
-                source,
-            }),
-            Err(_) => Err(TransportError::LoopbackLost),
         }
     }
 
     /// Hands an opened datagram from `peer` to chitchat. Failures lose the
     /// datagram (as UDP may) and are logged.
-    async fn deliver(&mut self, peer: SocketAddr, plaintext: &[u8]) {
+    fn deliver(&mut self, peer: SocketAddr, plaintext: &[u8]) {
         self.deliveries += 1;
         if !self.inboxes.contains_key(&peer) {
-            if let Err(err) = self.add_inbox(peer).await {
+            if let Err(err) = self.add_inbox(peer) {
                 tracing::warn!(error = %err, peer = %peer, "cannot open a gossip inbox; datagram dropped");
                 return;
             }
@@ -385,7 +398,7 @@ impl Codec {
             return;
         };
         inbox.last_used = self.deliveries;
-        match inbox.socket.send(plaintext).await {
+        match inbox.socket.send(plaintext) {
             Ok(_) => self.in_flight += 1,
             Err(err) => tracing::warn!(
                 error = %err,
@@ -395,7 +408,7 @@ impl Codec {
         }
     }
 
-    async fn add_inbox(&mut self, peer: SocketAddr) -> Result<(), TransportError> {
+    fn add_inbox(&mut self, peer: SocketAddr) -> Result<(), TransportError> {
         if self.inboxes.len() >= MAX_INBOXES {
             let oldest = self
                 .inboxes
@@ -406,7 +419,7 @@ impl Codec {
                 self.peers.remove(&inbox.addr);
             }
         }
-        let socket = bind_connected("gossip inbox", self.chitchat_addr).await?;
+        let socket = bind_connected("gossip inbox", self.chitchat_addr)?;
         let addr = socket.local_addr().map_err(|source| TransportError::Io {
             what: "inbox address",
             source,
@@ -429,20 +442,24 @@ impl Codec {
     }
 }
 
-/// A loopback UDP socket connected to `peer`: it sends only there, and the
-/// kernel gives it datagrams only from there.
-async fn bind_connected(what: &'static str, peer: SocketAddr) -> Result<UdpSocket, TransportError> {
+/// A non-blocking loopback UDP socket connected to `peer`: it sends only
+/// there, and the kernel gives it datagrams only from there. It is a std
+/// socket, not registered with tokio's reactor: a loopback send or receive
+/// completes at once, and a registered socket would wake the reactor for
+/// every datagram it receives.
+fn bind_connected(
+    what: &'static str,
+    peer: SocketAddr,
+) -> Result<std::net::UdpSocket, TransportError> {
     let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    let socket = UdpSocket::bind(loopback)
-        .await
-        .map_err(|source| TransportError::Bind {
-            what,
-            addr: loopback,
-            source,
-        })?;
+    let socket = std::net::UdpSocket::bind(loopback).map_err(|source| TransportError::Bind {
+        what,
+        addr: loopback,
+        source,
+    })?;
     socket
         .connect(peer)
-        .await
+        .and_then(|()| socket.set_nonblocking(true))
         .map_err(|source| TransportError::Io {
             what: "loopback connect",
             source,
