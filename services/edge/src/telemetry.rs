@@ -23,12 +23,25 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::bus::Event;
 
 /// Decides which deliveries are traced and records their spans.
-#[derive(Debug)]
 pub struct Tracing {
     enabled: bool,
     ratio: f64,
     user_id: UserIdInTraces,
+    /// Keys hashed user ids (see `user_id_key`).
+    user_key: [u8; 32],
     node_id: String,
+}
+
+impl std::fmt::Debug for Tracing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The user-id key stays out of every printout.
+        f.debug_struct("Tracing")
+            .field("enabled", &self.enabled)
+            .field("ratio", &self.ratio)
+            .field("user_id", &self.user_id)
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What is known about one delivery when it is written.
@@ -56,6 +69,7 @@ impl Tracing {
             enabled,
             ratio: telemetry.sample_ratio,
             user_id: telemetry.user_id,
+            user_key: user_id_key(settings),
             node_id: node_id.to_owned(),
         }
     }
@@ -184,7 +198,7 @@ impl Tracing {
     fn user_label(&self, user: &Target) -> Option<String> {
         match self.user_id {
             UserIdInTraces::Raw => Some(user.name().to_owned()),
-            UserIdInTraces::Hashed => Some(format!("{:016x}", fnv1a(user.name().as_bytes()))),
+            UserIdInTraces::Hashed => Some(keyed_hash(&self.user_key, user.name().as_bytes())),
             UserIdInTraces::Omitted => None,
         }
     }
@@ -205,11 +219,50 @@ fn parent_context(parent: &TraceParent) -> opentelemetry::Context {
     TraceContextPropagator::new().extract(&carrier)
 }
 
-/// FNV-1a, 64 bits: a stable, dependency-free hash for pseudonymous user ids.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
-    })
+/// The key of hashed user ids: `telemetry.user_id_key`, else derived from
+/// the gossip key, else from the HS256 secret (each one per deployment, so
+/// every node hashes alike), else drawn at start-up.
+fn user_id_key(settings: &Settings) -> [u8; 32] {
+    let configured = settings
+        .telemetry
+        .user_id_key
+        .as_ref()
+        .or(settings.gossip.secret.as_ref())
+        .or(settings.auth.hs256_secret.as_ref());
+    match configured {
+        // A key of its own for this use, whatever the secret is also for.
+        Some(secret) => hmac_sha256(secret.expose().as_bytes(), b"herald user id key v1"),
+        None => {
+            tracing::warn!(
+                "no telemetry.user_id_key (nor gossip or HS256 secret): hashed user ids use a key drawn at start-up, so they differ between nodes and restarts"
+            );
+            let mut key = [0u8; 32];
+            chacha20poly1305::aead::rand_core::RngCore::fill_bytes(
+                &mut chacha20poly1305::aead::OsRng,
+                &mut key,
+            );
+            key
+        }
+    }
+}
+
+/// A user id keyed with the deployment's key (HMAC-SHA256, 64 bits shown):
+/// stable within the deployment, and without the key no guess can be
+/// checked against it.
+fn keyed_hash(key: &[u8; 32], user: &[u8]) -> String {
+    let digest = hmac_sha256(key, user);
+    digest[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use hmac::Mac;
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
 }
 
 #[cfg(test)]
@@ -221,6 +274,7 @@ mod tests {
             enabled,
             ratio,
             user_id: UserIdInTraces::Hashed,
+            user_key: [7; 32],
             node_id: "n".into(),
         }
     }
@@ -250,12 +304,44 @@ mod tests {
         assert!((4_000..6_000).contains(&traced), "{traced}");
     }
 
+    /// The label docs/observability.md tells operators how to compute
+    /// (`python3 -c 'import hmac,…'` with the HS256 secret as the key source).
     #[test]
-    fn user_ids_are_hashed_stably_or_omitted() {
+    fn a_hashed_user_id_is_the_documented_hmac() {
+        let mut settings = Settings::default();
+        settings.auth.hs256_secret = Some(herald_config::Secret::new(
+            "herald-dev-secret-change-me-0123456789",
+        ));
+        let key = user_id_key(&settings);
+        assert_eq!(keyed_hash(&key, b"alice"), "f169dfb67a7719aa");
+        settings.telemetry.user_id_key = Some(herald_config::Secret::new("a key of its own, 16+"));
+        assert_ne!(
+            user_id_key(&settings),
+            key,
+            "telemetry.user_id_key comes first"
+        );
+    }
+
+    #[test]
+    fn user_ids_are_hashed_with_the_deployments_key_or_omitted() {
         let alice = Target::user("alice").expect("valid");
         let hashed = tracing(1.0, true).user_label(&alice).expect("hashed");
-        assert_eq!(hashed, format!("{:016x}", fnv1a(b"alice")));
+        assert_eq!(hashed.len(), 16);
+        assert_eq!(
+            Some(hashed.clone()),
+            tracing(1.0, true).user_label(&alice),
+            "stable"
+        );
         assert_ne!(hashed, "alice");
+        let other_deployment = Tracing {
+            user_key: [8; 32],
+            ..tracing(1.0, true)
+        };
+        assert_ne!(
+            other_deployment.user_label(&alice),
+            Some(hashed),
+            "another key, another pseudonym: no dictionary of ids matches without the key"
+        );
         let omitted = Tracing {
             user_id: UserIdInTraces::Omitted,
             ..tracing(1.0, true)

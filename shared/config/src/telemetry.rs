@@ -1,6 +1,7 @@
 //! `[telemetry]`: logs and traces ([`TelemetrySettings`], [`LogFormat`],
 //! [`OtlpProtocol`], [`UserIdInTraces`]).
 
+use crate::Secret;
 use serde::{Deserialize, Serialize};
 
 /// Log output formats.
@@ -60,8 +61,16 @@ pub struct TelemetrySettings {
     /// 0.0 to 1.0; a publisher's sampled/unsampled decision is always followed
     /// (parent-based). Default 0.01.
     pub sample_ratio: f64,
-    /// How user ids appear in spans: `hashed` (default), `raw` or `omitted`.
+    /// How user ids appear in spans and logs: `hashed` (default: keyed with
+    /// `telemetry.user_id_key`, so a guessed id cannot be checked against
+    /// them), `raw` or `omitted`.
     pub user_id: UserIdInTraces,
+    /// The deployment's key for hashed user ids (any text, 16 bytes or
+    /// more; give every node the same one so their logs agree). Default:
+    /// derived from `gossip.secret` or else `auth.hs256_secret`; with
+    /// neither, a key drawn at start-up (hashes then differ between nodes
+    /// and restarts, and the node says so).
+    pub user_id_key: Option<Secret>,
     /// `service.name` of the exported spans. Default `herald-edge`.
     pub service_name: String,
 }
@@ -76,6 +85,7 @@ impl Default for TelemetrySettings {
             otlp_headers: Vec::new(),
             sample_ratio: 0.01,
             user_id: UserIdInTraces::Hashed,
+            user_id_key: None,
             service_name: "herald-edge".into(),
         }
     }
@@ -84,6 +94,13 @@ impl Default for TelemetrySettings {
 impl TelemetrySettings {
     /// The sample ratio and the collector headers.
     pub(crate) fn validate(&self, problems: &mut Vec<String>) {
+        if self
+            .user_id_key
+            .as_ref()
+            .is_some_and(|key| key.expose().len() < 16)
+        {
+            problems.push("telemetry.user_id_key must be at least 16 bytes".into());
+        }
         if !(0.0..=1.0).contains(&self.sample_ratio) {
             problems.push("telemetry.sample_ratio must be between 0.0 and 1.0".into());
         }
