@@ -58,7 +58,7 @@ pub enum StartError {
     Config(#[from] auth::KeyError),
     /// The event bus could not be set up.
     #[error("event bus: {0}")]
-    Bus(String),
+    Bus(#[from] bus::nats::NatsError),
     /// Gossip membership could not start.
     #[error("{0}")]
     Gossip(#[from] cluster::ClusterError),
@@ -150,8 +150,7 @@ impl Node {
                         tracing: Arc::clone(&tracing),
                     },
                 )
-                .await
-                .map_err(|err| StartError::Bus(err.to_string()))?;
+                .await?;
                 nats_client = Some(bus.client());
                 Arc::new(bus)
             }

@@ -207,14 +207,15 @@ pub fn check_position(after: EventId, epoch: Epoch, first: u64, last: u64) -> Op
 pub struct ReplayError(#[from] pub nats::ReadError);
 
 /// Progress of a follow request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum FollowState {
     /// The bus is setting up live delivery.
     Pending,
     /// Live delivery is active: every event stored from now on reaches the sink.
     Ready,
-    /// Live delivery could not be set up.
-    Failed(String),
+    /// Live delivery could not be set up (shared: every stream waiting on the
+    /// follow reads the same error).
+    Failed(Arc<nats::FollowError>),
 }
 
 /// Where a bus delivers live events: the node's connection registry.

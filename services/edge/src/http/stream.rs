@@ -34,7 +34,8 @@ use warp::{Rejection, Reply};
 use super::AppState;
 use super::credentials::{bearer_token, cookie_token};
 use super::errors::ApiError;
-use crate::bus::{Event, FollowState, LostReason, Replay};
+use crate::bus::nats::FollowError;
+use crate::bus::{Event, FollowState, LostReason, Replay, ReplayError};
 use crate::metrics::ReasonLabel;
 use crate::registry::{AttachError, ConnectionHandle, DisconnectReason, Frame, Kill, Queued};
 
@@ -220,20 +221,36 @@ fn targets(
     Ok(targets)
 }
 
+/// Why a stream's targets are not delivered live (the stream is refused
+/// with a "come back later"; its attachment is dropped).
+#[derive(Debug, thiserror::Error)]
+enum FollowFailure {
+    /// The bus did not answer within [`FOLLOW_TIMEOUT`].
+    #[error("timed out")]
+    TimedOut,
+    /// The bus dropped the request without an answer.
+    #[error("the bus dropped the follow request")]
+    Dropped,
+    /// The bus could not set live delivery up.
+    #[error(transparent)]
+    Failed(Arc<FollowError>),
+}
+
+/// Waits until the bus delivers every one of the stream's targets live.
 async fn wait_until_followed(
     follows: Vec<tokio::sync::watch::Receiver<FollowState>>,
-) -> Result<(), String> {
+) -> Result<(), FollowFailure> {
     for mut follow in follows {
         let state = tokio::time::timeout(
             FOLLOW_TIMEOUT,
-            follow.wait_for(|state| *state != FollowState::Pending),
+            follow.wait_for(|state| !matches!(state, FollowState::Pending)),
         )
         .await
-        .map_err(|_| "timed out".to_owned())?
-        .map_err(|_| "the bus dropped the follow request".to_owned())?
+        .map_err(|_| FollowFailure::TimedOut)?
+        .map_err(|_| FollowFailure::Dropped)?
         .clone();
-        if let FollowState::Failed(problem) = state {
-            return Err(problem);
+        if let FollowState::Failed(error) = state {
+            return Err(FollowFailure::Failed(error));
         }
     }
     Ok(())
@@ -546,6 +563,18 @@ enum Step {
     End,
 }
 
+/// Why a stream could not begin (it ends with the comment and `retry:` hint
+/// already written; its client comes back).
+#[derive(Debug, thiserror::Error)]
+enum BeginError {
+    /// The bus could not be read.
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    /// The replay was read in another epoch than the stream's position.
+    #[error("the stream's epoch changed during the replay")]
+    EpochChanged,
+}
+
 /// Reads the replay for `start` and writes what comes before it (an id-only
 /// frame for a fresh stream, or the reset) into `buf`. Returns the events to
 /// send, the cursor before them, and the head the replay read up to.
@@ -556,24 +585,19 @@ async fn begin(
     start: Start,
     in_order: bool,
     buf: &mut BytesMut,
-) -> Result<(Vec<Arc<Event>>, Cursor, u64), String> {
+) -> Result<(Vec<Arc<Event>>, Cursor, u64), BeginError> {
     let limit = state.settings.stream.max_replay_events;
     let (from, fresh) = match start {
         Start::After { from, fresh } => (from, fresh),
         Start::Lost(reason) => {
-            let head = state.bus.head().await.map_err(|e| e.to_string())?;
+            let head = state.bus.head().await?;
             write_reset(state, buf, reason, head);
             let cursor = Cursor::new(StreamPosition::at(head, targets.len()), targets, in_order);
             return Ok((Vec::new(), cursor, head.seq));
         }
     };
     let started = Instant::now();
-    match state
-        .bus
-        .replay(targets, &from, limit)
-        .await
-        .map_err(|e| e.to_string())?
-    {
+    match state.bus.replay(targets, &from, limit).await? {
         Replay::Complete { events, head } => {
             let mut cursor = Cursor::new(from, targets, in_order);
             if fresh {
@@ -591,7 +615,7 @@ async fn begin(
             if head.epoch != cursor.position.epoch {
                 // Read in another epoch than asked (the stream changed
                 // meanwhile): nothing of it can be placed; start again.
-                return Err("the stream's epoch changed during the replay".into());
+                return Err(BeginError::EpochChanged);
             }
             Ok((events, cursor, head.seq))
         }

@@ -49,6 +49,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use decode::EVENT_TYPE_HEADER;
+pub use follow::FollowError;
 pub use store::ReadError;
 
 use super::{
@@ -68,20 +69,22 @@ use store::{API_TIMEOUT, Store};
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
     /// The server could not be reached or refused the credentials.
-    #[error("cannot connect to NATS at {url}: {reason}")]
+    #[error("cannot connect to NATS at {url}: {source}")]
     Connect {
         /// The configured URL(s).
         url: String,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: async_nats::ConnectError,
     },
     /// A settings value could not be used (bad URL, unreadable file).
-    #[error("{key}: {reason}")]
+    #[error("{key}: {source}")]
     Setting {
         /// The settings key.
         key: &'static str,
-        /// What is wrong.
-        reason: String,
+        /// What is wrong (async-nats reports both as I/O errors).
+        #[source]
+        source: std::io::Error,
     },
     /// The server is older than Herald supports.
     #[error("nats-server {found} is too old: Herald needs {}.{} or newer (2.10.23+ recommended)", MIN_SERVER.0, MIN_SERVER.1)]
@@ -104,13 +107,25 @@ pub enum NatsError {
         /// What Herald needs.
         wanted: String,
     },
-    /// Creating, reading or updating the stream failed.
-    #[error("stream {stream}: {reason}")]
+    /// Creating, reading or updating the stream failed (the stream may have
+    /// been created or updated before a later step failed).
+    #[error("stream {stream}: {source}")]
     Stream {
         /// The stream name.
         stream: String,
-        /// What went wrong.
-        reason: String,
+        /// What went wrong (one of async-nats' per-operation errors).
+        #[source]
+        source: async_nats::Error,
+    },
+    /// The stream is ready but its leader advisories cannot be heard (the
+    /// stream was created or validated; nothing else changed).
+    #[error("stream {stream}: cannot subscribe to its leader advisories: {source}")]
+    LeaderAdvisories {
+        /// The stream name.
+        stream: String,
+        /// The subscription's error.
+        #[source]
+        source: async_nats::SubscribeError,
     },
 }
 
@@ -220,9 +235,9 @@ impl NatsBus {
                 settings.stream
             ))
             .await
-            .map_err(|err| NatsError::Stream {
+            .map_err(|source| NatsError::LeaderAdvisories {
                 stream: settings.stream.clone(),
-                reason: format!("cannot subscribe to its leader advisories: {err}"),
+                source,
             })?;
         let stop = CancellationToken::new();
         let dispatcher = Dispatcher::new(dispatcher::Parts {

@@ -50,7 +50,26 @@ pub enum ReadError {
     Failed(#[source] async_nats::Error),
     /// A batched read was answered with an error status.
     #[error("the server refused a batched read: {0}")]
-    BatchRefused(String),
+    BatchRefused(#[source] BatchRefusal),
+}
+
+/// How the server refused a batched read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchRefusal {
+    /// A reply lacked the headers every answer carries.
+    #[error("a reply without subject, sequence or time")]
+    Malformed,
+    /// No server answers Direct Gets for the stream.
+    #[error("no responders")]
+    NoResponders,
+    /// Another error status, with the server's description of it.
+    #[error("{code} {description}")]
+    Status {
+        /// The status code.
+        code: u16,
+        /// The server's words (empty when it gave none).
+        description: String,
+    },
 }
 
 /// One stored message, as read from the stream.
@@ -308,9 +327,7 @@ impl Store {
                         header("Nats-Sequence").and_then(|s| s.parse::<u64>().ok()),
                         header("Nats-Time-Stamp").and_then(|t| parse_time(&t)),
                     ) else {
-                        return Err(ReadError::BatchRefused(
-                            "a reply without subject, sequence or time".into(),
-                        ));
+                        return Err(ReadError::BatchRefused(BatchRefusal::Malformed));
                     };
                     newest.by_subject.insert(
                         subject,
@@ -321,7 +338,7 @@ impl Store {
                     );
                 }
                 Some(StatusCode::NO_RESPONDERS) => {
-                    return Err(ReadError::BatchRefused("no responders".into()));
+                    return Err(ReadError::BatchRefused(BatchRefusal::NoResponders));
                 }
                 Some(status) if status.as_u16() == 204 => {
                     newest.through =
@@ -330,11 +347,10 @@ impl Store {
                 }
                 Some(StatusCode::NOT_FOUND) => return Ok(newest),
                 Some(status) => {
-                    return Err(ReadError::BatchRefused(format!(
-                        "{} {}",
-                        status.as_u16(),
-                        reply.description.as_deref().unwrap_or_default()
-                    )));
+                    return Err(ReadError::BatchRefused(BatchRefusal::Status {
+                        code: status.as_u16(),
+                        description: reply.description.clone().unwrap_or_default(),
+                    }));
                 }
             }
         }
