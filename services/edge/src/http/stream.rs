@@ -20,6 +20,7 @@
 //! as too slow, or when the node shuts down (with a `retry:` hint first).
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,6 +28,8 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use herald_protocol::{EventId, PositionError, StreamPosition, Target, fingerprint_of, sse};
 use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::time::Sleep;
 use warp::http::{HeaderMap, HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::{Rejection, Reply};
@@ -110,22 +113,8 @@ pub async fn open(
     if state.is_draining() {
         return Ok(come_back_later(&state, "draining"));
     }
-    let start = match request.last_event_id.as_deref() {
-        Some(value) => match StreamPosition::parse(value, &targets) {
-            Ok(from) => Start::After { from, fresh: false },
-            Err(PositionError::TargetsChanged) => Start::Lost(LostReason::TargetsChanged),
-            Err(_) => Start::Lost(LostReason::UnrecognisedId),
-        },
-        None => match state.bus.head().await {
-            Ok(id) => Start::After {
-                from: StreamPosition::at(id, targets.len()),
-                fresh: true,
-            },
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot read the bus head for a new stream");
-                return Ok(come_back_later(&state, "bus_unavailable"));
-            }
-        },
+    let Some(start) = start_of(&state, request.last_event_id.as_deref(), &targets).await else {
+        return Ok(come_back_later(&state, "bus_unavailable"));
     };
 
     let kill = kill.unwrap_or_default();
@@ -138,30 +127,14 @@ pub async fn open(
     );
     let follows = match state.registry.attach(&handle, &targets, &*state.bus) {
         Ok(follows) => follows,
-        Err(AttachError::NodeFull(_)) => return Ok(come_back_later(&state, "node_full")),
-        Err(err @ AttachError::UserFull(_)) => {
-            state
-                .metrics
-                .rejected_streams
-                .get_or_create(&ReasonLabel {
-                    reason: "user_full",
-                })
-                .inc();
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_streams",
-                err.to_string(),
-            )
-            .retry_after(5)
-            .into());
-        }
+        Err(err) => return refuse(&state, err),
     };
     let attachment = Attachment {
         state: Arc::clone(&state),
         id,
         targets,
         expires_at: subscriber.expires_at,
-        kill: kill.clone(),
+        kill,
         reason: DisconnectReason::ClientClosed,
         opened: Instant::now(),
     };
@@ -170,20 +143,59 @@ pub async fn open(
         drop(attachment);
         return Ok(come_back_later(&state, "bus_unavailable"));
     }
-    state.metrics.connects.inc();
-    let user = &attachment.targets[0];
-    let topics = attachment.targets.len() - 1;
-    let resumed = request.last_event_id.is_some();
-    tracing::info!(
-        connection = id,
-        user = %state.tracing.user_for_logs(user),
-        topics,
-        resume = resumed,
-        "stream opened"
-    );
-    state.tracing.stream_opened(id, user, topics, resumed);
-    let body = session(attachment, frames, start, kill);
+    attachment.opened(request.last_event_id.is_some());
+    let body = session(attachment, frames, start);
     Ok(sse_response(warp::reply::stream(body).into_response()))
+}
+
+/// Where a stream with the client's `last_event_id` starts; `None` when a
+/// fresh stream cannot read the bus head.
+async fn start_of(
+    state: &AppState,
+    last_event_id: Option<&str>,
+    targets: &[Target],
+) -> Option<Start> {
+    let start = match last_event_id {
+        Some(value) => match StreamPosition::parse(value, targets) {
+            Ok(from) => Start::After { from, fresh: false },
+            Err(PositionError::TargetsChanged) => Start::Lost(LostReason::TargetsChanged),
+            Err(_) => Start::Lost(LostReason::UnrecognisedId),
+        },
+        None => match state.bus.head().await {
+            Ok(id) => Start::After {
+                from: StreamPosition::at(id, targets.len()),
+                fresh: true,
+            },
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the bus head for a new stream");
+                return None;
+            }
+        },
+    };
+    Some(start)
+}
+
+/// The answer to a stream the registry has no room for.
+fn refuse(state: &AppState, err: AttachError) -> Result<Response, Rejection> {
+    match err {
+        AttachError::NodeFull(_) => Ok(come_back_later(state, "node_full")),
+        AttachError::UserFull(_) => {
+            state
+                .metrics
+                .rejected_streams
+                .get_or_create(&ReasonLabel {
+                    reason: "user_full",
+                })
+                .inc();
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                err.to_string(),
+            )
+            .retry_after(5)
+            .into())
+        }
+    }
 }
 
 /// The user's own target first, then each requested topic the token grants,
@@ -269,6 +281,22 @@ struct Attachment {
 }
 
 impl Attachment {
+    /// Counts and logs the stream as open (its close is logged on drop).
+    fn opened(&self, resumed: bool) {
+        let state = &self.state;
+        state.metrics.connects.inc();
+        let user = &self.targets[0];
+        let topics = self.targets.len() - 1;
+        tracing::info!(
+            connection = self.id,
+            user = %state.tracing.user_for_logs(user),
+            topics,
+            resume = resumed,
+            "stream opened"
+        );
+        state.tracing.stream_opened(self.id, user, topics, resumed);
+    }
+
     /// Records why the stream is ending (unless it was killed for a reason).
     fn end_because(&mut self, reason: DisconnectReason) {
         self.reason = reason;
@@ -301,149 +329,317 @@ impl Drop for Attachment {
     }
 }
 
-/// The body of one stream; see the module docs for the sequence.
+/// The body of one stream; see the module docs for the sequence. Every write
+/// is one yielded chunk; the attachment (and with it the connection's place in
+/// the registry) goes when the body ends or is dropped.
 fn session(
-    mut attachment: Attachment,
-    mut frames: tokio::sync::mpsc::Receiver<Queued>,
+    attachment: Attachment,
+    frames: mpsc::Receiver<Queued>,
     start: Start,
-    kill: Kill,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + Sync + 'static {
-    let state = Arc::clone(&attachment.state);
     let stream = async_stream::stream! {
+        let (mut session, replay) = match Session::begin(attachment, frames, start).await {
+            Ok(begun) => begun,
+            Err(NotBegun { written, attachment }) => {
+                yield Ok(written);
+                drop(attachment);
+                return;
+            }
+        };
+        for event in &replay.events {
+            if let Some(batch) = session.write_replayed(event) {
+                yield Ok(batch);
+            }
+        }
+        let replayed = replay.events.len();
+        drop(replay.events);
+        yield Ok(session.end_replay(replayed, replay.head));
+
+        let heartbeat = tokio::time::sleep(session.heartbeat_every);
+        let (expiry_warning, expiry) = session.expiry_timers();
+        let drained = drained(Arc::clone(&session.state));
+        tokio::pin!(heartbeat, expiry_warning, expiry, drained);
+        let mut waits = Waits { heartbeat, expiry_warning, expiry, drained };
+        loop {
+            let next = match session.next_step(&mut waits).await {
+                Step::Frame(first) => session.write_batch(first),
+                Step::Heartbeat => Next::Write(session.heartbeat()),
+                Step::ExpiryWarning => Next::Write(session.expiry_warning()),
+                Step::Expired => {
+                    session.attachment.end_because(DisconnectReason::TokenExpired);
+                    Next::End
+                }
+                Step::Leave(reason) => Next::Last(session.leave(reason)),
+                Step::End => Next::End,
+            };
+            match next {
+                Next::Write(bytes) => {
+                    yield Ok(bytes);
+                    let every = session.heartbeat_every;
+                    waits.heartbeat.as_mut().reset(tokio::time::Instant::now() + every);
+                }
+                // Nothing written: the heartbeat keeps its time.
+                Next::Idle => {}
+                Next::Last(bytes) => {
+                    yield Ok(bytes);
+                    break;
+                }
+                Next::End => break,
+            }
+        }
+    };
+    sync_wrapper::SyncStream::new(stream)
+}
+
+/// One open stream: its attachment, its queue, and what it has written.
+struct Session {
+    state: Arc<AppState>,
+    attachment: Attachment,
+    frames: mpsc::Receiver<Queued>,
+    /// Bytes waiting to be yielded as one write.
+    buf: BytesMut,
+    cursor: Cursor,
+    /// `stream.max_batch_bytes`: a batch ends once it holds this much.
+    batch_limit: usize,
+    heartbeat_every: Duration,
+    /// The expiry warning was written.
+    warned: bool,
+}
+
+/// The replay a session begins with (read before its first write).
+struct Replayed {
+    /// Events to write, oldest first.
+    events: Vec<Arc<Event>>,
+    /// The position the replay read every target up to.
+    head: u64,
+}
+
+/// A stream that could not begin: the comment and `retry:` hint it writes
+/// before it ends, and its attachment, kept until they are written.
+struct NotBegun {
+    written: Bytes,
+    attachment: Attachment,
+}
+
+/// What an open stream waits for besides its queue, pinned in its body.
+struct Waits<'a, D> {
+    heartbeat: Pin<&'a mut Sleep>,
+    expiry_warning: Pin<&'a mut Sleep>,
+    expiry: Pin<&'a mut Sleep>,
+    /// The node going away ([`drained`]).
+    drained: Pin<&'a mut D>,
+}
+
+/// What woke an open stream.
+enum Step {
+    Frame(Frame),
+    Heartbeat,
+    ExpiryWarning,
+    Expired,
+    /// End with a `retry:` hint so the client reconnects (to another node).
+    Leave(DisconnectReason),
+    End,
+}
+
+/// What an open stream does after a step.
+enum Next {
+    /// Write, then go on (the heartbeat starts again).
+    Write(Bytes),
+    /// Go on without writing.
+    Idle,
+    /// Write, then end.
+    Last(Bytes),
+    /// End without writing.
+    End,
+}
+
+impl Session {
+    /// Writes the stream's opening (a comment and a `retry:` hint) and reads
+    /// where it starts: the replay after the client's position, or the reset.
+    async fn begin(
+        mut attachment: Attachment,
+        frames: mpsc::Receiver<Queued>,
+        start: Start,
+    ) -> Result<(Session, Replayed), NotBegun> {
+        let state = Arc::clone(&attachment.state);
         let mut buf = BytesMut::with_capacity(512);
         sse::write_comment(&mut buf, "herald stream");
         sse::write_retry(&mut buf, state.retry_hint_ms());
-
         let in_order = state.bus.delivers_in_order();
-        let (replayed, mut cursor, head) = match begin(&state, attachment.id, &attachment.targets, start, in_order, &mut buf).await {
+        let begun = read_start(
+            &state,
+            attachment.id,
+            &attachment.targets,
+            start,
+            in_order,
+            &mut buf,
+        )
+        .await;
+        let (events, cursor, head) = match begun {
             Ok(begun) => begun,
             Err(problem) => {
                 tracing::warn!(connection = attachment.id, %problem, "replay failed; client will retry");
                 attachment.end_because(DisconnectReason::BusUnavailable);
-                yield Ok(buf.split().freeze());
-                return;
+                return Err(NotBegun {
+                    written: buf.split().freeze(),
+                    attachment,
+                });
             }
         };
-        let batch_limit = state.settings.stream.max_batch_bytes;
-        for event in &replayed {
-            let slot = attachment.targets.iter().position(|t| *t == event.target).unwrap_or(usize::MAX);
-            cursor.write(slot as u32, event, &mut buf);
-            state.delivered(event, attachment.id, &attachment.targets[0], true, Duration::ZERO);
-            if buf.len() >= batch_limit {
-                yield Ok(state.written(buf.split().freeze(), 0));
-            }
-        }
-        state.metrics.events_delivered.inc_by(replayed.len() as u64);
-        drop(replayed);
-        // The replay read every target up to the head.
-        cursor.advance_all(head);
-        yield Ok(state.written(buf.split().freeze(), 0));
+        let session = Session {
+            batch_limit: state.settings.stream.max_batch_bytes,
+            heartbeat_every: Duration::from_millis(state.settings.stream.heartbeat_ms),
+            state,
+            attachment,
+            frames,
+            buf,
+            cursor,
+            warned: false,
+        };
+        Ok((session, Replayed { events, head }))
+    }
 
-        let heartbeat_every = Duration::from_millis(state.settings.stream.heartbeat_ms);
-        let heartbeat = tokio::time::sleep(heartbeat_every);
-        tokio::pin!(heartbeat);
-        // Tokens are accepted until `exp` plus the leeway (whole seconds), so the
-        // stream lives exactly as long as its token would still open one.
-        let accepted_until = attachment.expires_at
-            + Duration::from_secs(state.settings.auth.leeway_secs + 1);
+    /// Writes one replayed event; returns a batch once it is full.
+    fn write_replayed(&mut self, event: &Arc<Event>) -> Option<Bytes> {
+        let slot = self
+            .attachment
+            .targets
+            .iter()
+            .position(|t| *t == event.target)
+            .unwrap_or(usize::MAX);
+        self.cursor.write(slot as u32, event, &mut self.buf);
+        self.state.delivered(
+            event,
+            self.attachment.id,
+            &self.attachment.targets[0],
+            true,
+            Duration::ZERO,
+        );
+        (self.buf.len() >= self.batch_limit)
+            .then(|| self.state.written(self.buf.split().freeze(), 0))
+    }
+
+    /// Counts the `replayed` events and returns what is left to write of
+    /// the replay; live events follow from `head` on.
+    fn end_replay(&mut self, replayed: usize, head: u64) -> Bytes {
+        self.state.metrics.events_delivered.inc_by(replayed as u64);
+        // The replay read every target up to the head.
+        self.cursor.advance_all(head);
+        self.state.written(self.buf.split().freeze(), 0)
+    }
+
+    /// The token's expiry warning and its end: tokens are accepted until
+    /// `exp` plus the leeway (whole seconds), so the stream lives exactly as
+    /// long as its token would still open one.
+    fn expiry_timers(&self) -> (Sleep, Sleep) {
+        let auth = &self.state.settings.auth;
+        let expires_at = self.attachment.expires_at;
+        let accepted_until = expires_at + Duration::from_secs(auth.leeway_secs + 1);
         let expiry = deadline(accepted_until, Duration::ZERO);
-        let warning = Duration::from_secs(state.settings.auth.expiry_warning_secs);
-        let expiry_warning = tokio::time::sleep_until(deadline(attachment.expires_at, warning));
-        let expiry = tokio::time::sleep_until(expiry);
-        tokio::pin!(expiry_warning, expiry);
-        let mut warned = false;
-        let drained = drained(Arc::clone(&state));
-        tokio::pin!(drained);
+        let warning = Duration::from_secs(auth.expiry_warning_secs);
+        let expiry_warning = tokio::time::sleep_until(deadline(expires_at, warning));
+        (expiry_warning, tokio::time::sleep_until(expiry))
+    }
+
+    /// Waits for what the stream does next. Progress moves the cursor on
+    /// the way (the client hears of it at the next heartbeat).
+    async fn next_step<D: Future<Output = ()>>(&mut self, waits: &mut Waits<'_, D>) -> Step {
         loop {
-            let step = tokio::select! {
+            let queued = tokio::select! {
                 biased;
-                _ = kill.killed() => Step::End,
-                _ = drained.as_mut() => Step::Leave(DisconnectReason::Shutdown),
-                _ = expiry.as_mut() => Step::Expired,
-                _ = expiry_warning.as_mut(), if !warned => Step::ExpiryWarning,
-                queued = frames.recv() => match queued {
-                    Some(Queued::Event(frame)) => Step::Frame(frame),
-                    Some(Queued::Progress { slot, through }) => {
-                        cursor.advance(slot, through);
-                        continue;
-                    }
-                    Some(Queued::Leave(reason)) => Step::Leave(reason),
-                    None => Step::End,
-                },
-                _ = heartbeat.as_mut() => Step::Heartbeat,
+                _ = self.attachment.kill.killed() => return Step::End,
+                _ = waits.drained.as_mut() => return Step::Leave(DisconnectReason::Shutdown),
+                _ = waits.expiry.as_mut() => return Step::Expired,
+                _ = waits.expiry_warning.as_mut(), if !self.warned => return Step::ExpiryWarning,
+                queued = self.frames.recv() => queued,
+                _ = waits.heartbeat.as_mut() => return Step::Heartbeat,
             };
-            match step {
-                Step::Frame(first) => {
-                    let mut delivered = 0;
-                    let mut leaving = None;
-                    let mut next = Some(first);
-                    while let Some(frame) = next.take() {
-                        match cursor.write(frame.slot, &frame.event, &mut buf) {
-                            Written::Yes => {
-                                delivered += 1;
-                                state.delivered(&frame.event, attachment.id, &attachment.targets[0], false, frame.queued_at.elapsed());
-                            }
-                            Written::Skipped => {}
-                            Written::OtherEpoch => {
-                                // The history changed under the stream: its
-                                // client resumes and is told.
-                                leaving = Some(DisconnectReason::HistoryChanged);
-                                break;
-                            }
-                        }
-                        while buf.len() < batch_limit && next.is_none() {
-                            match frames.try_recv() {
-                                Ok(Queued::Event(frame)) => next = Some(frame),
-                                Ok(Queued::Progress { slot, through }) => cursor.advance(slot, through),
-                                Ok(Queued::Leave(reason)) => {
-                                    leaving = Some(reason);
-                                    break;
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    if let Some(reason) = leaving {
-                        attachment.end_because(reason);
-                        sse::write_retry(&mut buf, state.retry_hint_ms());
-                        yield Ok(state.written(buf.split().freeze(), delivered));
-                        break;
-                    }
-                    if buf.is_empty() {
-                        continue;
-                    }
-                    yield Ok(state.written(buf.split().freeze(), delivered));
-                }
-                Step::Heartbeat => {
-                    // Positions moved by progress alone reach the client
-                    // here: an id-only frame sets its last event id and
-                    // keeps the connection warm like a comment.
-                    if !cursor.write_id_if_moved(&mut buf) {
-                        sse::write_comment(&mut buf, "");
-                    }
-                    yield Ok(buf.split().freeze());
-                }
-                Step::ExpiryWarning => {
-                    warned = true;
-                    write_expiry_warning(&mut buf, attachment.expires_at);
-                    yield Ok(buf.split().freeze());
-                }
-                Step::Expired => {
-                    attachment.end_because(DisconnectReason::TokenExpired);
-                    break;
-                }
-                Step::Leave(reason) => {
-                    attachment.end_because(reason);
-                    sse::write_retry(&mut buf, state.retry_hint_ms());
-                    yield Ok(buf.split().freeze());
-                    break;
-                }
-                Step::End => break,
+            match queued {
+                Some(Queued::Event(frame)) => return Step::Frame(frame),
+                Some(Queued::Progress { slot, through }) => self.cursor.advance(slot, through),
+                Some(Queued::Leave(reason)) => return Step::Leave(reason),
+                None => return Step::End,
             }
-            heartbeat.as_mut().reset(tokio::time::Instant::now() + heartbeat_every);
         }
-    };
-    sync_wrapper::SyncStream::new(stream)
+    }
+
+    /// Writes `first` and the frames queued behind it, up to
+    /// `stream.max_batch_bytes`, as one write; ends the stream when the
+    /// history changed or the node asked it to leave.
+    fn write_batch(&mut self, first: Frame) -> Next {
+        let mut delivered = 0;
+        let mut leaving = None;
+        let mut next = Some(first);
+        while let Some(frame) = next.take() {
+            match self.cursor.write(frame.slot, &frame.event, &mut self.buf) {
+                Written::Yes => {
+                    delivered += 1;
+                    let queued = frame.queued_at.elapsed();
+                    let (id, user) = (self.attachment.id, &self.attachment.targets[0]);
+                    self.state.delivered(&frame.event, id, user, false, queued);
+                }
+                Written::Skipped => {}
+                Written::OtherEpoch => {
+                    // The history changed under the stream: its client
+                    // resumes and is told.
+                    leaving = Some(DisconnectReason::HistoryChanged);
+                    break;
+                }
+            }
+            match self.queued_behind() {
+                Ok(frame) => next = frame,
+                Err(reason) => leaving = Some(reason),
+            }
+        }
+        if let Some(reason) = leaving {
+            self.attachment.end_because(reason);
+            sse::write_retry(&mut self.buf, self.state.retry_hint_ms());
+            return Next::Last(self.state.written(self.buf.split().freeze(), delivered));
+        }
+        if self.buf.is_empty() {
+            return Next::Idle;
+        }
+        Next::Write(self.state.written(self.buf.split().freeze(), delivered))
+    }
+
+    /// The next frame already queued, while the batch has room (progress on
+    /// the way moves the cursor); `Err` when the node asks the stream to leave.
+    fn queued_behind(&mut self) -> Result<Option<Frame>, DisconnectReason> {
+        while self.buf.len() < self.batch_limit {
+            match self.frames.try_recv() {
+                Ok(Queued::Event(frame)) => return Ok(Some(frame)),
+                Ok(Queued::Progress { slot, through }) => self.cursor.advance(slot, through),
+                Ok(Queued::Leave(reason)) => return Err(reason),
+                Err(_) => break,
+            }
+        }
+        Ok(None)
+    }
+
+    /// Keeps an idle connection warm. Positions moved by progress alone
+    /// reach the client here: an id-only frame sets its last event id and
+    /// keeps the connection warm like a comment.
+    fn heartbeat(&mut self) -> Bytes {
+        if !self.cursor.write_id_if_moved(&mut self.buf) {
+            sse::write_comment(&mut self.buf, "");
+        }
+        self.buf.split().freeze()
+    }
+
+    /// Writes the token's expiry warning (once).
+    fn expiry_warning(&mut self) -> Bytes {
+        self.warned = true;
+        write_expiry_warning(&mut self.buf, self.attachment.expires_at);
+        self.buf.split().freeze()
+    }
+
+    /// Ends the stream for `reason` with a `retry:` hint, so the client
+    /// reconnects (to another node).
+    fn leave(&mut self, reason: DisconnectReason) -> Bytes {
+        self.attachment.end_because(reason);
+        sse::write_retry(&mut self.buf, self.state.retry_hint_ms());
+        self.buf.split().freeze()
+    }
 }
 
 /// Where a stream stands in each of its targets, so every event is written
@@ -553,16 +749,6 @@ impl Cursor {
     }
 }
 
-enum Step {
-    Frame(Frame),
-    Heartbeat,
-    ExpiryWarning,
-    Expired,
-    /// End with a `retry:` hint so the client reconnects (to another node).
-    Leave(DisconnectReason),
-    End,
-}
-
 /// Why a stream could not begin (it ends with the comment and `retry:` hint
 /// already written; its client comes back).
 #[derive(Debug, thiserror::Error)]
@@ -578,7 +764,7 @@ enum BeginError {
 /// Reads the replay for `start` and writes what comes before it (an id-only
 /// frame for a fresh stream, or the reset) into `buf`. Returns the events to
 /// send, the cursor before them, and the head the replay read up to.
-async fn begin(
+async fn read_start(
     state: &AppState,
     connection: u64,
     targets: &[Target],
