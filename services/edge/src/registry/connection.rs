@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 
 /// An event waiting to be written to one connection. Kept to 16 bytes: every
-/// idle stream's queue allocates its first block of slots up front.
+/// idle stream's queue allocates its first block of entries up front.
 #[derive(Debug, Clone)]
 pub struct Frame {
     /// The event, shared by every connection it goes to (its SSE frame is

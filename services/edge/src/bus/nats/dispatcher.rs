@@ -101,7 +101,7 @@ struct Followed {
     anchored: bool,
 }
 
-/// Subscriptions whose channels woke since the dispatcher last drained them.
+/// Subscriptions whose channels woke since the dispatcher last took their copies.
 #[derive(Default)]
 struct ReadyQueue {
     keys: Mutex<Vec<u64>>,
@@ -298,7 +298,7 @@ impl Dispatcher {
             while let Ok(command) = self.commands.try_recv() {
                 self.handle(command);
             }
-            self.drain();
+            self.take_copies();
             self.follow_leader_changes();
             rounds_without_wait += 1;
             if rounds_without_wait >= ROUNDS_BEFORE_YIELD {
@@ -340,7 +340,7 @@ impl Dispatcher {
                         anchored: !self.rewinding,
                     },
                 );
-                // Copies that arrived before adoption are drained next.
+                // Copies that arrived before adoption are taken next.
                 waker.wake_by_ref();
                 if self.rewinding {
                     // The anchor may belong to the history being left.
@@ -355,7 +355,7 @@ impl Dispatcher {
     }
 
     /// Takes every copy waiting in a woken subscription's channel, in order.
-    fn drain(&mut self) {
+    fn take_copies(&mut self) {
         let keys = std::mem::take(&mut *lock(&self.ready.keys));
         for key in keys {
             let (copies, ended) = match self.followed.get_mut(&key) {
@@ -689,7 +689,7 @@ impl Dispatcher {
         }
         // What arrived before the read is judged first, so the check finds
         // only what never arrived.
-        self.drain();
+        self.take_copies();
         self.checking = true;
         let snapshot: Vec<(u64, Link)> = self
             .followed
@@ -720,7 +720,7 @@ impl Dispatcher {
     /// Compares each checked chain with its subject's newest stored event.
     fn checked(&mut self, snapshot: Vec<(u64, Link)>, newest: Newest) {
         // Copies that arrived while the check read are judged first.
-        self.drain();
+        self.take_copies();
         for (key, then) in snapshot {
             let Some(followed) = self.followed.get_mut(&key) else {
                 continue;
