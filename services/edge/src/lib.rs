@@ -1,30 +1,45 @@
 //! Herald edge node: holds browsers' SSE connections and streams each user
 //! their events, in order, resuming from `Last-Event-ID`.
 //!
-//! Layout (read top-down):
-//! - [`Node`] / [`run`]: build the parts from [`Settings`], serve until the
-//!   shutdown future resolves, then end every stream cleanly;
-//! - [`http`]: the warp filter tree (`/v1/stream`, `/v1/publish`, health,
-//!   metrics), the SSE session, the one error-to-response mapping, and the hyper
-//!   accept loop with its limits;
-//! - [`registry`]: the sharded map of live connections by target, with bounded
-//!   per-connection queues;
-//! - [`bus`]: the event bus trait (publish, follow, replay) and its embedded
-//!   in-memory implementation;
-//! - [`auth`]: JWT validation for subscribers and publishers;
-//! - [`cluster`]: gossip membership (the cluster view, the departure
-//!   announcement, rebalancing);
-//! - [`metrics`]: Prometheus counters and gauges;
-//! - [`telemetry`]: the sampling decision and span of each delivery.
+//! Layout (read top-down; every module is private, the public surface is the
+//! `pub use` list below):
+//! - [`Node`] / [`run`] (this file): build the parts from [`Settings`], serve
+//!   until the shutdown future resolves, then drain: end every stream cleanly;
+//! - `http`: the warp filter tree (`/v1/stream`, `/v1/publish`, health,
+//!   presence, metrics) and the one error-to-response mapping (`errors`); the
+//!   stream (`stream`: opening, its `session`, its `cursor`); publishing,
+//!   credentials, idempotency keys, rate limits; the hyper accept loop
+//!   (`server`) and the socket writer of stream requests (`direct`);
+//! - `registry`: the sharded map of live connections by target, with bounded
+//!   per-connection queues and kill switches (`connection`);
+//! - `bus`: the event bus trait (publish, follow, replay, head); `memory` (the
+//!   embedded single-node bus) and `nats` (JetStream: `provision`, `store`,
+//!   `decode`, `follow`, `chain`, `dispatcher`);
+//! - `auth`: JWT validation for subscribers and publishers, token minting;
+//! - `cluster`: gossip membership (the cluster view, the departure
+//!   announcement), `rebalance` decisions and cluster-wide `presence`;
+//! - `metrics`: Prometheus metrics, each declared once;
+//! - `telemetry`: the sampling decision and span of each delivery;
+//! - `heap`: live heap bytes for `/metrics` (with `--features heap-stats`).
 
-pub mod auth;
-pub mod bus;
-pub mod cluster;
-pub mod heap;
-pub mod http;
-pub mod metrics;
-pub mod registry;
-pub mod telemetry;
+// Inside the crate, `pub(crate)` is the widest visibility: a `pub` item must be
+// reachable from the list below.
+#![warn(unreachable_pub)]
+
+mod auth;
+mod bus;
+mod cluster;
+mod heap;
+mod http;
+mod metrics;
+mod registry;
+mod telemetry;
+
+pub use auth::{Claims, KeyError, PublishClaim, expiry_in, mint};
+pub use bus::nats::NatsError;
+pub use cluster::{ClusterError, ClusterView, Member, MemberState};
+pub use http::errors::ApiError;
+pub use http::stream::StreamRequest;
 
 /// The `http` crate types in Herald's public API (request headers), re-exported
 /// for fuzz targets and tools.

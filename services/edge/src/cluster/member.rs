@@ -12,40 +12,40 @@ use serde::Serialize;
 
 /// Gossip keys (short: they travel in every state delta).
 mod key {
-    pub const HTTP: &str = "http";
-    pub const VERSION: &str = "version";
-    pub const STARTED: &str = "started";
-    pub const CONNECTIONS: &str = "conns";
-    pub const USERS: &str = "users";
-    pub const DRAINING: &str = "draining";
-    pub const READY: &str = "ready";
-    pub const LEFT: &str = "left";
+    pub(super) const HTTP: &str = "http";
+    pub(super) const VERSION: &str = "version";
+    pub(super) const STARTED: &str = "started";
+    pub(super) const CONNECTIONS: &str = "conns";
+    pub(super) const USERS: &str = "users";
+    pub(super) const DRAINING: &str = "draining";
+    pub(super) const READY: &str = "ready";
+    pub(super) const LEFT: &str = "left";
 }
 
 /// What a node tells its peers about itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NodeInfo {
+pub(crate) struct NodeInfo {
     /// URL of its HTTP listener.
-    pub http: String,
+    pub(crate) http: String,
     /// Herald version it runs.
-    pub version: String,
+    pub(crate) version: String,
     /// Start time, Unix milliseconds.
-    pub started_at_ms: u64,
+    pub(crate) started_at_ms: u64,
     /// Open SSE streams.
-    pub connections: u64,
+    pub(crate) connections: u64,
     /// Users with at least one stream there.
-    pub users: u64,
+    pub(crate) users: u64,
     /// It refuses new streams and is closing the open ones.
-    pub draining: bool,
+    pub(crate) draining: bool,
     /// Its `/readyz` would answer 200.
-    pub ready: bool,
+    pub(crate) ready: bool,
     /// It announced that it is leaving the cluster (SIGTERM).
-    pub left: bool,
+    pub(crate) left: bool,
 }
 
 impl NodeInfo {
     /// The gossip key/value pairs for this state.
-    pub fn to_key_values(&self) -> Vec<(String, String)> {
+    pub(crate) fn to_key_values(&self) -> Vec<(String, String)> {
         let flag = |on: bool| if on { "1" } else { "0" }.to_string();
         vec![
             (key::HTTP.into(), self.http.clone()),
@@ -61,7 +61,7 @@ impl NodeInfo {
 
     /// Reads a peer's key/value pairs. A peer is not trusted to be well-formed:
     /// an unknown key is ignored, an unreadable number counts as 0.
-    pub fn from_key_values<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+    pub(crate) fn from_key_values<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
         let mut info = NodeInfo::default();
         let number = |value: &str| value.parse::<u64>().unwrap_or(0);
         for (name, value) in pairs {
@@ -117,27 +117,27 @@ impl MemberState {
 
 /// One node as the failure detector observed it.
 #[derive(Debug, Clone)]
-pub struct Observation {
+pub(crate) struct Observation {
     /// Its node id.
-    pub id: String,
+    pub(crate) id: String,
     /// Its start generation (a restarted node is a new member).
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// Where it gossips.
-    pub gossip: SocketAddr,
+    pub(crate) gossip: SocketAddr,
     /// What it said about itself.
-    pub info: NodeInfo,
+    pub(crate) info: NodeInfo,
     /// The failure detector considers it alive.
-    pub live: bool,
+    pub(crate) live: bool,
     /// Time since its heartbeat last advanced.
-    pub last_heard: Duration,
+    pub(crate) last_heard: Duration,
     /// It is this node.
-    pub is_self: bool,
+    pub(crate) is_self: bool,
 }
 
 impl Observation {
     /// Its state: a departure it announced wins; then the failure detector's
     /// verdict; a suspect becomes dead after `dead_after` without news.
-    pub fn state(&self, dead_after: Duration) -> MemberState {
+    pub(crate) fn state(&self, dead_after: Duration) -> MemberState {
         if self.info.left {
             MemberState::Left
         } else if self.live || self.is_self {
@@ -224,7 +224,7 @@ impl ClusterView {
     /// has a lower generation than the incarnation it replaces; by generation
     /// alone every node, itself included, would list it as `left` until
     /// `gossip.forget_after_secs`.
-    pub fn new(
+    pub(crate) fn new(
         cluster_id: &str,
         node: &str,
         gossip: bool,

@@ -15,9 +15,9 @@
 //! - [`Cluster::leave`] announces the departure at once (SIGTERM);
 //! - [`Cluster::stop`] ends the gossip task.
 
-pub mod member;
-pub mod presence;
-pub mod rebalance;
+mod member;
+pub(crate) mod presence;
+pub(crate) mod rebalance;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -35,7 +35,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, StateLabel};
 
-pub use member::{ClusterView, Member, MemberState, NodeInfo};
+pub(crate) use member::NodeInfo;
+pub use member::{ClusterView, Member, MemberState};
 
 /// Why gossip could not start. Nothing is left running when this is returned.
 #[derive(Debug, thiserror::Error)]
@@ -84,19 +85,19 @@ pub enum ClusterError {
 
 /// This node's load, as gossiped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LocalLoad {
+pub(crate) struct LocalLoad {
     /// Open SSE streams.
-    pub connections: u64,
+    pub(crate) connections: u64,
     /// Users held.
-    pub users: u64,
+    pub(crate) users: u64,
     /// `/readyz` would answer 200.
-    pub ready: bool,
+    pub(crate) ready: bool,
     /// Refusing new streams.
-    pub draining: bool,
+    pub(crate) draining: bool,
 }
 
 /// The membership of one node.
-pub struct Cluster {
+pub(crate) struct Cluster {
     cluster_id: String,
     node_id: String,
     settings: GossipSettings,
@@ -136,7 +137,7 @@ impl Cluster {
     /// Joins the cluster (or, with `gossip.enabled = false`, runs alone
     /// without a socket). `http_addr` is the bound HTTP listener, for the
     /// default `node.http_advertise`.
-    pub async fn start(
+    pub(crate) async fn start(
         settings: &Settings,
         node_id: &str,
         http_addr: SocketAddr,
@@ -255,17 +256,17 @@ impl Cluster {
     }
 
     /// The cluster as this node currently sees it.
-    pub fn view(&self) -> Arc<ClusterView> {
+    pub(crate) fn view(&self) -> Arc<ClusterView> {
         Arc::clone(&self.view.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// This node's gossip address (`None` with gossip disabled).
-    pub fn gossip_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn gossip_addr(&self) -> Option<SocketAddr> {
         self.gossip.as_ref().map(|g| g.id.gossip_advertise_addr)
     }
 
     /// Resolves if the gossip task ends on its own (a fatal condition).
-    pub async fn failed(&self) {
+    pub(crate) async fn failed(&self) {
         if self.gossip.is_some() {
             self.failed.cancelled().await
         } else {
@@ -275,7 +276,7 @@ impl Cluster {
 
     /// Refreshes the view every gossip interval and gossips `load()` when it
     /// changed (at most every `gossip.state_update_ms`), until `shutdown`.
-    pub async fn run(&self, load: impl Fn() -> LocalLoad, shutdown: CancellationToken) {
+    pub(crate) async fn run(&self, load: impl Fn() -> LocalLoad, shutdown: CancellationToken) {
         let Some(gossip) = &self.gossip else {
             self.update_self(load());
             self.refresh_alone();
@@ -303,7 +304,7 @@ impl Cluster {
 
     /// Announces that this node is leaving (draining, not ready) and pushes
     /// that to every live peer at once instead of waiting for a gossip round.
-    pub async fn leave(&self) {
+    pub(crate) async fn leave(&self) {
         {
             let mut info = write(&self.info);
             info.left = true;
@@ -344,7 +345,7 @@ impl Cluster {
     /// departure it first lingers for a few gossip rounds: a gossip exchange
     /// takes a round trip and a half, and a node that vanished mid-exchange
     /// would be seen as failed instead of `left`.
-    pub async fn stop(&self) {
+    pub(crate) async fn stop(&self) {
         let Some(gossip) = &self.gossip else {
             return;
         };

@@ -42,7 +42,7 @@ struct PublishBody {
 }
 
 /// Handles `POST /v1/publish`.
-pub async fn publish(
+pub(crate) async fn publish(
     state: Arc<AppState>,
     headers: HeaderMap,
     body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,

@@ -15,7 +15,6 @@
 //!   token and send a `retry:` hint), wait up to `http.shutdown_grace_ms`, then
 //!   cut what is left.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -31,21 +30,21 @@ use super::direct::{self, FirstRequest};
 use crate::registry::Kill;
 
 /// Most request headers accepted; more get 431.
-pub const MAX_HEADERS: usize = 64;
+pub(crate) const MAX_HEADERS: usize = 64;
 
 /// Limits applied to every HTTP connection.
 #[derive(Debug, Clone, Copy)]
-pub struct ServerLimits {
+pub(crate) struct ServerLimits {
     /// Time allowed for a complete request head.
-    pub header_read_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
     /// Largest request head, bytes.
-    pub max_header_bytes: usize,
+    pub(crate) max_header_bytes: usize,
     /// How long open connections may take to finish on shutdown.
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
 }
 
 /// Serves `routes` on `listener` until `shutdown` is cancelled, then drains.
-pub async fn serve<F>(
+pub(crate) async fn serve<F>(
     listener: TcpListener,
     routes: F,
     limits: ServerLimits,
@@ -89,7 +88,6 @@ pub async fn serve<F>(
             let routes = warp::service(routes.clone());
             hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
                 request.extensions_mut().insert(kill.clone());
-                request.extensions_mut().insert(PeerAddr(peer));
                 let mut routes = routes.clone();
                 async move { tower_service::Service::call(&mut routes, request).await }
             })
@@ -109,7 +107,7 @@ pub async fn serve<F>(
             let prefix = match first {
                 FirstRequest::Gone => return,
                 FirstRequest::Stream(request) => {
-                    direct::serve_stream(socket, request, direct_routes, kill, peer, cut).await;
+                    direct::serve_stream(socket, request, direct_routes, kill, cut).await;
                     return;
                 }
                 FirstRequest::Other(prefix) => prefix,
@@ -150,7 +148,3 @@ pub async fn serve<F>(
     }
     connections.wait().await;
 }
-
-/// The client's address, available to handlers as a request extension.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);

@@ -51,11 +51,11 @@ const FOLLOW_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 pub struct StreamRequest {
     /// The token: `Authorization: Bearer`, else `access_token`, else the cookie.
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
     /// Every `topic=` parameter, in order.
-    pub topics: Vec<String>,
+    pub(crate) topics: Vec<String>,
     /// `Last-Event-ID` header, else the `last_event_id` parameter.
-    pub last_event_id: Option<String>,
+    pub(crate) last_event_id: Option<String>,
 }
 
 impl StreamRequest {
@@ -87,7 +87,7 @@ impl StreamRequest {
 }
 
 /// Handles `GET /v1/stream`.
-pub async fn open(
+pub(crate) async fn open(
     state: Arc<AppState>,
     headers: HeaderMap,
     query: String,

@@ -217,17 +217,17 @@ pub(super) struct Dispatcher {
 
 /// What [`Dispatcher::new`] needs.
 pub(super) struct Parts {
-    pub store: Arc<Store>,
-    pub decoder: Arc<Decoder>,
-    pub sink: Arc<dyn LiveSink>,
-    pub metrics: Arc<Metrics>,
-    pub tracing: Arc<Tracing>,
-    pub connection: Arc<ConnectionEvents>,
-    pub commands: mpsc::UnboundedReceiver<Command>,
-    pub followers: Arc<Followers>,
-    pub leader_changes: async_nats::Subscriber,
-    pub check_interval: Duration,
-    pub stop: CancellationToken,
+    pub(super) store: Arc<Store>,
+    pub(super) decoder: Arc<Decoder>,
+    pub(super) sink: Arc<dyn LiveSink>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) tracing: Arc<Tracing>,
+    pub(super) connection: Arc<ConnectionEvents>,
+    pub(super) commands: mpsc::UnboundedReceiver<Command>,
+    pub(super) followers: Arc<Followers>,
+    pub(super) leader_changes: async_nats::Subscriber,
+    pub(super) check_interval: Duration,
+    pub(super) stop: CancellationToken,
 }
 
 impl Dispatcher {

@@ -21,7 +21,7 @@ use crate::bus::FollowState;
 /// Why live delivery of a target could not be set up. Nothing is followed
 /// (a subscription already made is dropped with the follow).
 #[derive(Debug, thiserror::Error)]
-pub enum FollowError {
+pub(crate) enum FollowError {
     /// The target's live subject could not be subscribed to.
     #[error(transparent)]
     Subscribe(#[from] async_nats::SubscribeError),
@@ -51,7 +51,7 @@ pub(super) struct Followers {
 }
 
 impl Followers {
-    pub fn new(
+    pub(super) fn new(
         client: async_nats::Client,
         store: Arc<Store>,
         live_prefix: String,
@@ -71,7 +71,7 @@ impl Followers {
 
     /// Starts following `target`; the watch turns ready once the dispatcher
     /// delivers it.
-    pub fn follow(self: &Arc<Self>, target: &Target) -> watch::Receiver<FollowState> {
+    pub(super) fn follow(self: &Arc<Self>, target: &Target) -> watch::Receiver<FollowState> {
         let (state, watch) = watch::channel(FollowState::Pending);
         let stop = CancellationToken::new();
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
@@ -90,7 +90,7 @@ impl Followers {
     }
 
     /// Stops following `target`.
-    pub fn unfollow(&self, target: &Target) {
+    pub(super) fn unfollow(&self, target: &Target) {
         let removed = lock(&self.current).remove(target);
         if let Some(follow) = removed {
             self.release(follow);
@@ -98,7 +98,7 @@ impl Followers {
     }
 
     /// Whether the follow `key` is still `target`'s current one.
-    pub fn is_current(&self, target: &Target, key: u64) -> bool {
+    pub(super) fn is_current(&self, target: &Target, key: u64) -> bool {
         lock(&self.current)
             .get(target)
             .is_some_and(|follow| follow.key == key)

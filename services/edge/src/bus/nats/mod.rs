@@ -48,9 +48,9 @@ use herald_protocol::{EventId, StreamPosition, Target};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use decode::EVENT_TYPE_HEADER;
-pub use follow::FollowError;
-pub use store::ReadError;
+pub(crate) use decode::EVENT_TYPE_HEADER;
+pub(crate) use follow::FollowError;
+pub(crate) use store::ReadError;
 
 use super::{
     Bus, FollowState, Interest, LiveSink, LostReason, PublishError, PublishRequest, Receipt,
@@ -130,7 +130,7 @@ pub enum NatsError {
 }
 
 /// The NATS JetStream bus.
-pub struct NatsBus {
+pub(crate) struct NatsBus {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     settings: NatsSettings,
@@ -158,13 +158,13 @@ impl Drop for NatsBus {
 }
 
 /// What a node hands the bus to deliver and report through.
-pub struct Wiring {
+pub(crate) struct Wiring {
     /// Where live events go (the registry).
-    pub sink: Arc<dyn LiveSink>,
+    pub(crate) sink: Arc<dyn LiveSink>,
     /// The node's metrics.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// The node's delivery tracing.
-    pub tracing: Arc<Tracing>,
+    pub(crate) tracing: Arc<Tracing>,
 }
 
 impl std::fmt::Debug for Wiring {
@@ -176,7 +176,7 @@ impl std::fmt::Debug for Wiring {
 impl NatsBus {
     /// Connects, checks the server version, creates or validates the stream,
     /// and starts live delivery.
-    pub async fn connect(
+    pub(crate) async fn connect(
         settings: &NatsSettings,
         node_id: &str,
         wiring: Wiring,
@@ -268,7 +268,7 @@ impl NatsBus {
 
     /// The NATS connection, for request/reply outside the event stream
     /// (cluster presence).
-    pub fn client(&self) -> async_nats::Client {
+    pub(crate) fn client(&self) -> async_nats::Client {
         self.client.clone()
     }
 

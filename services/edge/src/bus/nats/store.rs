@@ -41,7 +41,7 @@ const SUBJECTS_PER_BATCH: usize = 1000;
 
 /// Why the stream could not be read. Nothing changed.
 #[derive(Debug, thiserror::Error)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     /// The server did not answer within [`API_TIMEOUT`].
     #[error("reading the stream timed out")]
     TimedOut,
@@ -55,7 +55,7 @@ pub enum ReadError {
 
 /// How the server refused a batched read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BatchRefusal {
+pub(crate) enum BatchRefusal {
     /// A reply lacked the headers every answer carries.
     #[error("a reply without subject, sequence or time")]
     Malformed,
@@ -75,16 +75,16 @@ pub enum BatchRefusal {
 /// One stored message, as read from the stream.
 #[derive(Debug, Clone)]
 pub(super) struct Stored {
-    pub subject: String,
-    pub seq: u64,
-    pub stored_at: SystemTime,
-    pub headers: HeaderMap,
-    pub payload: Bytes,
+    pub(super) subject: String,
+    pub(super) seq: u64,
+    pub(super) stored_at: SystemTime,
+    pub(super) headers: HeaderMap,
+    pub(super) payload: Bytes,
 }
 
 impl Stored {
     /// Its place in its subject's chain.
-    pub fn link(&self) -> Link {
+    pub(super) fn link(&self) -> Link {
         Link {
             seq: self.seq,
             stored_at: Some(self.stored_at),
@@ -120,12 +120,12 @@ pub(super) enum Standing {
 #[derive(Debug, Default)]
 pub(super) struct Newest {
     /// Subject → its newest message (subjects with none are absent).
-    pub by_subject: HashMap<String, Link>,
+    pub(super) by_subject: HashMap<String, Link>,
     /// Every stored message up to this sequence was considered; `None` when the
     /// answer cannot say (nothing stored for any subject asked).
-    pub through: Option<u64>,
+    pub(super) through: Option<u64>,
     /// Requests the answer took.
-    pub reads: u64,
+    pub(super) reads: u64,
 }
 
 /// The bus's reads of the stream, and its epoch.
@@ -142,7 +142,7 @@ pub(super) struct Store {
 }
 
 impl Store {
-    pub fn new(
+    pub(super) fn new(
         client: async_nats::Client,
         jetstream: jetstream::Context,
         stream: stream::Stream,
@@ -162,18 +162,18 @@ impl Store {
     }
 
     /// The current epoch.
-    pub fn epoch(&self) -> Epoch {
+    pub(super) fn epoch(&self) -> Epoch {
         Epoch(self.epoch.load(Ordering::Relaxed))
     }
 
     /// Watches the epoch: it changes when the stream was recreated or a node
     /// found that its history went back.
-    pub fn epochs(&self) -> watch::Receiver<u64> {
+    pub(super) fn epochs(&self) -> watch::Receiver<u64> {
         self.epochs.subscribe()
     }
 
     /// The id of stream sequence `seq` in the current epoch.
-    pub fn id(&self, seq: u64) -> EventId {
+    pub(super) fn id(&self, seq: u64) -> EventId {
         EventId {
             epoch: self.epoch(),
             seq,
@@ -188,7 +188,7 @@ impl Store {
     }
 
     /// Reads the stream's state from its leader, noticing a changed epoch.
-    pub async fn state(&self) -> Result<stream::State, ReadError> {
+    pub(super) async fn state(&self) -> Result<stream::State, ReadError> {
         let stream = timed(self.jetstream.get_stream(&self.name)).await?;
         let info = stream.cached_info();
         self.adopt_epoch(epoch_of(info));
@@ -196,7 +196,7 @@ impl Store {
     }
 
     /// The newest stored message of `subject` (`None` when it has none).
-    pub async fn last_of(&self, subject: &str) -> Result<Option<Stored>, ReadError> {
+    pub(super) async fn last_of(&self, subject: &str) -> Result<Option<Stored>, ReadError> {
         match timed_raw(self.stream.get_last_raw_message_by_subject(subject)).await? {
             Ok(message) => Ok(Some(message.into())),
             Err(err) if err.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
@@ -205,7 +205,7 @@ impl Store {
     }
 
     /// The message stored at `seq` (`None` when there is none).
-    pub async fn at(&self, seq: u64) -> Result<Option<Stored>, ReadError> {
+    pub(super) async fn at(&self, seq: u64) -> Result<Option<Stored>, ReadError> {
         match timed_raw(self.stream.get_raw_message(seq)).await? {
             Ok(message) => Ok(Some(message.into())),
             Err(err) if err.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
@@ -215,7 +215,7 @@ impl Store {
 
     /// The stored messages of `subject` after `after` and up to `through`, at
     /// most `limit + 1` of them (one more than `limit` says "too many").
-    pub async fn between(
+    pub(super) async fn between(
         &self,
         subject: &str,
         after: u64,
@@ -242,7 +242,7 @@ impl Store {
     }
 
     /// Whether the event at `link` is still what `subject` holds there.
-    pub async fn standing(&self, subject: &str, link: Link) -> Result<Standing, ReadError> {
+    pub(super) async fn standing(&self, subject: &str, link: Link) -> Result<Standing, ReadError> {
         if link.seq == 0 {
             return Ok(Standing::Stands);
         }
@@ -268,7 +268,7 @@ impl Store {
 
     /// The newest stored message of each of `subjects`: batched multi-subject
     /// Direct Gets on nats-server 2.11+, one leader read per subject before.
-    pub async fn newest_of(&self, subjects: &[String]) -> Result<Newest, ReadError> {
+    pub(super) async fn newest_of(&self, subjects: &[String]) -> Result<Newest, ReadError> {
         if !self.batched_reads {
             return self.newest_one_by_one(subjects).await;
         }
@@ -382,7 +382,7 @@ impl Store {
     /// Gives the stream a new epoch (stream metadata), unless another node
     /// already did since `known` was read: every id sent before becomes
     /// another epoch's, so its client gets `herald.reset` when it resumes.
-    pub async fn move_epoch(&self, known: Epoch) -> Result<(), ReadError> {
+    pub(super) async fn move_epoch(&self, known: Epoch) -> Result<(), ReadError> {
         let mut stream = timed(self.jetstream.get_stream(&self.name)).await?;
         let info = timed(stream.info()).await?.clone();
         let current = epoch_of(&info);
@@ -405,7 +405,7 @@ impl Store {
     }
 
     /// How many messages `subject` holds.
-    pub async fn count_of(&self, subject: &str) -> Result<u64, ReadError> {
+    pub(super) async fn count_of(&self, subject: &str) -> Result<u64, ReadError> {
         let mut subjects = timed(self.stream.info_with_subjects(subject)).await?;
         let mut count = 0u64;
         while let Some(entry) = subjects.next().await {
@@ -416,7 +416,7 @@ impl Store {
     }
 
     /// The oldest stored message of `subject`, if any.
-    pub async fn first_of(&self, subject: &str) -> Result<Option<Stored>, ReadError> {
+    pub(super) async fn first_of(&self, subject: &str) -> Result<Option<Stored>, ReadError> {
         Ok(self
             .between(subject, 0, u64::MAX, 0)
             .await?
