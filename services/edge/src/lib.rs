@@ -146,30 +146,8 @@ impl Node {
             Arc::clone(&metrics),
         ));
         let tracing = Arc::new(telemetry::Tracing::new(&settings, &node_id));
-        let mut nats_client = None;
-        let bus: Arc<dyn Bus> = match settings.bus.kind {
-            BusKind::Memory => {
-                tracing::warn!(
-                    "bus.kind = memory: embedded single-node bus, history kept in this process \
-                     only and lost on restart. Use bus.kind = nats in production."
-                );
-                Arc::new(MemoryBus::new(&settings.memory, registry.clone()))
-            }
-            BusKind::Nats => {
-                let bus = NatsBus::connect(
-                    &settings.nats,
-                    &node_id,
-                    crate::bus::nats::Wiring {
-                        sink: registry.clone(),
-                        metrics: Arc::clone(&metrics),
-                        tracing: Arc::clone(&tracing),
-                    },
-                )
-                .await?;
-                nats_client = Some(bus.client());
-                Arc::new(bus)
-            }
-        };
+        let (bus, nats_client) =
+            start_bus(&settings, &node_id, &registry, &metrics, &tracing).await?;
         let addr = settings.http.listen.clone();
         let listener = TcpListener::bind(&addr)
             .await
@@ -280,6 +258,39 @@ impl Node {
         }
         tracing::info!("herald edge node stopped");
         outcome
+    }
+}
+
+/// The configured event bus, delivering to `registry`, and for NATS the
+/// client cluster presence shares.
+async fn start_bus(
+    settings: &Settings,
+    node_id: &str,
+    registry: &Arc<Registry>,
+    metrics: &Arc<Metrics>,
+    tracing: &Arc<telemetry::Tracing>,
+) -> Result<(Arc<dyn Bus>, Option<async_nats::Client>), StartError> {
+    match settings.bus.kind {
+        BusKind::Memory => {
+            tracing::warn!(
+                "bus.kind = memory: embedded single-node bus, history kept in this process \
+                 only and lost on restart. Use bus.kind = nats in production."
+            );
+            Ok((
+                Arc::new(MemoryBus::new(&settings.memory, registry.clone())),
+                None,
+            ))
+        }
+        BusKind::Nats => {
+            let wiring = crate::bus::nats::Wiring {
+                sink: registry.clone(),
+                metrics: Arc::clone(metrics),
+                tracing: Arc::clone(tracing),
+            };
+            let bus = NatsBus::connect(&settings.nats, node_id, wiring).await?;
+            let client = bus.client();
+            Ok((Arc::new(bus), Some(client)))
+        }
     }
 }
 

@@ -96,6 +96,35 @@ pub(crate) struct LocalLoad {
     pub(crate) draining: bool,
 }
 
+/// Chitchat's configuration for this node: `id` gossiping on `listen`, with
+/// the settings' interval, seeds and failure detector.
+fn chitchat_config(
+    settings: &GossipSettings,
+    id: ChitchatId,
+    listen: SocketAddr,
+) -> ChitchatConfig {
+    let interval = Duration::from_millis(settings.interval_ms);
+    let forget_after = Duration::from_secs(settings.forget_after_secs);
+    ChitchatConfig {
+        chitchat_id: id,
+        cluster_id: settings.cluster_id.clone(),
+        gossip_interval: interval,
+        listen_addr: listen,
+        seed_nodes: settings.seeds.clone(),
+        failure_detector_config: FailureDetectorConfig {
+            phi_threshold: settings.phi_threshold,
+            sampling_window_size: 1_000,
+            max_interval: Duration::from_secs(10),
+            initial_interval: interval,
+            dead_node_grace_period: forget_after,
+        },
+        marked_for_deletion_grace_period: forget_after,
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+        protocol_version: ProtocolVersion::V0,
+    }
+}
+
 /// The membership of one node.
 pub(crate) struct Cluster {
     cluster_id: String,
@@ -143,7 +172,6 @@ impl Cluster {
         http_addr: SocketAddr,
         metrics: Arc<Metrics>,
     ) -> Result<Cluster, ClusterError> {
-        let gossip_settings = settings.gossip.clone();
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -153,24 +181,7 @@ impl Cluster {
             started_at_ms: started.as_millis() as u64,
             ..NodeInfo::default()
         };
-        let mut cluster = Cluster {
-            cluster_id: gossip_settings.cluster_id.clone(),
-            node_id: node_id.to_string(),
-            info: RwLock::new(NodeInfo::default()),
-            gossip: None,
-            view: RwLock::new(Arc::new(ClusterView::new(
-                &gossip_settings.cluster_id,
-                node_id,
-                false,
-                Vec::new(),
-                Duration::ZERO,
-            ))),
-            settings: gossip_settings,
-            metrics,
-            failed: CancellationToken::new(),
-            stopping: Arc::new(AtomicBool::new(false)),
-            left_at: std::sync::Mutex::new(None),
-        };
+        let mut cluster = Cluster::new(settings.gossip.clone(), node_id, metrics);
         if !cluster.settings.enabled {
             info.http = settings
                 .node
@@ -193,44 +204,12 @@ impl Cluster {
         wait_for_seeds(&cluster.settings).await;
 
         let id = ChitchatId::new(node_id, started.as_micros() as u64, advertise);
-        let interval = Duration::from_millis(cluster.settings.interval_ms);
-        let forget_after = Duration::from_secs(cluster.settings.forget_after_secs);
-        let config = ChitchatConfig {
-            chitchat_id: id.clone(),
-            cluster_id: cluster.cluster_id.clone(),
-            gossip_interval: interval,
-            listen_addr: listen,
-            seed_nodes: cluster.settings.seeds.clone(),
-            failure_detector_config: FailureDetectorConfig {
-                phi_threshold: cluster.settings.phi_threshold,
-                sampling_window_size: 1_000,
-                max_interval: Duration::from_secs(10),
-                initial_interval: interval,
-                dead_node_grace_period: forget_after,
-            },
-            marked_for_deletion_grace_period: forget_after,
-            catchup_callback: None,
-            extra_liveness_predicate: None,
-            protocol_version: ProtocolVersion::V0,
-        };
+        let config = chitchat_config(&cluster.settings, id.clone(), listen);
         let handle = spawn_chitchat(config, info.to_key_values(), &UdpTransport)
             .await
             .map_err(ClusterError::Start)?;
         let chitchat = handle.chitchat();
-        let termination = handle.termination_watcher();
-        let failed = cluster.failed.clone();
-        let stopping = Arc::clone(&cluster.stopping);
-        tokio::spawn(async move {
-            let outcome = termination.await;
-            if stopping.load(Ordering::Acquire) {
-                return;
-            }
-            match outcome {
-                Err(err) => tracing::error!(error = %err, "gossip task failed"),
-                Ok(()) => tracing::error!("gossip task ended unexpectedly"),
-            }
-            failed.cancel();
-        });
+        cluster.watch_gossip_task(handle.termination_watcher());
         if cluster.settings.seeds.is_empty() {
             tracing::warn!(
                 gossip = %advertise,
@@ -253,6 +232,49 @@ impl Cluster {
         });
         cluster.refresh_alone();
         Ok(cluster)
+    }
+
+    /// A membership of this node alone, not gossiping yet.
+    fn new(settings: GossipSettings, node_id: &str, metrics: Arc<Metrics>) -> Cluster {
+        Cluster {
+            cluster_id: settings.cluster_id.clone(),
+            node_id: node_id.to_string(),
+            info: RwLock::new(NodeInfo::default()),
+            gossip: None,
+            view: RwLock::new(Arc::new(ClusterView::new(
+                &settings.cluster_id,
+                node_id,
+                false,
+                Vec::new(),
+                Duration::ZERO,
+            ))),
+            settings,
+            metrics,
+            failed: CancellationToken::new(),
+            stopping: Arc::new(AtomicBool::new(false)),
+            left_at: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Sets [`Cluster::failed`] when the gossip task ends without
+    /// [`Cluster::stop`] having asked it to.
+    fn watch_gossip_task(
+        &self,
+        termination: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        let failed = self.failed.clone();
+        let stopping = Arc::clone(&self.stopping);
+        tokio::spawn(async move {
+            let outcome = termination.await;
+            if stopping.load(Ordering::Acquire) {
+                return;
+            }
+            match outcome {
+                Err(err) => tracing::error!(error = %err, "gossip task failed"),
+                Ok(()) => tracing::error!("gossip task ended unexpectedly"),
+            }
+            failed.cancel();
+        });
     }
 
     /// The cluster as this node currently sees it.

@@ -181,17 +181,13 @@ impl NatsBus {
         node_id: &str,
         wiring: Wiring,
     ) -> Result<NatsBus, NatsError> {
-        let Wiring {
-            sink,
-            metrics,
-            tracing,
-        } = wiring;
         let connection = Arc::new(ConnectionEvents::default());
+        let metrics = &wiring.metrics;
         let client = provision::connect_client(
             settings,
             node_id,
             Arc::clone(&connection),
-            Arc::clone(&metrics),
+            Arc::clone(metrics),
         )
         .await?;
         connection.connected.store(true, Ordering::SeqCst);
@@ -218,42 +214,10 @@ impl NatsBus {
         let decoder = Arc::new(Decoder::new(
             settings.subject_prefix.clone(),
             settings.max_event_bytes,
-            Arc::clone(&metrics),
+            Arc::clone(metrics),
         ));
-        let (commands, received) = mpsc::unbounded_channel();
-        let followers = Arc::new(Followers::new(
-            client.clone(),
-            Arc::clone(&store),
-            settings.live_prefix.clone(),
-            settings.subject_prefix.clone(),
-            commands,
-        ));
-        // Before any target is followed: a leader elected from now on is heard.
-        let leader_changes = client
-            .subscribe(format!(
-                "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
-                settings.stream
-            ))
-            .await
-            .map_err(|source| NatsError::LeaderAdvisories {
-                stream: settings.stream.clone(),
-                source,
-            })?;
-        let stop = CancellationToken::new();
-        let dispatcher = Dispatcher::new(dispatcher::Parts {
-            store: Arc::clone(&store),
-            decoder: Arc::clone(&decoder),
-            sink,
-            metrics,
-            tracing,
-            connection: Arc::clone(&connection),
-            commands: received,
-            followers: Arc::clone(&followers),
-            leader_changes,
-            check_interval: Duration::from_millis(settings.check_interval_ms),
-            stop: stop.clone(),
-        });
-        tokio::spawn(tokio::task::unconstrained(dispatcher.run()));
+        let (followers, stop) =
+            start_live(settings, &client, &store, &decoder, &connection, wiring).await?;
         Ok(NatsBus {
             client,
             jetstream,
@@ -290,6 +254,53 @@ impl NatsBus {
             .await?
             .is_some_and(|oldest| oldest.seq > after + 1))
     }
+}
+
+/// Starts live delivery: the followers, and the dispatcher they hand their
+/// subscriptions to, which runs until the returned token is cancelled.
+async fn start_live(
+    settings: &NatsSettings,
+    client: &async_nats::Client,
+    store: &Arc<Store>,
+    decoder: &Arc<Decoder>,
+    connection: &Arc<ConnectionEvents>,
+    wiring: Wiring,
+) -> Result<(Arc<Followers>, CancellationToken), NatsError> {
+    let (commands, received) = mpsc::unbounded_channel();
+    let followers = Arc::new(Followers::new(
+        client.clone(),
+        Arc::clone(store),
+        settings.live_prefix.clone(),
+        settings.subject_prefix.clone(),
+        commands,
+    ));
+    // Before any target is followed: a leader elected from now on is heard.
+    let leader_changes = client
+        .subscribe(format!(
+            "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
+            settings.stream
+        ))
+        .await
+        .map_err(|source| NatsError::LeaderAdvisories {
+            stream: settings.stream.clone(),
+            source,
+        })?;
+    let stop = CancellationToken::new();
+    let dispatcher = Dispatcher::new(dispatcher::Parts {
+        store: Arc::clone(store),
+        decoder: Arc::clone(decoder),
+        sink: wiring.sink,
+        metrics: wiring.metrics,
+        tracing: wiring.tracing,
+        connection: Arc::clone(connection),
+        commands: received,
+        followers: Arc::clone(&followers),
+        leader_changes,
+        check_interval: Duration::from_millis(settings.check_interval_ms),
+        stop: stop.clone(),
+    });
+    tokio::spawn(tokio::task::unconstrained(dispatcher.run()));
+    Ok((followers, stop))
 }
 
 impl Interest for NatsBus {
