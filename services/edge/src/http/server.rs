@@ -44,19 +44,28 @@ pub(crate) struct ServerLimits {
     pub(crate) shutdown_grace: Duration,
 }
 
-/// Serves `routes` on `listener` until `shutdown` is cancelled, then drains.
-pub(crate) async fn serve<F>(
-    listener: TcpListener,
-    routes: F,
-    limits: ServerLimits,
-    shutdown: CancellationToken,
-) where
+/// The filter tree a node serves (warp's bounds for a served filter).
+pub(crate) trait Routes:
+    Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static
+{
+}
+
+impl<F> Routes for F where
     F: Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
         + Clone
         + Send
         + Sync
-        + 'static,
+        + 'static
 {
+}
+
+/// Serves `routes` on `listener` until `shutdown` is cancelled, then drains.
+pub(crate) async fn serve<F: Routes>(
+    listener: TcpListener,
+    routes: F,
+    limits: ServerLimits,
+    shutdown: CancellationToken,
+) {
     let graceful = GracefulShutdown::new();
     let connections = TaskTracker::new();
     // Cancelled when the grace period is over: ends every connection left.
@@ -100,7 +109,7 @@ pub(crate) async fn serve<F>(
 
 /// Serves one accepted connection: a stream request straight on the socket,
 /// anything else through hyper, until it ends, is killed, or `cut`.
-async fn serve_connection<F>(
+async fn serve_connection<F: Routes>(
     mut socket: TcpStream,
     peer: SocketAddr,
     routes: F,
@@ -108,13 +117,7 @@ async fn serve_connection<F>(
     watcher: Watcher,
     limits: ServerLimits,
     cut: CancellationToken,
-) where
-    F: Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-{
+) {
     let kill = Kill::new();
     let service = {
         let kill = kill.clone();
