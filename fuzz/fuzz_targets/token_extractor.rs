@@ -2,7 +2,7 @@
 //! headers and query strings never panics.
 #![no_main]
 
-use herald_edge::http::stream::StreamRequest;
+use herald_edge::StreamRequest;
 use herald_edge::warp_http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 

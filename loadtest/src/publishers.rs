@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use herald_edge::auth::{self, Claims, PublishClaim};
+use herald_edge::{Claims, PublishClaim, expiry_in, mint};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -75,18 +75,18 @@ pub fn subscriber_token(secret: &str, user: &str, topic: Option<&str>) -> anyhow
     let claims = Claims {
         sub: Some(user.to_owned()),
         topics: topic.map(|t| vec![t.to_owned()]).unwrap_or_default(),
-        exp: auth::expiry_in(Duration::from_secs(24 * 3600)),
+        exp: expiry_in(Duration::from_secs(24 * 3600)),
         ..Default::default()
     };
-    Ok(auth::mint(secret, &claims)?)
+    Ok(mint(secret, &claims)?)
 }
 
 fn publisher_token(options: &Options) -> anyhow::Result<String> {
-    Ok(auth::mint(
+    Ok(mint(
         &options.secret,
         &Claims {
             herald_publish: Some(PublishClaim::All(true)),
-            exp: auth::expiry_in(Duration::from_secs(24 * 3600)),
+            exp: expiry_in(Duration::from_secs(24 * 3600)),
             ..Default::default()
         },
     )?)

@@ -66,11 +66,11 @@ pub enum PublishClaim {
 
 /// A name pattern from a token: an exact name, `prefix*`, or `*` for any name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Grant(String);
+pub(crate) struct Grant(String);
 
 impl Grant {
     /// Whether `name` is covered by this grant.
-    pub fn allows(&self, name: &str) -> bool {
+    pub(crate) fn allows(&self, name: &str) -> bool {
         match self.0.strip_suffix('*') {
             Some(prefix) => name.starts_with(prefix),
             None => self.0 == name,
@@ -80,18 +80,18 @@ impl Grant {
 
 /// An authenticated subscriber.
 #[derive(Debug, Clone)]
-pub struct Subscriber {
+pub(crate) struct Subscriber {
     /// The user whose stream this is.
-    pub user: Target,
+    pub(crate) user: Target,
     /// Topic grants from the token.
-    pub topics: Vec<Grant>,
+    pub(crate) topics: Vec<Grant>,
     /// When the token expires.
-    pub expires_at: SystemTime,
+    pub(crate) expires_at: SystemTime,
 }
 
 impl Subscriber {
     /// Whether the token lets this subscriber follow `topic`.
-    pub fn may_follow(&self, topic: &str) -> bool {
+    pub(crate) fn may_follow(&self, topic: &str) -> bool {
         self.topics.iter().any(|grant| grant.allows(topic))
     }
 }
@@ -99,7 +99,7 @@ impl Subscriber {
 /// Who a publisher credential speaks for: rate limits and `msg_id`
 /// deduplication are kept per publisher id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum PublisherId {
+pub(crate) enum PublisherId {
     /// The token's `sub`: every token issued for that name is one publisher.
     Subject(String),
     /// A token without `sub` is its own publisher, named by the hex SHA-256 of
@@ -143,15 +143,15 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 
 /// An authenticated publisher.
 #[derive(Debug, Clone)]
-pub struct Publisher {
+pub(crate) struct Publisher {
     /// Who publishes (see [`PublisherId`]).
-    pub id: PublisherId,
+    pub(crate) id: PublisherId,
     grants: Option<Vec<(TargetKind, Grant)>>,
 }
 
 impl Publisher {
     /// Whether this credential may publish to `target`.
-    pub fn may_publish(&self, target: &Target) -> bool {
+    pub(crate) fn may_publish(&self, target: &Target) -> bool {
         match &self.grants {
             None => true,
             Some(grants) => grants
@@ -164,7 +164,7 @@ impl Publisher {
 /// Why a token was refused. Nothing is changed by a refusal. Messages never
 /// contain the token or the secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     /// No token in the header, query or cookie.
     #[error(
         "no token: send Authorization: Bearer <jwt>, ?access_token=<jwt> or the herald_token cookie"
@@ -190,7 +190,7 @@ pub enum AuthError {
 
 impl AuthError {
     /// Whether this is "who are you" (401) rather than "not allowed" (403).
-    pub fn is_unauthenticated(&self) -> bool {
+    pub(crate) fn is_unauthenticated(&self) -> bool {
         matches!(
             self,
             AuthError::Missing | AuthError::Expired | AuthError::Invalid(_) | AuthError::BadSubject
@@ -231,7 +231,7 @@ pub enum KeyError {
 type KeysById = HashMap<String, DecodingKey>;
 
 /// Validates tokens with the configured keys and rules.
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     algorithms: Vec<Algorithm>,
     hmac: Option<DecodingKey>,
     public_key: Option<DecodingKey>,
@@ -252,7 +252,7 @@ impl std::fmt::Debug for Authenticator {
 
 impl Authenticator {
     /// An authenticator for `settings`, reading any key files now.
-    pub fn new(settings: &AuthSettings) -> Result<Self, KeyError> {
+    pub(crate) fn new(settings: &AuthSettings) -> Result<Self, KeyError> {
         let algorithms = settings
             .algorithms
             .iter()
@@ -286,7 +286,7 @@ impl Authenticator {
     }
 
     /// Re-reads the JWKS file (if configured); on error the previous keys stay.
-    pub fn reload_jwks(&self) -> Result<usize, KeyError> {
+    pub(crate) fn reload_jwks(&self) -> Result<usize, KeyError> {
         let Some(path) = &self.jwks_file else {
             return Ok(0);
         };
@@ -315,7 +315,7 @@ impl Authenticator {
     }
 
     /// Whether keys come from a JWKS file that should be re-read periodically.
-    pub fn has_jwks(&self) -> bool {
+    pub(crate) fn has_jwks(&self) -> bool {
         self.jwks_file.is_some()
     }
 
@@ -371,7 +371,7 @@ impl Authenticator {
     }
 
     /// Validates a subscriber token.
-    pub fn subscriber(&self, token: &str) -> Result<Subscriber, AuthError> {
+    pub(crate) fn subscriber(&self, token: &str) -> Result<Subscriber, AuthError> {
         let claims = self.claims(token)?;
         // Any `herald_publish` claim, even `false`, marks a publisher
         // credential (docs/api.md): a stream needs a token without the claim,
@@ -391,7 +391,7 @@ impl Authenticator {
     }
 
     /// Validates a publisher credential.
-    pub fn publisher(&self, token: &str) -> Result<Publisher, AuthError> {
+    pub(crate) fn publisher(&self, token: &str) -> Result<Publisher, AuthError> {
         let claims = self.claims(token)?;
         let grants = match claims.herald_publish {
             None | Some(PublishClaim::All(false)) => return Err(AuthError::NotAPublisher),

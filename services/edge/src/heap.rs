@@ -14,7 +14,7 @@
 static ALLOCATOR: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, usize::MAX);
 
 /// Bytes allocated and not yet freed, when the node counts them.
-pub fn allocated_bytes() -> Option<usize> {
+pub(crate) fn allocated_bytes() -> Option<usize> {
     #[cfg(feature = "heap-stats")]
     {
         Some(ALLOCATOR.allocated())

@@ -1,30 +1,45 @@
 //! Herald edge node: holds browsers' SSE connections and streams each user
 //! their events, in order, resuming from `Last-Event-ID`.
 //!
-//! Layout (read top-down):
-//! - [`Node`] / [`run`]: build the parts from [`Settings`], serve until the
-//!   shutdown future resolves, then end every stream cleanly;
-//! - [`http`]: the warp filter tree (`/v1/stream`, `/v1/publish`, health,
-//!   metrics), the SSE session, the one error-to-response mapping, and the hyper
-//!   accept loop with its limits;
-//! - [`registry`]: the sharded map of live connections by target, with bounded
-//!   per-connection queues;
-//! - [`bus`]: the event bus trait (publish, follow, replay) and its embedded
-//!   in-memory implementation;
-//! - [`auth`]: JWT validation for subscribers and publishers;
-//! - [`cluster`]: gossip membership (the cluster view, the departure
-//!   announcement, rebalancing);
-//! - [`metrics`]: Prometheus counters and gauges;
-//! - [`telemetry`]: the sampling decision and span of each delivery.
+//! Layout (read top-down; every module is private, the public surface is the
+//! `pub use` list below):
+//! - [`Node`] / [`run`] (this file): build the parts from [`Settings`], serve
+//!   until the shutdown future resolves, then drain: end every stream cleanly;
+//! - `http`: the warp filter tree (`/v1/stream`, `/v1/publish`, health,
+//!   presence, metrics) and the one error-to-response mapping (`errors`); the
+//!   stream (`stream`: opening, its `session`, its `cursor`); publishing,
+//!   credentials, idempotency keys, rate limits; the hyper accept loop
+//!   (`server`) and the socket writer of stream requests (`direct`);
+//! - `registry`: the sharded map of live connections by target, with bounded
+//!   per-connection queues and kill switches (`connection`);
+//! - `bus`: the event bus trait (publish, follow, replay, head); `memory` (the
+//!   embedded single-node bus) and `nats` (JetStream: `provision`, `store`,
+//!   `decode`, `follow`, `chain`, `dispatcher`);
+//! - `auth`: JWT validation for subscribers and publishers, token minting;
+//! - `cluster`: gossip membership (the cluster view, the departure
+//!   announcement), `rebalance` decisions and cluster-wide `presence`;
+//! - `metrics`: Prometheus metrics, each declared once;
+//! - `telemetry`: the sampling decision and span of each delivery;
+//! - `heap`: live heap bytes for `/metrics` (with `--features heap-stats`).
 
-pub mod auth;
-pub mod bus;
-pub mod cluster;
-pub mod heap;
-pub mod http;
-pub mod metrics;
-pub mod registry;
-pub mod telemetry;
+// Inside the crate, `pub(crate)` is the widest visibility: a `pub` item must be
+// reachable from the list below.
+#![warn(unreachable_pub)]
+
+mod auth;
+mod bus;
+mod cluster;
+mod heap;
+mod http;
+mod metrics;
+mod registry;
+mod telemetry;
+
+pub use auth::{Claims, KeyError, PublishClaim, expiry_in, mint};
+pub use bus::nats::NatsError;
+pub use cluster::{ClusterError, ClusterView, Member, MemberState, NodeInfo};
+pub use http::errors::ApiError;
+pub use http::stream::StreamRequest;
 
 /// The `http` crate types in Herald's public API (request headers), re-exported
 /// for fuzz targets and tools.
@@ -58,7 +73,7 @@ pub enum StartError {
     Config(#[from] auth::KeyError),
     /// The event bus could not be set up.
     #[error("event bus: {0}")]
-    Bus(String),
+    Bus(#[from] bus::nats::NatsError),
     /// Gossip membership could not start.
     #[error("{0}")]
     Gossip(#[from] cluster::ClusterError),
@@ -131,31 +146,8 @@ impl Node {
             Arc::clone(&metrics),
         ));
         let tracing = Arc::new(telemetry::Tracing::new(&settings, &node_id));
-        let mut nats_client = None;
-        let bus: Arc<dyn Bus> = match settings.bus.kind {
-            BusKind::Memory => {
-                tracing::warn!(
-                    "bus.kind = memory: embedded single-node bus, history kept in this process \
-                     only and lost on restart. Use bus.kind = nats in production."
-                );
-                Arc::new(MemoryBus::new(&settings.memory, registry.clone()))
-            }
-            BusKind::Nats => {
-                let bus = NatsBus::connect(
-                    &settings.nats,
-                    &node_id,
-                    crate::bus::nats::Wiring {
-                        sink: registry.clone(),
-                        metrics: Arc::clone(&metrics),
-                        tracing: Arc::clone(&tracing),
-                    },
-                )
-                .await
-                .map_err(|err| StartError::Bus(err.to_string()))?;
-                nats_client = Some(bus.client());
-                Arc::new(bus)
-            }
-        };
+        let (bus, nats_client) =
+            start_bus(&settings, &node_id, &registry, &metrics, &tracing).await?;
         let addr = settings.http.listen.clone();
         let listener = TcpListener::bind(&addr)
             .await
@@ -266,6 +258,39 @@ impl Node {
         }
         tracing::info!("herald edge node stopped");
         outcome
+    }
+}
+
+/// The configured event bus, delivering to `registry`, and for NATS the
+/// client cluster presence shares.
+async fn start_bus(
+    settings: &Settings,
+    node_id: &str,
+    registry: &Arc<Registry>,
+    metrics: &Arc<Metrics>,
+    tracing: &Arc<telemetry::Tracing>,
+) -> Result<(Arc<dyn Bus>, Option<async_nats::Client>), StartError> {
+    match settings.bus.kind {
+        BusKind::Memory => {
+            tracing::warn!(
+                "bus.kind = memory: embedded single-node bus, history kept in this process \
+                 only and lost on restart. Use bus.kind = nats in production."
+            );
+            Ok((
+                Arc::new(MemoryBus::new(&settings.memory, registry.clone())),
+                None,
+            ))
+        }
+        BusKind::Nats => {
+            let wiring = crate::bus::nats::Wiring {
+                sink: registry.clone(),
+                metrics: Arc::clone(metrics),
+                tracing: Arc::clone(tracing),
+            };
+            let bus = NatsBus::connect(&settings.nats, node_id, wiring).await?;
+            let client = bus.client();
+            Ok((Arc::new(bus), Some(client)))
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use herald_config::Settings;
-use herald_edge::auth::{self, Claims, PublishClaim};
+use herald_edge::{Claims, PublishClaim, expiry_in, mint};
 
 /// Exit status for invalid configuration or usage (EX_USAGE / EX_CONFIG family).
 const EXIT_CONFIG: u8 = 64;
@@ -135,7 +135,7 @@ fn token(settings: &Settings, request: TokenRequest) -> anyhow::Result<String> {
         .context("auth.hs256_secret is required to mint tokens")?;
     let claims = Claims {
         sub: request.user,
-        exp: auth::expiry_in(Duration::from_secs(request.ttl_secs)),
+        exp: expiry_in(Duration::from_secs(request.ttl_secs)),
         topics: request.topics,
         herald_publish: request.publish.map(|targets| {
             if targets.is_empty() {
@@ -150,7 +150,7 @@ fn token(settings: &Settings, request: TokenRequest) -> anyhow::Result<String> {
     if claims.sub.is_none() && claims.herald_publish.is_none() {
         bail!("give --user ID for a subscriber token or --publish for a publisher credential");
     }
-    Ok(auth::mint(secret.expose(), &claims)?)
+    Ok(mint(secret.expose(), &claims)?)
 }
 
 fn parse_args(

@@ -18,20 +18,20 @@ use prometheus_client::registry::Registry;
 
 /// Label for a disconnect reason or reset reason.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
+pub(crate) struct ReasonLabel {
     /// Stable reason name.
-    pub reason: &'static str,
+    pub(crate) reason: &'static str,
 }
 
 /// Label for a gossip member state.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StateLabel {
+pub(crate) struct StateLabel {
     /// `alive`, `suspect`, `dead` or `left`.
-    pub state: &'static str,
+    pub(crate) state: &'static str,
 }
 
 /// Declares [`Metrics`] from one list. Each entry is
-/// `/// doc` `field: Type [= initial value], "name", "help";`: the public
+/// `/// doc` `field: Type [= initial value], "name", "help";`: the
 /// field the code updates, its Prometheus name (after the `herald_` prefix;
 /// counters get `_total` when encoded) and help text, and how it is built when
 /// `Type::default()` does not fit. `GET /metrics` lists them in this order.
@@ -42,10 +42,10 @@ macro_rules! metrics {
     )*) => {
         /// Every metric the node exports.
         #[derive(Debug)]
-        pub struct Metrics {
+        pub(crate) struct Metrics {
             $(
                 $(#[doc = $doc])*
-                pub $field: $ty,
+                pub(crate) $field: $ty,
             )*
             /// Live heap bytes, set when rendered; only when the node counts
             /// them (`--features heap-stats`, see `heap.rs`).
@@ -161,7 +161,7 @@ metrics! {
 
 impl Metrics {
     /// Renders every metric in the Prometheus text format.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         if let (Some(gauge), Some(bytes)) = (&self.heap_allocated, crate::heap::allocated_bytes()) {
             gauge.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }

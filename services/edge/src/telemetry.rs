@@ -23,7 +23,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::bus::Event;
 
 /// Decides which deliveries are traced and records their spans.
-pub struct Tracing {
+pub(crate) struct Tracing {
     enabled: bool,
     ratio: f64,
     user_id: UserIdInTraces,
@@ -46,22 +46,22 @@ impl std::fmt::Debug for Tracing {
 
 /// What is known about one delivery when it is written.
 #[derive(Debug, Clone, Copy)]
-pub struct Delivery<'a> {
+pub(crate) struct Delivery<'a> {
     /// The event.
-    pub event: &'a Event,
+    pub(crate) event: &'a Event,
     /// The connection it was written to.
-    pub connection: u64,
+    pub(crate) connection: u64,
     /// The connection's user.
-    pub user: &'a Target,
+    pub(crate) user: &'a Target,
     /// Whether it came from a replay rather than the live path.
-    pub replayed: bool,
+    pub(crate) replayed: bool,
     /// Time the event waited in the connection's queue.
-    pub queued: Duration,
+    pub(crate) queued: Duration,
 }
 
 impl Tracing {
     /// Tracing as configured; enabled only when an OTLP endpoint is set.
-    pub fn new(settings: &Settings, node_id: &str) -> Self {
+    pub(crate) fn new(settings: &Settings, node_id: &str) -> Self {
         let telemetry = &settings.telemetry;
         let enabled = telemetry.otlp_endpoint.is_some()
             || std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|v| !v.is_empty());
@@ -75,7 +75,7 @@ impl Tracing {
     }
 
     /// Whether this event's deliveries are traced.
-    pub fn should_trace(&self, trace: Option<&TraceParent>) -> bool {
+    pub(crate) fn should_trace(&self, trace: Option<&TraceParent>) -> bool {
         if !self.enabled {
             return false;
         }
@@ -86,7 +86,7 @@ impl Tracing {
     }
 
     /// Records the span of one delivery, if it is sampled.
-    pub fn delivered(&self, delivery: Delivery<'_>) {
+    pub(crate) fn delivered(&self, delivery: Delivery<'_>) {
         let event = delivery.event;
         if !self.should_trace(event.trace.as_ref()) {
             return;
@@ -119,12 +119,18 @@ impl Tracing {
     }
 
     /// The user id for logs, in the form chosen for traces (`-` when omitted).
-    pub fn user_for_logs(&self, user: &Target) -> String {
+    pub(crate) fn user_for_logs(&self, user: &Target) -> String {
         self.user_label(user).unwrap_or_else(|| "-".to_owned())
     }
 
     /// Records a `herald.stream.open` span (sampled by ratio).
-    pub fn stream_opened(&self, connection: u64, user: &Target, topics: usize, resumed: bool) {
+    pub(crate) fn stream_opened(
+        &self,
+        connection: u64,
+        user: &Target,
+        topics: usize,
+        resumed: bool,
+    ) {
         if !self.should_trace(None) {
             return;
         }
@@ -143,7 +149,13 @@ impl Tracing {
     }
 
     /// Records a `herald.stream.close` span (sampled by ratio).
-    pub fn stream_closed(&self, connection: u64, user: &Target, reason: &str, open_for: Duration) {
+    pub(crate) fn stream_closed(
+        &self,
+        connection: u64,
+        user: &Target,
+        reason: &str,
+        open_for: Duration,
+    ) {
         if !self.should_trace(None) {
             return;
         }
@@ -163,7 +175,7 @@ impl Tracing {
 
     /// Records a `herald.replay` span (sampled by ratio): how many events a
     /// resuming stream was sent, or why it was reset.
-    pub fn replayed(&self, connection: u64, events: usize, outcome: &str, took: Duration) {
+    pub(crate) fn replayed(&self, connection: u64, events: usize, outcome: &str, took: Duration) {
         if !self.should_trace(None) {
             return;
         }
@@ -180,7 +192,7 @@ impl Tracing {
 
     /// Records a `herald.gap_repair` span (sampled by ratio): live messages
     /// that were lost and read back from the stream.
-    pub fn gap_repaired(&self, subject: &str, after: u64, events: usize) {
+    pub(crate) fn gap_repaired(&self, subject: &str, after: u64, events: usize) {
         if !self.should_trace(None) {
             return;
         }

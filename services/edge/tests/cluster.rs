@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use herald_edge::cluster::{ClusterView, MemberState};
+use herald_edge::{ClusterView, MemberState};
 use herald_testkit::process::EdgeProcess;
 use herald_testkit::udp_relay::{Partition, UdpRelay};
 use herald_testkit::{EdgeNode, PATIENCE, SseClient, wait_until};

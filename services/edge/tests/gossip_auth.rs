@@ -23,7 +23,7 @@ use chitchat::{
     spawn_chitchat,
 };
 use herald_config::Secret;
-use herald_edge::cluster::{MemberState, NodeInfo};
+use herald_edge::{MemberState, NodeInfo};
 use herald_testkit::udp_relay::{Partition, UdpRelay};
 use herald_testkit::{EdgeNode, wait_until};
 use tokio::net::UdpSocket;

@@ -5,7 +5,7 @@
 //! subjects and headers.
 
 use herald_config::BusKind;
-use herald_edge::auth::{Claims, PublishClaim, expiry_in};
+use herald_edge::{Claims, PublishClaim, expiry_in};
 use herald_protocol::{EventType, MsgId, Target, TargetKind};
 use herald_testkit::nats::NatsServer;
 use herald_testkit::process::EdgeProcess;

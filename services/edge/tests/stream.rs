@@ -486,9 +486,9 @@ async fn a_stream_is_warned_before_its_token_expires_and_ends_at_expiry() {
     })
     .await
     .expect("node starts");
-    let token = herald_testkit::token(herald_edge::auth::Claims {
+    let token = herald_testkit::token(herald_edge::Claims {
         sub: Some("alice".into()),
-        exp: herald_edge::auth::expiry_in(std::time::Duration::from_secs(2)),
+        exp: herald_edge::expiry_in(std::time::Duration::from_secs(2)),
         ..Default::default()
     });
     let url = node.url(&format!("/v1/stream?access_token={token}"));

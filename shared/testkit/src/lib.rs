@@ -25,8 +25,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use herald_config::{Secret, Settings};
-use herald_edge::auth::{self, Claims, PublishClaim};
-use herald_edge::{Node, NodeHandle};
+use herald_edge::{Claims, Node, NodeHandle, PublishClaim, expiry_in, mint};
 use herald_protocol::sse::{Item, ParsedEvent, Parser};
 use tokio_util::sync::CancellationToken;
 
@@ -119,7 +118,7 @@ pub fn subscriber_token(user: &str, topics: &[&str]) -> String {
     token(Claims {
         sub: Some(user.into()),
         topics: topics.iter().map(|t| t.to_string()).collect(),
-        exp: auth::expiry_in(Duration::from_secs(3600)),
+        exp: expiry_in(Duration::from_secs(3600)),
         ..Default::default()
     })
 }
@@ -136,14 +135,14 @@ pub fn publisher_token() -> String {
     token(Claims {
         sub: Some(TEST_PUBLISHER.into()),
         herald_publish: Some(PublishClaim::All(true)),
-        exp: auth::expiry_in(Duration::from_secs(3600)),
+        exp: expiry_in(Duration::from_secs(3600)),
         ..Default::default()
     })
 }
 
 /// Signs arbitrary claims with [`SECRET`].
 pub fn token(claims: Claims) -> String {
-    auth::mint(SECRET, &claims).expect("HS256 signing with a static secret cannot fail")
+    mint(SECRET, &claims).expect("HS256 signing with a static secret cannot fail")
 }
 
 /// `POST /v1/publish` with a publisher credential; returns status and JSON body.

@@ -23,7 +23,7 @@ use super::{
 };
 
 /// The embedded single-node bus.
-pub struct MemoryBus {
+pub(crate) struct MemoryBus {
     epoch: Epoch,
     limits: Limits,
     sink: Arc<dyn LiveSink>,
@@ -71,7 +71,7 @@ struct History {
 
 impl MemoryBus {
     /// A new bus with an epoch of its own, delivering live events to `sink`.
-    pub fn new(settings: &MemoryBusSettings, sink: Arc<dyn LiveSink>) -> Self {
+    pub(crate) fn new(settings: &MemoryBusSettings, sink: Arc<dyn LiveSink>) -> Self {
         // Any value works as long as a restarted process picks another one.
         let epoch = Epoch(fastrand::u64(1..=u64::from(u32::MAX)));
         MemoryBus {
@@ -89,7 +89,8 @@ impl MemoryBus {
     }
 
     /// This incarnation's epoch.
-    pub fn epoch(&self) -> Epoch {
+    #[cfg(test)]
+    pub(crate) fn epoch(&self) -> Epoch {
         self.epoch
     }
 

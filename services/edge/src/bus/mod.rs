@@ -15,8 +15,8 @@
 //! Implementations: [`memory::MemoryBus`] (embedded, single node) and
 //! [`nats::NatsBus`] (NATS JetStream, many nodes).
 
-pub mod memory;
-pub mod nats;
+pub(crate) mod memory;
+pub(crate) mod nats;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -27,27 +27,27 @@ use tokio::sync::watch;
 
 /// One stored event, with its SSE frame encoded once for every connection.
 #[derive(Debug, Clone)]
-pub struct Event {
+pub(crate) struct Event {
     /// Epoch and stream sequence: the SSE id.
-    pub id: EventId,
+    pub(crate) id: EventId,
     /// Who the event is for.
-    pub target: Target,
+    pub(crate) target: Target,
     /// The SSE event type, if any.
-    pub event_type: Option<EventType>,
+    pub(crate) event_type: Option<EventType>,
     /// The complete SSE frame (`id:`, `event:`, `data:` lines, blank line).
-    pub frame: Bytes,
+    pub(crate) frame: Bytes,
     /// Where the frame's `id:` line ends: a stream that writes an id of its
     /// own (one position per target) writes the frame from here.
-    pub body_at: usize,
+    pub(crate) body_at: usize,
     /// When the bus stored the event.
-    pub published_at: SystemTime,
+    pub(crate) published_at: SystemTime,
     /// The publisher's trace context, when it sent one.
-    pub trace: Option<TraceParent>,
+    pub(crate) trace: Option<TraceParent>,
 }
 
 impl Event {
     /// Builds an event and encodes its frame.
-    pub fn new(
+    pub(crate) fn new(
         id: EventId,
         target: Target,
         event_type: Option<EventType>,
@@ -73,12 +73,12 @@ impl Event {
     }
 
     /// The frame without its `id:` line.
-    pub fn body(&self) -> &[u8] {
+    pub(crate) fn body(&self) -> &[u8] {
         &self.frame[self.body_at..]
     }
 
     /// Attaches the publisher's trace context.
-    pub fn with_trace(mut self, trace: Option<TraceParent>) -> Self {
+    pub(crate) fn with_trace(mut self, trace: Option<TraceParent>) -> Self {
         self.trace = trace;
         self
     }
@@ -86,32 +86,32 @@ impl Event {
 
 /// What a publisher asks the bus to store.
 #[derive(Debug, Clone)]
-pub struct PublishRequest {
+pub(crate) struct PublishRequest {
     /// The recipient.
-    pub target: Target,
+    pub(crate) target: Target,
     /// Optional SSE event type.
-    pub event_type: Option<EventType>,
+    pub(crate) event_type: Option<EventType>,
     /// The SSE data, as UTF-8 text.
-    pub data: String,
+    pub(crate) data: String,
     /// Idempotency key: a retry with the same key inside the duplicate window
     /// returns the first event's id instead of storing a second event.
-    pub msg_id: Option<String>,
+    pub(crate) msg_id: Option<String>,
     /// The publisher's trace context, passed on to delivery spans.
-    pub trace: Option<TraceParent>,
+    pub(crate) trace: Option<TraceParent>,
 }
 
 /// The bus's answer to a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Receipt {
+pub(crate) struct Receipt {
     /// The event's id (the original one for a duplicate).
-    pub id: EventId,
+    pub(crate) id: EventId,
     /// Whether this publish was recognised as a retry of an earlier one.
-    pub duplicate: bool,
+    pub(crate) duplicate: bool,
 }
 
 /// Why a publish failed. When returned, nothing was stored.
 #[derive(Debug, thiserror::Error)]
-pub enum PublishError {
+pub(crate) enum PublishError {
     /// The event is larger than the bus accepts.
     #[error("event is {size} bytes; the limit is {limit}")]
     TooLarge {
@@ -134,7 +134,7 @@ pub enum PublishError {
 
 /// Why history could not be replayed completely.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LostReason {
+pub(crate) enum LostReason {
     /// The id belongs to another incarnation of the history (restarted memory
     /// bus, recreated stream).
     EpochChanged,
@@ -153,7 +153,7 @@ pub enum LostReason {
 
 impl LostReason {
     /// Stable machine-readable name, sent in `herald.reset` and used in metrics.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             LostReason::EpochChanged => "epoch_changed",
             LostReason::Expired => "expired",
@@ -167,7 +167,7 @@ impl LostReason {
 
 /// The result of a replay request.
 #[derive(Debug)]
-pub enum Replay {
+pub(crate) enum Replay {
     /// Every event after the requested position, in sequence order.
     Complete {
         /// The events, oldest first.
@@ -189,7 +189,12 @@ pub enum Replay {
 /// far as the bounds tell). When events after the position were evicted they
 /// may not have been for the client's targets: a needless reset is safe, a
 /// silent skip is not.
-pub fn check_position(after: EventId, epoch: Epoch, first: u64, last: u64) -> Option<LostReason> {
+pub(crate) fn check_position(
+    after: EventId,
+    epoch: Epoch,
+    first: u64,
+    last: u64,
+) -> Option<LostReason> {
     if after.epoch != epoch {
         Some(LostReason::EpochChanged)
     } else if after.seq > last {
@@ -204,21 +209,22 @@ pub fn check_position(after: EventId, epoch: Epoch, first: u64, last: u64) -> Op
 /// Why a replay or position read failed (the bus was unreachable). Nothing changed.
 #[derive(Debug, thiserror::Error)]
 #[error("event bus unavailable: {0}")]
-pub struct ReplayError(#[from] pub nats::ReadError);
+pub(crate) struct ReplayError(#[from] pub nats::ReadError);
 
 /// Progress of a follow request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FollowState {
+#[derive(Debug, Clone)]
+pub(crate) enum FollowState {
     /// The bus is setting up live delivery.
     Pending,
     /// Live delivery is active: every event stored from now on reaches the sink.
     Ready,
-    /// Live delivery could not be set up.
-    Failed(String),
+    /// Live delivery could not be set up (shared: every stream waiting on the
+    /// follow reads the same error).
+    Failed(Arc<nats::FollowError>),
 }
 
 /// Where a bus delivers live events: the node's connection registry.
-pub trait LiveSink: Send + Sync {
+pub(crate) trait LiveSink: Send + Sync {
     /// Called once per event for every followed target, in sequence order per
     /// target. Must not block.
     fn deliver(&self, event: &Arc<Event>);
@@ -237,7 +243,7 @@ pub trait LiveSink: Send + Sync {
 }
 
 /// Live-delivery interest: what the registry asks of a bus.
-pub trait Interest: Send + Sync {
+pub(crate) trait Interest: Send + Sync {
     /// Starts live delivery of `target`'s events to the sink. Called by the
     /// registry, under its lock for that target, when the first local connection
     /// arrives; the returned watch turns [`FollowState::Ready`] once no event can
@@ -250,7 +256,7 @@ pub trait Interest: Send + Sync {
 
 /// The event bus, as the edge uses it.
 #[async_trait::async_trait]
-pub trait Bus: Interest + std::fmt::Debug {
+pub(crate) trait Bus: Interest + std::fmt::Debug {
     /// `memory` or `nats`, for logs.
     fn kind(&self) -> &'static str;
 

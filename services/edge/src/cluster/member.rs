@@ -12,17 +12,18 @@ use serde::Serialize;
 
 /// Gossip keys (short: they travel in every state delta).
 mod key {
-    pub const HTTP: &str = "http";
-    pub const VERSION: &str = "version";
-    pub const STARTED: &str = "started";
-    pub const CONNECTIONS: &str = "conns";
-    pub const USERS: &str = "users";
-    pub const DRAINING: &str = "draining";
-    pub const READY: &str = "ready";
-    pub const LEFT: &str = "left";
+    pub(super) const HTTP: &str = "http";
+    pub(super) const VERSION: &str = "version";
+    pub(super) const STARTED: &str = "started";
+    pub(super) const CONNECTIONS: &str = "conns";
+    pub(super) const USERS: &str = "users";
+    pub(super) const DRAINING: &str = "draining";
+    pub(super) const READY: &str = "ready";
+    pub(super) const LEFT: &str = "left";
 }
 
-/// What a node tells its peers about itself.
+/// What a node tells its peers about itself (public so that tests can gossip
+/// a realistic state from a node that is not Herald).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeInfo {
     /// URL of its HTTP listener.
@@ -61,7 +62,7 @@ impl NodeInfo {
 
     /// Reads a peer's key/value pairs. A peer is not trusted to be well-formed:
     /// an unknown key is ignored, an unreadable number counts as 0.
-    pub fn from_key_values<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+    pub(crate) fn from_key_values<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
         let mut info = NodeInfo::default();
         let number = |value: &str| value.parse::<u64>().unwrap_or(0);
         for (name, value) in pairs {
@@ -117,27 +118,27 @@ impl MemberState {
 
 /// One node as the failure detector observed it.
 #[derive(Debug, Clone)]
-pub struct Observation {
+pub(crate) struct Observation {
     /// Its node id.
-    pub id: String,
+    pub(crate) id: String,
     /// Its start generation (a restarted node is a new member).
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// Where it gossips.
-    pub gossip: SocketAddr,
+    pub(crate) gossip: SocketAddr,
     /// What it said about itself.
-    pub info: NodeInfo,
+    pub(crate) info: NodeInfo,
     /// The failure detector considers it alive.
-    pub live: bool,
+    pub(crate) live: bool,
     /// Time since its heartbeat last advanced.
-    pub last_heard: Duration,
+    pub(crate) last_heard: Duration,
     /// It is this node.
-    pub is_self: bool,
+    pub(crate) is_self: bool,
 }
 
 impl Observation {
     /// Its state: a departure it announced wins; then the failure detector's
     /// verdict; a suspect becomes dead after `dead_after` without news.
-    pub fn state(&self, dead_after: Duration) -> MemberState {
+    pub(crate) fn state(&self, dead_after: Duration) -> MemberState {
         if self.info.left {
             MemberState::Left
         } else if self.live || self.is_self {
@@ -224,7 +225,7 @@ impl ClusterView {
     /// has a lower generation than the incarnation it replaces; by generation
     /// alone every node, itself included, would list it as `left` until
     /// `gossip.forget_after_secs`.
-    pub fn new(
+    pub(crate) fn new(
         cluster_id: &str,
         node: &str,
         gossip: bool,

@@ -16,9 +16,9 @@
 //! - [`Cluster::leave`] announces the departure at once (SIGTERM);
 //! - [`Cluster::stop`] ends the gossip task.
 
-pub mod member;
-pub mod presence;
-pub mod rebalance;
+mod member;
+pub(crate) mod presence;
+pub(crate) mod rebalance;
 mod seal;
 mod transport;
 
@@ -98,19 +98,48 @@ pub enum ClusterError {
 
 /// This node's load, as gossiped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LocalLoad {
+pub(crate) struct LocalLoad {
     /// Open SSE streams.
-    pub connections: u64,
+    pub(crate) connections: u64,
     /// Users held.
-    pub users: u64,
+    pub(crate) users: u64,
     /// `/readyz` would answer 200.
-    pub ready: bool,
+    pub(crate) ready: bool,
     /// Refusing new streams.
-    pub draining: bool,
+    pub(crate) draining: bool,
+}
+
+/// Chitchat's configuration for this node: `id` gossiping on `listen`, with
+/// the settings' interval, seeds and failure detector.
+fn chitchat_config(
+    settings: &GossipSettings,
+    id: ChitchatId,
+    listen: SocketAddr,
+) -> ChitchatConfig {
+    let interval = Duration::from_millis(settings.interval_ms);
+    let forget_after = Duration::from_secs(settings.forget_after_secs);
+    ChitchatConfig {
+        chitchat_id: id,
+        cluster_id: settings.cluster_id.clone(),
+        gossip_interval: interval,
+        listen_addr: listen,
+        seed_nodes: settings.seeds.clone(),
+        failure_detector_config: FailureDetectorConfig {
+            phi_threshold: settings.phi_threshold,
+            sampling_window_size: 1_000,
+            max_interval: Duration::from_secs(10),
+            initial_interval: interval,
+            dead_node_grace_period: forget_after,
+        },
+        marked_for_deletion_grace_period: forget_after,
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+        protocol_version: ProtocolVersion::V0,
+    }
 }
 
 /// The membership of one node.
-pub struct Cluster {
+pub(crate) struct Cluster {
     cluster_id: String,
     node_id: String,
     settings: GossipSettings,
@@ -150,13 +179,12 @@ impl Cluster {
     /// Joins the cluster (or, with `gossip.enabled = false`, runs alone
     /// without a socket). `http_addr` is the bound HTTP listener, for the
     /// default `node.http_advertise`.
-    pub async fn start(
+    pub(crate) async fn start(
         settings: &Settings,
         node_id: &str,
         http_addr: SocketAddr,
         metrics: Arc<Metrics>,
     ) -> Result<Cluster, ClusterError> {
-        let gossip_settings = settings.gossip.clone();
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -166,24 +194,7 @@ impl Cluster {
             started_at_ms: started.as_millis() as u64,
             ..NodeInfo::default()
         };
-        let mut cluster = Cluster {
-            cluster_id: gossip_settings.cluster_id.clone(),
-            node_id: node_id.to_string(),
-            info: RwLock::new(NodeInfo::default()),
-            gossip: None,
-            view: RwLock::new(Arc::new(ClusterView::new(
-                &gossip_settings.cluster_id,
-                node_id,
-                false,
-                Vec::new(),
-                Duration::ZERO,
-            ))),
-            settings: gossip_settings,
-            metrics,
-            failed: CancellationToken::new(),
-            stopping: Arc::new(AtomicBool::new(false)),
-            left_at: std::sync::Mutex::new(None),
-        };
+        let mut cluster = Cluster::new(settings.gossip.clone(), node_id, metrics);
         if !cluster.settings.enabled {
             info.http = settings
                 .node
@@ -206,45 +217,13 @@ impl Cluster {
         wait_for_seeds(&cluster.settings).await;
 
         let id = ChitchatId::new(node_id, started.as_micros() as u64, advertise);
-        let interval = Duration::from_millis(cluster.settings.interval_ms);
-        let forget_after = Duration::from_secs(cluster.settings.forget_after_secs);
-        let config = ChitchatConfig {
-            chitchat_id: id.clone(),
-            cluster_id: cluster.cluster_id.clone(),
-            gossip_interval: interval,
-            listen_addr: listen,
-            seed_nodes: cluster.settings.seeds.clone(),
-            failure_detector_config: FailureDetectorConfig {
-                phi_threshold: cluster.settings.phi_threshold,
-                sampling_window_size: 1_000,
-                max_interval: Duration::from_secs(10),
-                initial_interval: interval,
-                dead_node_grace_period: forget_after,
-            },
-            marked_for_deletion_grace_period: forget_after,
-            catchup_callback: None,
-            extra_liveness_predicate: None,
-            protocol_version: ProtocolVersion::V0,
-        };
+        let config = chitchat_config(&cluster.settings, id.clone(), listen);
         let transport = gossip_transport(&cluster.settings, listen, &cluster.metrics)?;
         let handle = spawn_chitchat(config, info.to_key_values(), transport.as_ref())
             .await
             .map_err(ClusterError::Start)?;
         let chitchat = handle.chitchat();
-        let termination = handle.termination_watcher();
-        let failed = cluster.failed.clone();
-        let stopping = Arc::clone(&cluster.stopping);
-        tokio::spawn(async move {
-            let outcome = termination.await;
-            if stopping.load(Ordering::Acquire) {
-                return;
-            }
-            match outcome {
-                Err(err) => tracing::error!(error = %err, "gossip task failed"),
-                Ok(()) => tracing::error!("gossip task ended unexpectedly"),
-            }
-            failed.cancel();
-        });
+        cluster.watch_gossip_task(handle.termination_watcher());
         if cluster.settings.seeds.is_empty() {
             tracing::warn!(
                 gossip = %advertise,
@@ -269,18 +248,61 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// A membership of this node alone, not gossiping yet.
+    fn new(settings: GossipSettings, node_id: &str, metrics: Arc<Metrics>) -> Cluster {
+        Cluster {
+            cluster_id: settings.cluster_id.clone(),
+            node_id: node_id.to_string(),
+            info: RwLock::new(NodeInfo::default()),
+            gossip: None,
+            view: RwLock::new(Arc::new(ClusterView::new(
+                &settings.cluster_id,
+                node_id,
+                false,
+                Vec::new(),
+                Duration::ZERO,
+            ))),
+            settings,
+            metrics,
+            failed: CancellationToken::new(),
+            stopping: Arc::new(AtomicBool::new(false)),
+            left_at: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Sets [`Cluster::failed`] when the gossip task ends without
+    /// [`Cluster::stop`] having asked it to.
+    fn watch_gossip_task(
+        &self,
+        termination: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        let failed = self.failed.clone();
+        let stopping = Arc::clone(&self.stopping);
+        tokio::spawn(async move {
+            let outcome = termination.await;
+            if stopping.load(Ordering::Acquire) {
+                return;
+            }
+            match outcome {
+                Err(err) => tracing::error!(error = %err, "gossip task failed"),
+                Ok(()) => tracing::error!("gossip task ended unexpectedly"),
+            }
+            failed.cancel();
+        });
+    }
+
     /// The cluster as this node currently sees it.
-    pub fn view(&self) -> Arc<ClusterView> {
+    pub(crate) fn view(&self) -> Arc<ClusterView> {
         Arc::clone(&self.view.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// This node's gossip address (`None` with gossip disabled).
-    pub fn gossip_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn gossip_addr(&self) -> Option<SocketAddr> {
         self.gossip.as_ref().map(|g| g.id.gossip_advertise_addr)
     }
 
     /// Resolves if the gossip task ends on its own (a fatal condition).
-    pub async fn failed(&self) {
+    pub(crate) async fn failed(&self) {
         if self.gossip.is_some() {
             self.failed.cancelled().await
         } else {
@@ -290,7 +312,7 @@ impl Cluster {
 
     /// Refreshes the view every gossip interval and gossips `load()` when it
     /// changed (at most every `gossip.state_update_ms`), until `shutdown`.
-    pub async fn run(&self, load: impl Fn() -> LocalLoad, shutdown: CancellationToken) {
+    pub(crate) async fn run(&self, load: impl Fn() -> LocalLoad, shutdown: CancellationToken) {
         let Some(gossip) = &self.gossip else {
             self.update_self(load());
             self.refresh_alone();
@@ -318,7 +340,7 @@ impl Cluster {
 
     /// Announces that this node is leaving (draining, not ready) and pushes
     /// that to every live peer at once instead of waiting for a gossip round.
-    pub async fn leave(&self) {
+    pub(crate) async fn leave(&self) {
         {
             let mut info = write(&self.info);
             info.left = true;
@@ -359,7 +381,7 @@ impl Cluster {
     /// departure it first lingers for a few gossip rounds: a gossip exchange
     /// takes a round trip and a half, and a node that vanished mid-exchange
     /// would be seen as failed instead of `left`.
-    pub async fn stop(&self) {
+    pub(crate) async fn stop(&self) {
         let Some(gossip) = &self.gossip else {
             return;
         };

@@ -20,31 +20,31 @@ use crate::registry::Registry;
 
 /// One node's part of a presence answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct NodePresence {
+pub(crate) struct NodePresence {
     /// Node id.
-    pub node: String,
+    pub(crate) node: String,
     /// The user's open streams there.
-    pub connections: usize,
+    pub(crate) connections: usize,
 }
 
 /// The body of `GET /v1/presence/{user}`.
 #[derive(Debug, Clone, Serialize)]
-pub struct PresenceAnswer {
+pub(crate) struct PresenceAnswer {
     /// The user asked about.
-    pub user: String,
+    pub(crate) user: String,
     /// At least one stream open somewhere.
-    pub online: bool,
+    pub(crate) online: bool,
     /// Streams over all nodes that answered.
-    pub connections: usize,
+    pub(crate) connections: usize,
     /// Nodes holding at least one stream of the user, by id.
-    pub nodes: Vec<NodePresence>,
+    pub(crate) nodes: Vec<NodePresence>,
     /// Nodes that answered (those with no stream too).
-    pub answered: usize,
+    pub(crate) answered: usize,
     /// Alive members gossip knows of (a complete answer has all of theirs);
     /// `null` without gossip.
-    pub expected: Option<usize>,
+    pub(crate) expected: Option<usize>,
     /// Every expected node answered before the timeout.
-    pub complete: bool,
+    pub(crate) complete: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -54,7 +54,7 @@ struct Request {
 
 /// Asks and answers presence questions over NATS (or locally on the memory bus).
 #[derive(Debug, Clone)]
-pub struct Presence {
+pub(crate) struct Presence {
     client: Option<async_nats::Client>,
     subject: String,
     node_id: String,
@@ -64,7 +64,7 @@ pub struct Presence {
 
 impl Presence {
     /// Presence over `client` (`None`: this node alone, memory bus).
-    pub fn new(
+    pub(crate) fn new(
         client: Option<async_nats::Client>,
         live_prefix: &str,
         node_id: &str,
@@ -89,7 +89,7 @@ impl Presence {
     }
 
     /// Answers other nodes' questions until `shutdown`.
-    pub async fn serve(self, shutdown: CancellationToken) {
+    pub(crate) async fn serve(self, shutdown: CancellationToken) {
         let Some(client) = &self.client else {
             return;
         };
@@ -130,7 +130,7 @@ impl Presence {
 
     /// Asks every node about `user`; `expected` are the ids of the alive
     /// members whose answers make it complete, when gossip knows them.
-    pub async fn ask(&self, user: &Target, expected: Option<Vec<String>>) -> PresenceAnswer {
+    pub(crate) async fn ask(&self, user: &Target, expected: Option<Vec<String>>) -> PresenceAnswer {
         let parts = match &self.client {
             None => vec![self.local(user)],
             Some(client) => self.ask_nats(client, user, expected.as_deref()).await,

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 
 /// How many streams this node (holding `own`) should move now.
-pub fn streams_to_move(own: u64, view: &ClusterView, settings: &RebalanceSettings) -> u64 {
+pub(crate) fn streams_to_move(own: u64, view: &ClusterView, settings: &RebalanceSettings) -> u64 {
     let serving: Vec<u64> = view.serving().map(|m| m.connections).collect();
     let me_serving = view.serving().any(|m| m.is_self);
     if !me_serving || serving.len() < 2 {
@@ -37,7 +37,7 @@ pub fn streams_to_move(own: u64, view: &ClusterView, settings: &RebalanceSetting
 }
 
 /// Runs the rebalancing loop until `shutdown`.
-pub async fn run(
+pub(crate) async fn run(
     cluster: Arc<Cluster>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,

@@ -28,12 +28,12 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use warp::http::{self, HeaderName, HeaderValue};
 
-use super::server::{MAX_HEADERS, PeerAddr};
+use super::server::MAX_HEADERS;
 use crate::registry::Kill;
 
 /// What the first request head turned out to be.
 #[derive(Debug)]
-pub enum FirstRequest {
+pub(crate) enum FirstRequest {
     /// A stream request, answered by [`serve_stream`].
     Stream(http::Request<http_body_util::Empty<Bytes>>),
     /// Anything else: hyper serves the connection, starting with these bytes.
@@ -43,7 +43,7 @@ pub enum FirstRequest {
 }
 
 /// Reads the first request head (up to `max_bytes`, within `timeout`).
-pub async fn read_first_request(
+pub(crate) async fn read_first_request(
     socket: &mut TcpStream,
     max_bytes: usize,
     timeout: Duration,
@@ -110,12 +110,11 @@ fn stream_request(
 
 /// Answers a stream request with `routes` and streams the body to the socket
 /// until it ends, the client goes away, the connection is killed, or `cut`.
-pub async fn serve_stream<S>(
+pub(crate) async fn serve_stream<S>(
     socket: TcpStream,
     mut request: http::Request<http_body_util::Empty<Bytes>>,
     mut routes: S,
     kill: Kill,
-    peer: std::net::SocketAddr,
     cut: CancellationToken,
 ) where
     S: tower_service::Service<
@@ -125,7 +124,6 @@ pub async fn serve_stream<S>(
         >,
 {
     request.extensions_mut().insert(kill.clone());
-    request.extensions_mut().insert(PeerAddr(peer));
     let Ok(response) = routes.call(request).await;
     let (parts, mut body) = response.into_parts();
     let length = http_body::Body::size_hint(&body).exact();
@@ -198,14 +196,14 @@ fn response_head(parts: &http::response::Parts, length: Option<u64>) -> Bytes {
 
 /// A socket with bytes already read put back in front of it.
 #[derive(Debug)]
-pub struct Rewind {
+pub(crate) struct Rewind {
     prefix: Bytes,
     inner: TcpStream,
 }
 
 impl Rewind {
     /// `inner`, reading `prefix` first.
-    pub fn new(prefix: Bytes, inner: TcpStream) -> Self {
+    pub(crate) fn new(prefix: Bytes, inner: TcpStream) -> Self {
         Rewind { prefix, inner }
     }
 }

@@ -18,13 +18,13 @@ use crate::auth::AuthError;
 #[derive(Debug, Clone)]
 pub struct ApiError {
     /// HTTP status.
-    pub status: StatusCode,
+    pub(crate) status: StatusCode,
     /// Stable machine-readable code.
-    pub code: &'static str,
+    pub(crate) code: &'static str,
     /// Human-readable explanation.
-    pub message: String,
+    pub(crate) message: String,
     /// Seconds for a `Retry-After` header, for refusals that pass.
-    pub retry_after: Option<u64>,
+    pub(crate) retry_after: Option<u64>,
 }
 
 impl warp::reject::Reject for ApiError {}
@@ -37,7 +37,7 @@ struct ErrorBody<'a> {
 
 impl ApiError {
     /// An error with the given status, code and message.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -47,18 +47,18 @@ impl ApiError {
     }
 
     /// 400 Bad Request.
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
     /// Adds a `Retry-After` header.
-    pub fn retry_after(mut self, seconds: u64) -> Self {
+    pub(crate) fn retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
         self
     }
 
     /// The JSON response.
-    pub fn to_response(&self) -> Response {
+    pub(crate) fn to_response(&self) -> Response {
         let body = ErrorBody {
             error: self.code,
             message: &self.message,
@@ -86,7 +86,7 @@ impl From<AuthError> for ApiError {
 }
 
 /// Turns any rejection into the JSON error shape.
-pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+pub(crate) async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     let error = if let Some(error) = rejection.find::<ApiError>() {
         error.clone()
     } else if rejection.is_not_found() {

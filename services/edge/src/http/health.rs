@@ -18,13 +18,13 @@ use super::errors::ApiError;
 use crate::cluster::MemberState;
 
 /// `GET /healthz`: the process is up and serving HTTP.
-pub fn alive() -> Response {
+pub(crate) fn alive() -> Response {
     warp::reply::json(&json!({"status": "ok"})).into_response()
 }
 
 /// `GET /readyz`: 200 when the node should receive new streams (bus connected,
 /// not draining); 503 with the reasons otherwise.
-pub fn ready(state: Arc<AppState>) -> Response {
+pub(crate) fn ready(state: Arc<AppState>) -> Response {
     let mut reasons = Vec::new();
     if !state.bus.is_ready() {
         reasons.push("bus_unavailable");
@@ -45,13 +45,13 @@ pub fn ready(state: Arc<AppState>) -> Response {
 
 /// `GET /v1/cluster`: the members as this node sees them through gossip, with
 /// cluster totals.
-pub fn cluster(state: Arc<AppState>) -> Response {
+pub(crate) fn cluster(state: Arc<AppState>) -> Response {
     warp::reply::json(&*state.cluster.view()).into_response()
 }
 
 /// `GET /v1/presence/{user}` (publisher credential that may publish to the
 /// user): which nodes hold streams of the user, asked over NATS.
-pub async fn presence(
+pub(crate) async fn presence(
     raw_user: String,
     state: Arc<AppState>,
     headers: HeaderMap,
@@ -89,7 +89,7 @@ pub async fn presence(
 }
 
 /// `GET /metrics`: Prometheus text format.
-pub fn metrics(state: Arc<AppState>) -> Response {
+pub(crate) fn metrics(state: Arc<AppState>) -> Response {
     state
         .metrics
         .queued_events

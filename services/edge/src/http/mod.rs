@@ -1,26 +1,31 @@
 //! The HTTP face of a node: the warp filter tree and shared request state.
 //!
 //! - [`routes`]: every endpoint, with [`errors::recover`] turning failures into
-//!   JSON errors;
-//! - [`stream`]: `GET /v1/stream`, one SSE stream per client;
-//! - `credentials`: where a request's token is read from (header, query,
+//!   JSON errors ([`errors`]: the one place an error becomes a response);
+//! - [`stream`]: `GET /v1/stream`, one SSE stream per client (opening it in
+//!   `stream.rs`; its `session` and `cursor` below it);
+//! - [`credentials`]: where a request's token is read from (header, query,
 //!   cookie), and the publisher check every publisher endpoint runs;
 //! - [`publish`]: `POST /v1/publish`;
 //! - [`idempotency`]: `msg_id` dedup keys scoped to publisher and target;
 //! - [`health`]: `/healthz`, `/readyz`, `/v1/cluster`, `/v1/presence`, `/metrics`;
 //! - [`throttle`]: per-credential publish rate limits;
 //! - [`server`]: the hyper accept loop (header timeouts, size limits, killing a
-//!   slow client's socket, graceful shutdown).
+//!   slow client's socket, graceful shutdown);
+//! - [`direct`]: a stream request read off the socket by the accept loop and
+//!   its body written straight to the socket, without hyper's buffers.
+//!
+//! [`AppState`] is what every handler shares; its fields are the node's parts.
 
 mod credentials;
-pub mod direct;
-pub mod errors;
-pub mod health;
+mod direct;
+pub(crate) mod errors;
+mod health;
 mod idempotency;
-pub mod publish;
-pub mod server;
-pub mod stream;
-pub mod throttle;
+mod publish;
+pub(crate) mod server;
+pub(crate) mod stream;
+pub(crate) mod throttle;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,44 +43,44 @@ use crate::registry::{Kill, Registry};
 
 /// What every request handler shares.
 #[derive(Debug)]
-pub struct AppState {
+pub(crate) struct AppState {
     /// This node's id.
-    pub node_id: String,
+    pub(crate) node_id: String,
     /// The validated settings.
-    pub settings: Settings,
+    pub(crate) settings: Settings,
     /// Open connections by target.
-    pub registry: Arc<Registry>,
+    pub(crate) registry: Arc<Registry>,
     /// The event bus.
-    pub bus: Arc<dyn Bus>,
+    pub(crate) bus: Arc<dyn Bus>,
     /// Token validation.
-    pub auth: Authenticator,
+    pub(crate) auth: Authenticator,
     /// Prometheus metrics.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Gossip membership.
-    pub cluster: Arc<crate::cluster::Cluster>,
+    pub(crate) cluster: Arc<crate::cluster::Cluster>,
     /// Cluster-wide presence over NATS request/reply.
-    pub presence: crate::cluster::presence::Presence,
+    pub(crate) presence: crate::cluster::presence::Presence,
     /// Cancelled when the node starts draining: every stream then ends at a
     /// random moment within `stream.drain_ms`.
-    pub drain: CancellationToken,
+    pub(crate) drain: CancellationToken,
     /// Cancelled when the node stops serving; every stream still open ends.
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     /// Set when the node stops taking new streams.
-    pub draining: AtomicBool,
+    pub(crate) draining: AtomicBool,
     /// Publish rate limits per credential.
-    pub throttle: throttle::Throttle,
+    pub(crate) throttle: throttle::Throttle,
     /// Which deliveries are traced.
-    pub tracing: Arc<crate::telemetry::Tracing>,
+    pub(crate) tracing: Arc<crate::telemetry::Tracing>,
 }
 
 impl AppState {
     /// Whether the node refuses new streams.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed) || self.shutdown.is_cancelled()
     }
 
     /// A `retry:` value with per-call jitter, so clients spread their reconnects.
-    pub fn retry_hint_ms(&self) -> u64 {
+    pub(crate) fn retry_hint_ms(&self) -> u64 {
         let stream = &self.settings.stream;
         stream.retry_ms + fastrand::u64(0..=stream.retry_jitter_ms)
     }
@@ -112,7 +117,7 @@ impl AppState {
 
 /// The complete filter tree of a node: the endpoints, CORS when origins are
 /// configured, and one recovery turning every failure into a JSON error.
-pub fn routes(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response,)> {
+pub(crate) fn routes(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response,)> {
     let origins = &state.settings.http.cors_allowed_origins;
     let endpoints = endpoints(Arc::clone(&state));
     let endpoints = if origins.is_empty() {

@@ -42,7 +42,7 @@ struct PublishBody {
 }
 
 /// Handles `POST /v1/publish`.
-pub async fn publish(
+pub(crate) async fn publish(
     state: Arc<AppState>,
     headers: HeaderMap,
     body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
@@ -87,30 +87,34 @@ pub async fn publish(
             }))
             .into_response())
         }
-        Err(err @ PublishError::TooLarge { .. }) => Err(ApiError::new(
+        Err(err) => Err(not_published(err, &target).into()),
+    }
+}
+
+/// The answer to a publish the bus refused.
+fn not_published(err: PublishError, target: &Target) -> ApiError {
+    match err {
+        err @ PublishError::TooLarge { .. } => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "event_too_large",
             err.to_string(),
-        )
-        .into()),
-        Err(err @ PublishError::Invalid { field }) => Err(ApiError::bad_request(
+        ),
+        err @ PublishError::Invalid { field } => ApiError::bad_request(
             match field {
                 "msg_id" => "invalid_msg_id",
                 "event" => "invalid_event",
                 _ => "invalid_request",
             },
             err.to_string(),
-        )
-        .into()),
-        Err(err @ PublishError::Unavailable(_)) => {
+        ),
+        err @ PublishError::Unavailable(_) => {
             tracing::warn!(%target, error = %err, "publish failed");
-            Err(ApiError::new(
+            ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "bus_unavailable",
                 err.to_string(),
             )
             .retry_after(1)
-            .into())
         }
     }
 }

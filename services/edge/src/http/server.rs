@@ -21,8 +21,8 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warp::Filter;
@@ -31,32 +31,41 @@ use super::direct::{self, FirstRequest};
 use crate::registry::Kill;
 
 /// Most request headers accepted; more get 431.
-pub const MAX_HEADERS: usize = 64;
+pub(crate) const MAX_HEADERS: usize = 64;
 
 /// Limits applied to every HTTP connection.
 #[derive(Debug, Clone, Copy)]
-pub struct ServerLimits {
+pub(crate) struct ServerLimits {
     /// Time allowed for a complete request head.
-    pub header_read_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
     /// Largest request head, bytes.
-    pub max_header_bytes: usize,
+    pub(crate) max_header_bytes: usize,
     /// How long open connections may take to finish on shutdown.
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
 }
 
-/// Serves `routes` on `listener` until `shutdown` is cancelled, then drains.
-pub async fn serve<F>(
-    listener: TcpListener,
-    routes: F,
-    limits: ServerLimits,
-    shutdown: CancellationToken,
-) where
+/// The filter tree a node serves (warp's bounds for a served filter).
+pub(crate) trait Routes:
+    Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static
+{
+}
+
+impl<F> Routes for F where
     F: Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
         + Clone
         + Send
         + Sync
-        + 'static,
+        + 'static
 {
+}
+
+/// Serves `routes` on `listener` until `shutdown` is cancelled, then drains.
+pub(crate) async fn serve<F: Routes>(
+    listener: TcpListener,
+    routes: F,
+    limits: ServerLimits,
+    shutdown: CancellationToken,
+) {
     let graceful = GracefulShutdown::new();
     let connections = TaskTracker::new();
     // Cancelled when the grace period is over: ends every connection left.
@@ -83,65 +92,90 @@ pub async fn serve<F>(
             },
         };
         let _ = socket.set_nodelay(true);
-        let kill = Kill::new();
-        let service = {
-            let kill = kill.clone();
-            let routes = warp::service(routes.clone());
-            hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                request.extensions_mut().insert(kill.clone());
-                request.extensions_mut().insert(PeerAddr(peer));
-                let mut routes = routes.clone();
-                async move { tower_service::Service::call(&mut routes, request).await }
-            })
-        };
-        let direct_routes = warp::service(routes.clone());
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let cut = cut.clone();
-        connections.spawn(async move {
-            let mut socket = socket;
-            let first = direct::read_first_request(
-                &mut socket,
-                limits.max_header_bytes,
-                limits.header_read_timeout,
-            )
-            .await;
-            let prefix = match first {
-                FirstRequest::Gone => return,
-                FirstRequest::Stream(request) => {
-                    direct::serve_stream(socket, request, direct_routes, kill, peer, cut).await;
-                    return;
-                }
-                FirstRequest::Other(prefix) => prefix,
-            };
-            // Boxed: hyper's connection state is large, and a stream's task
-            // (the common, long-lived case) should not carry its size.
-            Box::pin(async move {
-                let io = TokioIo::new(direct::Rewind::new(prefix, socket));
-                let connection = watcher.watch(builder.serve_connection(io, service));
-                tokio::select! {
-                    _ = cut.cancelled() => {}
-                    result = connection => {
-                        if let Err(err) = result {
-                            tracing::debug!(%peer, error = %err, "connection ended with an error");
-                        }
-                    }
-                    _ = kill.killed() => {
-                        tracing::debug!(%peer, reason = ?kill.reason(), "connection killed");
-                    }
-                }
-            })
-            .await;
-        });
+        connections.spawn(serve_connection(
+            socket,
+            peer,
+            routes.clone(),
+            builder.clone(),
+            graceful.watcher(),
+            limits,
+            cut.clone(),
+        ));
     }
 
     drop(listener);
+    shut_down(graceful, connections, limits.shutdown_grace, cut).await;
+}
+
+/// Serves one accepted connection: a stream request straight on the socket,
+/// anything else through hyper, until it ends, is killed, or `cut`.
+async fn serve_connection<F: Routes>(
+    mut socket: TcpStream,
+    peer: SocketAddr,
+    routes: F,
+    builder: http1::Builder,
+    watcher: Watcher,
+    limits: ServerLimits,
+    cut: CancellationToken,
+) {
+    let kill = Kill::new();
+    let service = {
+        let kill = kill.clone();
+        let routes = warp::service(routes.clone());
+        hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(kill.clone());
+            let mut routes = routes.clone();
+            async move { tower_service::Service::call(&mut routes, request).await }
+        })
+    };
+    let first = direct::read_first_request(
+        &mut socket,
+        limits.max_header_bytes,
+        limits.header_read_timeout,
+    )
+    .await;
+    let prefix = match first {
+        FirstRequest::Gone => return,
+        FirstRequest::Stream(request) => {
+            direct::serve_stream(socket, request, warp::service(routes), kill, cut).await;
+            return;
+        }
+        FirstRequest::Other(prefix) => prefix,
+    };
+    // Boxed: hyper's connection state is large, and a stream's task
+    // (the common, long-lived case) should not carry its size.
+    Box::pin(async move {
+        let io = TokioIo::new(direct::Rewind::new(prefix, socket));
+        let connection = watcher.watch(builder.serve_connection(io, service));
+        tokio::select! {
+            _ = cut.cancelled() => {}
+            result = connection => {
+                if let Err(err) = result {
+                    tracing::debug!(%peer, error = %err, "connection ended with an error");
+                }
+            }
+            _ = kill.killed() => {
+                tracing::debug!(%peer, reason = ?kill.reason(), "connection killed");
+            }
+        }
+    })
+    .await;
+}
+
+/// After the listener closed: waits for open connections to finish, at most
+/// `grace`, then cuts what is left.
+async fn shut_down(
+    graceful: GracefulShutdown,
+    connections: TaskTracker,
+    grace: Duration,
+    cut: CancellationToken,
+) {
     connections.close();
     tokio::select! {
         _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(limits.shutdown_grace) => {
+        _ = tokio::time::sleep(grace) => {
             tracing::warn!(
-                grace_ms = limits.shutdown_grace.as_millis() as u64,
+                grace_ms = grace.as_millis() as u64,
                 open = connections.len(),
                 "shutdown grace period over; cutting remaining connections"
             );
@@ -150,7 +184,3 @@ pub async fn serve<F>(
     }
     connections.wait().await;
 }
-
-/// The client's address, available to handlers as a request extension.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);

@@ -22,14 +22,14 @@ struct Bucket {
 
 /// Token buckets by publisher id.
 #[derive(Debug)]
-pub struct Throttle {
+pub(crate) struct Throttle {
     rate: f64,
     buckets: DashMap<String, Mutex<Bucket>>,
 }
 
 impl Throttle {
     /// A throttle allowing `rate_per_sec` publishes per second per publisher.
-    pub fn new(rate_per_sec: u32) -> Self {
+    pub(crate) fn new(rate_per_sec: u32) -> Self {
         Throttle {
             rate: f64::from(rate_per_sec.max(1)),
             buckets: DashMap::new(),
@@ -37,7 +37,7 @@ impl Throttle {
     }
 
     /// Takes one publish for `publisher`, or says how long to wait.
-    pub fn take(&self, publisher: &str) -> Result<(), Duration> {
+    pub(crate) fn take(&self, publisher: &str) -> Result<(), Duration> {
         self.take_at(publisher, Instant::now())
     }
 

@@ -12,17 +12,17 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 
 /// An event waiting to be written to one connection. Kept to 16 bytes: every
-/// idle stream's queue allocates its first block of slots up front.
+/// idle stream's queue allocates its first block of entries up front.
 #[derive(Debug, Clone)]
-pub struct Frame {
+pub(crate) struct Frame {
     /// The event, shared by every connection it goes to (its SSE frame is
     /// encoded once).
-    pub event: Arc<Event>,
+    pub(crate) event: Arc<Event>,
     /// Which of the connection's targets the event is for (its index in the
     /// target list the connection attached with).
-    pub slot: u32,
+    pub(crate) slot: u32,
     /// When the event was queued, for the time it waited in the queue.
-    pub queued_at: QueuedAt,
+    pub(crate) queued_at: QueuedAt,
 }
 
 /// A moment on a process-wide microsecond clock, in 4 bytes instead of an
@@ -30,11 +30,11 @@ pub struct Frame {
 /// waits (a frame never sits in a queue that long: a full queue cuts the
 /// stream).
 #[derive(Debug, Clone, Copy)]
-pub struct QueuedAt(u32);
+pub(crate) struct QueuedAt(u32);
 
 impl QueuedAt {
     /// Now.
-    pub fn now() -> Self {
+    pub(crate) fn now() -> Self {
         static START: OnceLock<Instant> = OnceLock::new();
         let since = START.get_or_init(Instant::now).elapsed();
         // Truncation is the wrap-around described above.
@@ -42,14 +42,14 @@ impl QueuedAt {
     }
 
     /// Time since this moment.
-    pub fn elapsed(self) -> std::time::Duration {
+    pub(crate) fn elapsed(self) -> std::time::Duration {
         std::time::Duration::from_micros(u64::from(QueuedAt::now().0.wrapping_sub(self.0)))
     }
 }
 
 /// What a connection's queue carries.
 #[derive(Debug, Clone)]
-pub enum Queued {
+pub(crate) enum Queued {
     /// An event to write.
     Event(Frame),
     /// Every event of the connection's target `slot` up to `through` has
@@ -70,7 +70,7 @@ pub enum Queued {
 
 /// Why a stream ended; logged and counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DisconnectReason {
+pub(crate) enum DisconnectReason {
     /// The client went away.
     ClientClosed,
     /// The client read too slowly and its queue filled up.
@@ -90,7 +90,7 @@ pub enum DisconnectReason {
 
 impl DisconnectReason {
     /// Stable name for logs and metrics.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             DisconnectReason::ClientClosed => "client_closed",
             DisconnectReason::Slow => "slow",
@@ -106,53 +106,53 @@ impl DisconnectReason {
 /// Ends one HTTP connection from outside: the server closes its socket even
 /// when the client stopped reading (so nothing can be written to it any more).
 #[derive(Debug, Clone, Default)]
-pub struct Kill {
+pub(crate) struct Kill {
     token: CancellationToken,
     reason: Arc<OnceLock<DisconnectReason>>,
 }
 
 impl Kill {
     /// A fresh switch for one connection.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Ends the connection; the first reason given is kept.
-    pub fn kill(&self, reason: DisconnectReason) {
+    pub(crate) fn kill(&self, reason: DisconnectReason) {
         let _ = self.reason.set(reason);
         self.token.cancel();
     }
 
     /// Whether the connection was killed.
-    pub fn is_killed(&self) -> bool {
+    pub(crate) fn is_killed(&self) -> bool {
         self.token.is_cancelled()
     }
 
     /// Why it was killed, if it was.
-    pub fn reason(&self) -> Option<DisconnectReason> {
+    pub(crate) fn reason(&self) -> Option<DisconnectReason> {
         self.reason.get().copied()
     }
 
     /// Resolves when the connection is killed.
-    pub async fn killed(&self) {
+    pub(crate) async fn killed(&self) {
         self.token.cancelled().await
     }
 }
 
 /// What the registry keeps of one connection.
 #[derive(Debug)]
-pub struct ConnectionHandle {
+pub(crate) struct ConnectionHandle {
     /// Unique on this node.
-    pub id: u64,
+    pub(crate) id: u64,
     /// Ends the connection (used when its queue overflows).
-    pub kill: Kill,
+    pub(crate) kill: Kill,
     queue: mpsc::Sender<Queued>,
     metrics: Arc<Metrics>,
 }
 
 impl ConnectionHandle {
     /// A handle and the receiving end of its queue of `capacity` frames.
-    pub fn new(
+    pub(crate) fn new(
         id: u64,
         capacity: usize,
         kill: Kill,
@@ -169,12 +169,12 @@ impl ConnectionHandle {
     }
 
     /// Events waiting in this connection's queue.
-    pub fn queued(&self) -> usize {
+    pub(crate) fn queued(&self) -> usize {
         self.queue.max_capacity() - self.queue.capacity()
     }
 
     /// Queues a frame without waiting; a full queue kills the connection.
-    pub fn offer(&self, frame: Frame) {
+    pub(crate) fn offer(&self, frame: Frame) {
         match self.queue.try_send(Queued::Event(frame)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -196,14 +196,14 @@ impl ConnectionHandle {
     /// Queues a progress note without waiting; dropped when the queue is
     /// full (the position just stays where it is; the stream is about to be
     /// cut as slow anyway).
-    pub fn offer_progress(&self, slot: u32, through: u64) {
+    pub(crate) fn offer_progress(&self, slot: u32, through: u64) {
         let _ = self.queue.try_send(Queued::Progress { slot, through });
     }
 
     /// Asks the stream to end after what is already queued and reconnect
     /// elsewhere. Returns `false` when its queue is full (the stream is about
     /// to be cut as slow anyway) or it already ended.
-    pub fn ask_to_move(&self) -> bool {
+    pub(crate) fn ask_to_move(&self) -> bool {
         self.queue
             .try_send(Queued::Leave(DisconnectReason::Moved))
             .is_ok()
@@ -212,7 +212,7 @@ impl ConnectionHandle {
     /// Asks the stream to end behind what is queued, because the history it
     /// follows changed; a stream whose queue is full is ended at once (it was
     /// about to be, as too slow). Either way the client resumes and is told.
-    pub fn ask_to_leave_for_history(&self) {
+    pub(crate) fn ask_to_leave_for_history(&self) {
         if self
             .queue
             .try_send(Queued::Leave(DisconnectReason::HistoryChanged))

@@ -15,7 +15,7 @@
 
 mod connection;
 
-pub use connection::{ConnectionHandle, DisconnectReason, Frame, Kill, Queued, QueuedAt};
+pub(crate) use connection::{ConnectionHandle, DisconnectReason, Frame, Kill, Queued, QueuedAt};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,16 +30,16 @@ use crate::metrics::Metrics;
 
 /// Limits the registry enforces when a connection attaches.
 #[derive(Debug, Clone, Copy)]
-pub struct RegistryLimits {
+pub(crate) struct RegistryLimits {
     /// Most connections on this node.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Most connections of one user on this node.
-    pub max_connections_per_user: usize,
+    pub(crate) max_connections_per_user: usize,
 }
 
 /// Why a connection could not attach. Nothing was registered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AttachError {
+pub(crate) enum AttachError {
     /// The node holds `max_connections` already.
     #[error("this node holds its maximum of {0} streams")]
     NodeFull(usize),
@@ -65,7 +65,7 @@ struct TargetEntry {
 }
 
 /// Every SSE connection this node holds, by target.
-pub struct Registry {
+pub(crate) struct Registry {
     targets: DashMap<Target, TargetEntry>,
     connections: AtomicUsize,
     users: AtomicUsize,
@@ -85,7 +85,7 @@ impl std::fmt::Debug for Registry {
 
 impl Registry {
     /// An empty registry.
-    pub fn new(limits: RegistryLimits, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(limits: RegistryLimits, metrics: Arc<Metrics>) -> Self {
         Registry {
             targets: DashMap::new(),
             connections: AtomicUsize::new(0),
@@ -97,36 +97,36 @@ impl Registry {
     }
 
     /// A fresh connection id, unique on this node.
-    pub fn next_connection_id(&self) -> u64 {
+    pub(crate) fn next_connection_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Open connections on this node.
-    pub fn connection_count(&self) -> usize {
+    pub(crate) fn connection_count(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
     }
 
     /// Targets with at least one local connection (what the node follows).
-    pub fn target_count(&self) -> usize {
+    pub(crate) fn target_count(&self) -> usize {
         self.targets.len()
     }
 
     /// Open streams of `target` on this node.
-    pub fn connections_of(&self, target: &Target) -> usize {
+    pub(crate) fn connections_of(&self, target: &Target) -> usize {
         self.targets
             .get(target)
             .map_or(0, |entry| entry.connections.len())
     }
 
     /// Users with at least one local connection.
-    pub fn user_count(&self) -> usize {
+    pub(crate) fn user_count(&self) -> usize {
         self.users.load(Ordering::Relaxed)
     }
 
     /// Asks up to `count` streams, chosen at random, to move to another node
     /// (see [`ConnectionHandle::ask_to_move`]). Returns how many were asked.
     /// Costs one pass over the registry.
-    pub fn move_streams(&self, count: usize) -> usize {
+    pub(crate) fn move_streams(&self, count: usize) -> usize {
         if count == 0 {
             return 0;
         }
@@ -155,7 +155,7 @@ impl Registry {
 
     /// Asks every stream to end behind what is queued and resume (see
     /// [`ConnectionHandle::ask_to_leave_for_history`]). Returns how many.
-    pub fn end_streams_for_history(&self) -> usize {
+    pub(crate) fn end_streams_for_history(&self) -> usize {
         let mut asked = 0;
         for entry in self.targets.iter() {
             if entry.key().kind() != TargetKind::User {
@@ -171,7 +171,7 @@ impl Registry {
 
     /// Events waiting in all connection queues (each connection counted once,
     /// through its user's entry). Costs one pass over the registry.
-    pub fn queued_events(&self) -> usize {
+    pub(crate) fn queued_events(&self) -> usize {
         self.targets
             .iter()
             .filter(|entry| entry.key().kind() == TargetKind::User)
@@ -188,7 +188,7 @@ impl Registry {
     /// Registers `connection` for every target in `targets` (its user first),
     /// following newly held targets on the bus. Returns one watch per target
     /// that turns ready when live delivery for it is active.
-    pub fn attach(
+    pub(crate) fn attach(
         &self,
         connection: &Arc<ConnectionHandle>,
         targets: &[Target],
@@ -236,7 +236,7 @@ impl Registry {
     }
 
     /// Removes the connection from its targets, unfollowing targets left empty.
-    pub fn detach(&self, connection_id: u64, targets: &[Target], interest: &dyn Interest) {
+    pub(crate) fn detach(&self, connection_id: u64, targets: &[Target], interest: &dyn Interest) {
         self.detach_targets(connection_id, targets, interest);
         self.connections.fetch_sub(1, Ordering::AcqRel);
         self.metrics

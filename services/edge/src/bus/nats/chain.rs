@@ -29,20 +29,20 @@ use std::time::SystemTime;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Link {
     /// Stream sequence.
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// When the stream stored it (`None` when the stream did not say).
-    pub stored_at: Option<SystemTime>,
+    pub(crate) stored_at: Option<SystemTime>,
 }
 
 /// A republished (live) copy's place in its subject's chain, from its headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LiveLink {
     /// `Nats-Sequence`.
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// `Nats-Last-Sequence`: the previous sequence stored on the subject.
-    pub previous: u64,
+    pub(crate) previous: u64,
     /// `Nats-Time-Stamp`.
-    pub stored_at: Option<SystemTime>,
+    pub(crate) stored_at: Option<SystemTime>,
 }
 
 /// What to do with a live copy.

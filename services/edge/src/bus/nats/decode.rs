@@ -17,7 +17,7 @@ use crate::bus::Event;
 use crate::metrics::Metrics;
 
 /// Header carrying the SSE event type.
-pub const EVENT_TYPE_HEADER: &str = "Herald-Event";
+pub(crate) const EVENT_TYPE_HEADER: &str = "Herald-Event";
 
 /// Validates messages into events.
 #[derive(Debug)]
@@ -28,7 +28,11 @@ pub(super) struct Decoder {
 }
 
 impl Decoder {
-    pub fn new(subject_prefix: String, max_event_bytes: usize, metrics: Arc<Metrics>) -> Self {
+    pub(super) fn new(
+        subject_prefix: String,
+        max_event_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Decoder {
             subject_prefix,
             max_event_bytes,
@@ -37,13 +41,13 @@ impl Decoder {
     }
 
     /// The subject `target`'s events are stored under.
-    pub fn stored_subject(&self, target: &Target) -> String {
+    pub(super) fn stored_subject(&self, target: &Target) -> String {
         target.subject(&self.subject_prefix)
     }
 
     /// The event stored as `id` on `subject`, or `None` (counted and logged)
     /// when it cannot be delivered.
-    pub fn decode(
+    pub(super) fn decode(
         &self,
         subject: &str,
         id: EventId,
@@ -78,7 +82,7 @@ impl Decoder {
     }
 
     /// Counts and logs a message that cannot be delivered.
-    pub fn refused(&self, subject: &str, seq: u64, reason: &str) {
+    pub(super) fn refused(&self, subject: &str, seq: u64, reason: &str) {
         self.metrics.bus_bad_events.inc();
         tracing::warn!(%subject, seq, reason, "dropping an event that cannot be delivered");
     }

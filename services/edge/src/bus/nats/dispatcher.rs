@@ -101,7 +101,7 @@ struct Followed {
     anchored: bool,
 }
 
-/// Subscriptions whose channels woke since the dispatcher last drained them.
+/// Subscriptions whose channels woke since the dispatcher last took their copies.
 #[derive(Default)]
 struct ReadyQueue {
     keys: Mutex<Vec<u64>>,
@@ -217,17 +217,17 @@ pub(super) struct Dispatcher {
 
 /// What [`Dispatcher::new`] needs.
 pub(super) struct Parts {
-    pub store: Arc<Store>,
-    pub decoder: Arc<Decoder>,
-    pub sink: Arc<dyn LiveSink>,
-    pub metrics: Arc<Metrics>,
-    pub tracing: Arc<Tracing>,
-    pub connection: Arc<ConnectionEvents>,
-    pub commands: mpsc::UnboundedReceiver<Command>,
-    pub followers: Arc<Followers>,
-    pub leader_changes: async_nats::Subscriber,
-    pub check_interval: Duration,
-    pub stop: CancellationToken,
+    pub(super) store: Arc<Store>,
+    pub(super) decoder: Arc<Decoder>,
+    pub(super) sink: Arc<dyn LiveSink>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) tracing: Arc<Tracing>,
+    pub(super) connection: Arc<ConnectionEvents>,
+    pub(super) commands: mpsc::UnboundedReceiver<Command>,
+    pub(super) followers: Arc<Followers>,
+    pub(super) leader_changes: async_nats::Subscriber,
+    pub(super) check_interval: Duration,
+    pub(super) stop: CancellationToken,
 }
 
 impl Dispatcher {
@@ -298,7 +298,7 @@ impl Dispatcher {
             while let Ok(command) = self.commands.try_recv() {
                 self.handle(command);
             }
-            self.drain();
+            self.take_copies();
             self.follow_leader_changes();
             rounds_without_wait += 1;
             if rounds_without_wait >= ROUNDS_BEFORE_YIELD {
@@ -340,7 +340,7 @@ impl Dispatcher {
                         anchored: !self.rewinding,
                     },
                 );
-                // Copies that arrived before adoption are drained next.
+                // Copies that arrived before adoption are taken next.
                 waker.wake_by_ref();
                 if self.rewinding {
                     // The anchor may belong to the history being left.
@@ -355,7 +355,7 @@ impl Dispatcher {
     }
 
     /// Takes every copy waiting in a woken subscription's channel, in order.
-    fn drain(&mut self) {
+    fn take_copies(&mut self) {
         let keys = std::mem::take(&mut *lock(&self.ready.keys));
         for key in keys {
             let (copies, ended) = match self.followed.get_mut(&key) {
@@ -689,7 +689,7 @@ impl Dispatcher {
         }
         // What arrived before the read is judged first, so the check finds
         // only what never arrived.
-        self.drain();
+        self.take_copies();
         self.checking = true;
         let snapshot: Vec<(u64, Link)> = self
             .followed
@@ -720,7 +720,7 @@ impl Dispatcher {
     /// Compares each checked chain with its subject's newest stored event.
     fn checked(&mut self, snapshot: Vec<(u64, Link)>, newest: Newest) {
         // Copies that arrived while the check read are judged first.
-        self.drain();
+        self.take_copies();
         let mut behind: Option<(u64, Link)> = None;
         for (key, then) in snapshot {
             let Some(followed) = self.followed.get_mut(&key) else {

@@ -15,8 +15,23 @@ use tokio_util::sync::CancellationToken;
 
 use super::dispatcher::Command;
 use super::lock;
-use super::store::Store;
+use super::store::{ReadError, Store};
 use crate::bus::FollowState;
+
+/// Why live delivery of a target could not be set up. Nothing is followed
+/// (a subscription already made is dropped with the follow).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FollowError {
+    /// The target's live subject could not be subscribed to.
+    #[error(transparent)]
+    Subscribe(#[from] async_nats::SubscribeError),
+    /// The server did not confirm the subscription.
+    #[error(transparent)]
+    Flush(#[from] async_nats::client::FlushError),
+    /// The chain could not be anchored at the target's newest stored event.
+    #[error(transparent)]
+    Anchor(#[from] ReadError),
+}
 
 /// One follow of a target: its key, and what cancels its setting up.
 struct Follow {
@@ -36,7 +51,7 @@ pub(super) struct Followers {
 }
 
 impl Followers {
-    pub fn new(
+    pub(super) fn new(
         client: async_nats::Client,
         store: Arc<Store>,
         live_prefix: String,
@@ -56,7 +71,7 @@ impl Followers {
 
     /// Starts following `target`; the watch turns ready once the dispatcher
     /// delivers it.
-    pub fn follow(self: &Arc<Self>, target: &Target) -> watch::Receiver<FollowState> {
+    pub(super) fn follow(self: &Arc<Self>, target: &Target) -> watch::Receiver<FollowState> {
         let (state, watch) = watch::channel(FollowState::Pending);
         let stop = CancellationToken::new();
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
@@ -75,7 +90,7 @@ impl Followers {
     }
 
     /// Stops following `target`.
-    pub fn unfollow(&self, target: &Target) {
+    pub(super) fn unfollow(&self, target: &Target) {
         let removed = lock(&self.current).remove(target);
         if let Some(follow) = removed {
             self.release(follow);
@@ -83,7 +98,7 @@ impl Followers {
     }
 
     /// Whether the follow `key` is still `target`'s current one.
-    pub fn is_current(&self, target: &Target, key: u64) -> bool {
+    pub(super) fn is_current(&self, target: &Target, key: u64) -> bool {
         lock(&self.current)
             .get(target)
             .is_some_and(|follow| follow.key == key)
@@ -107,20 +122,15 @@ impl Followers {
         let live = target.subject(&self.live_prefix);
         let stored = target.subject(&self.subject_prefix);
         let setup = async {
-            let subscription = self
-                .client
-                .subscribe(live)
-                .await
-                .map_err(|err| err.to_string())?;
-            self.client.flush().await.map_err(|err| err.to_string())?;
+            let subscription = self.client.subscribe(live).await?;
+            self.client.flush().await?;
             let anchor = self
                 .store
                 .last_of(&stored)
-                .await
-                .map_err(|err| err.to_string())?
+                .await?
                 .map(|message| message.link())
                 .unwrap_or_default();
-            Ok::<_, String>((subscription, anchor))
+            Ok::<_, FollowError>((subscription, anchor))
         };
         let result = tokio::select! {
             _ = stop.cancelled() => return,
@@ -136,8 +146,8 @@ impl Followers {
                     state,
                 });
             }
-            Err(problem) => {
-                let _ = state.send(FollowState::Failed(problem));
+            Err(error) => {
+                let _ = state.send(FollowState::Failed(Arc::new(error)));
             }
         }
     }

@@ -48,8 +48,9 @@ use herald_protocol::{EventId, StreamPosition, Target};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use decode::EVENT_TYPE_HEADER;
-pub use store::ReadError;
+pub(crate) use decode::EVENT_TYPE_HEADER;
+pub(crate) use follow::FollowError;
+pub(crate) use store::ReadError;
 
 use super::{
     Bus, FollowState, Interest, LiveSink, LostReason, PublishError, PublishRequest, Receipt,
@@ -68,20 +69,22 @@ use store::{API_TIMEOUT, Store};
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
     /// The server could not be reached or refused the credentials.
-    #[error("cannot connect to NATS at {url}: {reason}")]
+    #[error("cannot connect to NATS at {url}: {source}")]
     Connect {
         /// The configured URL(s).
         url: String,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: async_nats::ConnectError,
     },
     /// A settings value could not be used (bad URL, unreadable file).
-    #[error("{key}: {reason}")]
+    #[error("{key}: {source}")]
     Setting {
         /// The settings key.
         key: &'static str,
-        /// What is wrong.
-        reason: String,
+        /// What is wrong (async-nats reports both as I/O errors).
+        #[source]
+        source: std::io::Error,
     },
     /// The server is older than Herald supports.
     #[error("nats-server {found} is too old: Herald needs {}.{} or newer (2.10.23+ recommended)", MIN_SERVER.0, MIN_SERVER.1)]
@@ -104,18 +107,30 @@ pub enum NatsError {
         /// What Herald needs.
         wanted: String,
     },
-    /// Creating, reading or updating the stream failed.
-    #[error("stream {stream}: {reason}")]
+    /// Creating, reading or updating the stream failed (the stream may have
+    /// been created or updated before a later step failed).
+    #[error("stream {stream}: {source}")]
     Stream {
         /// The stream name.
         stream: String,
-        /// What went wrong.
-        reason: String,
+        /// What went wrong (one of async-nats' per-operation errors).
+        #[source]
+        source: async_nats::Error,
+    },
+    /// The stream is ready but its leader advisories cannot be heard (the
+    /// stream was created or validated; nothing else changed).
+    #[error("stream {stream}: cannot subscribe to its leader advisories: {source}")]
+    LeaderAdvisories {
+        /// The stream name.
+        stream: String,
+        /// The subscription's error.
+        #[source]
+        source: async_nats::SubscribeError,
     },
 }
 
 /// The NATS JetStream bus.
-pub struct NatsBus {
+pub(crate) struct NatsBus {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     settings: NatsSettings,
@@ -143,13 +158,13 @@ impl Drop for NatsBus {
 }
 
 /// What a node hands the bus to deliver and report through.
-pub struct Wiring {
+pub(crate) struct Wiring {
     /// Where live events go (the registry).
-    pub sink: Arc<dyn LiveSink>,
+    pub(crate) sink: Arc<dyn LiveSink>,
     /// The node's metrics.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// The node's delivery tracing.
-    pub tracing: Arc<Tracing>,
+    pub(crate) tracing: Arc<Tracing>,
 }
 
 impl std::fmt::Debug for Wiring {
@@ -161,22 +176,18 @@ impl std::fmt::Debug for Wiring {
 impl NatsBus {
     /// Connects, checks the server version, creates or validates the stream,
     /// and starts live delivery.
-    pub async fn connect(
+    pub(crate) async fn connect(
         settings: &NatsSettings,
         node_id: &str,
         wiring: Wiring,
     ) -> Result<NatsBus, NatsError> {
-        let Wiring {
-            sink,
-            metrics,
-            tracing,
-        } = wiring;
         let connection = Arc::new(ConnectionEvents::default());
+        let metrics = &wiring.metrics;
         let client = provision::connect_client(
             settings,
             node_id,
             Arc::clone(&connection),
-            Arc::clone(&metrics),
+            Arc::clone(metrics),
         )
         .await?;
         connection.connected.store(true, Ordering::SeqCst);
@@ -204,42 +215,10 @@ impl NatsBus {
         let decoder = Arc::new(Decoder::new(
             settings.subject_prefix.clone(),
             settings.max_event_bytes,
-            Arc::clone(&metrics),
+            Arc::clone(metrics),
         ));
-        let (commands, received) = mpsc::unbounded_channel();
-        let followers = Arc::new(Followers::new(
-            client.clone(),
-            Arc::clone(&store),
-            settings.live_prefix.clone(),
-            settings.subject_prefix.clone(),
-            commands,
-        ));
-        // Before any target is followed: a leader elected from now on is heard.
-        let leader_changes = client
-            .subscribe(format!(
-                "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
-                settings.stream
-            ))
-            .await
-            .map_err(|err| NatsError::Stream {
-                stream: settings.stream.clone(),
-                reason: format!("cannot subscribe to its leader advisories: {err}"),
-            })?;
-        let stop = CancellationToken::new();
-        let dispatcher = Dispatcher::new(dispatcher::Parts {
-            store: Arc::clone(&store),
-            decoder: Arc::clone(&decoder),
-            sink,
-            metrics,
-            tracing,
-            connection: Arc::clone(&connection),
-            commands: received,
-            followers: Arc::clone(&followers),
-            leader_changes,
-            check_interval: Duration::from_millis(settings.check_interval_ms),
-            stop: stop.clone(),
-        });
-        tokio::spawn(tokio::task::unconstrained(dispatcher.run()));
+        let (followers, stop) =
+            start_live(settings, &client, &store, &decoder, &connection, wiring).await?;
         Ok(NatsBus {
             client,
             jetstream,
@@ -254,7 +233,7 @@ impl NatsBus {
 
     /// The NATS connection, for request/reply outside the event stream
     /// (cluster presence).
-    pub fn client(&self) -> async_nats::Client {
+    pub(crate) fn client(&self) -> async_nats::Client {
         self.client.clone()
     }
 
@@ -276,6 +255,53 @@ impl NatsBus {
             .await?
             .is_some_and(|oldest| oldest.seq > after + 1))
     }
+}
+
+/// Starts live delivery: the followers, and the dispatcher they hand their
+/// subscriptions to, which runs until the returned token is cancelled.
+async fn start_live(
+    settings: &NatsSettings,
+    client: &async_nats::Client,
+    store: &Arc<Store>,
+    decoder: &Arc<Decoder>,
+    connection: &Arc<ConnectionEvents>,
+    wiring: Wiring,
+) -> Result<(Arc<Followers>, CancellationToken), NatsError> {
+    let (commands, received) = mpsc::unbounded_channel();
+    let followers = Arc::new(Followers::new(
+        client.clone(),
+        Arc::clone(store),
+        settings.live_prefix.clone(),
+        settings.subject_prefix.clone(),
+        commands,
+    ));
+    // Before any target is followed: a leader elected from now on is heard.
+    let leader_changes = client
+        .subscribe(format!(
+            "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
+            settings.stream
+        ))
+        .await
+        .map_err(|source| NatsError::LeaderAdvisories {
+            stream: settings.stream.clone(),
+            source,
+        })?;
+    let stop = CancellationToken::new();
+    let dispatcher = Dispatcher::new(dispatcher::Parts {
+        store: Arc::clone(store),
+        decoder: Arc::clone(decoder),
+        sink: wiring.sink,
+        metrics: wiring.metrics,
+        tracing: wiring.tracing,
+        connection: Arc::clone(connection),
+        commands: received,
+        followers: Arc::clone(&followers),
+        leader_changes,
+        check_interval: Duration::from_millis(settings.check_interval_ms),
+        stop: stop.clone(),
+    });
+    tokio::spawn(tokio::task::unconstrained(dispatcher.run()));
+    Ok((followers, stop))
 }
 
 impl Interest for NatsBus {

@@ -89,9 +89,9 @@ pub(super) async fn connect_client(
         options = options
             .credentials_file(path)
             .await
-            .map_err(|err| NatsError::Setting {
+            .map_err(|source| NatsError::Setting {
                 key: "nats.creds_file",
-                reason: err.to_string(),
+                source,
             })?;
     }
     if let Some(path) = &settings.tls_ca_file {
@@ -102,9 +102,9 @@ pub(super) async fn connect_client(
         .split(',')
         .map(|url| url.trim().parse::<ServerAddr>())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| NatsError::Setting {
+        .map_err(|source| NatsError::Setting {
             key: "nats.url",
-            reason: err.to_string(),
+            source,
         })?;
     if settings.ignore_discovered_servers {
         options = options.ignore_discovered_servers();
@@ -112,9 +112,9 @@ pub(super) async fn connect_client(
     options
         .connect(servers)
         .await
-        .map_err(|err| NatsError::Connect {
+        .map_err(|source| NatsError::Connect {
             url: settings.url.clone(),
-            reason: err.to_string(),
+            source,
         })
 }
 
@@ -208,9 +208,9 @@ pub(super) async fn ensure_stream(
     jetstream: &jetstream::Context,
     settings: &NatsSettings,
 ) -> Result<(stream::Stream, u64), NatsError> {
-    let failed = |reason: String| NatsError::Stream {
+    let failed = |source: async_nats::Error| NatsError::Stream {
         stream: settings.stream.clone(),
-        reason,
+        source,
     };
     let wanted = stream_config(settings);
     // A JetStream cluster whose servers were started together times requests
@@ -227,13 +227,13 @@ pub(super) async fn ensure_stream(
                 tracing::warn!(stream = %settings.stream, error = %err, "JetStream not answering yet; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(err) => return Err(failed(err.to_string())),
+            Err(err) => return Err(failed(err.into())),
         }
     };
     let info = stream
         .info()
         .await
-        .map_err(|err| failed(err.to_string()))?
+        .map_err(|err| failed(err.into()))?
         .clone();
     if let Some((field, found, wanted_value)) = conflict(&info.config, &wanted) {
         if !settings.update_stream {
@@ -251,11 +251,11 @@ pub(super) async fn ensure_stream(
         jetstream
             .update_stream(updated)
             .await
-            .map_err(|err| failed(err.to_string()))?;
+            .map_err(|err| failed(err.into()))?;
         stream = jetstream
             .get_stream(&settings.stream)
             .await
-            .map_err(|err| failed(err.to_string()))?;
+            .map_err(|err| failed(err.into()))?;
     }
     Ok((stream, super::store::epoch_of(&info)))
 }

@@ -52,7 +52,7 @@ pub(super) fn subjects_per_batch(capacity: usize) -> usize {
 
 /// Why the stream could not be read. Nothing changed.
 #[derive(Debug, thiserror::Error)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     /// The server did not answer within [`API_TIMEOUT`].
     #[error("reading the stream timed out")]
     TimedOut,
@@ -61,22 +61,41 @@ pub enum ReadError {
     Failed(#[source] async_nats::Error),
     /// A batched read was answered with an error status.
     #[error("the server refused a batched read: {0}")]
-    BatchRefused(String),
+    BatchRefused(#[source] BatchRefusal),
+}
+
+/// How the server refused a batched read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BatchRefusal {
+    /// A reply lacked the headers every answer carries.
+    #[error("a reply without subject, sequence or time")]
+    Malformed,
+    /// No server answers Direct Gets for the stream.
+    #[error("no responders")]
+    NoResponders,
+    /// Another error status, with the server's description of it.
+    #[error("{code} {description}")]
+    Status {
+        /// The status code.
+        code: u16,
+        /// The server's words (empty when it gave none).
+        description: String,
+    },
 }
 
 /// One stored message, as read from the stream.
 #[derive(Debug, Clone)]
 pub(super) struct Stored {
-    pub subject: String,
-    pub seq: u64,
-    pub stored_at: SystemTime,
-    pub headers: HeaderMap,
-    pub payload: Bytes,
+    pub(super) subject: String,
+    pub(super) seq: u64,
+    pub(super) stored_at: SystemTime,
+    pub(super) headers: HeaderMap,
+    pub(super) payload: Bytes,
 }
 
 impl Stored {
     /// Its place in its subject's chain.
-    pub fn link(&self) -> Link {
+    pub(super) fn link(&self) -> Link {
         Link {
             seq: self.seq,
             stored_at: Some(self.stored_at),
@@ -112,16 +131,16 @@ pub(super) enum Standing {
 #[derive(Debug, Default)]
 pub(super) struct Newest {
     /// Subject → its newest message (subjects with none are absent).
-    pub by_subject: HashMap<String, Link>,
+    pub(super) by_subject: HashMap<String, Link>,
     /// Every stored message up to this sequence was considered; `None` when the
     /// answer cannot say (nothing stored for any subject asked).
-    pub through: Option<u64>,
+    pub(super) through: Option<u64>,
     /// Subjects whose part of the answer cannot say how far it is complete
     /// (a batch with nothing stored for any of its subjects): judged by the
     /// next check instead.
-    pub unanswered: HashSet<String>,
+    pub(super) unanswered: HashSet<String>,
     /// Requests the answer took.
-    pub reads: u64,
+    pub(super) reads: u64,
 }
 
 /// The bus's reads of the stream, and its epoch.
@@ -140,7 +159,7 @@ pub(super) struct Store {
 }
 
 impl Store {
-    pub fn new(
+    pub(super) fn new(
         client: async_nats::Client,
         jetstream: jetstream::Context,
         stream: stream::Stream,
@@ -162,18 +181,18 @@ impl Store {
     }
 
     /// The current epoch.
-    pub fn epoch(&self) -> Epoch {
+    pub(super) fn epoch(&self) -> Epoch {
         Epoch(self.epoch.load(Ordering::Relaxed))
     }
 
     /// Watches the epoch: it changes when the stream was recreated or a node
     /// found that its history went back.
-    pub fn epochs(&self) -> watch::Receiver<u64> {
+    pub(super) fn epochs(&self) -> watch::Receiver<u64> {
         self.epochs.subscribe()
     }
 
     /// The id of stream sequence `seq` in the current epoch.
-    pub fn id(&self, seq: u64) -> EventId {
+    pub(super) fn id(&self, seq: u64) -> EventId {
         EventId {
             epoch: self.epoch(),
             seq,
@@ -188,7 +207,7 @@ impl Store {
     }
 
     /// Reads the stream's state from its leader, noticing a changed epoch.
-    pub async fn state(&self) -> Result<stream::State, ReadError> {
+    pub(super) async fn state(&self) -> Result<stream::State, ReadError> {
         let stream = timed(self.jetstream.get_stream(&self.name)).await?;
         let info = stream.cached_info();
         self.adopt_epoch(epoch_of(info));
@@ -196,7 +215,7 @@ impl Store {
     }
 
     /// The newest stored message of `subject` (`None` when it has none).
-    pub async fn last_of(&self, subject: &str) -> Result<Option<Stored>, ReadError> {
+    pub(super) async fn last_of(&self, subject: &str) -> Result<Option<Stored>, ReadError> {
         match timed_raw(self.stream.get_last_raw_message_by_subject(subject)).await? {
             Ok(message) => Ok(Some(message.into())),
             Err(err) if err.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
@@ -205,7 +224,7 @@ impl Store {
     }
 
     /// The message stored at `seq` (`None` when there is none).
-    pub async fn at(&self, seq: u64) -> Result<Option<Stored>, ReadError> {
+    pub(super) async fn at(&self, seq: u64) -> Result<Option<Stored>, ReadError> {
         match timed_raw(self.stream.get_raw_message(seq)).await? {
             Ok(message) => Ok(Some(message.into())),
             Err(err) if err.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
@@ -215,7 +234,7 @@ impl Store {
 
     /// The stored messages of `subject` after `after` and up to `through`, at
     /// most `limit + 1` of them (one more than `limit` says "too many").
-    pub async fn between(
+    pub(super) async fn between(
         &self,
         subject: &str,
         after: u64,
@@ -242,7 +261,7 @@ impl Store {
     }
 
     /// Whether the event at `link` is still what `subject` holds there.
-    pub async fn standing(&self, subject: &str, link: Link) -> Result<Standing, ReadError> {
+    pub(super) async fn standing(&self, subject: &str, link: Link) -> Result<Standing, ReadError> {
         if link.seq == 0 {
             return Ok(Standing::Stands);
         }
@@ -268,7 +287,7 @@ impl Store {
 
     /// The newest stored message of each of `subjects`: batched multi-subject
     /// Direct Gets on nats-server 2.11+, one leader read per subject before.
-    pub async fn newest_of(&self, subjects: &[String]) -> Result<Newest, ReadError> {
+    pub(super) async fn newest_of(&self, subjects: &[String]) -> Result<Newest, ReadError> {
         if !self.batched_reads {
             return self.newest_one_by_one(subjects).await;
         }
@@ -327,9 +346,7 @@ impl Store {
                         header("Nats-Sequence").and_then(|s| s.parse::<u64>().ok()),
                         header("Nats-Time-Stamp").and_then(|t| parse_time(&t)),
                     ) else {
-                        return Err(ReadError::BatchRefused(
-                            "a reply without subject, sequence or time".into(),
-                        ));
+                        return Err(ReadError::BatchRefused(BatchRefusal::Malformed));
                     };
                     newest.by_subject.insert(
                         subject,
@@ -340,7 +357,7 @@ impl Store {
                     );
                 }
                 Some(StatusCode::NO_RESPONDERS) => {
-                    return Err(ReadError::BatchRefused("no responders".into()));
+                    return Err(ReadError::BatchRefused(BatchRefusal::NoResponders));
                 }
                 Some(status) if status.as_u16() == 204 => {
                     newest.through =
@@ -349,11 +366,10 @@ impl Store {
                 }
                 Some(StatusCode::NOT_FOUND) => return Ok(newest),
                 Some(status) => {
-                    return Err(ReadError::BatchRefused(format!(
-                        "{} {}",
-                        status.as_u16(),
-                        reply.description.as_deref().unwrap_or_default()
-                    )));
+                    return Err(ReadError::BatchRefused(BatchRefusal::Status {
+                        code: status.as_u16(),
+                        description: reply.description.clone().unwrap_or_default(),
+                    }));
                 }
             }
         }
@@ -385,7 +401,7 @@ impl Store {
     /// Gives the stream a new epoch (stream metadata), unless another node
     /// already did since `known` was read: every id sent before becomes
     /// another epoch's, so its client gets `herald.reset` when it resumes.
-    pub async fn move_epoch(&self, known: Epoch) -> Result<(), ReadError> {
+    pub(super) async fn move_epoch(&self, known: Epoch) -> Result<(), ReadError> {
         let mut stream = timed(self.jetstream.get_stream(&self.name)).await?;
         let info = timed(stream.info()).await?.clone();
         let current = epoch_of(&info);
@@ -408,7 +424,7 @@ impl Store {
     }
 
     /// How many messages `subject` holds.
-    pub async fn count_of(&self, subject: &str) -> Result<u64, ReadError> {
+    pub(super) async fn count_of(&self, subject: &str) -> Result<u64, ReadError> {
         let mut subjects = timed(self.stream.info_with_subjects(subject)).await?;
         let mut count = 0u64;
         while let Some(entry) = subjects.next().await {
@@ -419,7 +435,7 @@ impl Store {
     }
 
     /// The oldest stored message of `subject`, if any.
-    pub async fn first_of(&self, subject: &str) -> Result<Option<Stored>, ReadError> {
+    pub(super) async fn first_of(&self, subject: &str) -> Result<Option<Stored>, ReadError> {
         Ok(self
             .between(subject, 0, u64::MAX, 0)
             .await?
