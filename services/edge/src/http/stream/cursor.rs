@@ -21,8 +21,9 @@ pub(super) struct Cursor {
     fingerprint: u16,
     /// Ids are the events' own (one target, or one global order).
     own_ids: bool,
-    /// The position as the client last saw it in an id.
-    told: Vec<u64>,
+    /// The position moved since the client last saw it in an id (progress
+    /// alone, or the replay's end).
+    untold: bool,
 }
 
 /// What [`Cursor::write`] did with an event.
@@ -39,12 +40,11 @@ pub(super) enum Written {
 
 impl Cursor {
     pub(super) fn new(position: StreamPosition, targets: &[Target], in_order: bool) -> Self {
-        let told = position.seqs.clone();
         Cursor {
             position,
             fingerprint: fingerprint_of(targets),
             own_ids: targets.len() == 1 || in_order,
-            told,
+            untold: false,
         }
     }
 
@@ -74,21 +74,27 @@ impl Cursor {
             buf.extend_from_slice(b"\n");
             buf.extend_from_slice(event.body());
         }
-        self.told.clone_from(&self.position.seqs);
+        self.untold = false;
         Written::Yes
     }
 
     /// Every event of target `slot` up to `through` has been written.
     pub(super) fn advance(&mut self, slot: u32, through: u64) {
         if let Some(at) = self.position.seqs.get_mut(slot as usize) {
-            *at = (*at).max(through);
+            if through > *at {
+                *at = through;
+                self.untold = true;
+            }
         }
     }
 
     /// Every event of every target up to `through` has been written.
     pub(super) fn advance_all(&mut self, through: u64) {
         for at in &mut self.position.seqs {
-            *at = (*at).max(through);
+            if through > *at {
+                *at = through;
+                self.untold = true;
+            }
         }
     }
 
@@ -97,13 +103,13 @@ impl Cursor {
         buf.extend_from_slice(b"id: ");
         self.write_position(buf);
         buf.extend_from_slice(b"\n\n");
-        self.told.clone_from(&self.position.seqs);
+        self.untold = false;
     }
 
     /// Appends an id-only frame if the position moved since the client was
     /// last told it; returns whether it did.
     pub(super) fn write_id_if_moved(&mut self, buf: &mut BytesMut) -> bool {
-        if self.told == self.position.seqs {
+        if !self.untold {
             return false;
         }
         self.write_id(buf);
@@ -111,10 +117,9 @@ impl Cursor {
     }
 
     fn write_position(&self, buf: &mut BytesMut) {
-        let mut id = String::with_capacity(48);
-        // Writing into a String cannot fail.
-        let _ = self.position.write(self.fingerprint, &mut id);
-        buf.extend_from_slice(id.as_bytes());
+        // Straight into the batch buffer (no id string per event); writing
+        // into a `BytesMut` cannot fail.
+        let _ = self.position.write(self.fingerprint, buf);
     }
 }
 
