@@ -15,7 +15,8 @@ name="${LABEL:-$scenario_name}"
 # shellcheck source=/dev/null
 source "$scenario"
 
-edge=target/release/herald-edge
+# EDGE_BIN runs another build of the node (e.g. an older commit, back to back).
+edge="${EDGE_BIN:-target/release/herald-edge}"
 generator=target/release/herald-loadtest
 secret="loadtest-secret-0123456789abcdef0123"
 port="${PORT:-18080}"
