@@ -250,16 +250,16 @@ pub(super) async fn ensure_stream(
         .clone();
     let conflicting = conflict(&info.config, &wanted);
     let size_limit = outdated_size_limit(&info.config, &wanted);
-    if let Some((field, found, wanted_value)) = &conflicting {
+    if let Some(&(field, ref found, ref wanted_value)) = conflicting.as_ref() {
         if !settings.update_stream {
             return Err(NatsError::StreamConflict {
                 stream: settings.stream.clone(),
-                field: *field,
+                field,
                 found: found.clone(),
                 wanted: wanted_value.clone(),
             });
         }
-        tracing::warn!(stream = %settings.stream, field = *field, %found, "updating the stream's configuration (nats.update_stream = true)");
+        tracing::warn!(stream = %settings.stream, field, %found, "updating the stream's configuration (nats.update_stream = true)");
     }
     if let Some((found, wanted_limit)) = size_limit {
         if settings.update_stream {
