@@ -86,7 +86,10 @@ pub struct NatsSettings {
     /// acknowledgement. Default 65536.
     pub max_event_bytes: usize,
     /// When an existing stream's configuration conflicts with what Herald
-    /// needs, update it instead of refusing to start. Default false.
+    /// needs (subjects, RePublish), update it instead of refusing to start;
+    /// also set its message size limit when it differs from
+    /// [`NatsSettings::max_message_bytes`] (without this, a differing limit
+    /// is logged and left alone). Default false.
     pub update_stream: bool,
     /// How often every followed user and topic is checked against the
     /// stream for an event whose live copy never arrived, milliseconds. A
