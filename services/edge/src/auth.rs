@@ -435,6 +435,13 @@ fn read_pem_key(path: &str) -> Result<DecodingKey, KeyError> {
         })
 }
 
+/// Reads the key files `settings` names, as a starting node does, and lets
+/// them go (`herald-edge check-config`): validation only checks that the
+/// files exist, this checks that they hold keys.
+pub fn check_keys(settings: &AuthSettings) -> Result<(), KeyError> {
+    Authenticator::new(settings).map(drop)
+}
+
 /// Signs `claims` with an HS256 `secret` (the `token` subcommand and tests).
 pub fn mint(secret: &str, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
     jsonwebtoken::encode(

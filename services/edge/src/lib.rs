@@ -35,7 +35,7 @@ mod metrics;
 mod registry;
 mod telemetry;
 
-pub use auth::{Claims, KeyError, PublishClaim, expiry_in, mint};
+pub use auth::{Claims, KeyError, PublishClaim, check_keys, expiry_in, mint};
 pub use bus::nats::NatsError;
 pub use cluster::{ClusterError, ClusterView, Member, MemberState, NodeInfo};
 pub use http::errors::ApiError;

@@ -934,6 +934,126 @@ async fn a_conflicting_stream_is_refused_unless_updates_are_allowed() {
     assert_eq!(stream.next_event(PATIENCE).await.expect("event").id, id);
 }
 
+/// Publishes `payload` with `headers` to alice's subject straight into
+/// JetStream, and returns the acknowledgement or the refusal.
+async fn publish_raw(
+    js: &jetstream::Context,
+    headers: async_nats::HeaderMap,
+    payload: Vec<u8>,
+) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
+    js.publish_with_headers("herald.user.alice", headers, payload.into())
+        .await
+        .expect("sent")
+        .await
+}
+
+/// Whether JetStream refused a publish for being over the stream's
+/// `max_msg_size` (and nothing else).
+fn refused_as_too_large(
+    answer: &Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+) -> bool {
+    let Err(err) = answer else { return false };
+    std::error::Error::source(err)
+        .and_then(|source| source.downcast_ref::<jetstream::Error>())
+        .is_some_and(|e| e.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
+}
+
+/// The stream refuses what no edge would deliver: a NATS publisher sending
+/// a payload over `nats.max_event_bytes` plus the header allowance gets an
+/// error instead of an acknowledgement, and nothing is stored. The limit
+/// counts headers and payload, not the subject: a message of exactly
+/// `max_message_bytes` is stored (and, its payload being over
+/// `max_event_bytes`, dropped and counted by the edge). An event at
+/// `max_event_bytes` carrying every header Herald reads at its longest is
+/// stored and delivered whole.
+#[tokio::test]
+async fn an_oversize_event_is_refused_at_publish_time_and_one_at_the_limit_is_delivered() {
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node_with(&nats, |n| n.max_event_bytes = 1024).await;
+    let limit = NatsSettings {
+        max_event_bytes: 1024,
+        ..NatsSettings::default()
+    }
+    .max_message_bytes();
+    assert_eq!(limit, 1024 + herald_config::STREAM_HEADER_ALLOWANCE_BYTES);
+    let mut stream = SseClient::open(&node, "alice").await.expect("stream");
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+
+    let over = publish_raw(&js, async_nats::HeaderMap::new(), vec![b'x'; limit + 1]).await;
+    assert!(refused_as_too_large(&over), "{over:?}");
+    let mut herald = js.get_stream("HERALD").await.expect("stream");
+    assert_eq!(herald.info().await.expect("info").state.messages, 0);
+
+    let exactly = publish_raw(&js, async_nats::HeaderMap::new(), vec![b'x'; limit]).await;
+    assert!(exactly.is_ok(), "the subject does not count: {exactly:?}");
+
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Herald-Event", "e".repeat(128).as_str());
+    headers.insert("Nats-Msg-Id", "m".repeat(256).as_str());
+    headers.insert(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    );
+    headers.insert("tracestate", format!("vendor={}", "v".repeat(505)).as_str());
+    let at_limit = publish_raw(&js, headers, vec![b'y'; 1024]).await;
+    assert!(at_limit.is_ok(), "{at_limit:?}");
+
+    let event = stream.next_event(PATIENCE).await.expect("event");
+    assert_eq!(event.event_type, "e".repeat(128));
+    assert_eq!(event.data, "y".repeat(1024));
+    assert_eq!(
+        metric(&node, "herald_bus_bad_events_total"),
+        1,
+        "the message of exactly the stream's limit was over max_event_bytes"
+    );
+}
+
+/// A stream made before Herald set a message size limit (JetStream's
+/// default: none) is left alone while `nats.update_stream` is off — the node
+/// starts, warns, and oversize messages are still stored — and is given the
+/// limit when it is on, after which oversize messages are refused.
+#[tokio::test]
+async fn a_stream_without_the_size_limit_gets_it_only_under_update_stream() {
+    let nats = NatsServer::start().expect("nats-server");
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    js.create_stream(jetstream::stream::Config {
+        name: "HERALD".into(),
+        subjects: vec!["herald.user.*".into(), "herald.topic.*".into()],
+        republish: Some(jetstream::stream::Republish {
+            source: "herald.>".into(),
+            destination: "herald-live.>".into(),
+            headers_only: false,
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("a stream as an older Herald made it");
+    let max_size = || async {
+        let mut herald = js.get_stream("HERALD").await.expect("stream");
+        herald.info().await.expect("info").config.max_message_size
+    };
+    let oversize = || vec![b'x'; 200 * 1024];
+
+    let node = start_on_nats(nats.url(), |_| {})
+        .await
+        .expect("an outdated size limit does not stop the node");
+    assert_eq!(max_size().await, -1, "left alone");
+    let stored = publish_raw(&js, async_nats::HeaderMap::new(), oversize()).await;
+    assert!(stored.is_ok(), "{stored:?}");
+    node.stop().await.expect("stops");
+
+    let node = start_on_nats(nats.url(), |n| n.update_stream = true)
+        .await
+        .expect("starts after updating the stream");
+    let wanted = NatsSettings::default().max_message_bytes();
+    assert_eq!(max_size().await, i32::try_from(wanted).expect("fits"));
+    let refused = publish_raw(&js, async_nats::HeaderMap::new(), oversize()).await;
+    assert!(refused_as_too_large(&refused), "{refused:?}");
+    let mut stream = SseClient::open(&node, "alice").await.expect("stream");
+    let id = publish_to(&node, json!({"user": "alice", "data": "still works"})).await;
+    assert_eq!(stream.next_event(PATIENCE).await.expect("event").id, id);
+}
+
 /// A live copy whose previous sequence is not the last one the node
 /// delivered for its target is never written as it is: here a forged copy
 /// names a sequence far ahead, after a previous sequence the stream never

@@ -19,9 +19,10 @@
 //!   ([`GossipSettings`]; `gossip_key.rs` decodes its keys), `rebalance.rs`
 //!   ([`RebalanceSettings`]).
 //! - `secret.rs`: [`Secret`], a value that never prints.
-//! - `load.rs`: the layers ([`Settings::load`], [`ENV_PREFIX`]).
+//! - `load.rs`: the layers ([`Settings::load`], [`ENV_PREFIX`]), read one key
+//!   at a time so that every unknown key and mistyped value is reported.
 //! - `validate.rs`: [`Settings::validate`], every problem at once.
-//! - `error.rs`: [`ConfigError`].
+//! - `error.rs`: [`ConfigError`] and each [`Problem`] it lists.
 
 mod auth;
 mod bus;
@@ -42,12 +43,12 @@ use serde::{Deserialize, Serialize};
 
 pub use auth::{AuthSettings, KNOWN_ALGORITHMS, MIN_SECRET_BYTES};
 pub use bus::{BusKind, BusSettings, MemoryBusSettings};
-pub use error::ConfigError;
+pub use error::{ConfigError, Problem};
 pub use gossip::GossipSettings;
 pub use gossip_key::{GOSSIP_KEY_BYTES, GOSSIP_KEY_HOWTO, GossipKeyError};
 pub use http::HttpSettings;
 pub use load::ENV_PREFIX;
-pub use nats::{NatsSettings, NatsStorage};
+pub use nats::{NatsSettings, NatsStorage, STREAM_HEADER_ALLOWANCE_BYTES};
 pub use node::NodeSettings;
 pub use rebalance::RebalanceSettings;
 pub use secret::Secret;

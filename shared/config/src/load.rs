@@ -1,10 +1,18 @@
 //! Layered loading: serde defaults, then an optional TOML file, then
 //! `HERALD__SECTION__KEY` environment variables; the result is validated
 //! ([`Settings::load`]).
+//!
+//! The merged values are read one `section.key` at a time: serde stops at
+//! the first unknown key or mistyped value, and an operator fixing a file
+//! should hear of every problem at once. A key that cannot be read keeps its
+//! default while the rules are checked on the rest.
 
 use std::path::Path;
 
-use crate::{ConfigError, Settings};
+use config::{Map, Source, Value, ValueKind};
+use serde::Deserialize;
+
+use crate::{ConfigError, Problem, Settings};
 
 /// Prefix of the environment variables read by [`Settings::load`].
 pub const ENV_PREFIX: &str = "HERALD";
@@ -37,10 +45,73 @@ impl Settings {
                 .with_list_parse_key("gossip.seeds")
                 .source(env),
         );
-        let settings: Settings = builder.build()?.try_deserialize()?;
-        settings.validate()?;
-        Ok(settings)
+        let values = builder.build()?.collect()?;
+        let (settings, mut problems) = read_each_key(values);
+        problems.extend(settings.broken_rules());
+        if problems.is_empty() {
+            Ok(settings)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
     }
+}
+
+/// Reads `values` (sections of keys) into settings key by key: every key
+/// that does not exist or holds a value of the wrong type is a problem, in
+/// section and key order, and is left at its default.
+fn read_each_key(values: Map<String, Value>) -> (Settings, Vec<Problem>) {
+    let mut readable = Map::new();
+    let mut problems = Vec::new();
+    for (section, value) in sorted(values) {
+        if let Err(err) = Settings::deserialize(table([(section.clone(), table([]))])) {
+            // A section that does not exist: one problem, not one per key.
+            problems.push(Problem::Unreadable(err));
+            continue;
+        }
+        let ValueKind::Table(keys) = &value.kind else {
+            // Not a table: `http = 5`.
+            match Settings::deserialize(table([(section.clone(), value.clone())])) {
+                Ok(_) => {
+                    readable.insert(section, value);
+                }
+                Err(err) => problems.push(Problem::Unreadable(err)),
+            }
+            continue;
+        };
+        let mut kept = Map::new();
+        for (key, value) in sorted(keys.clone()) {
+            let single = table([(section.clone(), table([(key.clone(), value.clone())]))]);
+            match Settings::deserialize(single) {
+                Ok(_) => {
+                    kept.insert(key, value);
+                }
+                Err(err) => problems.push(Problem::Unreadable(err)),
+            }
+        }
+        readable.insert(section, Value::new(None, ValueKind::Table(kept)));
+    }
+    // Each key reads on its own and no setting depends on another's type,
+    // so together they read too; should that ever change, say so rather
+    // than check the rules on settings that were not read.
+    match Settings::deserialize(Value::new(None, ValueKind::Table(readable))) {
+        Ok(settings) => (settings, problems),
+        Err(err) => {
+            problems.push(Problem::Unreadable(err));
+            (Settings::default(), problems)
+        }
+    }
+}
+
+/// A table value holding `entries`.
+fn table<const N: usize>(entries: [(String, Value); N]) -> Value {
+    Value::new(None, ValueKind::Table(entries.into_iter().collect()))
+}
+
+/// `map`'s entries in key order (the map itself has none).
+fn sorted(map: Map<String, Value>) -> Vec<(String, Value)> {
+    let mut entries: Vec<_> = map.into_iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    entries
 }
 
 /// Loading with an explicit environment, for the tests of this crate.
@@ -70,7 +141,7 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::testing::{SECRET, env, load};
-    use crate::{BusKind, Settings};
+    use crate::{BusKind, ConfigError, Settings};
 
     #[test]
     fn defaults_plus_a_secret_are_valid() {
@@ -140,22 +211,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_file_is_read_and_the_environment_wins_over_it() {
-        let dir = std::env::temp_dir().join(format!("herald-config-{}", std::process::id()));
+    /// Loads `toml` as a file `herald.toml`, with exactly the environment
+    /// `pairs` on top.
+    fn load_file(tag: &str, toml: &str, pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("herald-config-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("herald.toml");
-        std::fs::write(
-            &path,
-            format!("[http]\nlisten = \"127.0.0.1:7000\"\nmax_body_bytes = 10\n[auth]\nhs256_secret = \"{SECRET}\"\n"),
+        std::fs::write(&path, toml).expect("write");
+        let loaded = Settings::load_from(Some(&path), env(pairs));
+        let _ = std::fs::remove_dir_all(dir);
+        loaded
+    }
+
+    #[test]
+    fn a_file_is_read_and_the_environment_wins_over_it() {
+        let settings = load_file(
+            "layers",
+            &format!("[http]\nlisten = \"127.0.0.1:7000\"\nmax_body_bytes = 10\n[auth]\nhs256_secret = \"{SECRET}\"\n"),
+            &[("HERALD__HTTP__MAX_BODY_BYTES", "20")],
         )
-        .expect("write");
-        let settings =
-            Settings::load_from(Some(&path), env(&[("HERALD__HTTP__MAX_BODY_BYTES", "20")]))
-                .expect("valid");
+        .expect("valid");
         assert_eq!(settings.http.listen, "127.0.0.1:7000");
         assert_eq!(settings.http.max_body_bytes, 20);
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
@@ -178,5 +255,43 @@ mod tests {
         ])
         .expect_err("invalid");
         assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn every_unknown_key_and_mistyped_value_is_reported_with_the_broken_rules() {
+        let err = load_file(
+            "many",
+            "colour = \"blue\"\n\
+             [colours]\nbackground = \"blue\"\nforeground = \"red\"\n\
+             [http]\nlistne = \"127.0.0.1:1\"\nmax_body_bytes = \"lots\"\n\
+             [stream]\nqueue_capacity = 0\n\
+             [nats]\nreplicas = \"three\"\n",
+            &[("HERALD__GOSSIP__SEEDS", "edge-1")],
+        )
+        .expect_err("invalid");
+        let problems = err.problems();
+        for expected in [
+            "`colour`",
+            "`colours`",
+            "listne",
+            "http.max_body_bytes",
+            "nats.replicas",
+            "stream.queue_capacity must be greater than 0",
+            "gossip.seeds",
+            "auth.hs256_secret is required",
+        ] {
+            assert_eq!(
+                problems.iter().filter(|p| p.contains(expected)).count(),
+                1,
+                "{expected:?} once in {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), 8, "{problems:#?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("http.max_body_bytes") && p.contains("herald.toml")),
+            "a mistyped value names the file it came from: {problems:#?}"
+        );
     }
 }

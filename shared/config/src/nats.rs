@@ -4,6 +4,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::Secret;
 
+/// Room the stream leaves for a message's headers on top of
+/// `nats.max_event_bytes`, bytes. The headers Herald reads take 1,023 bytes
+/// with their framing when `Herald-Event` is at its 128-byte limit,
+/// `tracestate` at its 512-byte W3C limit, `traceparent` 55 bytes and
+/// `Nats-Msg-Id` 256 bytes (the HTTP path stores a 64-byte digest there); the
+/// rest is for a publisher's own headers (`Nats-Expected-*` and the like).
+/// See [`NatsSettings::max_message_bytes`].
+pub const STREAM_HEADER_ALLOWANCE_BYTES: usize = 4096;
+
 /// JetStream storage backends.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -70,10 +79,17 @@ pub struct NatsSettings {
     pub max_messages_per_subject: i64,
     /// Window in which a repeated `Nats-Msg-Id` is recognised, seconds. Default 120.
     pub duplicate_window_secs: u64,
-    /// Largest event payload accepted, bytes. Default 65536.
+    /// Largest event payload accepted, bytes: over HTTP (413 above it), and
+    /// delivered from the stream (a bigger one is dropped and counted). The
+    /// stream refuses messages over [`NatsSettings::max_message_bytes`], so
+    /// a NATS publisher gets an error for them instead of an
+    /// acknowledgement. Default 65536.
     pub max_event_bytes: usize,
     /// When an existing stream's configuration conflicts with what Herald
-    /// needs, update it instead of refusing to start. Default false.
+    /// needs (subjects, RePublish), update it instead of refusing to start;
+    /// also set its message size limit when it differs from
+    /// [`NatsSettings::max_message_bytes`] (without this, a differing limit
+    /// is logged and left alone). Default false.
     pub update_stream: bool,
     /// How often every followed user and topic is checked against the
     /// stream for an event whose live copy never arrived, milliseconds. A
@@ -125,6 +141,18 @@ impl Default for NatsSettings {
 }
 
 impl NatsSettings {
+    /// The stream's `max_msg_size`, bytes: `max_event_bytes` plus
+    /// [`STREAM_HEADER_ALLOWANCE_BYTES`]. JetStream counts a message's
+    /// headers and payload against it (not its subject), so every event the
+    /// edge delivers is stored when its headers fit the allowance, and every
+    /// message with a payload over this limit is refused at publish time.
+    /// (One with a payload just over `max_event_bytes` but within the
+    /// allowance is still stored, and dropped and counted at delivery.)
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_event_bytes
+            .saturating_add(STREAM_HEADER_ALLOWANCE_BYTES)
+    }
+
     /// Subjects, stream name, bounds, timeouts and credentials. Checked only
     /// when `bus.kind = "nats"`.
     pub(crate) fn validate(&self, problems: &mut Vec<String>) {
@@ -189,6 +217,13 @@ impl NatsSettings {
             if value == 0 {
                 problems.push(format!("{key} must be greater than 0"));
             }
+        }
+        // JetStream keeps a stream's message size limit in 32 bits.
+        if i32::try_from(self.max_message_bytes()).is_err() {
+            problems.push(format!(
+                "nats.max_event_bytes must be at most {} (the stream's message size limit, with {STREAM_HEADER_ALLOWANCE_BYTES} bytes for headers, is a 32-bit number)",
+                i32::MAX as usize - STREAM_HEADER_ALLOWANCE_BYTES
+            ));
         }
         if self.subscription_capacity < 2 {
             problems.push(

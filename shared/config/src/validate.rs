@@ -3,11 +3,21 @@
 //! section checks its own rules (`validate` in its file); this file runs them
 //! in a fixed order, so a report always lists problems the same way.
 
-use crate::{BusKind, ConfigError, Settings};
+use crate::{BusKind, ConfigError, Problem, Settings};
 
 impl Settings {
     /// Checks every rule that types alone do not express; reports all problems.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let problems = self.broken_rules();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Every rule these settings break, in a fixed order.
+    pub(crate) fn broken_rules(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         for (key, value) in [
             ("http.max_body_bytes", self.http.max_body_bytes),
@@ -40,11 +50,7 @@ impl Settings {
             self.nats.validate(&mut problems);
         }
         self.telemetry.validate(&mut problems);
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
+        problems.into_iter().map(Problem::Rule).collect()
     }
 }
 
@@ -112,6 +118,7 @@ mod tests {
             ("HERALD__NATS__LIVE_PREFIX", "herald.live"),
             ("HERALD__NATS__MAX_BYTES", "0"),
             ("HERALD__NATS__SUBSCRIPTION_CAPACITY", "1"),
+            ("HERALD__NATS__MAX_EVENT_BYTES", "2147483647"),
         ])
         .expect_err("invalid");
         let message = err.to_string();
@@ -123,6 +130,10 @@ mod tests {
         assert!(
             message.contains("nats.subscription_capacity must be at least 2"),
             "{message}"
+        );
+        assert!(
+            message.contains("nats.max_event_bytes must be at most 2147479551"),
+            "the stream's 32-bit message size limit: {message}"
         );
     }
 

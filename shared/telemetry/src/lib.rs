@@ -84,17 +84,30 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the global subscriber described by `settings`; `node_id` becomes
-/// the `service.instance.id` of exported spans.
-pub fn init(settings: &TelemetrySettings, node_id: &str) -> Result<TelemetryGuard, TelemetryError> {
+/// Checks what [`init`] would refuse without installing anything (for
+/// `herald-edge check-config`): the log filter, `RUST_LOG` or
+/// `telemetry.log_level`.
+pub fn check(settings: &TelemetrySettings) -> Result<(), TelemetryError> {
+    log_filter(settings).map(drop)
+}
+
+/// The log filter: `RUST_LOG` when set and not empty, else
+/// `telemetry.log_level`.
+fn log_filter(settings: &TelemetrySettings) -> Result<EnvFilter, TelemetryError> {
     let filter_text = std::env::var("RUST_LOG")
         .ok()
         .filter(|value| !value.is_empty())
         .unwrap_or_else(|| settings.log_level.clone());
-    let filter = EnvFilter::try_new(&filter_text).map_err(|source| TelemetryError::Filter {
-        filter: filter_text.clone(),
+    EnvFilter::try_new(&filter_text).map_err(|source| TelemetryError::Filter {
+        filter: filter_text,
         source,
-    })?;
+    })
+}
+
+/// Installs the global subscriber described by `settings`; `node_id` becomes
+/// the `service.instance.id` of exported spans.
+pub fn init(settings: &TelemetrySettings, node_id: &str) -> Result<TelemetryGuard, TelemetryError> {
+    let filter = log_filter(settings)?;
     let logs = match settings.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_target(true).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()

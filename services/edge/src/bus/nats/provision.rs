@@ -152,8 +152,21 @@ fn stream_config(settings: &NatsSettings) -> stream::Config {
         max_messages_per_subject: settings.max_messages_per_subject,
         duplicate_window: Duration::from_secs(settings.duplicate_window_secs),
         discard: stream::DiscardPolicy::Old,
+        // Publishers get an error, not an acknowledgement, for an event no
+        // edge would deliver (validation keeps this within 32 bits).
+        max_message_size: i32::try_from(settings.max_message_bytes()).unwrap_or(i32::MAX),
         ..Default::default()
     }
+}
+
+/// Whether `found` refuses oversize events at a different size than Herald
+/// wants: `(found, wanted)` limits, `-1` meaning none. Herald works either
+/// way (the edge drops what it would not deliver), so this is updated under
+/// `nats.update_stream` and otherwise reported and left alone, unlike a
+/// [`conflict`].
+fn outdated_size_limit(found: &stream::Config, wanted: &stream::Config) -> Option<(i32, i32)> {
+    (found.max_message_size != wanted.max_message_size)
+        .then_some((found.max_message_size, wanted.max_message_size))
 }
 
 /// The first field of `found` that conflicts with what Herald needs.
@@ -235,19 +248,36 @@ pub(super) async fn ensure_stream(
         .await
         .map_err(|err| failed(err.into()))?
         .clone();
-    if let Some((field, found, wanted_value)) = conflict(&info.config, &wanted) {
+    let conflicting = conflict(&info.config, &wanted);
+    let size_limit = outdated_size_limit(&info.config, &wanted);
+    if let Some(&(field, ref found, ref wanted_value)) = conflicting.as_ref() {
         if !settings.update_stream {
             return Err(NatsError::StreamConflict {
                 stream: settings.stream.clone(),
                 field,
-                found,
-                wanted: wanted_value,
+                found: found.clone(),
+                wanted: wanted_value.clone(),
             });
         }
         tracing::warn!(stream = %settings.stream, field, %found, "updating the stream's configuration (nats.update_stream = true)");
+    }
+    if let Some((found, wanted_limit)) = size_limit {
+        if settings.update_stream {
+            tracing::warn!(stream = %settings.stream, found, wanted = wanted_limit, "updating the stream's max_msg_size (nats.update_stream = true)");
+        } else {
+            tracing::warn!(
+                stream = %settings.stream,
+                found,
+                wanted = wanted_limit,
+                "the stream's max_msg_size differs from the one nats.max_event_bytes asks for; left as it is (set nats.update_stream = true to update it)"
+            );
+        }
+    }
+    if settings.update_stream && (conflicting.is_some() || size_limit.is_some()) {
         let mut updated = info.config.clone();
         updated.subjects = wanted.subjects.clone();
         updated.republish = wanted.republish.clone();
+        updated.max_message_size = wanted.max_message_size;
         jetstream
             .update_stream(updated)
             .await
@@ -330,5 +360,29 @@ mod tests {
             conflict(&other, &wanted).is_none(),
             "Herald reads from the stream leader, not with Direct Get"
         );
+    }
+
+    #[test]
+    fn the_stream_refuses_messages_over_the_event_limit_plus_the_header_allowance() {
+        let settings = NatsSettings {
+            max_event_bytes: 1024,
+            ..NatsSettings::default()
+        };
+        let wanted = stream_config(&settings);
+        assert_eq!(
+            wanted.max_message_size as usize,
+            1024 + herald_config::STREAM_HEADER_ALLOWANCE_BYTES
+        );
+        let mut unlimited = wanted.clone();
+        unlimited.max_message_size = -1;
+        assert_eq!(
+            outdated_size_limit(&unlimited, &wanted),
+            Some((-1, wanted.max_message_size))
+        );
+        assert!(
+            conflict(&unlimited, &wanted).is_none(),
+            "a stream without the limit still works: it is not a conflict"
+        );
+        assert_eq!(outdated_size_limit(&wanted, &wanted), None);
     }
 }
