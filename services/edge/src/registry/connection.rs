@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-/// An event waiting to be written to one connection. Kept to 16 bytes: every
-/// idle stream's queue allocates its first block of entries up front.
+/// An event waiting to be written to one connection (16 bytes, so that a
+/// [`Queued`] entry is too).
 #[derive(Debug, Clone)]
 pub(crate) struct Frame {
     /// The event, shared by every connection it goes to (its SSE frame is
@@ -47,11 +47,37 @@ impl QueuedAt {
     }
 }
 
-/// What a connection's queue carries.
+/// What a connection's queue carries. An entry is 16 bytes (checked below):
+/// tokio's queue allocates its first block of 32 entries when the stream
+/// opens, so every byte here is 32 bytes of every idle stream.
 #[derive(Debug, Clone)]
 pub(crate) enum Queued {
     /// An event to write.
     Event(Frame),
+    /// Anything else: rare next to events, so boxed to keep entries small.
+    Notice(Box<Notice>),
+}
+
+const _: () = assert!(
+    std::mem::size_of::<Queued>() == 16,
+    "a queue entry grew past 16 bytes: box the variant that grew"
+);
+
+impl Queued {
+    /// See [`Notice::Progress`].
+    pub(crate) fn progress(slot: u32, through: u64) -> Self {
+        Queued::Notice(Box::new(Notice::Progress { slot, through }))
+    }
+
+    /// See [`Notice::Leave`].
+    pub(crate) fn leave(reason: DisconnectReason) -> Self {
+        Queued::Notice(Box::new(Notice::Leave(reason)))
+    }
+}
+
+/// What a connection's queue carries besides events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Notice {
     /// Every event of the connection's target `slot` up to `through` has
     /// been queued before this: the stream may move its position there.
     Progress {
@@ -197,7 +223,7 @@ impl ConnectionHandle {
     /// full (the position just stays where it is; the stream is about to be
     /// cut as slow anyway).
     pub(crate) fn offer_progress(&self, slot: u32, through: u64) {
-        let _ = self.queue.try_send(Queued::Progress { slot, through });
+        let _ = self.queue.try_send(Queued::progress(slot, through));
     }
 
     /// Asks the stream to end after what is already queued and reconnect
@@ -205,7 +231,7 @@ impl ConnectionHandle {
     /// to be cut as slow anyway) or it already ended.
     pub(crate) fn ask_to_move(&self) -> bool {
         self.queue
-            .try_send(Queued::Leave(DisconnectReason::Moved))
+            .try_send(Queued::leave(DisconnectReason::Moved))
             .is_ok()
     }
 
@@ -215,7 +241,7 @@ impl ConnectionHandle {
     pub(crate) fn ask_to_leave_for_history(&self) {
         if self
             .queue
-            .try_send(Queued::Leave(DisconnectReason::HistoryChanged))
+            .try_send(Queued::leave(DisconnectReason::HistoryChanged))
             .is_err()
         {
             self.kill.kill(DisconnectReason::HistoryChanged);

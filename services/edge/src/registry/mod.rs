@@ -15,7 +15,9 @@
 
 mod connection;
 
-pub(crate) use connection::{ConnectionHandle, DisconnectReason, Frame, Kill, Queued, QueuedAt};
+pub(crate) use connection::{
+    ConnectionHandle, DisconnectReason, Frame, Kill, Notice, Queued, QueuedAt,
+};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -503,6 +505,7 @@ mod tests {
         }
         registry.deliver(&event(&alice, 1));
         assert_eq!(registry.move_streams(3), 3);
+        let moved = Notice::Leave(DisconnectReason::Moved);
         let mut asked = 0;
         for queue in &mut queues {
             let mut items = Vec::new();
@@ -511,8 +514,8 @@ mod tests {
             }
             match items.as_slice() {
                 [] => {}
-                [Queued::Leave(DisconnectReason::Moved)] => asked += 1,
-                [Queued::Event(frame), Queued::Leave(DisconnectReason::Moved)] => {
+                [Queued::Notice(notice)] if **notice == moved => asked += 1,
+                [Queued::Event(frame), Queued::Notice(notice)] if **notice == moved => {
                     assert_eq!(frame.event.id.seq, 1);
                     asked += 1;
                 }

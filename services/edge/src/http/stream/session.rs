@@ -20,7 +20,7 @@ use super::cursor::{Cursor, Written};
 use crate::bus::{Event, LostReason, Replay, ReplayError};
 use crate::http::AppState;
 use crate::metrics::ReasonLabel;
-use crate::registry::{DisconnectReason, Frame, Kill, Queued};
+use crate::registry::{DisconnectReason, Frame, Kill, Notice, Queued};
 
 /// Where a stream starts.
 #[derive(Debug, Clone)]
@@ -123,7 +123,9 @@ pub(super) fn body(
     start: Start,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + Sync + 'static {
     let stream = async_stream::stream! {
-        let (mut session, replay) = match Session::begin(attachment, frames, start).await {
+        // Boxed: the replay's future is large and lives only until the first
+        // write; inline, its size would stay in every open stream's body.
+        let (mut session, replay) = match Box::pin(Session::begin(attachment, frames, start)).await {
             Ok(begun) => begun,
             Err(NotBegun { written, attachment }) => {
                 yield Ok(written);
@@ -341,8 +343,10 @@ impl Session {
             };
             match queued {
                 Some(Queued::Event(frame)) => return Step::Frame(frame),
-                Some(Queued::Progress { slot, through }) => self.cursor.advance(slot, through),
-                Some(Queued::Leave(reason)) => return Step::Leave(reason),
+                Some(Queued::Notice(notice)) => match *notice {
+                    Notice::Progress { slot, through } => self.cursor.advance(slot, through),
+                    Notice::Leave(reason) => return Step::Leave(reason),
+                },
                 None => return Step::End,
             }
         }
@@ -393,8 +397,10 @@ impl Session {
         while self.buf.len() < self.batch_limit {
             match self.frames.try_recv() {
                 Ok(Queued::Event(frame)) => return Ok(Some(frame)),
-                Ok(Queued::Progress { slot, through }) => self.cursor.advance(slot, through),
-                Ok(Queued::Leave(reason)) => return Err(reason),
+                Ok(Queued::Notice(notice)) => match *notice {
+                    Notice::Progress { slot, through } => self.cursor.advance(slot, through),
+                    Notice::Leave(reason) => return Err(reason),
+                },
                 Err(_) => break,
             }
         }
