@@ -124,9 +124,9 @@ async fn while_draining_the_admin_readyz_answers_503_and_healthz_200() {
     let node = EdgeNode::start(|s| s.stream.drain_ms = 3_000)
         .await
         .expect("node starts");
-    // An open stream keeps the node in its drain window.
-    let mut open = SseClient::open(&node, "alice").await.expect("stream");
-    open.next_item(PATIENCE).await.expect("preamble");
+    // Open streams keep the node in its drain window: each ends at a random
+    // moment within it, and the node stops only when the last has ended.
+    let open = SseClient::open_many(&node, 5).await.expect("streams");
     let readyz = node.admin_url("/readyz");
     let healthz = node.admin_url("/healthz");
     let stopping = tokio::spawn(node.stop());
@@ -151,12 +151,30 @@ async fn while_draining_the_admin_readyz_answers_503_and_healthz_200() {
     let (status, _, _) = get(&healthz).await;
     assert_eq!(status, 200, "alive while draining");
 
-    open.until_end(PATIENCE).await.expect("the stream ends");
+    for mut client in open {
+        client.until_end(PATIENCE).await.expect("the stream ends");
+    }
     stopping.await.expect("joined").expect("node stops");
     assert!(
         reqwest::get(&readyz).await.is_err(),
         "the admin listener closes with the node"
     );
+}
+
+/// A node whose admin port is taken does not start, and says which setting
+/// names the address, so the operator knows which port to change.
+#[tokio::test]
+async fn a_taken_admin_port_stops_the_start_naming_admin_listen() {
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let err = EdgeNode::start(|s| s.admin.listen = addr.clone())
+        .await
+        .expect_err("the port is taken");
+    let message = format!("{err:#}");
+    assert!(message.contains("admin.listen"), "{message}");
+    assert!(message.contains(&addr), "{message}");
 }
 
 /// `admin.listen` with port 0 (several nodes on one machine): the real binary

@@ -558,14 +558,7 @@ async fn draining_turns_unready_refuses_softly_and_closes_streams_with_retry() {
     let node = EdgeNode::start(|s| s.stream.drain_ms = 2_000)
         .await
         .expect("node starts");
-    let mut open = Vec::new();
-    for i in 0..5 {
-        let mut client = SseClient::open(&node, &format!("user-{i}"))
-            .await
-            .expect("stream");
-        client.next_item(PATIENCE).await.expect("preamble");
-        open.push(client);
-    }
+    let open = SseClient::open_many(&node, 5).await.expect("streams");
     let readyz = node.admin_url("/readyz");
     let stream_url = node.url("/v1/stream");
     let stopping = tokio::spawn(node.stop());

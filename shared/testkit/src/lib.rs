@@ -238,6 +238,19 @@ impl SseClient {
         Ok(client)
     }
 
+    /// Opens the streams of `count` users (`user-0`, `user-1`, …) on `node`,
+    /// each read past its first item (the stream is registered): streams a
+    /// draining node has to end.
+    pub async fn open_many(node: &EdgeNode, count: usize) -> anyhow::Result<Vec<SseClient>> {
+        let mut open = Vec::with_capacity(count);
+        for i in 0..count {
+            let mut client = Self::open(node, &format!("user-{i}")).await?;
+            client.next_item(PATIENCE).await?;
+            open.push(client);
+        }
+        Ok(open)
+    }
+
     /// The last event id seen, as a browser would resend it.
     pub fn last_event_id(&self) -> &str {
         self.parser.last_event_id()
