@@ -6,8 +6,9 @@
 //! - [`Node`] / [`run`] (this file): build the parts from [`Settings`], serve
 //!   until the shutdown future resolves, then drain: end every stream cleanly;
 //! - `http`: the warp filter trees (public: `/v1/stream`, `/v1/publish`,
-//!   presence; admin: health, cluster view, metrics) and the one error-to-response mapping (`errors`); the
-//!   stream (`stream`: opening, its `session`, its `cursor`); publishing,
+//!   presence; admin: health, cluster view, metrics) and the one
+//!   error-to-response mapping (`errors`); the stream (`stream`: opening,
+//!   its `session`, its `cursor`); publishing,
 //!   credentials, idempotency keys, rate limits; the hyper accept loop
 //!   (`server`) and the socket writer of stream requests (`direct`);
 //! - `registry`: the sharded map of live connections by target, with bounded
