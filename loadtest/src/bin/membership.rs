@@ -243,7 +243,10 @@ async fn main() -> anyhow::Result<()> {
             other => bail!("unknown argument {other}"),
         }
     }
-    let base_port = 20_000 + (std::process::id() % 20_000) as u16;
+    // HTTP base+n, gossip base+1000+n, admin base+2000+n: all below 32768,
+    // where Linux draws ephemeral ports, so no outgoing connection on the
+    // machine can hold one when a node binds it.
+    let base_port = 20_000 + (std::process::id() % 10_000) as u16;
     let mut bench = Bench {
         binary,
         sealed,
