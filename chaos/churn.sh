@@ -28,7 +28,7 @@ trap '$cluster down >/dev/null 2>&1 || true' EXIT
 pid=$(cat "$CLUSTER_DIR/pid.edge-1")
 rss() { awk '/^VmRSS:/ {print $2}' "/proc/$pid/status"; }
 open_streams() {
-  curl -fsS "http://127.0.0.1:$((BASE_PORT + 1))/metrics" | awk '$1 == "herald_connections_open" {print $2}'
+  curl -fsS "$(admin_url 1)/metrics" | awk '$1 == "herald_connections_open" {print $2}'
 }
 
 samples="$RESULTS/churn.csv"

@@ -2,6 +2,9 @@
 # from the repository root, after the caller set CLUSTER_DIR, BASE_PORT,
 # NATS_PORT and GOSSIP_PORT): the binaries, the secret, where results go, the
 # local cluster script, and the load generator as the chaos runs use it.
+# ADMIN_PORT: edge n's admin listener (/metrics, /v1/cluster, /healthz,
+# /readyz) is ADMIN_PORT + n, as deploy/local/cluster.sh starts it.
+export ADMIN_PORT=${ADMIN_PORT:-$((BASE_PORT + 1000))}
 export EDGE_BIN=${EDGE_BIN:-$PWD/target/release/herald-edge}
 export LOADTEST_BIN=${LOADTEST_BIN:-$PWD/target/release/herald-loadtest}
 export FAULTS_BIN=${FAULTS_BIN:-$(dirname "$LOADTEST_BIN")/herald-faults}
@@ -34,19 +37,20 @@ waited() {
   return 1
 }
 edge_url() { echo "http://127.0.0.1:$((BASE_PORT + $1))"; }
+admin_url() { echo "http://127.0.0.1:$((ADMIN_PORT + $1))"; }
 # How edge $1 sees edge $2 in GET /v1/cluster (alive, suspect, dead, left).
 member_state() {
-  curl -fsS "$(edge_url "$1")/v1/cluster" \
+  curl -fsS "$(admin_url "$1")/v1/cluster" \
     | python3 -c "import json,sys; print(next((m['state'] for m in json.load(sys.stdin)['members'] if m['id']=='edge-$2'), 'absent'))"
 }
 not_alive() { local state; state=$(member_state "$1" "$2") && [ "$state" != alive ]; }
 is_alive() { local state; state=$(member_state "$1" "$2") && [ "$state" = alive ]; }
-unready() { ! curl -fsS "$(edge_url "$1")/readyz"; }
-ready() { curl -fsS "$(edge_url "$1")/readyz"; }
+unready() { ! curl -fsS "$(admin_url "$1")/readyz"; }
+ready() { curl -fsS "$(admin_url "$1")/readyz"; }
 converged() { is_alive 1 3 && is_alive 3 1 && is_alive 2 3; }
 # A metric of edge $1 from its /metrics (one without labels).
 edge_metric() { # edge name
-  curl -fsS "$(edge_url "$1")/metrics" | awk -v name="$2" '$1 == name { print $2; found = 1 } END { exit !found }'
+  curl -fsS "$(admin_url "$1")/metrics" | awk -v name="$2" '$1 == name { print $2; found = 1 } END { exit !found }'
 }
 
 # herald-faults between edges and what they talk to. Each proxy has a label:

@@ -70,7 +70,7 @@ sample() { # node
   fds=$(ls "/proc/$pid/fd" 2>/dev/null | wc -l) || return 0
   case $1 in
     edge-*)
-      metrics=$(curl -fsS "http://127.0.0.1:$((BASE_PORT + ${1#edge-}))/metrics" 2>/dev/null || true)
+      metrics=$(curl -fsS "$(admin_url "${1#edge-}")/metrics" 2>/dev/null || true)
       streams=$(awk '$1 == "herald_connections_open" {print $2}' <<< "$metrics")
       # Live heap bytes, when the edge was built with --features heap-stats.
       heap=$(awk '$1 == "herald_heap_allocated_bytes" {printf "%d", $2 / 1024}' <<< "$metrics") ;;

@@ -18,6 +18,7 @@ edge=target/release/herald-edge
 generator=target/release/herald-loadtest
 secret="loadtest-secret-0123456789abcdef0123"
 port=${PORT:-19080}
+admin_port=$((port + 1000))
 nats_port=${NATS_PORT:-19222}
 monitor=$((nats_port + 1000))
 results=loadtest/results
@@ -39,10 +40,11 @@ run() { # label check_interval_ms
   HERALD__BUS__KIND=nats HERALD__NATS__URL="nats://127.0.0.1:$nats_port" \
   HERALD__NATS__CHECK_INTERVAL_MS=$interval \
   HERALD__AUTH__HS256_SECRET=$secret HERALD__HTTP__LISTEN=127.0.0.1:$port \
+  HERALD__ADMIN__LISTEN=127.0.0.1:$admin_port \
   HERALD__STREAM__MAX_CONNECTIONS_PER_USER=1000000 RUST_LOG=warn \
     taskset -c 0 "$edge" > "$results/$label.edge.log" 2>&1 &
   local edge_pid=$!; pids+=($edge_pid)
-  for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+  for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$admin_port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
   local e0 n0 m0 e1 n1 m1 started
   # Connections first (nothing published), so the measured window holds
   # only the steady state.

@@ -51,6 +51,7 @@ if [ -n "${TRACE_RATIO:-}" ]; then
   export HERALD__TELEMETRY__OTLP_ENDPOINT="http://127.0.0.1:$sink_port" HERALD__TELEMETRY__SAMPLE_RATIO="$TRACE_RATIO"
 fi
 urls=()
+admin_urls=()
 edges=()
 if [ -n "${BASELINE:-}" ]; then
   # The seed article's design instead of Herald: Express + Redis pub/sub.
@@ -72,8 +73,10 @@ if [ -n "${BASELINE:-}" ]; then
 fi
 for node in $(seq 0 $(( ${NODES:-1} - 1 ))); do
   node_port=$(( port + node ))
+  admin_port=$(( port + 200 + node ))
   HERALD__AUTH__HS256_SECRET=$secret \
   HERALD__HTTP__LISTEN=127.0.0.1:$node_port \
+  HERALD__ADMIN__LISTEN=127.0.0.1:$admin_port \
   HERALD__NODE__ID=edge-$node \
   HERALD__GOSSIP__LISTEN=127.0.0.1:$(( port + 100 + node )) \
   HERALD__GOSSIP__SEEDS=127.0.0.1:$(( port + 100 )) \
@@ -84,12 +87,14 @@ for node in $(seq 0 $(( ${NODES:-1} - 1 ))); do
   pids+=($!)
   edges+=($!)
   urls+=("http://127.0.0.1:$node_port")
+  admin_urls+=("http://127.0.0.1:$admin_port")
   for _ in $(seq 100); do
-    curl -fsS "http://127.0.0.1:$node_port/readyz" >/dev/null 2>&1 && break
+    curl -fsS "http://127.0.0.1:$admin_port/readyz" >/dev/null 2>&1 && break
     sleep 0.1
   done
 done
 url_list=$(IFS=,; echo "${urls[*]}")
+admin_list=$(IFS=,; echo "${admin_urls[*]}")
 if [ -n "${KILL_AFTER:-}" ] && [ "${#edges[@]}" -gt 1 ]; then
   # SIGKILL the last node mid-run; its clients must resume on the others.
   victim="${edges[-1]}"
@@ -100,6 +105,7 @@ echo "== $name: $DESCRIPTION"
 $pin_client "$generator" \
   --label "$name" \
   --url "$url_list" \
+  --admin "$admin_list" \
   --secret "$secret" \
   --connections "$CONNECTIONS" \
   --users "$USERS" \

@@ -5,6 +5,7 @@
 set -euo pipefail
 edge="$1"
 listen="$2"
+admin="${HERALD__ADMIN__LISTEN:-127.0.0.1:9090}"
 
 subscriber=$("$edge" token --user alice --topic news --ttl 86400)
 publisher=$("$edge" token --publish --ttl 86400)
@@ -21,6 +22,10 @@ cat <<MSG
 
     curl -s -X POST -H 'Authorization: Bearer $publisher' -H 'Content-Type: application/json' \\
       -d '{"user":"alice","event":"greeting","data":{"hello":"world"}}' http://$listen/v1/publish
+
+  Health, metrics and the cluster view are on the admin listener (loopback):
+
+    curl -s http://$admin/readyz; curl -s http://$admin/metrics | head
 
   Stop with Ctrl-C.
 

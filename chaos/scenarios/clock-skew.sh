@@ -63,7 +63,7 @@ skew_ok=true
 verify_skew() { # label
   local n date observed expected
   for n in 1 2 3; do
-    date=$(curl -sS --max-time 2 -D - -o /dev/null "$(edge_url "$n")/healthz" | tr -d '\r' \
+    date=$(curl -sS --max-time 2 -D - -o /dev/null "$(admin_url "$n")/healthz" | tr -d '\r' \
       | awk 'tolower($1) == "date:" { $1 = ""; print substr($0, 2) }') || date=
     observed=$(python3 -c '
 import sys, time, email.utils
@@ -106,7 +106,7 @@ verify_skew "after restarts"
 # clock) and edge-3 (+skew). Edge-1 restarted first: its resumes after that
 # came from edge-3 and edge-2.
 for n in 1 2; do
-  replays=$(curl -fsS --max-time 2 "$(edge_url "$n")/metrics" \
+  replays=$(curl -fsS --max-time 2 "$(admin_url "$n")/metrics" \
     | awk '$1 ~ /^herald_replays(_total)?$/ { s += $2 } END { print s + 0 }') || replays=0
   if [ "${replays%.*}" -gt 0 ]; then pass=true; else pass=false; fi
   check "edge-$n (skew ${SKEW_OF[$n]} s) served resumes from other clocks" "> 0" "$replays" "$pass"
@@ -175,7 +175,7 @@ PY
 for n in 1 2 3; do
   alive=none
   for _ in $(seq 100); do
-    alive=$(curl -fsS --max-time 2 "$(edge_url "$n")/v1/cluster" 2>/dev/null \
+    alive=$(curl -fsS --max-time 2 "$(admin_url "$n")/v1/cluster" 2>/dev/null \
       | python3 -c 'import json,sys; print(",".join(sorted(m["id"] for m in json.load(sys.stdin)["members"] if m["state"] == "alive")))' \
       2>/dev/null) || alive=none
     [ "$alive" = "edge-1,edge-2,edge-3" ] && break
@@ -191,7 +191,7 @@ done
 # included, must list the new incarnation alive, not the old one as `left`.
 export EDGE_ENV_3="HERALD__AUTH__LEEWAY_SECS=$LEEWAY"
 generation_of_3() {
-  curl -fsS --max-time 2 "$(edge_url 1)/v1/cluster" \
+  curl -fsS --max-time 2 "$(admin_url 1)/v1/cluster" \
     | python3 -c 'import json,sys; print(next(m["generation"] for m in json.load(sys.stdin)["members"] if m["id"] == "edge-3"))'
 }
 before=$(generation_of_3 2>/dev/null) || before=0
@@ -199,7 +199,7 @@ if $cluster restart-edge 3 >/dev/null; then
   for n in 1 2 3; do
     seen=none
     for _ in $(seq 150); do
-      seen=$(curl -fsS --max-time 2 "$(edge_url "$n")/v1/cluster" 2>/dev/null \
+      seen=$(curl -fsS --max-time 2 "$(admin_url "$n")/v1/cluster" 2>/dev/null \
         | python3 -c '
 import json, sys
 m = next(m for m in json.load(sys.stdin)["members"] if m["id"] == "edge-3")

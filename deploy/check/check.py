@@ -21,7 +21,9 @@ file from deploy/helm/herald/ci/ (the Makefile renders them).
    ServiceMonitor) against minimal schemas of the fields the chart writes.
    Only known kinds appear, and the ConfigMap's herald.toml plus the
    Deployment's environment load in the real binary too (key files mounted
-   from Secrets/ConfigMaps replaced by local stand-ins). Every herald_* metric
+   from Secrets/ConfigMaps replaced by local stand-ins). Probes and the
+   ServiceMonitor use the admin port, which is herald.toml's admin.listen and
+   no Service beyond ClusterIP carries. Every herald_* metric
    that the PrometheusRule or the Grafana dashboard names is one
    docs/observability.md lists and services/edge/src/metrics.rs registers, and
    the chart's copy of the dashboard is deploy/grafana's.
@@ -395,6 +397,24 @@ def check_manifests(paths: list) -> None:
         probes = {p: container.get(p, {}).get("httpGet", {}).get("path") for p in ("readinessProbe", "livenessProbe")}
         if probes != {"readinessProbe": "/readyz", "livenessProbe": "/healthz"}:
             problem(f"{path}: probes are {probes}")
+        # The public port answers the probe paths with 404: probes and
+        # scrapes go to the admin listener, whose port herald.toml binds.
+        ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+        admin_listen = re.search(r'\[admin\]\s*(?:#.*\s*)*listen = "[^"]*:(\d+)"', config)
+        if not admin_listen or ports.get("admin") != int(admin_listen.group(1)):
+            problem(f"{path}: the container's admin port {ports.get('admin')} is not herald.toml's admin.listen")
+        probe_ports = {p: container.get(p, {}).get("httpGet", {}).get("port")
+                       for p in ("readinessProbe", "livenessProbe", "startupProbe") if p in container}
+        if set(probe_ports.values()) != {"admin"}:
+            problem(f"{path}: probes must use the admin port, not {probe_ports}")
+        scraped = {e.get("port") for d in documents if d.get("kind") == "ServiceMonitor" for e in d["spec"]["endpoints"]}
+        if scraped - {"admin"}:
+            problem(f"{path}: the ServiceMonitor scrapes {sorted(scraped)}; /metrics is on the admin port only")
+        exposed = [d["metadata"]["name"] for d in documents if d.get("kind") == "Service"
+                   and d["spec"].get("type", "ClusterIP") != "ClusterIP"
+                   and any(p.get("targetPort") == "admin" for p in d["spec"].get("ports", []))]
+        if exposed:
+            problem(f"{path}: {exposed} expose the admin port beyond the cluster")
         security = container.get("securityContext", {})
         if not security.get("readOnlyRootFilesystem") or not spec.get("securityContext", {}).get("runAsNonRoot"):
             problem(f"{path}: the container must run as non-root with a read-only root filesystem")

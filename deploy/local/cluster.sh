@@ -9,10 +9,11 @@
 #   deploy/local/cluster.sh down    stop everything (edges drain on SIGTERM)
 #
 # `make cluster-up` / `make cluster-down` call this. State, logs and data live
-# in .cluster/ (ignored by git). Ports: nginx 8080, edges 8081-8083 (gossip
+# in .cluster/ (ignored by git). Ports: nginx 8080, edges 8081-8083 (their
+# admin listeners, /metrics /v1/cluster /healthz /readyz, 9081-9083; gossip
 # 7946-7948), NATS 4222-4224 (cluster 6222-6224, monitoring 8222-8224);
-# BASE_PORT shifts the HTTP
-# ones. EDGE_BIN picks the binary (default target/release/herald-edge);
+# BASE_PORT shifts the HTTP ones, ADMIN_PORT (default BASE_PORT + 1000) the
+# admin ones. EDGE_BIN picks the binary (default target/release/herald-edge);
 # EDGE_ENV_<n> adds settings to edge n (see start_edge).
 #
 # NATS routing, for faults between the servers (the chaos suite's
@@ -31,6 +32,7 @@ STATE=${CLUSTER_DIR:-$PWD/.cluster}
 EDGE_BIN=${EDGE_BIN:-$PWD/target/release/herald-edge}
 NATS_BIN=${NATS_BIN:-$PWD/bin/nats-server}
 BASE_PORT=${BASE_PORT:-8080}
+ADMIN_PORT=${ADMIN_PORT:-$((BASE_PORT + 1000))}
 NATS_PORT=${NATS_PORT:-4222}
 GOSSIP_PORT=${GOSSIP_PORT:-7946}
 SECRET=${HERALD_SECRET:-herald-dev-secret-change-me-0123456789}
@@ -87,6 +89,7 @@ start_edge() { # number 1..3; returns when it is ready
   env HERALD__NODE__ID="edge-$1" \
     HERALD__AUTH__HS256_SECRET="$SECRET" \
     HERALD__HTTP__LISTEN="127.0.0.1:$((BASE_PORT + 1 + i))" \
+    HERALD__ADMIN__LISTEN="127.0.0.1:$((ADMIN_PORT + 1 + i))" \
     HERALD__BUS__KIND=nats \
     HERALD__NATS__URL="${urls%,}" \
     HERALD__NATS__REPLICAS=3 \
@@ -98,7 +101,7 @@ start_edge() { # number 1..3; returns when it is ready
     "$EDGE_BIN" >> "$STATE/logs/edge-$1.log" 2>&1 &
   echo $! > "$STATE/pid.edge-$1"
   echo $! >> "$STATE/pids"
-  wait_for "edge-$1" curl -fsS "http://127.0.0.1:$((BASE_PORT + 1 + i))/readyz"
+  wait_for "edge-$1" curl -fsS "http://127.0.0.1:$((ADMIN_PORT + 1 + i))/readyz"
 }
 
 stop_one() { # component signal: waits until it exited
@@ -162,12 +165,12 @@ CONF
   "$NGINX_BIN" -p "$STATE/nginx" -c "$STATE/nginx/nginx.conf"
   wait_for nginx curl -fsS "http://127.0.0.1:$BASE_PORT/"
   wait_for "three alive members" bash -c \
-    "curl -fsS http://127.0.0.1:$((BASE_PORT + 1))/v1/cluster | grep -o '\"state\":\"alive\"' | wc -l | grep -qx 3"
+    "curl -fsS http://127.0.0.1:$((ADMIN_PORT + 1))/v1/cluster | grep -o '\"state\":\"alive\"' | wc -l | grep -qx 3"
   trap - EXIT
 
   cat <<EOF
-Herald cluster up: nginx http://127.0.0.1:$BASE_PORT (demo page), edges :$((BASE_PORT + 1))-$((BASE_PORT + 3)), NATS :$NATS_PORT-$((NATS_PORT + 2)).
-  curl -s http://127.0.0.1:$((BASE_PORT + 1))/v1/cluster
+Herald cluster up: nginx http://127.0.0.1:$BASE_PORT (demo page), edges :$((BASE_PORT + 1))-$((BASE_PORT + 3)) (admin :$((ADMIN_PORT + 1))-$((ADMIN_PORT + 3))), NATS :$NATS_PORT-$((NATS_PORT + 2)).
+  curl -s http://127.0.0.1:$((ADMIN_PORT + 1))/v1/cluster
   SUB=\$(HERALD__AUTH__HS256_SECRET=$SECRET $EDGE_BIN token --user alice)
   curl -N -H "Authorization: Bearer \$SUB" http://127.0.0.1:$BASE_PORT/v1/stream
   publish from any NATS client to subject herald.user.alice at nats://127.0.0.1:$NATS_PORT
@@ -190,12 +193,21 @@ check() {
   kill "$reader" 2>/dev/null || true
   rm -f "$out"
   # Only streams and publish are public (docs/deploy.md, "Exposing Herald").
-  local path status
+  local path status edge
   for path in /v1/cluster /v1/presence/cluster-check /metrics /healthz /readyz; do
     status=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $pub" "http://127.0.0.1:$BASE_PORT$path")
     [ "$status" = 404 ] || { echo "cluster: nginx answers $status for $path, which must not be exposed" >&2; return 1; }
   done
-  echo "cluster: an event published through nginx reached a stream opened through nginx; cluster, presence, metrics and health are not exposed"
+  # The operators' paths live on each edge's admin listener, not its public one.
+  for edge in 1 2 3; do
+    for path in /v1/cluster /metrics /healthz /readyz; do
+      status=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$((BASE_PORT + edge))$path")
+      [ "$status" = 404 ] || { echo "cluster: edge-$edge's public port answers $status for $path" >&2; return 1; }
+      curl -fsS -o /dev/null "http://127.0.0.1:$((ADMIN_PORT + edge))$path" \
+        || { echo "cluster: edge-$edge's admin port does not answer $path" >&2; return 1; }
+    done
+  done
+  echo "cluster: an event published through nginx reached a stream opened through nginx; cluster, presence, metrics and health are not exposed, and each edge serves them on its admin port only"
 }
 
 nats_healthy() { # index 0..2

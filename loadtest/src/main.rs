@@ -90,7 +90,8 @@ async fn main() -> anyhow::Result<()> {
     stop_progress.cancel();
     let timeline = timeline.await.unwrap_or_default();
     let loaded = servers.sample();
-    let slow_disconnects = server_counter(&options.urls, "herald_slow_disconnects_total").await;
+    let slow_disconnects =
+        server_counter(&options.admin_urls, "herald_slow_disconnects_total").await;
 
     let report = Report::new(
         &options,
@@ -154,7 +155,8 @@ async fn replay(
     Ok(secs)
 }
 
-/// Sums a counter from every node's `/metrics` (0 where it cannot be read).
+/// Sums a counter from every node's `/metrics` on its admin listener (0
+/// where it cannot be read).
 async fn server_counter(urls: &[String], name: &str) -> u64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut total = 0;

@@ -10,6 +10,8 @@ usage: herald-loadtest --secret S [--option value]...
   (the Makefile's loadtest, chaos and soak targets run it for you)
 
   --url URLS              edge base URLs, comma-separated (round-robin)
+  --admin URLS            the edges' admin listeners (admin.listen), comma-separated,
+                          where the report's server-side counters are read
   --secret S              HS256 secret to mint tokens (or HERALD__AUTH__HS256_SECRET)
   --label NAME            scenario name in the report
   --connections N         SSE connections to open
@@ -44,6 +46,9 @@ pub struct Options {
     pub label: String,
     /// Edge node base URLs; connections are spread over them round-robin.
     pub urls: Vec<String>,
+    /// Edge admin listener base URLs (`/metrics` for server-side counters);
+    /// none: those counters are reported as 0.
+    pub admin_urls: Vec<String>,
     /// HS256 secret to mint tokens with.
     pub secret: String,
     /// SSE connections to open.
@@ -112,6 +117,7 @@ impl Options {
         let mut options = Options {
             label: "adhoc".into(),
             urls: vec!["http://127.0.0.1:8080".into()],
+            admin_urls: Vec::new(),
             secret: std::env::var("HERALD__AUTH__HS256_SECRET").unwrap_or_default(),
             connections: 1000,
             users: 0,
@@ -152,6 +158,13 @@ impl Options {
             match flag.as_str() {
                 "--label" => options.label = value,
                 "--url" => options.urls = value.split(',').map(str::to_owned).collect(),
+                "--admin" => {
+                    options.admin_urls = value
+                        .split(',')
+                        .filter(|u| !u.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                }
                 "--secret" => options.secret = value,
                 "--connections" => options.connections = number(&value)? as usize,
                 "--users" => options.users = number(&value)? as usize,

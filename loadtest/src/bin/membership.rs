@@ -35,13 +35,14 @@ const GIVE_UP: Duration = Duration::from_secs(60);
 
 struct Edge {
     id: String,
-    http: u16,
+    /// Port of its admin listener (`/v1/cluster`).
+    admin: u16,
     child: Child,
 }
 
 impl Edge {
     fn cluster_url(&self) -> String {
-        format!("http://127.0.0.1:{}/v1/cluster", self.http)
+        format!("http://127.0.0.1:{}/v1/cluster", self.admin)
     }
 
     fn signal(&mut self, signal: &str) -> anyhow::Result<()> {
@@ -81,6 +82,7 @@ impl Bench {
         self.next += 1;
         let http = self.base_port + n;
         let gossip = self.base_port + 1000 + n;
+        let admin = self.base_port + 2000 + n;
         let id = format!("bench-{n}");
         let mut command = Command::new(&self.binary);
         if self.sealed {
@@ -89,6 +91,7 @@ impl Bench {
         let child = command
             .env("HERALD__AUTH__HS256_SECRET", SECRET)
             .env("HERALD__HTTP__LISTEN", format!("127.0.0.1:{http}"))
+            .env("HERALD__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
             .env("HERALD__NODE__ID", &id)
             .env("HERALD__GOSSIP__LISTEN", format!("127.0.0.1:{gossip}"))
             .env("HERALD__GOSSIP__SEEDS", self.seed())
@@ -97,7 +100,7 @@ impl Bench {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", self.binary))?;
-        let edge = Edge { id, http, child };
+        let edge = Edge { id, admin, child };
         let started = Instant::now();
         while self.view(&edge).await.is_err() {
             if started.elapsed() > GIVE_UP {
@@ -240,7 +243,10 @@ async fn main() -> anyhow::Result<()> {
             other => bail!("unknown argument {other}"),
         }
     }
-    let base_port = 20_000 + (std::process::id() % 20_000) as u16;
+    // HTTP base+n, gossip base+1000+n, admin base+2000+n: all below 32768,
+    // where Linux draws ephemeral ports, so no outgoing connection on the
+    // machine can hold one when a node binds it.
+    let base_port = 20_000 + (std::process::id() % 10_000) as u16;
     let mut bench = Bench {
         binary,
         sealed,

@@ -5,9 +5,10 @@
 //! `pub use` list below):
 //! - [`Node`] / [`run`] (this file): build the parts from [`Settings`], serve
 //!   until the shutdown future resolves, then drain: end every stream cleanly;
-//! - `http`: the warp filter tree (`/v1/stream`, `/v1/publish`, health,
-//!   presence, metrics) and the one error-to-response mapping (`errors`); the
-//!   stream (`stream`: opening, its `session`, its `cursor`); publishing,
+//! - `http`: the warp filter trees (public: `/v1/stream`, `/v1/publish`,
+//!   presence; admin: health, cluster view, metrics) and the one
+//!   error-to-response mapping (`errors`); the stream (`stream`: opening,
+//!   its `session`, its `cursor`); publishing,
 //!   credentials, idempotency keys, rate limits; the hyper accept loop
 //!   (`server`) and the socket writer of stream requests (`direct`);
 //! - `registry`: the sharded map of live connections by target, with bounded
@@ -80,9 +81,11 @@ pub enum StartError {
     /// The gossip task ended while the node ran (the node drained and stopped).
     #[error("gossip membership stopped unexpectedly")]
     GossipStopped,
-    /// The HTTP listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    /// A listener (public or admin) could not be bound.
+    #[error("cannot listen on {addr} ({key}): {source}")]
     Bind {
+        /// The setting naming the address: `http.listen` or `admin.listen`.
+        key: &'static str,
         /// The configured address.
         addr: String,
         /// The OS error.
@@ -96,6 +99,9 @@ pub enum StartError {
 pub struct Node {
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// The admin listener (`admin.listen`): metrics, cluster view, probes.
+    admin_listener: TcpListener,
+    admin_addr: SocketAddr,
     state: Arc<AppState>,
 }
 
@@ -148,16 +154,8 @@ impl Node {
         let tracing = Arc::new(telemetry::Tracing::new(&settings, &node_id));
         let (bus, nats_client) =
             start_bus(&settings, &node_id, &registry, &metrics, &tracing).await?;
-        let addr = settings.http.listen.clone();
-        let listener = TcpListener::bind(&addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: addr.clone(),
-                source,
-            })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr, source })?;
+        let (listener, local_addr) = bind("http.listen", &settings.http.listen).await?;
+        let (admin_listener, admin_addr) = bind("admin.listen", &settings.admin.listen).await?;
         let cluster = Arc::new(
             cluster::Cluster::start(&settings, &node_id, local_addr, Arc::clone(&metrics)).await?,
         );
@@ -187,6 +185,8 @@ impl Node {
         Ok(Node {
             listener,
             local_addr,
+            admin_listener,
+            admin_addr,
             state,
         })
     }
@@ -194,6 +194,12 @@ impl Node {
     /// The address the node listens on (the real port when configured with 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the admin listener (`/metrics`, `/v1/cluster`,
+    /// `/healthz`, `/readyz`; the real port when configured with 0).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// A view of the node that stays valid while it runs.
@@ -207,7 +213,8 @@ impl Node {
     /// streams are told to retry, open streams end (each with a `retry:` hint,
     /// so its client reconnects elsewhere) at random moments spread over
     /// `stream.drain_ms`, then the listener closes and open requests get up to
-    /// `http.shutdown_grace_ms`.
+    /// `http.shutdown_grace_ms`. The admin listener keeps answering while the
+    /// node drains (`/readyz` then says 503) and closes with the public one.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         let state = self.state;
         let http = &state.settings.http;
@@ -219,6 +226,7 @@ impl Node {
         tracing::info!(
             node = %state.node_id,
             addr = %self.local_addr,
+            admin = %self.admin_addr,
             bus = state.bus.kind(),
             "herald edge node listening"
         );
@@ -228,6 +236,12 @@ impl Node {
         let server = tokio::spawn(http::server::serve(
             self.listener,
             http::routes(Arc::clone(&state)),
+            limits,
+            state.shutdown.clone(),
+        ));
+        let admin = tokio::spawn(http::server::serve(
+            self.admin_listener,
+            http::admin_routes(Arc::clone(&state)),
             limits,
             state.shutdown.clone(),
         ));
@@ -253,12 +267,27 @@ impl Node {
         state.shutdown.cancel();
         let _ = membership.await;
         state.cluster.stop().await;
-        if let Err(err) = server.await {
-            tracing::error!(error = %err, "http server task failed");
+        for (listener, task) in [("http", server), ("admin", admin)] {
+            if let Err(err) = task.await {
+                tracing::error!(error = %err, listener, "http server task failed");
+            }
         }
         tracing::info!("herald edge node stopped");
         outcome
     }
+}
+
+/// Binds the listener `key` configures at `addr`; returns it with the address
+/// it got (the real port for port 0).
+async fn bind(key: &'static str, addr: &str) -> Result<(TcpListener, SocketAddr), StartError> {
+    let failed = |source| StartError::Bind {
+        key,
+        addr: addr.to_owned(),
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(failed)?;
+    let local_addr = listener.local_addr().map_err(failed)?;
+    Ok((listener, local_addr))
 }
 
 /// The configured event bus, delivering to `registry`, and for NATS the

@@ -77,7 +77,7 @@ async fn members_find_each_other_share_their_load_and_a_stopped_node_is_marked_l
     }
 
     // The HTTP view: each member with its address and state, plus totals.
-    let body = cluster_json(&b.url("/v1/cluster")).await;
+    let body = cluster_json(&b.admin_url("/v1/cluster")).await;
     assert_eq!(body["node"], "node-b");
     assert_eq!(body["totals"]["members"], 3);
     assert_eq!(body["totals"]["alive"], 3);
@@ -160,7 +160,7 @@ async fn without_seeds_or_gossip_a_node_lists_itself() {
     let no_gossip = EdgeNode::start(|settings| settings.node.id = Some("solo".into()))
         .await
         .expect("node");
-    let body = cluster_json(&no_gossip.url("/v1/cluster")).await;
+    let body = cluster_json(&no_gossip.admin_url("/v1/cluster")).await;
     assert_eq!(body["gossip"], false);
     assert_eq!(body["members"][0]["id"], "solo");
     assert_eq!(body["members"][0]["state"], "alive");
@@ -195,7 +195,7 @@ async fn a_node_killed_with_sigkill_is_suspected_by_every_peer_and_its_restart_i
         .expect("edge starts");
         nodes.push(process);
     }
-    let urls: Vec<String> = nodes.iter().map(|n| n.url("/v1/cluster")).collect();
+    let urls: Vec<String> = nodes.iter().map(|n| n.admin_url("/v1/cluster")).collect();
     let states = |body: &Value| -> Vec<(String, String)> {
         body["members"]
             .as_array()

@@ -1,6 +1,6 @@
 //! Cross-origin browser clients: CORS answers for configured origins only.
 
-use herald_testkit::EdgeNode;
+use herald_testkit::{EdgeNode, subscriber_token};
 
 /// With `http.cors_allowed_origins` set, a preflight for `POST /v1/publish` from
 /// a listed origin is allowed with credentials; another origin is refused with
@@ -43,7 +43,8 @@ async fn listed_origins_get_cors_answers_and_others_are_refused() {
     assert_eq!(body["error"], "cors_forbidden");
 
     let stream = http
-        .get(node.url("/healthz"))
+        .get(node.url("/v1/stream"))
+        .bearer_auth(subscriber_token("alice", &[]))
         .header("origin", "https://app.example.com")
         .send()
         .await
@@ -60,7 +61,8 @@ async fn listed_origins_get_cors_answers_and_others_are_refused() {
 async fn without_configured_origins_no_cors_headers_are_sent() {
     let node = EdgeNode::start(|_| {}).await.expect("node starts");
     let response = reqwest::Client::new()
-        .get(node.url("/healthz"))
+        .get(node.url("/v1/stream"))
+        .bearer_auth(subscriber_token("alice", &[]))
         .header("origin", "https://app.example.com")
         .send()
         .await

@@ -93,7 +93,7 @@ fn all_alive(node: &EdgeNode, expected: &[&str]) -> bool {
 /// What an attack could change in a node's `/v1/cluster`: every member's id,
 /// state, HTTP address, generation and gossiped load.
 async fn view_of(node: &EdgeNode) -> BTreeSet<String> {
-    let body: serde_json::Value = reqwest::get(node.url("/v1/cluster"))
+    let body: serde_json::Value = reqwest::get(node.admin_url("/v1/cluster"))
         .await
         .expect("GET /v1/cluster")
         .json()

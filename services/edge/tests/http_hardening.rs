@@ -15,12 +15,19 @@ async fn raw_exchange(node: &EdgeNode, request: &[u8]) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// The node is alive (admin `/healthz`) and its public listener still answers
+/// (a stream request without a token: 401).
 async fn still_healthy(node: &EdgeNode) {
-    let status = reqwest::get(node.url("/healthz"))
+    let status = reqwest::get(node.admin_url("/healthz"))
         .await
         .expect("answered")
         .status();
     assert_eq!(status.as_u16(), 200);
+    let status = reqwest::get(node.url("/v1/stream"))
+        .await
+        .expect("answered")
+        .status();
+    assert_eq!(status.as_u16(), 401);
 }
 
 /// A garbage request line gets 400 and the node keeps serving.
@@ -136,7 +143,7 @@ async fn half_closed_and_abandoned_sockets_do_not_disturb_the_node() {
     let node = EdgeNode::start(|_| {}).await.expect("node starts");
     let mut socket = TcpStream::connect(node.addr).await.expect("connect");
     socket
-        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .write_all(b"GET /v1/publish HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         .await
         .expect("send");
     socket.shutdown().await.expect("half close");
@@ -145,7 +152,8 @@ async fn half_closed_and_abandoned_sockets_do_not_disturb_the_node() {
         .await
         .expect("answered in time")
         .expect("read");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer:?}");
+    assert!(answer.contains("method_not_allowed"), "{answer:?}");
 
     let mut abandoned = Vec::new();
     for _ in 0..200 {

@@ -612,7 +612,7 @@ async fn a_nats_restart_loses_and_duplicates_nothing() {
     );
     let mut published = Vec::new();
     let ready = || async {
-        reqwest::get(node.url("/readyz"))
+        reqwest::get(node.admin_url("/readyz"))
             .await
             .expect("answered")
             .status()

@@ -536,8 +536,11 @@ fn arbitrary_publish_bodies_on_the_nats_bus_are_answered_and_never_panic_the_nod
         accepted.get(),
         refused.get()
     );
-    let ready =
-        runtime.block_on(async { reqwest::get(edge.url("/readyz")).await.map(|r| r.status()) });
+    let ready = runtime.block_on(async {
+        reqwest::get(edge.admin_url("/readyz"))
+            .await
+            .map(|r| r.status())
+    });
     assert_eq!(ready.expect("readyz answers").as_u16(), 200);
 }
 

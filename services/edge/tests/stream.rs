@@ -418,9 +418,10 @@ async fn ten_thousand_connects_and_disconnects_leave_nothing_behind() {
     let node = EdgeNode::start(|s| s.stream.max_connections_per_user = 10_000)
         .await
         .expect("node starts");
-    // An idle node runs two tasks (its run future and the accept loop); every
-    // other task belongs to a connection.
-    const IDLE_NODE_TASKS: usize = 2;
+    // An idle node runs three tasks (its run future and the accept loops of
+    // the public and the admin listener); every other task belongs to a
+    // connection.
+    const IDLE_NODE_TASKS: usize = 3;
     let metrics = tokio::runtime::Handle::current().metrics();
     let warm_up = SseClient::open(&node, "warm-up")
         .await
@@ -557,15 +558,8 @@ async fn draining_turns_unready_refuses_softly_and_closes_streams_with_retry() {
     let node = EdgeNode::start(|s| s.stream.drain_ms = 2_000)
         .await
         .expect("node starts");
-    let mut open = Vec::new();
-    for i in 0..5 {
-        let mut client = SseClient::open(&node, &format!("user-{i}"))
-            .await
-            .expect("stream");
-        client.next_item(PATIENCE).await.expect("preamble");
-        open.push(client);
-    }
-    let readyz = node.url("/readyz");
+    let open = SseClient::open_many(&node, 5).await.expect("streams");
+    let readyz = node.admin_url("/readyz");
     let stream_url = node.url("/v1/stream");
     let stopping = tokio::spawn(node.stop());
 

@@ -1,4 +1,4 @@
-//! `[http]`: the HTTP listener and its limits ([`HttpSettings`]).
+//! `[http]`: the public HTTP listener and its limits ([`HttpSettings`]).
 
 use std::net::SocketAddr;
 
@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
-    /// Address to listen on. Default `127.0.0.1:8080`; use `0.0.0.0:8080` in
-    /// containers. Port 0 picks a free port (tests).
+    /// Address of the public listener: streams, publish and presence (the
+    /// operators' endpoints are on `admin.listen`). Default `127.0.0.1:8080`;
+    /// use `0.0.0.0:8080` in containers. Port 0 picks a free port (tests).
     pub listen: String,
     /// Largest accepted request body (`POST /v1/publish`), bytes. Default 65536.
     pub max_body_bytes: u64,

@@ -13,6 +13,7 @@
 //!   environment name them.
 //! - One file per section, each with its settings type, its defaults and its
 //!   own rules: `node.rs` ([`NodeSettings`]), `http.rs` ([`HttpSettings`]),
+//!   `admin.rs` ([`AdminSettings`]),
 //!   `stream.rs` ([`StreamSettings`]), `bus.rs` ([`BusSettings`],
 //!   [`MemoryBusSettings`]), `nats.rs` ([`NatsSettings`]), `auth.rs`
 //!   ([`AuthSettings`]), `telemetry.rs` ([`TelemetrySettings`]), `gossip.rs`
@@ -24,6 +25,7 @@
 //! - `validate.rs`: [`Settings::validate`], every problem at once.
 //! - `error.rs`: [`ConfigError`] and each [`Problem`] it lists.
 
+mod admin;
 mod auth;
 mod bus;
 mod error;
@@ -41,6 +43,7 @@ mod validate;
 
 use serde::{Deserialize, Serialize};
 
+pub use admin::AdminSettings;
 pub use auth::{AuthSettings, KNOWN_ALGORITHMS, MIN_SECRET_BYTES};
 pub use bus::{BusKind, BusSettings, MemoryBusSettings};
 pub use error::{ConfigError, Problem};
@@ -63,6 +66,8 @@ pub struct Settings {
     pub node: NodeSettings,
     /// The HTTP listener and its limits.
     pub http: HttpSettings,
+    /// The admin listener: metrics, cluster view, health probes.
+    pub admin: AdminSettings,
     /// SSE stream behaviour and per-connection limits.
     pub stream: StreamSettings,
     /// Which event bus carries events between publishers and nodes.

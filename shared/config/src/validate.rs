@@ -42,6 +42,7 @@ impl Settings {
             }
         }
         self.http.validate(&mut problems);
+        self.admin.validate(&self.http.listen, &mut problems);
         self.auth.validate(&mut problems);
         self.gossip.validate(&mut problems);
         self.rebalance.validate(&mut problems);

@@ -40,10 +40,12 @@ pub const GOSSIP_KEY: &str = "qnRC2g8yDIrQV3ZBW6v1n3cW0AFd8E0wq9fI3Kx2TQ4=";
 /// How long a test waits for something that should happen promptly.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
-/// Settings for a test node: loopback, ephemeral port, the test secret.
+/// Settings for a test node: loopback, ephemeral ports (public and admin),
+/// the test secret.
 pub fn test_settings() -> Settings {
     let mut settings = Settings::default();
     settings.http.listen = "127.0.0.1:0".into();
+    settings.admin.listen = "127.0.0.1:0".into();
     settings.auth.hs256_secret = Some(Secret::new(SECRET));
     settings.node.id = Some("test-node".into());
     settings.http.shutdown_grace_ms = 2_000;
@@ -58,8 +60,10 @@ pub fn test_settings() -> Settings {
 /// An edge node running in this process.
 #[derive(Debug)]
 pub struct EdgeNode {
-    /// Where it listens.
+    /// Where it listens: streams, publish, presence.
     pub addr: SocketAddr,
+    /// Its admin listener: `/metrics`, `/v1/cluster`, `/healthz`, `/readyz`.
+    pub admin_addr: SocketAddr,
     /// Its registry and metrics.
     pub handle: NodeHandle,
     shutdown: CancellationToken,
@@ -74,6 +78,7 @@ impl EdgeNode {
         settings.validate()?;
         let node = Node::bind(settings).await?;
         let addr = node.local_addr();
+        let admin_addr = node.admin_addr();
         let handle = node.handle();
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
@@ -84,6 +89,7 @@ impl EdgeNode {
         });
         Ok(EdgeNode {
             addr,
+            admin_addr,
             handle,
             shutdown,
             task: Some(task),
@@ -93,6 +99,11 @@ impl EdgeNode {
     /// `http://<addr><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// `http://<admin_addr><path>`: the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin_addr, path)
     }
 
     /// Shuts the node down and waits until it has stopped.
@@ -225,6 +236,19 @@ impl SseClient {
             bail!("stream answered {}", client.status);
         }
         Ok(client)
+    }
+
+    /// Opens the streams of `count` users (`user-0`, `user-1`, …) on `node`,
+    /// each read past its first item (the stream is registered): streams a
+    /// draining node has to end.
+    pub async fn open_many(node: &EdgeNode, count: usize) -> anyhow::Result<Vec<SseClient>> {
+        let mut open = Vec::with_capacity(count);
+        for i in 0..count {
+            let mut client = Self::open(node, &format!("user-{i}")).await?;
+            client.next_item(PATIENCE).await?;
+            open.push(client);
+        }
+        Ok(open)
     }
 
     /// The last event id seen, as a browser would resend it.

@@ -12,25 +12,40 @@ use anyhow::{Context, bail};
 use crate::nats::free_port;
 use crate::{GOSSIP_KEY, SECRET};
 
+/// Where a test node listens: free loopback ports picked before it starts.
+#[derive(Debug, Clone)]
+pub struct Listeners {
+    /// `127.0.0.1:<port>` of the public listener (`http.listen`).
+    pub http: String,
+    /// `127.0.0.1:<port>` of the admin listener (`admin.listen`).
+    pub admin: String,
+}
+
 /// A running `herald-edge` process.
 #[derive(Debug)]
 pub struct EdgeProcess {
-    /// `127.0.0.1:<port>` it listens on.
+    /// `127.0.0.1:<port>` it listens on (streams, publish, presence).
     pub addr: String,
+    /// `127.0.0.1:<port>` of its admin listener (metrics, cluster, probes).
+    pub admin_addr: String,
     child: Child,
     /// Everything the process wrote to stderr so far, when started with
     /// [`EdgeProcess::start_capturing`] (a thread appends as it reads).
     stderr: Option<Arc<Mutex<Vec<u8>>>>,
 }
 
-/// The command that runs `binary` as a test node on a free port (returned
+/// The command that runs `binary` as a test node on free ports (returned
 /// with it): the test secret, warnings only, sealed gossip on a free port, and `env`
 /// on top. Its stderr is inherited; a test that reads it pipes it instead.
-pub fn command(binary: &Path, env: &[(&str, &str)]) -> anyhow::Result<(Command, String)> {
-    let addr = format!("127.0.0.1:{}", free_port()?);
+pub fn command(binary: &Path, env: &[(&str, &str)]) -> anyhow::Result<(Command, Listeners)> {
+    let listeners = Listeners {
+        http: format!("127.0.0.1:{}", free_port()?),
+        admin: format!("127.0.0.1:{}", free_port()?),
+    };
     let mut command = Command::new(binary);
     command
-        .env("HERALD__HTTP__LISTEN", &addr)
+        .env("HERALD__HTTP__LISTEN", &listeners.http)
+        .env("HERALD__ADMIN__LISTEN", &listeners.admin)
         .env("HERALD__AUTH__HS256_SECRET", SECRET)
         .env("RUST_LOG", "warn")
         // Sealed gossip on a free port unless `env` says otherwise.
@@ -41,14 +56,14 @@ pub fn command(binary: &Path, env: &[(&str, &str)]) -> anyhow::Result<(Command, 
     for (key, value) in env {
         command.env(key, value);
     }
-    Ok((command, addr))
+    Ok((command, listeners))
 }
 
 impl EdgeProcess {
-    /// Starts `binary` on a free port with the test secret and `env` on top,
-    /// and waits until `/readyz` answers 200. The port is picked before the
-    /// process binds it, so another test can take it in between: a start that
-    /// fails is retried on a fresh port (twice).
+    /// Starts `binary` on free ports with the test secret and `env` on top,
+    /// and waits until the admin listener's `/readyz` answers 200. The ports
+    /// are picked before the process binds them, so another test can take one
+    /// in between: a start that fails is retried on fresh ports (twice).
     pub async fn start(binary: &Path, env: &[(&str, &str)]) -> anyhow::Result<EdgeProcess> {
         Self::start_retrying(binary, env, false).await
     }
@@ -86,7 +101,7 @@ impl EdgeProcess {
         env: &[(&str, &str)],
         capture: bool,
     ) -> anyhow::Result<EdgeProcess> {
-        let (mut command, addr) = command(binary, env)?;
+        let (mut command, listeners) = command(binary, env)?;
         if capture {
             command.stderr(Stdio::piped());
         }
@@ -105,7 +120,8 @@ impl EdgeProcess {
             captured
         });
         let mut process = EdgeProcess {
-            addr,
+            addr: listeners.http,
+            admin_addr: listeners.admin,
             child,
             stderr,
         };
@@ -125,9 +141,15 @@ impl EdgeProcess {
             .unwrap_or_default()
     }
 
-    /// `http://<addr><path>`.
+    /// `http://<addr><path>`: streams, publish, presence.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// `http://<admin_addr><path>`: `/metrics`, `/v1/cluster`, `/healthz`,
+    /// `/readyz`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin_addr, path)
     }
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
@@ -136,7 +158,7 @@ impl EdgeProcess {
             if let Some(status) = self.child.try_wait()? {
                 bail!("herald-edge exited during start-up ({status})");
             }
-            if let Ok(response) = reqwest::get(self.url("/readyz")).await {
+            if let Ok(response) = reqwest::get(self.admin_url("/readyz")).await {
                 if response.status() == 200 {
                     return Ok(());
                 }

@@ -1,14 +1,18 @@
 //! The HTTP face of a node: the warp filter tree and shared request state.
 //!
-//! - [`routes`]: every endpoint, with [`errors::recover`] turning failures into
-//!   JSON errors ([`errors`]: the one place an error becomes a response);
+//! - [`routes`]: the public endpoints (streams, publish, presence), and
+//!   [`admin_routes`]: the operators' (`/healthz`, `/readyz`, `/v1/cluster`,
+//!   `/metrics`), served on a listener of their own; each with
+//!   [`errors::recover`] turning failures into JSON errors ([`errors`]: the
+//!   one place an error becomes a response);
 //! - [`stream`]: `GET /v1/stream`, one SSE stream per client (opening it in
 //!   `stream.rs`; its `session` and `cursor` below it);
 //! - [`credentials`]: where a request's token is read from (header, query,
 //!   cookie), and the publisher check every publisher endpoint runs;
 //! - [`publish`]: `POST /v1/publish`;
 //! - [`idempotency`]: `msg_id` dedup keys scoped to publisher and target;
-//! - [`health`]: `/healthz`, `/readyz`, `/v1/cluster`, `/v1/presence`, `/metrics`;
+//! - [`health`]: `/healthz`, `/readyz`, `/v1/cluster`, `/metrics` (admin
+//!   listener) and `/v1/presence` (public);
 //! - [`throttle`]: per-credential publish rate limits;
 //! - [`server`]: the hyper accept loop (header timeouts, size limits, killing a
 //!   slow client's socket, graceful shutdown);
@@ -115,8 +119,9 @@ impl AppState {
     }
 }
 
-/// The complete filter tree of a node: the endpoints, CORS when origins are
-/// configured, and one recovery turning every failure into a JSON error.
+/// The public filter tree (`http.listen`): streams, publish and presence,
+/// CORS when origins are configured, and one recovery turning every failure
+/// into a JSON error. Operators' paths are not here: they answer 404.
 pub(crate) fn routes(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response,)> {
     let origins = &state.settings.http.cors_allowed_origins;
     let endpoints = endpoints(Arc::clone(&state));
@@ -143,7 +148,37 @@ pub(crate) fn routes(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response
     endpoints.recover(errors::recover).unify().boxed()
 }
 
-/// Every endpoint, failures still as rejections.
+/// The admin filter tree (`admin.listen`): `/healthz`, `/readyz`,
+/// `/v1/cluster` and `/metrics`, with the same recovery (no CORS: browsers
+/// have no business here).
+pub(crate) fn admin_routes(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response,)> {
+    let with_state = warp::any().map(move || Arc::clone(&state));
+    let healthz = warp::path!("healthz").and(warp::get()).map(health::alive);
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(with_state.clone())
+        .map(health::ready);
+    let cluster = warp::path!("v1" / "cluster")
+        .and(warp::get())
+        .and(with_state.clone())
+        .map(health::cluster);
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_state)
+        .map(health::metrics);
+    healthz
+        .or(readyz)
+        .unify()
+        .or(cluster)
+        .unify()
+        .or(metrics)
+        .unify()
+        .recover(errors::recover)
+        .unify()
+        .boxed()
+}
+
+/// Every public endpoint, failures still as rejections.
 fn endpoints(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response,)> {
     let with_state = {
         let state = Arc::clone(&state);
@@ -164,37 +199,11 @@ fn endpoints(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response,)> {
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and_then(|state, headers, body| publish::publish(state, headers, Box::pin(body)));
-    let healthz = warp::path!("healthz").and(warp::get()).map(health::alive);
-    let readyz = warp::path!("readyz")
-        .and(warp::get())
-        .and(with_state.clone())
-        .map(health::ready);
     let presence = warp::path!("v1" / "presence" / String)
         .and(warp::get())
         .and(with_state.clone())
         .and(warp::header::headers_cloned())
         .and_then(health::presence);
-    let cluster = warp::path!("v1" / "cluster")
-        .and(warp::get())
-        .and(with_state.clone())
-        .map(health::cluster);
-    let metrics = warp::path!("metrics")
-        .and(warp::get())
-        .and(with_state)
-        .map(health::metrics);
 
-    stream
-        .or(publish)
-        .unify()
-        .or(healthz)
-        .unify()
-        .or(readyz)
-        .unify()
-        .or(cluster)
-        .unify()
-        .or(presence)
-        .unify()
-        .or(metrics)
-        .unify()
-        .boxed()
+    stream.or(publish).unify().or(presence).unify().boxed()
 }
