@@ -17,7 +17,8 @@
 //!   `decode`, `follow`, `chain`, `dispatcher`);
 //! - `auth`: JWT validation for subscribers and publishers, token minting;
 //! - `cluster`: gossip membership (the cluster view, the departure
-//!   announcement), `rebalance` decisions and cluster-wide `presence`;
+//!   announcement), `rebalance` decisions, cluster-wide `presence`, and
+//!   `disconnect` (ending a user's streams everywhere, token revocation);
 //! - `metrics`: Prometheus metrics, each declared once;
 //! - `telemetry`: the sampling decision and span of each delivery;
 //! - `heap`: live heap bytes for `/metrics` (with `--features heap-stats`).
@@ -35,8 +36,9 @@ mod metrics;
 mod registry;
 mod telemetry;
 
-pub use auth::{Claims, KeyError, PublishClaim, expiry_in, mint};
+pub use auth::{Claims, KeyError, PublishClaim, expiry_in, mint, now_secs};
 pub use bus::nats::NatsError;
+pub use cluster::disconnect::RevocationError;
 pub use cluster::{ClusterError, ClusterView, Member, MemberState, NodeInfo};
 pub use http::errors::ApiError;
 pub use http::stream::StreamRequest;
@@ -77,6 +79,9 @@ pub enum StartError {
     /// Gossip membership could not start.
     #[error("{0}")]
     Gossip(#[from] cluster::ClusterError),
+    /// The revocation bucket could not be set up (NATS bus).
+    #[error("{0}")]
+    Revocations(#[from] cluster::disconnect::RevocationError),
     /// The gossip task ended while the node ran (the node drained and stopped).
     #[error("gossip membership stopped unexpectedly")]
     GossipStopped,
@@ -97,6 +102,8 @@ pub struct Node {
     listener: TcpListener,
     local_addr: SocketAddr,
     state: Arc<AppState>,
+    /// The revocation bucket's watch, begun at bind, followed while running.
+    revocation_watch: cluster::disconnect::BucketWatch,
 }
 
 /// A view of a running node, for tests and tools in the same process.
@@ -161,6 +168,15 @@ impl Node {
         let cluster = Arc::new(
             cluster::Cluster::start(&settings, &node_id, local_addr, Arc::clone(&metrics)).await?,
         );
+        let (disconnects, revocation_watch) =
+            cluster::disconnect::Disconnects::start(cluster::disconnect::DisconnectParts {
+                settings: &settings,
+                client: nats_client.clone(),
+                registry: Arc::clone(&registry),
+                metrics: Arc::clone(&metrics),
+                tracing: Arc::clone(&tracing),
+            })
+            .await?;
         let presence = cluster::presence::Presence::new(
             nats_client,
             &settings.nats.live_prefix,
@@ -180,6 +196,7 @@ impl Node {
             metrics,
             cluster,
             presence,
+            disconnects,
             drain: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             draining: AtomicBool::new(false),
@@ -188,6 +205,7 @@ impl Node {
             listener,
             local_addr,
             state,
+            revocation_watch,
         })
     }
 
@@ -233,6 +251,12 @@ impl Node {
         ));
         let membership = tokio::spawn(gossip_load(Arc::clone(&state)));
         tokio::spawn(state.presence.clone().serve(state.shutdown.clone()));
+        tokio::spawn(
+            state
+                .disconnects
+                .clone()
+                .serve(self.revocation_watch, state.shutdown.clone()),
+        );
         // Moving a stream to another node only makes sense when every node
         // reads the same history (NATS), not one memory bus per process.
         if state.settings.bus.kind == BusKind::Nats {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use herald_config::Settings;
-use herald_edge::{Claims, PublishClaim, expiry_in, mint};
+use herald_edge::{Claims, PublishClaim, expiry_in, mint, now_secs};
 
 /// Exit status for invalid configuration or usage (EX_USAGE / EX_CONFIG family).
 const EXIT_CONFIG: u8 = 64;
@@ -136,6 +136,8 @@ fn token(settings: &Settings, request: TokenRequest) -> anyhow::Result<String> {
     let claims = Claims {
         sub: request.user,
         exp: expiry_in(Duration::from_secs(request.ttl_secs)),
+        iat: Some(now_secs()),
+        nbf: None,
         topics: request.topics,
         herald_publish: request.publish.map(|targets| {
             if targets.is_empty() {

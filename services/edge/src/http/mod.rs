@@ -7,6 +7,8 @@
 //! - [`credentials`]: where a request's token is read from (header, query,
 //!   cookie), and the publisher check every publisher endpoint runs;
 //! - [`publish`]: `POST /v1/publish`;
+//! - [`disconnect`]: `POST /v1/disconnect` (end a user's streams everywhere,
+//!   optionally revoking their tokens);
 //! - [`idempotency`]: `msg_id` dedup keys scoped to publisher and target;
 //! - [`health`]: `/healthz`, `/readyz`, `/v1/cluster`, `/v1/presence`, `/metrics`;
 //! - [`throttle`]: per-credential publish rate limits;
@@ -19,6 +21,7 @@
 
 mod credentials;
 mod direct;
+mod disconnect;
 pub(crate) mod errors;
 mod health;
 mod idempotency;
@@ -60,6 +63,8 @@ pub(crate) struct AppState {
     pub(crate) cluster: Arc<crate::cluster::Cluster>,
     /// Cluster-wide presence over NATS request/reply.
     pub(crate) presence: crate::cluster::presence::Presence,
+    /// Cluster-wide disconnects and the revoked tokens.
+    pub(crate) disconnects: crate::cluster::disconnect::Disconnects,
     /// Cancelled when the node starts draining: every stream then ends at a
     /// random moment within `stream.drain_ms`.
     pub(crate) drain: CancellationToken,
@@ -164,6 +169,12 @@ fn endpoints(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response,)> {
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and_then(|state, headers, body| publish::publish(state, headers, Box::pin(body)));
+    let disconnect = warp::path!("v1" / "disconnect")
+        .and(warp::post())
+        .and(with_state.clone())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .and_then(|state, headers, body| disconnect::disconnect(state, headers, Box::pin(body)));
     let healthz = warp::path!("healthz").and(warp::get()).map(health::alive);
     let readyz = warp::path!("readyz")
         .and(warp::get())
@@ -185,6 +196,8 @@ fn endpoints(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response,)> {
 
     stream
         .or(publish)
+        .unify()
+        .or(disconnect)
         .unify()
         .or(healthz)
         .unify()

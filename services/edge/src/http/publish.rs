@@ -28,7 +28,7 @@ use super::AppState;
 use super::credentials::require_publisher;
 use super::errors::ApiError;
 use super::idempotency::dedup_key;
-use crate::auth::PublisherId;
+use crate::auth::{Publisher, PublisherId};
 use crate::bus::{PublishError, PublishRequest};
 
 #[derive(Debug, Deserialize)]
@@ -48,18 +48,7 @@ pub(crate) async fn publish(
     body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
 ) -> Result<Response, Rejection> {
     let publisher = require_publisher(&state.auth, &headers)?;
-    if let Err(wait) = state.throttle.take(&publisher.id.to_string()) {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!(
-                "this credential may publish {} events per second",
-                state.settings.http.publish_rate_per_sec
-            ),
-        )
-        .retry_after(wait.as_secs().max(1))
-        .into());
-    }
+    take_turn(&state, &publisher)?;
     let body = read_limited(body, &headers, state.settings.http.max_body_bytes).await?;
     let publication = parse(&body)?;
     if !publisher.may_publish(&publication.target) {
@@ -89,6 +78,25 @@ pub(crate) async fn publish(
         }
         Err(err) => Err(not_published(err, &target).into()),
     }
+}
+
+/// Counts one request against the publisher's rate (`http.publish_rate_per_sec`,
+/// shared by every publisher endpoint): 429 with `Retry-After` when over it.
+pub(super) fn take_turn(state: &AppState, publisher: &Publisher) -> Result<(), ApiError> {
+    state
+        .throttle
+        .take(&publisher.id.to_string())
+        .map_err(|wait| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "this credential may publish {} events per second",
+                    state.settings.http.publish_rate_per_sec
+                ),
+            )
+            .retry_after(wait.as_secs().max(1))
+        })
 }
 
 /// The answer to a publish the bus refused.
@@ -121,7 +129,7 @@ fn not_published(err: PublishError, target: &Target) -> ApiError {
 
 /// Reads the body, refusing it as soon as it is known to exceed `limit` bytes
 /// (by `Content-Length` or while streaming a chunked body).
-async fn read_limited(
+pub(super) async fn read_limited(
     mut body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
     headers: &HeaderMap,
     limit: u64,

@@ -343,6 +343,8 @@ impl Session {
                 Some(Queued::Event(frame)) => return Step::Frame(frame),
                 Some(Queued::Progress { slot, through }) => self.cursor.advance(slot, through),
                 Some(Queued::Leave(reason)) => return Step::Leave(reason),
+                // Its `Leave` follows: written with it.
+                Some(Queued::Notice(frame)) => self.buf.extend_from_slice(&frame),
                 None => return Step::End,
             }
         }
@@ -395,6 +397,7 @@ impl Session {
                 Ok(Queued::Event(frame)) => return Ok(Some(frame)),
                 Ok(Queued::Progress { slot, through }) => self.cursor.advance(slot, through),
                 Ok(Queued::Leave(reason)) => return Err(reason),
+                Ok(Queued::Notice(frame)) => self.buf.extend_from_slice(&frame),
                 Err(_) => break,
             }
         }
