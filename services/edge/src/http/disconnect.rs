@@ -28,9 +28,8 @@ use warp::reply::Response;
 use warp::{Rejection, Reply};
 
 use super::AppState;
-use super::credentials::require_publisher;
 use super::errors::ApiError;
-use super::publish::{read_limited, take_turn};
+use super::publish::publisher_request;
 use crate::cluster::disconnect::{DisconnectError, ReasonEvent};
 
 /// A validated disconnect request.
@@ -47,9 +46,7 @@ pub(crate) async fn disconnect(
     headers: HeaderMap,
     body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
 ) -> Result<Response, Rejection> {
-    let publisher = require_publisher(&state.auth, &headers)?;
-    take_turn(&state, &publisher)?;
-    let body = read_limited(body, &headers, state.settings.http.max_body_bytes).await?;
+    let (publisher, body) = publisher_request(&state, &headers, body).await?;
     let request = parse(&body, state.settings.nats.max_event_bytes)?;
     if !publisher.may_publish(&request.user) {
         return Err(ApiError::new(

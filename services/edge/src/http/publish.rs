@@ -47,9 +47,7 @@ pub(crate) async fn publish(
     headers: HeaderMap,
     body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
 ) -> Result<Response, Rejection> {
-    let publisher = require_publisher(&state.auth, &headers)?;
-    take_turn(&state, &publisher)?;
-    let body = read_limited(body, &headers, state.settings.http.max_body_bytes).await?;
+    let (publisher, body) = publisher_request(&state, &headers, body).await?;
     let publication = parse(&body)?;
     if !publisher.may_publish(&publication.target) {
         return Err(ApiError::new(
@@ -80,9 +78,23 @@ pub(crate) async fn publish(
     }
 }
 
+/// What every publisher endpoint with a body does first: the publisher
+/// ([`require_publisher`]), one turn of its rate ([`take_turn`]), and the body
+/// read within `http.max_body_bytes` ([`read_limited`]).
+pub(super) async fn publisher_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
+) -> Result<(Publisher, Bytes), ApiError> {
+    let publisher = require_publisher(&state.auth, headers)?;
+    take_turn(state, &publisher)?;
+    let body = read_limited(body, headers, state.settings.http.max_body_bytes).await?;
+    Ok((publisher, body))
+}
+
 /// Counts one request against the publisher's rate (`http.publish_rate_per_sec`,
 /// shared by every publisher endpoint): 429 with `Retry-After` when over it.
-pub(super) fn take_turn(state: &AppState, publisher: &Publisher) -> Result<(), ApiError> {
+fn take_turn(state: &AppState, publisher: &Publisher) -> Result<(), ApiError> {
     state
         .throttle
         .take(&publisher.id.to_string())
@@ -129,7 +141,7 @@ fn not_published(err: PublishError, target: &Target) -> ApiError {
 
 /// Reads the body, refusing it as soon as it is known to exceed `limit` bytes
 /// (by `Content-Length` or while streaming a chunked body).
-pub(super) async fn read_limited(
+async fn read_limited(
     mut body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
     headers: &HeaderMap,
     limit: u64,
