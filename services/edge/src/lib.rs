@@ -79,7 +79,8 @@ pub enum StartError {
     /// Gossip membership could not start.
     #[error("{0}")]
     Gossip(#[from] cluster::ClusterError),
-    /// The revocation bucket could not be set up (NATS bus).
+    /// Cluster-wide disconnects could not be set up (NATS bus: the order
+    /// subscription or the revocation bucket).
     #[error("{0}")]
     Revocations(#[from] cluster::disconnect::RevocationError),
     /// The gossip task ended while the node ran (the node drained and stopped).
@@ -102,8 +103,9 @@ pub struct Node {
     listener: TcpListener,
     local_addr: SocketAddr,
     state: Arc<AppState>,
-    /// The revocation bucket's watch, begun at bind, followed while running.
-    revocation_watch: cluster::disconnect::BucketWatch,
+    /// The disconnect orders and the revocation bucket, subscribed to at
+    /// bind, followed while running.
+    disconnect_subscriptions: cluster::disconnect::Subscriptions,
 }
 
 /// A view of a running node, for tests and tools in the same process.
@@ -168,7 +170,7 @@ impl Node {
         let cluster = Arc::new(
             cluster::Cluster::start(&settings, &node_id, local_addr, Arc::clone(&metrics)).await?,
         );
-        let (disconnects, revocation_watch) =
+        let (disconnects, disconnect_subscriptions) =
             cluster::disconnect::Disconnects::start(cluster::disconnect::DisconnectParts {
                 settings: &settings,
                 client: nats_client.clone(),
@@ -205,7 +207,7 @@ impl Node {
             listener,
             local_addr,
             state,
-            revocation_watch,
+            disconnect_subscriptions,
         })
     }
 
@@ -255,7 +257,7 @@ impl Node {
             state
                 .disconnects
                 .clone()
-                .serve(self.revocation_watch, state.shutdown.clone()),
+                .serve(self.disconnect_subscriptions, state.shutdown.clone()),
         );
         // Moving a stream to another node only makes sense when every node
         // reads the same history (NATS), not one memory bus per process.

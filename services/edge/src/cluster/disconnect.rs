@@ -49,8 +49,9 @@ const REWATCH_AFTER: Duration = Duration::from_secs(1);
 /// How often expired entries leave the local copy.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-/// Why the revocation bucket could not be set up at start-up. The bucket may
-/// have been created before a later step failed.
+/// Why cluster-wide disconnects (the order subscription, the revocation
+/// bucket) could not be set up at start-up. The bucket may have been created
+/// before a later step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RevocationError {
     /// Creating or updating the bucket failed (name, permissions, JetStream).
@@ -70,6 +71,15 @@ pub enum RevocationError {
         /// async-nats' error.
         #[source]
         source: kv::WatchError,
+    },
+    /// The control subjects cannot be subscribed to.
+    #[error("cannot subscribe to disconnect orders on {subject}: {source}")]
+    Orders {
+        /// The wildcard subject.
+        subject: String,
+        /// async-nats' error.
+        #[source]
+        source: async_nats::SubscribeError,
     },
 }
 
@@ -187,13 +197,14 @@ struct Control {
     prefix: String,
 }
 
-/// The watch of the bucket begun at start-up (none on the memory bus),
-/// handed to [`Disconnects::serve`].
-pub(crate) struct BucketWatch(Option<kv::Watch>);
+/// What [`Disconnects::start`] subscribed to (nothing on the memory bus),
+/// handed to [`Disconnects::serve`]: subscribed before the node serves, so no
+/// order sent once it answers requests is missed.
+pub(crate) struct Subscriptions(Option<(async_nats::Subscriber, kv::Watch)>);
 
-impl std::fmt::Debug for BucketWatch {
+impl std::fmt::Debug for Subscriptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("BucketWatch")
+        f.debug_tuple("Subscriptions")
             .field(&self.0.is_some())
             .finish()
     }
@@ -229,10 +240,10 @@ impl Disconnects {
     /// local copy; the watch started here goes on in [`Disconnects::serve`].
     pub(crate) async fn start(
         parts: DisconnectParts<'_>,
-    ) -> Result<(Disconnects, BucketWatch), RevocationError> {
+    ) -> Result<(Disconnects, Subscriptions), RevocationError> {
         let settings = parts.settings;
         let revocations = Arc::new(Revocations::new(settings.auth.revocation_ttl_secs));
-        let (nats, watch) = match parts.client {
+        let (nats, subscriptions) = match parts.client {
             None => (None, None),
             Some(client) => {
                 let bucket_name = format!("{}_REVOKED", settings.nats.stream);
@@ -266,12 +277,18 @@ impl Disconnects {
                     }
                 })?;
                 load(&revocations, &mut watch, stored).await;
+                let prefix = format!("{}.control.disconnect", settings.nats.live_prefix);
+                let subject = format!("{prefix}.>");
+                let orders = client
+                    .subscribe(subject.clone())
+                    .await
+                    .map_err(|source| RevocationError::Orders { subject, source })?;
                 let control = Control {
                     client,
                     bucket,
-                    prefix: format!("{}.control.disconnect", settings.nats.live_prefix),
+                    prefix,
                 };
-                (Some(control), Some(watch))
+                (Some(control), Some((orders, watch)))
             }
         };
         let disconnects = Disconnects {
@@ -281,7 +298,7 @@ impl Disconnects {
             metrics: parts.metrics,
             tracing: parts.tracing,
         };
-        Ok((disconnects, BucketWatch(watch)))
+        Ok((disconnects, Subscriptions(subscriptions)))
     }
 
     /// Whether `subscriber`'s token was revoked (answered from memory).
@@ -365,28 +382,25 @@ impl Disconnects {
     }
 
     /// Carries out orders from every node and follows the bucket, until
-    /// `shutdown`. `watch` is the one [`Disconnects::start`] began.
-    pub(crate) async fn serve(self, watch: BucketWatch, shutdown: CancellationToken) {
-        let Some(control) = self.nats.clone() else {
+    /// `shutdown`, on what [`Disconnects::start`] subscribed to.
+    pub(crate) async fn serve(self, subscriptions: Subscriptions, shutdown: CancellationToken) {
+        let (Some(control), Some((orders, watch))) = (self.nats.clone(), subscriptions.0) else {
             return;
         };
         let orders = self
             .clone()
-            .follow_orders(control.clone(), shutdown.clone());
-        let bucket = self.follow_bucket(control, watch.0, shutdown);
+            .follow_orders(control.clone(), orders, shutdown.clone());
+        let bucket = self.follow_bucket(control, Some(watch), shutdown);
         tokio::join!(orders, bucket);
     }
 
     /// Carries out every order on the control subjects until `shutdown`.
-    async fn follow_orders(self, control: Control, shutdown: CancellationToken) {
-        let subject = format!("{}.>", control.prefix);
-        let mut orders = match control.client.subscribe(subject.clone()).await {
-            Ok(subscriber) => subscriber,
-            Err(err) => {
-                tracing::error!(%subject, error = %err, "cannot receive disconnect orders");
-                return;
-            }
-        };
+    async fn follow_orders(
+        self,
+        control: Control,
+        mut orders: async_nats::Subscriber,
+        shutdown: CancellationToken,
+    ) {
         loop {
             let message = tokio::select! {
                 _ = shutdown.cancelled() => return,
