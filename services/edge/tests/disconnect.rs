@@ -248,6 +248,31 @@ async fn a_revoked_users_older_tokens_get_204_on_every_node_and_a_newer_token_wo
     }
 }
 
+/// With NATS gone, a disconnect is answered 503 `bus_unavailable` with
+/// `Retry-After` in bounded time, with or without `revoke`, instead of
+/// hanging while the client waits for the connection to come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_nats_a_disconnect_is_a_503_in_bounded_time() {
+    let mut nats = NatsServer::start().expect("nats-server");
+    let node = nats_node(&nats, "node-a").await;
+    nats.kill();
+    for body in [r#"{"user":"alice"}"#, r#"{"user":"alice","revoke":true}"#] {
+        let asked = Instant::now();
+        let (status, answer) = tokio::time::timeout(
+            Duration::from_secs(15),
+            disconnect(&node, Some(&publisher_token()), body),
+        )
+        .await
+        .expect("answered in bounded time");
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (503, Some("bus_unavailable")),
+            "{body}: {answer}"
+        );
+        eprintln!("{body}: 503 after {:?}", asked.elapsed());
+    }
+}
+
 /// On the memory bus (one node, no NATS) a disconnect and a revocation work
 /// the same, kept in the node's memory.
 #[tokio::test]

@@ -46,6 +46,10 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// it failed or ended.
 const REWATCH_AFTER: Duration = Duration::from_secs(1);
 
+/// How long sending an order may take before the request is answered 503
+/// (async-nats holds messages while it reconnects; the request must not).
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How often expired entries leave the local copy.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -95,6 +99,10 @@ pub(crate) enum DisconnectError {
     /// The order could not be published on NATS.
     #[error("cannot send the disconnect order: {0}")]
     Publish(#[source] async_nats::Error),
+    /// The order was not sent within [`SEND_TIMEOUT`] (NATS unreachable); it
+    /// may still go out once the connection is back.
+    #[error("the disconnect order was not sent within {} s", SEND_TIMEOUT.as_secs())]
+    TimedOut,
 }
 
 /// The event a disconnected stream receives before it ends.
@@ -335,17 +343,22 @@ impl Disconnects {
                 .map_err(DisconnectError::Store)?;
         }
         let payload = serde_json::to_vec(&order).expect("an order serializes");
-        control
-            .client
-            .publish(user.subject(&control.prefix), Bytes::from(payload))
+        let send = async {
+            control
+                .client
+                .publish(user.subject(&control.prefix), Bytes::from(payload))
+                .await
+                .map_err(|err| DisconnectError::Publish(err.into()))?;
+            // Sent before the request is answered.
+            control
+                .client
+                .flush()
+                .await
+                .map_err(|err| DisconnectError::Publish(err.into()))
+        };
+        tokio::time::timeout(SEND_TIMEOUT, send)
             .await
-            .map_err(|err| DisconnectError::Publish(err.into()))?;
-        // Sent before the request is answered.
-        control
-            .client
-            .flush()
-            .await
-            .map_err(|err| DisconnectError::Publish(err.into()))?;
+            .map_err(|_| DisconnectError::TimedOut)??;
         Ok(revoked_before)
     }
 

@@ -81,7 +81,7 @@ pub(crate) async fn disconnect(
         }
         Err(err) => {
             tracing::warn!(user = %user_label, error = %err, "disconnect failed");
-            let stored = matches!(err, DisconnectError::Publish(_)) && request.revoke;
+            let stored = !matches!(err, DisconnectError::Store(_)) && request.revoke;
             let message = if stored {
                 format!("{err}; the revocation is stored, but open streams were not ended: retry")
             } else {
