@@ -248,6 +248,50 @@ async fn a_revoked_users_older_tokens_get_204_on_every_node_and_a_newer_token_wo
     }
 }
 
+/// A node that missed the order (cut off from NATS when it was sent) still
+/// ends a revoked user's streams once the revocation reaches it through the
+/// bucket, a couple of seconds later, and refuses the old token; simulated by
+/// writing the entry straight into the bucket, with no order sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_heard_only_through_the_bucket_still_ends_the_users_streams() {
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node(&nats, "node-a").await;
+    let old = token_issued_at("a.b", now_secs() - 10);
+    let mut stream = open_with(&node, &old).await;
+    assert_eq!(stream.status, 200);
+
+    let client = async_nats::connect(nats.url()).await.expect("client");
+    let bucket = async_nats::jetstream::new(client)
+        .get_key_value("HERALD_REVOKED")
+        .await
+        .expect("the node created the bucket");
+    let revoked_before = now_secs();
+    // "a.b" is not a plain name: its key is its subject token, `~` written `=`.
+    let key = format!("={}", "YS5i");
+    bucket
+        .put(
+            &key,
+            json!({"revoked_before": revoked_before}).to_string().into(),
+        )
+        .await
+        .expect("stored");
+    let stored = Instant::now();
+    let items = stream.until_end(PATIENCE).await.expect("the stream ends");
+    eprintln!(
+        "stream ended {:?} after the entry was stored",
+        stored.elapsed()
+    );
+    assert!(events(&items).is_empty(), "{items:?}");
+    assert_eq!(open_with(&node, &old).await.status, 204);
+    let newer = token_issued_at("a.b", revoked_before + 1);
+    assert_eq!(open_with(&node, &newer).await.status, 200);
+    assert_eq!(
+        metric(&node, "herald_user_disconnects_total"),
+        0,
+        "no order was sent"
+    );
+}
+
 /// With NATS gone, a disconnect is answered 503 `bus_unavailable` with
 /// `Retry-After` in bounded time, with or without `revoke`, instead of
 /// hanging while the client waits for the connection to come back.

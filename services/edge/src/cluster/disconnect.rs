@@ -50,6 +50,11 @@ const REWATCH_AFTER: Duration = Duration::from_secs(1);
 /// (async-nats holds messages while it reconnects; the request must not).
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long after a revocation first heard of through the bucket the node
+/// ends the user's streams itself, in case it missed the order (cut off from
+/// NATS when it was sent): by then the order, had it come, has ended them.
+const MISSED_ORDER_AFTER: Duration = Duration::from_secs(2);
+
 /// How often expired entries leave the local copy.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -149,11 +154,17 @@ impl Revocations {
     }
 
     /// Records a revocation; of two for one user, the later one holds.
-    fn record(&self, user: &str, revoked_before: u64) {
+    /// Returns whether this one was news (later than what was known).
+    fn record(&self, user: &str, revoked_before: u64) -> bool {
+        let mut raised = true;
         self.revoked
             .entry(user.to_owned())
-            .and_modify(|before| *before = (*before).max(revoked_before))
+            .and_modify(|before| {
+                raised = revoked_before > *before;
+                *before = (*before).max(revoked_before);
+            })
             .or_insert(revoked_before);
+        raised
     }
 
     /// Forgets a user's revocation (its key was deleted from the bucket).
@@ -464,7 +475,11 @@ impl Disconnects {
                 _ = shutdown.cancelled() => return,
                 _ = prune.tick() => self.revocations.prune(now_secs()),
                 entry = current.next() => match entry {
-                    Some(Ok(entry)) => absorb(&self.revocations, &entry),
+                    Some(Ok(entry)) => {
+                        if let Some(user) = absorb(&self.revocations, &entry) {
+                            tokio::spawn(self.clone().end_unless_ordered(user, shutdown.clone()));
+                        }
+                    }
                     Some(Err(err)) => {
                         tracing::warn!(error = %err, "revocation bucket watch failed; watching again");
                         watch = None;
@@ -472,6 +487,30 @@ impl Disconnects {
                     None => watch = None,
                 },
             }
+        }
+    }
+}
+
+impl Disconnects {
+    /// For a revocation heard of through the bucket before (or without) its
+    /// order: after [`MISSED_ORDER_AFTER`], ends the user's streams still
+    /// open here. Streams the order ended are gone by then; a stream opened
+    /// since with a newer token merely reconnects (it resumes from its last
+    /// id), the price of not leaving a revoked stream open.
+    async fn end_unless_ordered(self, user: Target, shutdown: CancellationToken) {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(MISSED_ORDER_AFTER) => {}
+        }
+        let streams = self
+            .registry
+            .end_streams_of(&user, DisconnectReason::Revoked, None);
+        if streams > 0 {
+            tracing::warn!(
+                user = %self.tracing.user_for_logs(&user),
+                streams,
+                "revocation heard of through the bucket: ending the user's remaining streams here"
+            );
         }
     }
 }
@@ -486,7 +525,8 @@ async fn load(revocations: &Revocations, watch: &mut kv::Watch, stored: u64) {
         while let Some(entry) = watch.next().await {
             match entry {
                 Ok(entry) => {
-                    absorb(revocations, &entry);
+                    // At start-up no stream is open yet: nothing to end.
+                    let _ = absorb(revocations, &entry);
                     if entry.delta == 0 {
                         return;
                     }
@@ -507,20 +547,27 @@ async fn load(revocations: &Revocations, watch: &mut kv::Watch, stored: u64) {
     }
 }
 
-/// Applies one bucket entry to the local copy.
-fn absorb(revocations: &Revocations, entry: &kv::Entry) {
+/// Applies one bucket entry to the local copy; returns the user when the
+/// entry revoked them later than the copy knew.
+fn absorb(revocations: &Revocations, entry: &kv::Entry) -> Option<Target> {
     let Some(user) = user_of(&entry.key) else {
         tracing::warn!(key = %entry.key, "ignoring a revocation bucket key Herald did not write");
-        return;
+        return None;
     };
     match entry.operation {
         kv::Operation::Put => match serde_json::from_slice::<Entry>(&entry.value) {
-            Ok(value) => revocations.record(user.name(), value.revoked_before),
+            Ok(value) => revocations
+                .record(user.name(), value.revoked_before)
+                .then_some(user),
             Err(err) => {
-                tracing::warn!(key = %entry.key, error = %err, "ignoring a malformed revocation entry")
+                tracing::warn!(key = %entry.key, error = %err, "ignoring a malformed revocation entry");
+                None
             }
         },
-        kv::Operation::Delete | kv::Operation::Purge => revocations.forget(user.name()),
+        kv::Operation::Delete | kv::Operation::Purge => {
+            revocations.forget(user.name());
+            None
+        }
     }
 }
 
@@ -571,8 +618,9 @@ mod tests {
     #[test]
     fn of_two_revocations_the_later_holds_whatever_order_they_arrive_in() {
         let revocations = Revocations::new(3600);
-        revocations.record("alice", 2_000);
-        revocations.record("alice", 1_000);
+        assert!(revocations.record("alice", 2_000));
+        assert!(!revocations.record("alice", 1_000));
+        assert!(!revocations.record("alice", 2_000));
         assert!(revocations.refuses(&subscriber("alice", Some(1_500)), 2_001));
         revocations.forget("alice");
         assert!(!revocations.refuses(&subscriber("alice", Some(1_500)), 2_001));
