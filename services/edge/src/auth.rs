@@ -761,6 +761,43 @@ mod tests {
     }
 
     #[test]
+    fn the_issue_time_is_iat_else_nbf_read_leniently() {
+        let auth = authenticator();
+        let exp = expiry_in(Duration::from_secs(600));
+        let issued_at = |claims: serde_json::Value| {
+            let token = jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(SECRET.as_bytes()),
+            )
+            .expect("signed");
+            auth.subscriber(&token).expect("accepted").issued_at
+        };
+        let past = expiry_in(Duration::ZERO) - 100;
+        let sub = "alice";
+        assert_eq!(
+            issued_at(serde_json::json!({"sub": sub, "exp": exp, "iat": past})),
+            Some(past)
+        );
+        assert_eq!(
+            issued_at(serde_json::json!({"sub": sub, "exp": exp, "iat": past as f64 + 0.75})),
+            Some(past),
+            "a fractional NumericDate is floored"
+        );
+        assert_eq!(
+            issued_at(serde_json::json!({"sub": sub, "exp": exp, "nbf": past})),
+            Some(past),
+            "nbf stands in for a missing iat"
+        );
+        assert_eq!(
+            issued_at(serde_json::json!({"sub": sub, "exp": exp, "iat": "yesterday"})),
+            None,
+            "a token with an iat that is not a number is still accepted, without an issue time"
+        );
+        assert_eq!(issued_at(serde_json::json!({"sub": sub, "exp": exp})), None);
+    }
+
+    #[test]
     fn a_token_whose_publish_claim_is_false_neither_streams_nor_publishes() {
         let claims = Claims {
             herald_publish: Some(PublishClaim::All(false)),
