@@ -157,6 +157,15 @@ impl Node {
         let tracing = Arc::new(telemetry::Tracing::new(&settings, &node_id));
         let (bus, nats_client) =
             start_bus(&settings, &node_id, &registry, &metrics, &tracing).await?;
+        let (disconnects, disconnect_subscriptions) =
+            cluster::disconnect::Disconnects::start(cluster::disconnect::DisconnectParts {
+                settings: &settings,
+                client: nats_client.clone(),
+                registry: Arc::clone(&registry),
+                metrics: Arc::clone(&metrics),
+                tracing: Arc::clone(&tracing),
+            })
+            .await?;
         let addr = settings.http.listen.clone();
         let listener = TcpListener::bind(&addr)
             .await
@@ -170,15 +179,6 @@ impl Node {
         let cluster = Arc::new(
             cluster::Cluster::start(&settings, &node_id, local_addr, Arc::clone(&metrics)).await?,
         );
-        let (disconnects, disconnect_subscriptions) =
-            cluster::disconnect::Disconnects::start(cluster::disconnect::DisconnectParts {
-                settings: &settings,
-                client: nats_client.clone(),
-                registry: Arc::clone(&registry),
-                metrics: Arc::clone(&metrics),
-                tracing: Arc::clone(&tracing),
-            })
-            .await?;
         let presence = cluster::presence::Presence::new(
             nats_client,
             &settings.nats.live_prefix,
