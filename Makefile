@@ -141,7 +141,7 @@ deploy-check: $(HELM) $(DEPLOY_VENV)/.installed ## Lint, render and schema-check
 
 CHAOS_FAST := edge-sigkill rolling-restart stream-leader-kill edge-nats-partition gossip-partition reconnect-storm \
   publisher-retries nats-history-rewound chromium-edge-kill chromium-rolling-restart chromium-statuses \
-  eventsource-npm clock-skew mixed-targets mixed-targets-leader nats-route-drop client-slow-consumer
+  eventsource-npm clock-skew mixed-targets mixed-targets-leader nats-route-drop client-slow-consumer chromium-revoke
 
 chaos-deps: nats-server sse-clients
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || (apt-get install -y nginx-light || sudo apt-get install -y nginx-light)
@@ -167,7 +167,7 @@ churn: chaos-deps ## Memory across stream churn: 1000 streams come, replay and g
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	chaos/churn.sh
 
-chaos-fast: chaos-deps ## The seventeen chaos scenarios make test runs (debug builds, about 17 minutes)
+chaos-fast: chaos-deps ## The eighteen chaos scenarios make test runs (debug builds, about 17 minutes)
 	$(CARGO) build -p herald-edge -p herald-loadtest --locked
 	EDGE_BIN=$(CURDIR)/target/debug/herald-edge LOADTEST_BIN=$(CURDIR)/target/debug/herald-loadtest chaos/run.sh $(CHAOS_FAST)
 

@@ -32,7 +32,7 @@ trap stop_faults EXIT
 
 SCENARIOS=(edge-sigkill rolling-restart nats-restart stream-leader-kill edge-nats-cut edge-nats-partition gossip-partition
            slow-consumers reconnect-storm publisher-retries nats-power-loss nats-history-rewound
-           chromium-edge-kill chromium-rolling-restart chromium-statuses eventsource-npm clock-skew mixed-targets mixed-targets-leader
+           chromium-edge-kill chromium-rolling-restart chromium-statuses chromium-revoke eventsource-npm clock-skew mixed-targets mixed-targets-leader
            nats-route-drop client-slow-consumer)
 declare -A DESCRIBE=(
   [edge-sigkill]="an edge killed with SIGKILL under load, back 3 s later"
@@ -51,6 +51,7 @@ declare -A DESCRIBE=(
   [chromium-rolling-restart]="headless Chromium's EventSource across every edge restarted in turn with SIGTERM (drain)"
   [eventsource-npm]="30 npm eventsource clients through nginx, events from the Node nats client, across an edge SIGKILL and a drain"
   [chromium-statuses]="headless Chromium's EventSource against forced 401, 429, 503 and 204 answers"
+  [chromium-revoke]="headless Chromium's EventSource disconnected (reconnects) and revoked (204, CLOSED for good) with POST /v1/disconnect sent to another edge"
   [clock-skew]="edge-3's clock 5 minutes fast, edge-2's 5 minutes slow (libfaketime): resumes, order, tokens, gossip"
   [mixed-targets]="each client follows its user and a shared topic (one stream, two targets) across an edge SIGKILL and a NATS server restart (not the stream leader's): each target's events in order, and every id resumes exactly"
   [mixed-targets-leader]="mixed-targets with the stream leader's NATS server restarted: each target's events in order, and every id resumes exactly, through an election"

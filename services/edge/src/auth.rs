@@ -40,6 +40,22 @@ pub struct Claims {
     pub sub: Option<String>,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// Issued at, seconds since the Unix epoch: a revocation refuses the
+    /// user's tokens issued at or before it (docs/security.md).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "numeric_date"
+    )]
+    pub iat: Option<u64>,
+    /// Not valid before, seconds since the Unix epoch; stands in for `iat`
+    /// when a token has none.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "numeric_date"
+    )]
+    pub nbf: Option<u64>,
     /// Topics (or patterns) a subscriber may follow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topics: Vec<String>,
@@ -52,6 +68,18 @@ pub struct Claims {
     /// Audience, when the deployment checks it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
+}
+
+/// An optional NumericDate claim read leniently: RFC 7519 allows fractions
+/// (floored here), and a value that is not a number reads as absent, so a
+/// token Herald accepted before it read `iat` is still accepted.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u64>, D::Error> {
+    let value = serde_json::Value::deserialize(deserializer)?;
+    Ok(value
+        .as_u64()
+        .or_else(|| value.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)))
 }
 
 /// The `herald_publish` claim: everything, or a list of target patterns.
@@ -87,6 +115,10 @@ pub(crate) struct Subscriber {
     pub(crate) topics: Vec<Grant>,
     /// When the token expires.
     pub(crate) expires_at: SystemTime,
+    /// When the token was issued (`iat`, else `nbf`), seconds since the Unix
+    /// epoch; `None` when it carries neither, and then no revocation can be
+    /// shown to come before it.
+    pub(crate) issued_at: Option<u64>,
 }
 
 impl Subscriber {
@@ -387,6 +419,7 @@ impl Authenticator {
             user,
             topics: claims.topics.into_iter().map(Grant).collect(),
             expires_at: UNIX_EPOCH + Duration::from_secs(claims.exp),
+            issued_at: claims.iat.or(claims.nbf),
         })
     }
 
@@ -449,6 +482,11 @@ pub fn mint(secret: &str, claims: &Claims) -> Result<String, jsonwebtoken::error
         claims,
         &EncodingKey::from_secret(secret.as_bytes()),
     )
+}
+
+/// Seconds since the Unix epoch now (the `iat` of a token minted now).
+pub fn now_secs() -> u64 {
+    expiry_in(Duration::ZERO)
 }
 
 /// Seconds since the Unix epoch, `ttl` from now.
@@ -727,6 +765,43 @@ mod tests {
             auth.subscriber(&early).err(),
             Some(AuthError::Invalid("not valid yet (nbf)"))
         );
+    }
+
+    #[test]
+    fn the_issue_time_is_iat_else_nbf_read_leniently() {
+        let auth = authenticator();
+        let exp = expiry_in(Duration::from_secs(600));
+        let issued_at = |claims: serde_json::Value| {
+            let token = jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(SECRET.as_bytes()),
+            )
+            .expect("signed");
+            auth.subscriber(&token).expect("accepted").issued_at
+        };
+        let past = expiry_in(Duration::ZERO) - 100;
+        let sub = "alice";
+        assert_eq!(
+            issued_at(serde_json::json!({"sub": sub, "exp": exp, "iat": past})),
+            Some(past)
+        );
+        assert_eq!(
+            issued_at(serde_json::json!({"sub": sub, "exp": exp, "iat": past as f64 + 0.75})),
+            Some(past),
+            "a fractional NumericDate is floored"
+        );
+        assert_eq!(
+            issued_at(serde_json::json!({"sub": sub, "exp": exp, "nbf": past})),
+            Some(past),
+            "nbf stands in for a missing iat"
+        );
+        assert_eq!(
+            issued_at(serde_json::json!({"sub": sub, "exp": exp, "iat": "yesterday"})),
+            None,
+            "a token with an iat that is not a number is still accepted, without an issue time"
+        );
+        assert_eq!(issued_at(serde_json::json!({"sub": sub, "exp": exp})), None);
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //!   `decode`, `follow`, `chain`, `dispatcher`);
 //! - `auth`: JWT validation for subscribers and publishers, token minting;
 //! - `cluster`: gossip membership (the cluster view, the departure
-//!   announcement), `rebalance` decisions and cluster-wide `presence`;
+//!   announcement), `rebalance` decisions, cluster-wide `presence`, and
+//!   `disconnect` (ending a user's streams everywhere, token revocation);
 //! - `metrics`: Prometheus metrics, each declared once;
 //! - `telemetry`: the sampling decision and span of each delivery;
 //! - `heap`: live heap bytes for `/metrics` (with `--features heap-stats`).
@@ -36,8 +37,9 @@ mod metrics;
 mod registry;
 mod telemetry;
 
-pub use auth::{Claims, KeyError, PublishClaim, check_keys, expiry_in, mint};
+pub use auth::{Claims, KeyError, PublishClaim, check_keys, expiry_in, mint, now_secs};
 pub use bus::nats::NatsError;
+pub use cluster::disconnect::RevocationError;
 pub use cluster::{ClusterError, ClusterView, Member, MemberState, NodeInfo};
 pub use http::errors::ApiError;
 pub use http::stream::StreamRequest;
@@ -78,6 +80,10 @@ pub enum StartError {
     /// Gossip membership could not start.
     #[error("{0}")]
     Gossip(#[from] cluster::ClusterError),
+    /// Cluster-wide disconnects could not be set up (NATS bus: the order
+    /// subscription or the revocation bucket).
+    #[error("{0}")]
+    Revocations(#[from] cluster::disconnect::RevocationError),
     /// The gossip task ended while the node ran (the node drained and stopped).
     #[error("gossip membership stopped unexpectedly")]
     GossipStopped,
@@ -103,6 +109,9 @@ pub struct Node {
     admin_listener: TcpListener,
     admin_addr: SocketAddr,
     state: Arc<AppState>,
+    /// The disconnect orders and the revocation bucket, subscribed to at
+    /// bind, followed while running.
+    disconnect_subscriptions: cluster::disconnect::Subscriptions,
 }
 
 /// A view of a running node, for tests and tools in the same process.
@@ -154,6 +163,15 @@ impl Node {
         let tracing = Arc::new(telemetry::Tracing::new(&settings, &node_id));
         let (bus, nats_client) =
             start_bus(&settings, &node_id, &registry, &metrics, &tracing).await?;
+        let (disconnects, disconnect_subscriptions) =
+            cluster::disconnect::Disconnects::start(cluster::disconnect::DisconnectParts {
+                settings: &settings,
+                client: nats_client.clone(),
+                registry: Arc::clone(&registry),
+                metrics: Arc::clone(&metrics),
+                tracing: Arc::clone(&tracing),
+            })
+            .await?;
         let (listener, local_addr) = bind("http.listen", &settings.http.listen).await?;
         let (admin_listener, admin_addr) = bind("admin.listen", &settings.admin.listen).await?;
         let cluster = Arc::new(
@@ -178,6 +196,7 @@ impl Node {
             metrics,
             cluster,
             presence,
+            disconnects,
             drain: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             draining: AtomicBool::new(false),
@@ -188,6 +207,7 @@ impl Node {
             admin_listener,
             admin_addr,
             state,
+            disconnect_subscriptions,
         })
     }
 
@@ -247,6 +267,12 @@ impl Node {
         ));
         let membership = tokio::spawn(gossip_load(Arc::clone(&state)));
         tokio::spawn(state.presence.clone().serve(state.shutdown.clone()));
+        tokio::spawn(
+            state
+                .disconnects
+                .clone()
+                .serve(self.disconnect_subscriptions, state.shutdown.clone()),
+        );
         // Moving a stream to another node only makes sense when every node
         // reads the same history (NATS), not one memory bus per process.
         if state.settings.bus.kind == BusKind::Nats {

@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use herald_config::Settings;
-use herald_edge::{Claims, PublishClaim, expiry_in, mint};
+use herald_edge::{Claims, PublishClaim, expiry_in, mint, now_secs};
 
 /// Exit status for invalid configuration or usage (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -247,6 +247,8 @@ fn token(settings: &Settings, request: TokenArgs) -> anyhow::Result<String> {
     let claims = Claims {
         sub: request.user,
         exp: expiry_in(Duration::from_secs(request.ttl)),
+        iat: Some(now_secs()),
+        nbf: None,
         topics: request.topics,
         herald_publish,
         iss: settings.auth.issuer.clone(),

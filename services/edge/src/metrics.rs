@@ -150,6 +150,14 @@ metrics! {
     /// Streams this node asked to move elsewhere (rebalancing).
     streams_moved: Counter, "streams_moved",
         "Streams asked to reconnect to another node by rebalancing";
+    /// Disconnect orders (`POST /v1/disconnect`, taken by any node) this
+    /// node carried out: each ends every local stream of one user (the
+    /// streams are counted in `disconnects` as `disconnected` or `revoked`).
+    user_disconnects: Counter, "user_disconnects",
+        "Disconnect orders this node carried out (POST /v1/disconnect on any node), each ending every local stream of one user";
+    /// Stream requests answered 204 because the token was revoked.
+    revoked_refusals: Counter, "revoked_refusals",
+        "Stream requests refused with 204 because the user's token was revoked";
     /// Gossip datagrams dropped before the membership saw them, by reason
     /// (`malformed`, `bad_tag`, `stale`, `replayed`, `too_many_senders`).
     gossip_rejected: Family<ReasonLabel, Counter>, "gossip_rejected",
@@ -216,6 +224,8 @@ mod tests {
             "herald_queued_events gauge",
             "herald_cluster_members gauge",
             "herald_streams_moved counter",
+            "herald_user_disconnects counter",
+            "herald_revoked_refusals counter",
             "herald_gossip_rejected counter",
             "herald_delivery_latency_seconds histogram",
         ];

@@ -38,6 +38,12 @@ pub struct AuthSettings {
     pub issuer: Option<String>,
     /// When set, tokens must carry this `aud`.
     pub audience: Option<String>,
+    /// How long a revocation (`POST /v1/disconnect` with `"revoke": true`)
+    /// lasts, seconds: the user's tokens issued before it are refused for
+    /// this long, then the entry expires. Set it to at least the longest
+    /// lifetime of the subscriber tokens you issue plus `leeway_secs`, or an
+    /// old token outliving the entry would be accepted again. Default 86400.
+    pub revocation_ttl_secs: u64,
 }
 
 impl Default for AuthSettings {
@@ -52,6 +58,7 @@ impl Default for AuthSettings {
             expiry_warning_secs: 60,
             issuer: None,
             audience: None,
+            revocation_ttl_secs: 86_400,
         }
     }
 }
@@ -105,6 +112,12 @@ impl AuthSettings {
         }
         if self.jwks_refresh_secs == 0 {
             problems.push("auth.jwks_refresh_secs must be greater than 0".into());
+        }
+        if self.revocation_ttl_secs == 0 {
+            problems.push(
+                "auth.revocation_ttl_secs must be greater than 0 (a revocation must outlive the tokens it refuses)"
+                    .into(),
+            );
         }
     }
 }

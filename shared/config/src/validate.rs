@@ -98,6 +98,27 @@ mod tests {
     }
 
     #[test]
+    fn a_revocation_lasts_a_day_unless_configured_and_never_zero_seconds() {
+        let settings = load(&[("HERALD__AUTH__HS256_SECRET", SECRET)]).expect("valid");
+        assert_eq!(settings.auth.revocation_ttl_secs, 86_400);
+        let settings = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__AUTH__REVOCATION_TTL_SECS", "3600"),
+        ])
+        .expect("valid");
+        assert_eq!(settings.auth.revocation_ttl_secs, 3600);
+        let err = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__AUTH__REVOCATION_TTL_SECS", "0"),
+        ])
+        .expect_err("invalid");
+        assert!(
+            err.to_string().contains("auth.revocation_ttl_secs"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn the_nats_bus_is_configured_from_the_environment_and_checked() {
         let settings = load(&[
             ("HERALD__AUTH__HS256_SECRET", SECRET),

@@ -15,7 +15,12 @@
 //!   node's load (at most every `gossip.state_update_ms`, only when changed);
 //! - [`Cluster::leave`] announces the departure at once (SIGTERM);
 //! - [`Cluster::stop`] ends the gossip task.
+//!
+//! Beside gossip, two cluster-wide services ride on NATS: [`presence`] (which
+//! nodes hold a user's streams) and [`disconnect`] (ending a user's streams on
+//! every node, and keeping revoked tokens out).
 
+pub(crate) mod disconnect;
 mod member;
 pub(crate) mod presence;
 pub(crate) mod rebalance;

@@ -186,7 +186,12 @@ fn response_head(parts: &http::response::Parts, length: Option<u64>) -> Bytes {
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
-    if let Some(length) = length {
+    // A 204 or 304 carries no body and no Content-Length (RFC 9110 §8.6).
+    let bodiless = matches!(
+        parts.status,
+        http::StatusCode::NO_CONTENT | http::StatusCode::NOT_MODIFIED
+    );
+    if let Some(length) = length.filter(|_| !bodiless) {
         head.extend_from_slice(format!("content-length: {length}\r\n").as_bytes());
     }
     let date = httpdate::fmt_http_date(std::time::SystemTime::now());

@@ -10,6 +10,8 @@
 //! - [`credentials`]: where a request's token is read from (header, query,
 //!   cookie), and the publisher check every publisher endpoint runs;
 //! - [`publish`]: `POST /v1/publish`;
+//! - [`disconnect`]: `POST /v1/disconnect` (end a user's streams everywhere,
+//!   optionally revoking their tokens);
 //! - [`idempotency`]: `msg_id` dedup keys scoped to publisher and target;
 //! - [`health`]: `/healthz`, `/readyz`, `/v1/cluster`, `/metrics` (admin
 //!   listener) and `/v1/presence` (public);
@@ -23,6 +25,7 @@
 
 mod credentials;
 mod direct;
+mod disconnect;
 pub(crate) mod errors;
 mod health;
 mod idempotency;
@@ -64,6 +67,8 @@ pub(crate) struct AppState {
     pub(crate) cluster: Arc<crate::cluster::Cluster>,
     /// Cluster-wide presence over NATS request/reply.
     pub(crate) presence: crate::cluster::presence::Presence,
+    /// Cluster-wide disconnects and the revoked tokens.
+    pub(crate) disconnects: crate::cluster::disconnect::Disconnects,
     /// Cancelled when the node starts draining: every stream then ends at a
     /// random moment within `stream.drain_ms`.
     pub(crate) drain: CancellationToken,
@@ -199,11 +204,24 @@ fn endpoints(state: Arc<AppState>) -> BoxedFilter<(warp::reply::Response,)> {
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and_then(|state, headers, body| publish::publish(state, headers, Box::pin(body)));
+    let disconnect = warp::path!("v1" / "disconnect")
+        .and(warp::post())
+        .and(with_state.clone())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .and_then(|state, headers, body| disconnect::disconnect(state, headers, Box::pin(body)));
     let presence = warp::path!("v1" / "presence" / String)
         .and(warp::get())
         .and(with_state.clone())
         .and(warp::header::headers_cloned())
         .and_then(health::presence);
 
-    stream.or(publish).unify().or(presence).unify().boxed()
+    stream
+        .or(publish)
+        .unify()
+        .or(disconnect)
+        .unify()
+        .or(presence)
+        .unify()
+        .boxed()
 }

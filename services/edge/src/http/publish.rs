@@ -28,7 +28,7 @@ use super::AppState;
 use super::credentials::require_publisher;
 use super::errors::ApiError;
 use super::idempotency::dedup_key;
-use crate::auth::PublisherId;
+use crate::auth::{Publisher, PublisherId};
 use crate::bus::{PublishError, PublishRequest};
 
 #[derive(Debug, Deserialize)]
@@ -47,20 +47,7 @@ pub(crate) async fn publish(
     headers: HeaderMap,
     body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
 ) -> Result<Response, Rejection> {
-    let publisher = require_publisher(&state.auth, &headers)?;
-    if let Err(wait) = state.throttle.take(&publisher.id.to_string()) {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!(
-                "this credential may publish {} events per second",
-                state.settings.http.publish_rate_per_sec
-            ),
-        )
-        .retry_after(wait.as_secs().max(1))
-        .into());
-    }
-    let body = read_limited(body, &headers, state.settings.http.max_body_bytes).await?;
+    let (publisher, body) = publisher_request(&state, &headers, body).await?;
     let publication = parse(&body)?;
     if !publisher.may_publish(&publication.target) {
         return Err(ApiError::new(
@@ -89,6 +76,39 @@ pub(crate) async fn publish(
         }
         Err(err) => Err(not_published(err, &target).into()),
     }
+}
+
+/// What every publisher endpoint with a body does first: the publisher
+/// ([`require_publisher`]), one turn of its rate ([`take_turn`]), and the body
+/// read within `http.max_body_bytes` ([`read_limited`]).
+pub(super) async fn publisher_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
+) -> Result<(Publisher, Bytes), ApiError> {
+    let publisher = require_publisher(&state.auth, headers)?;
+    take_turn(state, &publisher)?;
+    let body = read_limited(body, headers, state.settings.http.max_body_bytes).await?;
+    Ok((publisher, body))
+}
+
+/// Counts one request against the publisher's rate (`http.publish_rate_per_sec`,
+/// shared by every publisher endpoint): 429 with `Retry-After` when over it.
+fn take_turn(state: &AppState, publisher: &Publisher) -> Result<(), ApiError> {
+    state
+        .throttle
+        .take(&publisher.id.to_string())
+        .map_err(|wait| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "this credential may publish {} events per second",
+                    state.settings.http.publish_rate_per_sec
+                ),
+            )
+            .retry_after(wait.as_secs().max(1))
+        })
 }
 
 /// The answer to a publish the bus refused.

@@ -1,7 +1,8 @@
 //! `GET /v1/stream`: one client's SSE stream.
 //!
 //! Opening a stream, in order:
-//! 1. authenticate the token (header, `access_token` query or cookie) and work
+//! 1. authenticate the token (header, `access_token` query or cookie), refuse
+//!    a revoked one with 204 (an `EventSource` then stops for good), and work
 //!    out the targets: the user, plus every `topic=` the token grants;
 //! 2. fix the starting position: the client's `Last-Event-ID` (header or
 //!    `last_event_id` query), or for a fresh stream the bus head *before*
@@ -99,6 +100,9 @@ pub(crate) async fn open(
         .as_deref()
         .ok_or_else(|| ApiError::from(crate::auth::AuthError::Missing))?;
     let subscriber = state.auth.subscriber(token).map_err(ApiError::from)?;
+    if state.disconnects.refuses(&subscriber) {
+        return Ok(revoked(&state, &subscriber));
+    }
     let targets = targets(&state, &subscriber, &request.topics)?;
 
     if state.is_draining() {
@@ -120,6 +124,13 @@ pub(crate) async fn open(
         Ok(follows) => follows,
         Err(err) => return refuse(&state, err),
     };
+    // A revocation carried out here after the check above ended the streams
+    // it found in the registry, which may have been before this one was
+    // attached; it is in the copy the check reads by now, so ask again.
+    if state.disconnects.refuses(&subscriber) {
+        state.registry.detach(id, &targets, &*state.bus);
+        return Ok(revoked(&state, &subscriber));
+    }
     let attachment = Attachment::new(Arc::clone(&state), id, targets, subscriber.expires_at, kill);
     if let Err(problem) = wait_until_followed(follows).await {
         tracing::warn!(connection = id, %problem, "bus could not follow the stream's targets");
@@ -249,6 +260,19 @@ async fn wait_until_followed(
         }
     }
     Ok(())
+}
+
+/// The answer to a revoked token: 204 No Content, on which a browser's
+/// `EventSource` closes for good instead of reconnecting (a 401 would make
+/// the page fetch a new token, which a revoked user should not be handed
+/// without the application deciding so).
+fn revoked(state: &AppState, subscriber: &crate::auth::Subscriber) -> Response {
+    state.metrics.revoked_refusals.inc();
+    tracing::info!(
+        user = %state.tracing.user_for_logs(&subscriber.user),
+        "stream refused: the token was revoked"
+    );
+    warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response()
 }
 
 /// Adds the SSE headers to a streaming response.

@@ -5,6 +5,8 @@ use std::sync::{Arc, OnceLock};
 
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use crate::bus::Event;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
@@ -92,6 +94,9 @@ pub(crate) enum Notice {
     /// another node when rebalancing (`Moved`), or to be told with one
     /// `herald.reset` that the history changed (`HistoryChanged`).
     Leave(DisconnectReason),
+    /// An SSE frame without an id (a disconnect's reason event), written as
+    /// is; a `Leave` always follows it. Shared by every stream it goes to.
+    Reason(Arc<Bytes>),
 }
 
 /// Why a stream ended; logged and counted.
@@ -112,6 +117,10 @@ pub(crate) enum DisconnectReason {
     /// The stored history changed under the stream (acknowledged events lost,
     /// the stream recreated): the client comes back and gets `herald.reset`.
     HistoryChanged,
+    /// A publisher disconnected the user (`POST /v1/disconnect`).
+    Disconnected,
+    /// A publisher disconnected the user and revoked their tokens.
+    Revoked,
 }
 
 impl DisconnectReason {
@@ -125,6 +134,8 @@ impl DisconnectReason {
             DisconnectReason::TokenExpired => "token_expired",
             DisconnectReason::Moved => "moved",
             DisconnectReason::HistoryChanged => "history_changed",
+            DisconnectReason::Disconnected => "disconnected",
+            DisconnectReason::Revoked => "revoked",
         }
     }
 }
@@ -245,6 +256,24 @@ impl ConnectionHandle {
             .is_err()
         {
             self.kill.kill(DisconnectReason::HistoryChanged);
+        }
+    }
+
+    /// Asks the stream to end behind what is queued, for `reason`, writing
+    /// `notice` (an SSE frame) just before it ends; a stream whose queue has
+    /// no room for both is ended at once, without the notice.
+    pub(crate) fn ask_to_end(&self, reason: DisconnectReason, notice: Option<&Arc<Bytes>>) {
+        // Room for both, or the notice could be queued without its end.
+        let needed = 1 + usize::from(notice.is_some());
+        let queued = self.queue.capacity() >= needed
+            && notice.is_none_or(|frame| {
+                self.queue
+                    .try_send(Queued::Notice(Box::new(Notice::Reason(Arc::clone(frame)))))
+                    .is_ok()
+            })
+            && self.queue.try_send(Queued::leave(reason)).is_ok();
+        if !queued {
+            self.kill.kill(reason);
         }
     }
 }

@@ -171,6 +171,27 @@ impl Registry {
         asked
     }
 
+    /// Asks every stream of `user` on this node to end for `reason` (see
+    /// [`ConnectionHandle::ask_to_end`]), writing `notice` first when given.
+    /// Returns how many were asked; a topic target ends nothing.
+    pub(crate) fn end_streams_of(
+        &self,
+        user: &Target,
+        reason: DisconnectReason,
+        notice: Option<&Arc<bytes::Bytes>>,
+    ) -> usize {
+        if user.kind() != TargetKind::User {
+            return 0;
+        }
+        let Some(entry) = self.targets.get(user) else {
+            return 0;
+        };
+        for Follower { connection, .. } in entry.connections.values() {
+            connection.ask_to_end(reason, notice);
+        }
+        entry.connections.len()
+    }
+
     /// Events waiting in all connection queues (each connection counted once,
     /// through its user's entry). Costs one pass over the registry.
     pub(crate) fn queued_events(&self) -> usize {

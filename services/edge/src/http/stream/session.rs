@@ -346,6 +346,8 @@ impl Session {
                 Some(Queued::Notice(notice)) => match *notice {
                     Notice::Progress { slot, through } => self.cursor.advance(slot, through),
                     Notice::Leave(reason) => return Step::Leave(reason),
+                    // Its `Leave` follows: written with it.
+                    Notice::Reason(frame) => self.buf.extend_from_slice(&frame),
                 },
                 None => return Step::End,
             }
@@ -400,6 +402,7 @@ impl Session {
                 Ok(Queued::Notice(notice)) => match *notice {
                     Notice::Progress { slot, through } => self.cursor.advance(slot, through),
                     Notice::Leave(reason) => return Err(reason),
+                    Notice::Reason(frame) => self.buf.extend_from_slice(&frame),
                 },
                 Err(_) => break,
             }
