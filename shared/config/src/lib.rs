@@ -15,9 +15,9 @@
 //!   own rules: `node.rs` ([`NodeSettings`]), `http.rs` ([`HttpSettings`]),
 //!   `stream.rs` ([`StreamSettings`]), `bus.rs` ([`BusSettings`],
 //!   [`MemoryBusSettings`]), `nats.rs` ([`NatsSettings`]), `auth.rs`
-//!   ([`AuthSettings`]), `telemetry.rs` ([`TelemetrySettings`]), `gossip.rs`
-//!   ([`GossipSettings`]; `gossip_key.rs` decodes its keys), `rebalance.rs`
-//!   ([`RebalanceSettings`]).
+//!   ([`AuthSettings`], [`IssuerSettings`]), `telemetry.rs`
+//!   ([`TelemetrySettings`]), `gossip.rs` ([`GossipSettings`]; `gossip_key.rs`
+//!   decodes its keys), `rebalance.rs` ([`RebalanceSettings`]).
 //! - `secret.rs`: [`Secret`], a value that never prints.
 //! - `load.rs`: the layers ([`Settings::load`], [`ENV_PREFIX`]).
 //! - `validate.rs`: [`Settings::validate`], every problem at once.
@@ -40,7 +40,7 @@ mod validate;
 
 use serde::{Deserialize, Serialize};
 
-pub use auth::{AuthSettings, KNOWN_ALGORITHMS, MIN_SECRET_BYTES};
+pub use auth::{AuthSettings, IssuerSettings, KNOWN_ALGORITHMS, MIN_SECRET_BYTES};
 pub use bus::{BusKind, BusSettings, MemoryBusSettings};
 pub use error::ConfigError;
 pub use gossip::GossipSettings;

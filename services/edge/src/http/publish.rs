@@ -47,7 +47,7 @@ pub(crate) async fn publish(
     headers: HeaderMap,
     body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
 ) -> Result<Response, Rejection> {
-    let publisher = require_publisher(&state.auth, &headers)?;
+    let publisher = require_publisher(&state.auth, &headers).await?;
     if let Err(wait) = state.throttle.take(&publisher.id.to_string()) {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,

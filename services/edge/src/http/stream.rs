@@ -98,7 +98,7 @@ pub(crate) async fn open(
         .token
         .as_deref()
         .ok_or_else(|| ApiError::from(crate::auth::AuthError::Missing))?;
-    let subscriber = state.auth.subscriber(token).map_err(ApiError::from)?;
+    let subscriber = state.auth.subscriber(token).await.map_err(ApiError::from)?;
     let targets = targets(&state, &subscriber, &request.topics)?;
 
     if state.is_draining() {
