@@ -269,15 +269,6 @@ pub enum KeyError {
         #[source]
         source: rustls::Error,
     },
-    /// The HTTP client for fetching keys could not be built.
-    #[error("{key}: HTTP client set-up failed: {source}")]
-    Client {
-        /// The setting naming the provider.
-        key: String,
-        /// reqwest's error.
-        #[source]
-        source: reqwest::Error,
-    },
     /// No key can verify tokens.
     #[error(
         "no key configured: set auth.hs256_secret, auth.public_key_file, auth.jwks_file, \
@@ -362,19 +353,25 @@ impl Authenticator {
             .collect()
     }
 
-    /// The issuer that verifies `token`: with one issuer, that one (its own
-    /// check names a wrong `iss`); with several, the one whose `iss` the
-    /// token claims (read unverified, only to choose), else the one that
-    /// accepts any `iss`, if configured.
+    /// The issuer that verifies `token`: the one whose `iss` the token claims
+    /// (read unverified, only to choose), else the one that accepts any
+    /// `iss`, if configured.
     ///
     /// A token that names no trusted issuer and whose algorithm the any-`iss`
     /// issuer does not accept is refused as from the wrong issuer: that is
     /// what is wrong with it.
     fn issuer_for(&self, token: &str, algorithm: Algorithm) -> Result<&Issuer, AuthError> {
-        if let [only] = self.issuers.as_slice() {
-            return Ok(only);
-        }
         let claimed = unverified_issuer(token);
+        if let [only] = self.issuers.as_slice() {
+            // Named before the signature is checked: a token of another
+            // issuer (even one reusing a kid) is refused for what it is.
+            return match only.iss() {
+                Some(iss) if claimed.as_deref() != Some(iss) => {
+                    Err(AuthError::Invalid("wrong issuer"))
+                }
+                _ => Ok(only),
+            };
+        }
         if let Some(named) = self
             .issuers
             .iter()
@@ -541,7 +538,10 @@ mod tests {
         let mut expired = subscriber_claims("alice");
         expired.exp = expiry_in(Duration::ZERO) - 3600;
         let expired = mint(SECRET, &expired).expect("signed");
-        assert_eq!(auth.subscriber(&expired).await.err(), Some(AuthError::Expired));
+        assert_eq!(
+            auth.subscriber(&expired).await.err(),
+            Some(AuthError::Expired)
+        );
 
         // {"alg":"none"} with the same claims and no signature.
         let valid = mint(SECRET, &subscriber_claims("alice")).expect("signed");
@@ -613,7 +613,10 @@ mod tests {
                 s.public_key_file = Some(keys_dir().join(public).display().to_string());
             });
             let token = signed(algorithm, private, None, &subscriber_claims("alice"));
-            assert_eq!(auth.subscriber(&token).await.expect(name).user.name(), "alice");
+            assert_eq!(
+                auth.subscriber(&token).await.expect(name).user.name(),
+                "alice"
+            );
 
             // Tampered payload: same header and signature, other subject.
             let mut parts: Vec<&str> = token.split('.').collect();
@@ -713,7 +716,8 @@ mod tests {
             ..subscriber_claims("alice")
         };
         assert!(
-            auth.subscriber(&mint(SECRET, &good).expect("signed")).await
+            auth.subscriber(&mint(SECRET, &good).expect("signed"))
+                .await
                 .is_ok()
         );
         let wrong_issuer = Claims {
@@ -721,7 +725,8 @@ mod tests {
             ..good.clone()
         };
         assert_eq!(
-            auth.subscriber(&mint(SECRET, &wrong_issuer).expect("signed")).await
+            auth.subscriber(&mint(SECRET, &wrong_issuer).expect("signed"))
+                .await
                 .err(),
             Some(AuthError::Invalid("wrong issuer"))
         );
@@ -730,7 +735,8 @@ mod tests {
             ..good.clone()
         };
         assert_eq!(
-            auth.subscriber(&mint(SECRET, &wrong_audience).expect("signed")).await
+            auth.subscriber(&mint(SECRET, &wrong_audience).expect("signed"))
+                .await
                 .err(),
             Some(AuthError::Invalid("wrong audience"))
         );
@@ -773,7 +779,10 @@ mod tests {
             auth.subscriber(&token).await.err(),
             Some(AuthError::PublisherOnStream)
         );
-        assert_eq!(auth.publisher(&token).await.err(), Some(AuthError::NotAPublisher));
+        assert_eq!(
+            auth.publisher(&token).await.err(),
+            Some(AuthError::NotAPublisher)
+        );
     }
 
     #[tokio::test]
@@ -809,7 +818,8 @@ mod tests {
             "topic:news-*".into(),
         ]));
         let publisher = auth
-            .publisher(&mint(SECRET, &claims).expect("signed")).await
+            .publisher(&mint(SECRET, &claims).expect("signed"))
+            .await
             .expect("valid");
         assert!(publisher.may_publish(&Target::user("alice").expect("valid")));
         assert!(!publisher.may_publish(&Target::user("bob").expect("valid")));
@@ -853,7 +863,8 @@ mod tests {
             auth.subscriber(&crossed).await.err(),
             Some(AuthError::Invalid("wrong audience"))
         );
-        let stranger = mint(SECRET, &claims("https://evil.example.com/", "herald-a")).expect("signed");
+        let stranger =
+            mint(SECRET, &claims("https://evil.example.com/", "herald-a")).expect("signed");
         assert_eq!(
             auth.subscriber(&stranger).await.err(),
             Some(AuthError::Invalid("wrong issuer"))
@@ -861,7 +872,9 @@ mod tests {
         let mut no_iss = subscriber_claims("alice");
         no_iss.aud = Some("herald-a".into());
         assert_eq!(
-            auth.subscriber(&mint(SECRET, &no_iss).expect("signed")).await.err(),
+            auth.subscriber(&mint(SECRET, &no_iss).expect("signed"))
+                .await
+                .err(),
             Some(AuthError::Invalid("wrong issuer"))
         );
     }

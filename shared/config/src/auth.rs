@@ -211,7 +211,10 @@ impl IssuerSettings {
                 }
             }
         }
-        for (name, url) in [("jwks_url", &self.jwks_url), ("oidc_issuer", &self.oidc_issuer)] {
+        for (name, url) in [
+            ("jwks_url", &self.jwks_url),
+            ("oidc_issuer", &self.oidc_issuer),
+        ] {
             if let Some(url) = url {
                 if !is_https_url(url) {
                     problems.push(format!(
@@ -230,7 +233,10 @@ impl IssuerSettings {
             ));
         }
         if (self.jwks_url.is_some() || self.oidc_issuer.is_some())
-            && self.algorithms.iter().all(|algorithm| algorithm.starts_with("HS"))
+            && self
+                .algorithms
+                .iter()
+                .all(|algorithm| algorithm.starts_with("HS"))
         {
             problems.push(format!(
                 "{key}.algorithms lists no algorithm for keys from {key}.jwks_url or {key}.oidc_issuer (add e.g. RS256)"
@@ -381,8 +387,8 @@ pub const MIN_SECRET_BYTES: usize = 32;
 
 #[cfg(test)]
 mod tests {
-    use crate::load::testing::{SECRET, load};
     use crate::Settings;
+    use crate::load::testing::{SECRET, load};
 
     #[test]
     fn a_jwks_url_or_an_oidc_issuer_must_be_https() {
@@ -395,7 +401,10 @@ mod tests {
         assert!(err.to_string().contains("https://"), "{err}");
         let settings = load(&[
             ("HERALD__AUTH__ALGORITHMS", "RS256"),
-            ("HERALD__AUTH__OIDC_ISSUER", "https://idp.example.com/realms/herald"),
+            (
+                "HERALD__AUTH__OIDC_ISSUER",
+                "https://idp.example.com/realms/herald",
+            ),
         ])
         .expect("valid");
         let issuers = settings.auth.trusted_issuers();
@@ -412,7 +421,10 @@ mod tests {
         let settings = load(&[
             ("HERALD__AUTH__HS256_SECRET", SECRET),
             ("HERALD__AUTH__ALGORITHMS", "HS256,RS256"),
-            ("HERALD__AUTH__OIDC_ISSUER", "https://sso.example.com/realms/herald"),
+            (
+                "HERALD__AUTH__OIDC_ISSUER",
+                "https://sso.example.com/realms/herald",
+            ),
             ("HERALD__AUTH__AUDIENCE", "herald"),
         ])
         .expect("valid");
@@ -431,7 +443,10 @@ mod tests {
 
         let err = load(&[
             ("HERALD__AUTH__HS256_SECRET", SECRET),
-            ("HERALD__AUTH__OIDC_ISSUER", "https://sso.example.com/realms/herald"),
+            (
+                "HERALD__AUTH__OIDC_ISSUER",
+                "https://sso.example.com/realms/herald",
+            ),
         ])
         .expect_err("HS256 alone cannot use the provider's keys");
         assert!(err.to_string().contains("add e.g. RS256"), "{err}");
@@ -475,7 +490,10 @@ mod tests {
         let issuers = settings.auth.trusted_issuers();
         assert_eq!(issuers.len(), 3, "the top-level secret is an issuer too");
         assert_eq!(issuers[0].expected_iss(), None);
-        assert_eq!(issuers[1].expected_iss(), Some("https://tenant-a.example.com/"));
+        assert_eq!(
+            issuers[1].expected_iss(),
+            Some("https://tenant-a.example.com/")
+        );
         assert_eq!(issuers[1].algorithms, ["RS256"], "the default for an entry");
         assert_eq!(issuers[2].algorithms, ["ES256"]);
 

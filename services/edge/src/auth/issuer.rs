@@ -44,22 +44,24 @@ impl Issuer {
         };
         let timeout = Duration::from_secs(auth.jwks_fetch_timeout_secs);
         let ca_file = settings.jwks_ca_file.as_deref();
-        let source = match (&settings.jwks_file, &settings.jwks_url, &settings.oidc_issuer) {
-            (Some(path), _, _) => Some(KeySource::File(path.clone())),
-            (None, Some(url), _) => Some(KeySource::Provider(Provider::jwks(
-                &format!("{key}.jwks_url"),
-                url,
-                ca_file,
-                timeout,
-            )?)),
-            (None, None, Some(issuer)) => Some(KeySource::Provider(Provider::discovery(
-                &format!("{key}.oidc_issuer"),
-                issuer,
-                ca_file,
-                timeout,
-            )?)),
-            (None, None, None) => None,
-        };
+        let source =
+            match (
+                &settings.jwks_file,
+                &settings.jwks_url,
+                &settings.oidc_issuer,
+            ) {
+                (Some(path), _, _) => Some(KeySource::File(path.clone())),
+                (None, Some(url), _) => Some(KeySource::Provider(Box::new(Provider::jwks(
+                    &format!("{key}.jwks_url"),
+                    url,
+                    ca_file,
+                    timeout,
+                )?))),
+                (None, None, Some(issuer)) => Some(KeySource::Provider(Box::new(
+                    Provider::discovery(&format!("{key}.oidc_issuer"), issuer, ca_file, timeout)?,
+                ))),
+                (None, None, None) => None,
+            };
         let keys = match source {
             None => None,
             Some(source) => {

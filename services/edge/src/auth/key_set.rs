@@ -28,8 +28,9 @@ use crate::metrics::{IssuerLabel, KeyRefreshLabel, Metrics};
 pub(crate) enum KeySource {
     /// A JWKS file on disk.
     File(String),
-    /// A JWKS URL or an OpenID Connect issuer.
-    Provider(Provider),
+    /// A JWKS URL or an OpenID Connect issuer (boxed: its HTTP client is
+    /// large, and a key set holds one source for its lifetime).
+    Provider(Box<Provider>),
 }
 
 /// How often a key set is refreshed (see the module doc).

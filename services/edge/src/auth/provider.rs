@@ -2,17 +2,24 @@
 //! fetches ([`Provider`], [`FetchError`]), and how long a fetched key set may
 //! be kept ([`cache_lifetime`]).
 //!
-//! Only `https://` is ever fetched (redirects included); the server is checked
-//! against the system's roots, or only against the operator's CA when
-//! `jwks_ca_file` is set. A discovery document must name exactly the
+//! Only `https://` is ever fetched, and redirects are not followed; the server
+//! is checked against the system's roots, or only against the operator's CA
+//! when `jwks_ca_file` is set. The provider is reached directly
+//! (`HTTPS_PROXY` is not read). A discovery document must name exactly the
 //! configured issuer (OpenID Connect Discovery 1.0, section 4.3), so a
 //! document served from elsewhere cannot redirect Herald to other keys.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use reqwest::Url;
-use reqwest::header::{ACCEPT, CACHE_CONTROL, DATE, EXPIRES, HeaderMap};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper::Uri;
+use hyper::header::{ACCEPT, CACHE_CONTROL, DATE, EXPIRES, HeaderMap, USER_AGENT};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 use super::KeyError;
@@ -24,9 +31,9 @@ const MAX_DOCUMENT_BYTES: usize = 1 << 20;
 #[derive(Debug)]
 enum Location {
     /// A JWKS URL.
-    Jwks(Url),
+    Jwks(Uri),
     /// An OpenID Connect issuer and its discovery document's URL.
-    Discovery { issuer: String, document: Url },
+    Discovery { issuer: String, document: Uri },
 }
 
 /// A JWKS fetched from the provider.
@@ -43,16 +50,34 @@ pub(crate) struct Fetched {
 /// Why a fetch failed. Nothing changed: the key set keeps its last good keys.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum FetchError {
-    /// No answer (connection, TLS, timeout, redirect to http://).
+    /// No answer (connection, TLS, HTTP).
     #[error("GET {url}")]
     Request {
         /// The URL asked.
         url: String,
-        /// reqwest's error (its sources say which step failed).
+        /// hyper's error (its sources say which step failed).
         #[source]
-        source: reqwest::Error,
+        source: hyper_util::client::legacy::Error,
     },
-    /// The provider answered with an error status.
+    /// The body could not be read.
+    #[error("GET {url}: reading the body")]
+    Body {
+        /// The URL asked.
+        url: String,
+        /// hyper's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// No complete answer within `auth.jwks_fetch_timeout_secs`.
+    #[error("GET {url}: no answer within {timeout:?}")]
+    TimedOut {
+        /// The URL asked.
+        url: String,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The provider answered with a status other than 2xx (redirects
+    /// included: they are not followed).
     #[error("GET {url}: HTTP status {status}")]
     Status {
         /// The URL asked.
@@ -113,11 +138,12 @@ struct KeysDocument {
 /// An identity provider's keys over HTTPS.
 #[derive(Debug)]
 pub(crate) struct Provider {
-    http: reqwest::Client,
+    http: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    timeout: Duration,
     location: Location,
     /// The `jwks_uri` discovery found, until a fetch from it fails (the
     /// provider is then asked again).
-    discovered: Mutex<Option<Url>>,
+    discovered: Mutex<Option<Uri>>,
 }
 
 impl Provider {
@@ -157,19 +183,17 @@ impl Provider {
         timeout: Duration,
     ) -> Result<Self, KeyError> {
         let tls = tls_config(key, ca_file)?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .https_only(true)
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .user_agent(concat!("herald-edge/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|source| KeyError::Client {
-                key: key.to_owned(),
-                source,
-            })?;
+        let mut connector = HttpConnector::new();
+        connector.enforce_http(false);
+        connector.set_connect_timeout(Some(timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(connector);
         Ok(Provider {
-            http,
+            http: Client::builder(TokioExecutor::new()).build(https),
+            timeout,
             location,
             discovered: Mutex::new(None),
         })
@@ -199,11 +223,11 @@ impl Provider {
         fetched
     }
 
-    fn discovered_jwks(&self) -> std::sync::MutexGuard<'_, Option<Url>> {
+    fn discovered_jwks(&self) -> std::sync::MutexGuard<'_, Option<Uri>> {
         self.discovered.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn discover(&self, issuer: &str, document: &Url) -> Result<Url, FetchError> {
+    async fn discover(&self, issuer: &str, document: &Uri) -> Result<Uri, FetchError> {
         let (body, _) = self.get(document).await?;
         let found: Discovery =
             serde_json::from_slice(&body).map_err(|source| FetchError::Parse {
@@ -218,16 +242,13 @@ impl Provider {
                 found: found.issuer,
             });
         }
-        Url::parse(&found.jwks_uri)
-            .ok()
-            .filter(|url| url.scheme() == "https")
-            .ok_or(FetchError::InsecureJwksUri {
-                url: document.to_string(),
-                jwks_uri: found.jwks_uri,
-            })
+        parse_https(&found.jwks_uri).ok_or(FetchError::InsecureJwksUri {
+            url: document.to_string(),
+            jwks_uri: found.jwks_uri,
+        })
     }
 
-    async fn fetch_jwks(&self, url: &Url) -> Result<Fetched, FetchError> {
+    async fn fetch_jwks(&self, url: &Uri) -> Result<Fetched, FetchError> {
         let (body, headers) = self.get(url).await?;
         let document: KeysDocument =
             serde_json::from_slice(&body).map_err(|source| FetchError::Parse {
@@ -241,56 +262,81 @@ impl Provider {
         })
     }
 
-    /// The body (at most [`MAX_DOCUMENT_BYTES`]) and headers of a 2xx answer.
-    async fn get(&self, url: &Url) -> Result<(Vec<u8>, HeaderMap), FetchError> {
-        let request_error = |source| FetchError::Request {
-            url: url.to_string(),
-            source,
-        };
-        let mut response = self
-            .http
-            .get(url.clone())
-            .header(ACCEPT, "application/json")
-            .send()
+    /// The body (at most [`MAX_DOCUMENT_BYTES`]) and headers of a 2xx
+    /// answer, within the timeout.
+    async fn get(&self, url: &Uri) -> Result<(Bytes, HeaderMap), FetchError> {
+        tokio::time::timeout(self.timeout, self.get_now(url))
             .await
-            .map_err(request_error)?;
+            .map_err(|_| FetchError::TimedOut {
+                url: url.to_string(),
+                timeout: self.timeout,
+            })?
+    }
+
+    async fn get_now(&self, url: &Uri) -> Result<(Bytes, HeaderMap), FetchError> {
+        let mut request = hyper::Request::new(Empty::new());
+        *request.uri_mut() = url.clone();
+        let headers = request.headers_mut();
+        headers.insert(
+            ACCEPT,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        headers.insert(
+            USER_AGENT,
+            hyper::header::HeaderValue::from_static(concat!(
+                "herald-edge/",
+                env!("CARGO_PKG_VERSION")
+            )),
+        );
+        let response = self
+            .http
+            .request(request)
+            .await
+            .map_err(|source| FetchError::Request {
+                url: url.to_string(),
+                source,
+            })?;
         if !response.status().is_success() {
             return Err(FetchError::Status {
                 url: url.to_string(),
                 status: response.status().as_u16(),
             });
         }
-        let too_large = || FetchError::TooLarge {
-            url: url.to_string(),
-        };
-        if response
-            .content_length()
-            .is_some_and(|length| length > MAX_DOCUMENT_BYTES as u64)
-        {
-            return Err(too_large());
-        }
-        let headers = response.headers().clone();
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(request_error)? {
-            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok((body, headers))
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, MAX_DOCUMENT_BYTES)
+            .collect()
+            .await
+            .map_err(|source| {
+                if source.is::<LengthLimitError>() {
+                    FetchError::TooLarge {
+                        url: url.to_string(),
+                    }
+                } else {
+                    FetchError::Body {
+                        url: url.to_string(),
+                        source,
+                    }
+                }
+            })?
+            .to_bytes();
+        Ok((body, parts.headers))
     }
 }
 
-/// `url` parsed, when it is https://.
-fn https_url(key: &str, url: &str) -> Result<Url, KeyError> {
-    Url::parse(url)
-        .ok()
-        .filter(|parsed| parsed.scheme() == "https" && parsed.host().is_some())
-        .ok_or_else(|| KeyError::Invalid {
-            key: key.to_owned(),
-            path: url.to_owned(),
-            what: "https:// URL",
-        })
+/// `url` parsed, when it is `https://` with a host.
+fn parse_https(url: &str) -> Option<Uri> {
+    url.parse::<Uri>().ok().filter(|uri| {
+        uri.scheme_str() == Some("https") && uri.host().is_some_and(|h| !h.is_empty())
+    })
+}
+
+/// `url` parsed, when it is https:// (else the setting `key` is invalid).
+fn https_url(key: &str, url: &str) -> Result<Uri, KeyError> {
+    parse_https(url).ok_or_else(|| KeyError::Invalid {
+        key: key.to_owned(),
+        path: url.to_owned(),
+        what: "https:// URL",
+    })
 }
 
 /// TLS for the provider: rustls with the ring provider, trusting the CA in
@@ -362,7 +408,11 @@ pub(crate) fn cache_lifetime(headers: &HeaderMap, now: SystemTime) -> Option<Dur
             return Some(Duration::ZERO);
         }
         if let Some(seconds) = directive.strip_prefix("max-age=") {
-            max_age = seconds.trim_matches('"').parse().ok().map(Duration::from_secs);
+            max_age = seconds
+                .trim_matches('"')
+                .parse()
+                .ok()
+                .map(Duration::from_secs);
         }
     }
     if max_age.is_some() {
@@ -382,9 +432,9 @@ pub(crate) fn cache_lifetime(headers: &HeaderMap, now: SystemTime) -> Option<Dur
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderValue;
+    use hyper::header::{HeaderName, HeaderValue};
 
-    fn headers(pairs: &[(reqwest::header::HeaderName, &'static str)]) -> HeaderMap {
+    fn headers(pairs: &[(HeaderName, &'static str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();
         for (name, value) in pairs {
             headers.append(name.clone(), HeaderValue::from_static(value));

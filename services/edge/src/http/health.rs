@@ -44,11 +44,8 @@ pub(crate) fn ready(state: Arc<AppState>) -> Response {
         if !missing_keys.is_empty() {
             body["signing_keys"] = json!(missing_keys);
         }
-        warp::reply::with_status(
-            warp::reply::json(&body),
-            StatusCode::SERVICE_UNAVAILABLE,
-        )
-        .into_response()
+        warp::reply::with_status(warp::reply::json(&body), StatusCode::SERVICE_UNAVAILABLE)
+            .into_response()
     }
 }
 
