@@ -312,6 +312,11 @@ impl AuthSettings {
                 algorithms: asymmetric,
                 ..top.clone()
             });
+            if hmac.is_empty() {
+                // The secret signs nothing this node accepts.
+                trusted.extend(self.issuers.iter().cloned());
+                return trusted;
+            }
             trusted.push(IssuerSettings {
                 issuer: None,
                 oidc_issuer: None,
