@@ -878,4 +878,50 @@ mod tests {
             Some(AuthError::Invalid("wrong issuer"))
         );
     }
+
+    #[tokio::test]
+    async fn an_oidc_issuer_beside_a_secret_keeps_backend_tokens_and_refuses_hs_tokens_in_its_name()
+    {
+        const IDP: &str = "https://sso.example.com/realms/herald";
+        let auth = with_keys(|s| {
+            s.hs256_secret = Some(Secret::new(SECRET));
+            s.algorithms = vec!["HS256".into(), "RS256".into()];
+            s.oidc_issuer = Some(IDP.into());
+        });
+        let backend = mint(SECRET, &subscriber_claims("alice")).expect("signed");
+        assert!(auth.subscriber(&backend).await.is_ok(), "any iss, HS256");
+        let in_its_name = Claims {
+            iss: Some(IDP.into()),
+            ..subscriber_claims("alice")
+        };
+        assert_eq!(
+            auth.subscriber(&mint(SECRET, &in_its_name).expect("signed"))
+                .await
+                .err(),
+            Some(AuthError::Invalid("algorithm not allowed")),
+            "the provider's iss is checked with the provider's keys only"
+        );
+        let provider_token = signed(
+            Algorithm::RS256,
+            "rsa-private.pem",
+            Some("k1"),
+            &in_its_name,
+        );
+        assert_eq!(
+            auth.subscriber(&provider_token).await.err(),
+            Some(AuthError::KeysUnavailable),
+            "nothing fetched yet: not the user's fault"
+        );
+        let stranger = Claims {
+            iss: Some("https://evil.example.com/".into()),
+            ..subscriber_claims("alice")
+        };
+        let stranger = signed(Algorithm::RS256, "rsa-private.pem", Some("k1"), &stranger);
+        assert_eq!(
+            auth.subscriber(&stranger).await.err(),
+            Some(AuthError::Invalid("wrong issuer"))
+        );
+        assert_eq!(auth.missing_keys().len(), 1);
+        assert_eq!(auth.missing_keys()[0].issuer, IDP);
+    }
 }

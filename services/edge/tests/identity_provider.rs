@@ -555,6 +555,7 @@ async fn a_provider_down_at_start_leaves_the_node_unready_until_it_comes_up() {
         "{body}"
     );
     assert_eq!(body["signing_keys"][0]["issuer"], provider.issuer.as_str());
+    eprintln!("/readyz while the provider is down: {body}");
     let error = body["signing_keys"][0]["error"].as_str().expect("why");
     assert!(
         error.contains("/.well-known/openid-configuration"),

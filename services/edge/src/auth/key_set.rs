@@ -44,6 +44,25 @@ pub(crate) struct RefreshTiming {
     pub(crate) max: Duration,
 }
 
+impl RefreshTiming {
+    /// How long a provider's keys are kept: the response's cache
+    /// `lifetime` (else `every`), clamped to [`min`, `max`].
+    ///
+    /// [`min`]: RefreshTiming::min
+    /// [`max`]: RefreshTiming::max
+    pub(crate) fn keep_for(&self, lifetime: Option<Duration>) -> Duration {
+        lifetime.unwrap_or(self.every).clamp(self.min, self.max)
+    }
+
+    /// When to try a provider again after `failures` failures in a row:
+    /// 1 s, 2 s, 4 s… up to `min`.
+    pub(crate) fn retry_after(&self, failures: u32) -> Duration {
+        Duration::from_secs(1)
+            .saturating_mul(1 << failures.saturating_sub(1).min(16))
+            .min(self.min)
+    }
+}
+
 /// What asked for a refresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Trigger {
@@ -243,9 +262,7 @@ impl KeySet {
         );
         let interval = match self.source {
             KeySource::File(_) => self.timing.every,
-            KeySource::Provider(_) => lifetime
-                .unwrap_or(self.timing.every)
-                .clamp(self.timing.min, self.timing.max),
+            KeySource::Provider(_) => self.timing.keep_for(lifetime),
         };
         {
             let mut schedule = self.schedule();
@@ -287,9 +304,7 @@ impl KeySet {
             schedule.failures = schedule.failures.saturating_add(1);
             let retry = match self.source {
                 KeySource::File(_) => self.timing.every,
-                KeySource::Provider(_) => Duration::from_secs(1)
-                    .saturating_mul(1 << schedule.failures.saturating_sub(1).min(16))
-                    .min(self.timing.min),
+                KeySource::Provider(_) => self.timing.retry_after(schedule.failures),
             };
             schedule.next_due = started + retry;
             schedule.last_error = Some(Arc::clone(&err));
@@ -415,5 +430,66 @@ impl LoadError {
                 what: "JWKS document",
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEFAULTS: RefreshTiming = RefreshTiming {
+        every: Duration::from_secs(60),
+        min: Duration::from_secs(30),
+        max: Duration::from_secs(3600),
+    };
+
+    #[test]
+    fn a_cache_lifetime_is_honoured_within_the_bounds() {
+        let secs = |s| Some(Duration::from_secs(s));
+        // Auth0 (max-age=15) and Keycloak (no-cache): the minimum.
+        assert_eq!(DEFAULTS.keep_for(secs(15)), Duration::from_secs(30));
+        assert_eq!(DEFAULTS.keep_for(secs(0)), Duration::from_secs(30));
+        assert_eq!(DEFAULTS.keep_for(secs(600)), Duration::from_secs(600));
+        // Google's hours-long max-age: the maximum.
+        assert_eq!(DEFAULTS.keep_for(secs(21_000)), Duration::from_secs(3600));
+        assert_eq!(DEFAULTS.keep_for(None), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn retries_after_failures_back_off_up_to_the_minimum_interval() {
+        let delays: Vec<u64> = (1..=8)
+            .map(|failures| DEFAULTS.retry_after(failures).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(DEFAULTS.retry_after(u32::MAX), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn only_signing_keys_with_a_kid_are_usable() {
+        let rsa = |kid: Option<&str>, usage: Option<&str>| {
+            let mut key = serde_json::json!({
+                "kty": "RSA",
+                "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw",
+                "e": "AQAB",
+            });
+            if let Some(kid) = kid {
+                key["kid"] = kid.into();
+            }
+            if let Some(usage) = usage {
+                key["use"] = usage.into();
+            }
+            key
+        };
+        let keys = usable_keys(vec![
+            rsa(Some("signing"), Some("sig")),
+            rsa(Some("any-use"), None),
+            rsa(Some("encryption"), Some("enc")),
+            rsa(None, Some("sig")),
+            serde_json::json!({"kty": "oct", "kid": "secret", "k": "c2VjcmV0"}),
+            serde_json::json!({"kty": "future-type", "kid": "unknown"}),
+        ]);
+        let mut kids: Vec<&str> = keys.keys().map(String::as_str).collect();
+        kids.sort_unstable();
+        assert_eq!(kids, ["any-use", "signing"]);
     }
 }
