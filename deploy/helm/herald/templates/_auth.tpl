@@ -55,6 +55,9 @@ jwksCa: { dir: /etc/herald-auth/jwks-ca, env: HERALD__AUTH__JWKS_CA_FILE }
 {{- fail (printf "auth.%s: set existingSecret or existingConfigMap, not both" $name) -}}
 {{- end -}}
 {{- end -}}
+{{- if and $a.issuer $a.oidcIssuer -}}
+{{- fail "auth.issuer: leave it empty with auth.oidcIssuer, which is the iss the provider's tokens must carry (an HS256 secret beside it verifies tokens of any other iss)" -}}
+{{- end -}}
 {{- if and (include "herald.auth.hasSource" $a.jwksCa) (not (or $a.jwksUrl $a.oidcIssuer)) -}}
 {{- fail "auth.jwksCa is only used with auth.jwksUrl or auth.oidcIssuer" -}}
 {{- end -}}
