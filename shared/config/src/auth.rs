@@ -347,6 +347,21 @@ impl AuthSettings {
         if top.has_key_source() || self.issuers.is_empty() {
             top.validate("auth", problems);
         }
+        if self.issuer.is_some()
+            && self.oidc_issuer.is_some()
+            && self.hs256_secret.is_some()
+            && self
+                .algorithms
+                .iter()
+                .any(|algorithm| algorithm.starts_with("HS"))
+        {
+            problems.push(
+                "auth.issuer: leave it unset beside auth.oidc_issuer and auth.hs256_secret: the \
+                 provider's iss is auth.oidc_issuer, and the secret verifies tokens of any other \
+                 iss (an HS token claiming the provider's iss is refused)"
+                    .into(),
+            );
+        }
         let mut seen = Vec::new();
         if top.has_key_source() {
             seen.push(top.expected_iss().map(str::to_owned));
@@ -455,6 +470,23 @@ mod tests {
         ])
         .expect_err("HS256 alone cannot use the provider's keys");
         assert!(err.to_string().contains("add e.g. RS256"), "{err}");
+        let err = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__AUTH__ALGORITHMS", "HS256,RS256"),
+            (
+                "HERALD__AUTH__OIDC_ISSUER",
+                "https://sso.example.com/realms/herald",
+            ),
+            (
+                "HERALD__AUTH__ISSUER",
+                "https://sso.example.com/realms/herald",
+            ),
+        ])
+        .expect_err("backend tokens could not carry the required iss");
+        assert!(
+            err.to_string().contains("auth.issuer: leave it unset"),
+            "{err}"
+        );
     }
 
     #[test]
