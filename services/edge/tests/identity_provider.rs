@@ -1,13 +1,18 @@
 //! Signing keys from an identity provider over HTTPS (`auth.oidc_issuer`,
 //! `auth.jwks_url`, `[[auth.issuers]]`).
 //!
-//! No real identity provider (Keycloak, Auth0) can be installed here, so each
-//! test runs [`Provider`]: a real HTTPS server on a loopback port, with a CA
-//! and server certificate generated for the test (the node trusts only that
-//! CA, through `jwks_ca_file`), serving an OpenID Connect discovery document
-//! and a JWKS the test rotates, takes down (connections dropped, or 503) and
-//! counts requests on. Tokens are ES256, signed with keys generated per test.
-//! The node is the real edge node on a real socket; streams are real SSE.
+//! Keycloak and Auth0 cannot run here; a real OpenID Connect provider can:
+//! panva's node-oidc-provider (OpenID Certified, from npm, installed by
+//! `make sse-clients`) issues the access token of
+//! [`an_access_token_from_a_real_openid_provider_opens_a_stream`]. What a
+//! provider cannot be made to do on cue (rotate mid-stream, fail, go down,
+//! count requests) is done by [`Provider`]: a real HTTPS server on a loopback
+//! port run by the test, serving an OpenID Connect discovery document and a
+//! JWKS the test rotates, takes down (connections dropped, or 503) and counts
+//! requests on. Every provider has a CA and certificate generated for the test
+//! (the node trusts only that CA, through `jwks_ca_file`); tokens are ES256,
+//! signed with keys generated per test. The node is the real edge node on a
+//! real socket; streams are real SSE.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,33 +63,16 @@ struct Provider {
 impl Provider {
     /// Starts a provider serving `keys`.
     async fn start(keys: &[&SigningKey]) -> Provider {
-        let ca_key = rcgen::KeyPair::generate().expect("CA key");
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "herald test CA");
-        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
-        let server_key = rcgen::KeyPair::generate().expect("server key");
-        let server_cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .expect("params")
-            .signed_by(&server_key, &*ca)
-            .expect("server certificate");
         let dir = TempDir::new("herald-idp");
-        let ca_file = dir.0.join("ca.pem");
-        std::fs::write(&ca_file, ca.pem()).expect("write CA");
-
+        let certificates = Certificates::write(&dir.0);
+        let ca_file = certificates.ca_file.clone();
         let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .expect("TLS versions")
         .with_no_client_auth()
-        .with_single_cert(
-            vec![server_cert.der().clone()],
-            rustls_pki_types::PrivateKeyDer::try_from(server_key.serialize_der())
-                .expect("server key DER"),
-        )
+        .with_single_cert(vec![certificates.cert], certificates.key)
         .expect("TLS config");
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -238,6 +226,45 @@ async fn serve(
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                 .await;
         });
+    }
+}
+
+/// A CA made for the test and a certificate it signed for 127.0.0.1, also
+/// written as PEM files (`ca.pem`, `server.pem`, `server-key.pem`).
+struct Certificates {
+    ca_file: std::path::PathBuf,
+    cert_file: std::path::PathBuf,
+    key_file: std::path::PathBuf,
+    cert: rustls_pki_types::CertificateDer<'static>,
+    key: rustls_pki_types::PrivateKeyDer<'static>,
+}
+
+impl Certificates {
+    fn write(dir: &std::path::Path) -> Certificates {
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "herald test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
+        let server_key = rcgen::KeyPair::generate().expect("server key");
+        let server_cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .expect("params")
+            .signed_by(&server_key, &*ca)
+            .expect("server certificate");
+        let certificates = Certificates {
+            ca_file: dir.join("ca.pem"),
+            cert_file: dir.join("server.pem"),
+            key_file: dir.join("server-key.pem"),
+            cert: server_cert.der().clone(),
+            key: rustls_pki_types::PrivateKeyDer::try_from(server_key.serialize_der())
+                .expect("server key DER"),
+        };
+        std::fs::write(&certificates.ca_file, ca.pem()).expect("write CA");
+        std::fs::write(&certificates.cert_file, server_cert.pem()).expect("write certificate");
+        std::fs::write(&certificates.key_file, server_key.serialize_pem()).expect("write key");
+        certificates
     }
 }
 
@@ -656,4 +683,95 @@ async fn two_issuers_each_with_its_own_keys_and_audience() {
     let (status, body) = attempt(&node, &tenant_b.token(&key_a, "alice", "herald-b")).await;
     assert_eq!(status, 401);
     assert_eq!(body["message"], "invalid token: bad signature");
+}
+
+/// The folder holding the npm tools (`HERALD_SSE_CLIENTS`, set by the
+/// Makefile), with node-oidc-provider installed.
+fn npm_tools_dir() -> std::path::PathBuf {
+    let dir = std::env::var_os("HERALD_SSE_CLIENTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/sse-clients")
+        });
+    assert!(
+        dir.join("node_modules/oidc-provider").is_dir(),
+        "node-oidc-provider is not installed in {}: run `make sse-clients`",
+        dir.display()
+    );
+    dir
+}
+
+/// A real OpenID Connect provider: panva's node-oidc-provider (OpenID
+/// Certified), run with Node.js over HTTPS with the test's certificate. Its
+/// access token (ES256, its own `kid`, `iss`, `aud`, `sub` = the client id)
+/// opens a stream on a node configured only with its issuer URL; the node
+/// found the keys through the provider's own discovery document. The HS256
+/// secret beside it keeps verifying the backend's publisher credential.
+#[tokio::test]
+async fn an_access_token_from_a_real_openid_provider_opens_a_stream() {
+    use tokio::io::AsyncBufReadExt;
+    const AUDIENCE: &str = "https://herald.example.com/";
+    let dir = TempDir::new("herald-oidc-provider");
+    let certificates = Certificates::write(&dir.0);
+    let mut provider = tokio::process::Command::new("node")
+        .arg(npm_tools_dir().join("oidc-provider.mjs"))
+        .arg(&certificates.cert_file)
+        .arg(&certificates.key_file)
+        .arg(&certificates.ca_file)
+        .arg(AUDIENCE)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs");
+    let stdout = provider.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    // node-oidc-provider prints its notices on stdout too: the answer is the
+    // JSON line.
+    let started: Value = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let line = lines.next_line().await.expect("stdout");
+            let line = line.expect("the provider printed its issuer and a token");
+            if let Ok(started) = serde_json::from_str::<Value>(&line) {
+                return started;
+            }
+        }
+    })
+    .await
+    .expect("the provider starts in time");
+    let issuer = started["issuer"].as_str().expect("issuer").to_owned();
+    let token = started["token"].as_str().expect("token").to_owned();
+
+    let node = EdgeNode::start(|s| {
+        s.auth.algorithms = vec!["HS256".into(), "ES256".into()];
+        s.auth.oidc_issuer = Some(issuer.clone());
+        s.auth.audience = Some(AUDIENCE.into());
+        s.auth.jwks_ca_file = Some(certificates.ca_file.display().to_string());
+    })
+    .await
+    .expect("node starts");
+    assert_eq!(readyz(&node).await.0, 200, "keys discovered at start");
+
+    let mut stream = open(&node, &token).await;
+    publish_to_user(&node, "herald-test-client", "from the provider's client")
+        .await
+        .expect("publish with the backend's HS256 credential");
+    assert_eq!(
+        stream.next_event(PATIENCE).await.expect("event").data,
+        "from the provider's client"
+    );
+    // Same token, another audience's node: refused, naming the problem.
+    let other = EdgeNode::start(|s| {
+        s.auth.hs256_secret = None;
+        s.auth.algorithms = vec!["ES256".into()];
+        s.auth.oidc_issuer = Some(issuer.clone());
+        s.auth.audience = Some("https://other.example.com/".into());
+        s.auth.jwks_ca_file = Some(certificates.ca_file.display().to_string());
+    })
+    .await
+    .expect("node starts");
+    let (status, body) = attempt(&other, &token).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["message"], "invalid token: wrong audience");
+    drop(provider);
 }
