@@ -552,9 +552,9 @@ async fn a_flood_of_unknown_kids_makes_at_most_one_fetch_per_minimum_interval() 
 }
 
 /// With the provider down at start, the node starts after the bounded wait,
-/// `/readyz` answers 503 naming the missing keys and why, a stream gets 503
-/// (not a 401 that would send the user to sign in again); when the provider
-/// comes up the node becomes ready by itself.
+/// `/readyz` answers 503 naming the missing keys and why, a stream is told to
+/// come back later (not a 401 that would send the user to sign in again);
+/// when the provider comes up the node becomes ready by itself.
 #[tokio::test]
 async fn a_provider_down_at_start_leaves_the_node_unready_until_it_comes_up() {
     let key = SigningKey::generate("2026-a");
@@ -590,9 +590,21 @@ async fn a_provider_down_at_start_leaves_the_node_unready_until_it_comes_up() {
     );
 
     let token = provider.token(&key, "alice", "herald");
-    let (status, body) = attempt(&node, &token).await;
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["error"], "keys_unavailable");
+    let mut refused = open(&node, &token).await;
+    let items = refused.until_end(PATIENCE).await.expect("a short answer");
+    assert_eq!(
+        items.first(),
+        Some(&herald_protocol::sse::Item::Comment(
+            "keys_unavailable".into()
+        )),
+        "{items:?}"
+    );
+    assert!(
+        items
+            .iter()
+            .any(|item| matches!(item, herald_protocol::sse::Item::Retry(_))),
+        "the browser is told when to come back: {items:?}"
+    );
 
     provider.set_mode(Mode::Up);
     let deadline = tokio::time::Instant::now() + PATIENCE;
