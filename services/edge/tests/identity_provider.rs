@@ -115,6 +115,22 @@ impl Provider {
         self.served.lock().expect("lock").keys = keys.iter().map(|key| key.jwk.clone()).collect();
     }
 
+    fn set_cache_control(&self, value: &'static str) {
+        self.served.lock().expect("lock").cache_control = value;
+    }
+
+    /// Changes the keys and the cache lifetime at once.
+    fn set_keys_and_cache_control(&self, keys: &[&SigningKey], cache_control: &'static str) {
+        let mut served = self.served.lock().expect("lock");
+        served.keys = keys.iter().map(|key| key.jwk.clone()).collect();
+        served.cache_control = cache_control;
+    }
+
+    /// The provider's JWKS URL (what discovery names).
+    fn jwks_url(&self) -> String {
+        format!("{}/certs", self.issuer)
+    }
+
     fn jwks_fetches(&self) -> usize {
         self.jwks_fetches.load(Ordering::SeqCst)
     }
@@ -488,6 +504,42 @@ async fn a_rotated_key_is_fetched_when_a_token_names_it_and_open_streams_keep_go
     );
 }
 
+/// Keys are fetched again when the response's cache lifetime ends
+/// (`Cache-Control: max-age`, here 1 s, the configured minimum), with no
+/// token asking: a rotation reaches the node on schedule.
+#[tokio::test]
+async fn keys_are_fetched_again_when_their_cache_lifetime_ends() {
+    let old = SigningKey::generate("2026-a");
+    let new = SigningKey::generate("2026-b");
+    let provider = Provider::start(&[&old]).await;
+    provider.set_cache_control("public, max-age=1");
+    let (node, _) = node_trusting(&provider).await;
+    // Rotate; the next answer also says to keep the keys an hour.
+    provider.set_keys_and_cache_control(&[&old, &new], "public, max-age=3600");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while counter(&node, "herald_jwks_keys{") != 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rotation never arrived: {}",
+            node.handle.metrics_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let throttled = counter(&node, "herald_jwks_refresh_throttled_total{");
+    let fetches = provider.jwks_fetches();
+    let (status, body) = attempt(&node, &provider.token(&new, "bob", "herald")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        provider.jwks_fetches(),
+        fetches,
+        "the new kid was already there: no fetch for it"
+    );
+    assert_eq!(
+        counter(&node, "herald_jwks_refresh_throttled_total{"),
+        throttled
+    );
+}
+
 /// Hundreds of tokens naming made-up `kid`s are all refused, and make at
 /// most one fetch per `auth.jwks_min_refresh_secs` (counted at the provider).
 #[tokio::test]
@@ -660,25 +712,26 @@ async fn a_provider_down_during_a_rotation_keeps_the_last_good_keys() {
     }
 }
 
-/// Two issuers at once (multi-tenant): each token is verified by the issuer
-/// its `iss` names, with that issuer's keys and audience only.
+/// Two issuers at once (multi-tenant; one found by discovery, one by its
+/// JWKS URL): each token is verified by the issuer its `iss` names, with that
+/// issuer's keys and audience only.
 #[tokio::test]
 async fn two_issuers_each_with_its_own_keys_and_audience() {
     let key_a = SigningKey::generate("shared-kid");
     let key_b = SigningKey::generate("shared-kid");
     let tenant_a = Provider::start(&[&key_a]).await;
     let tenant_b = Provider::start(&[&key_b]).await;
-    let node = EdgeNode::start(|s| {
-        with_issuers(
-            s,
-            vec![
-                tenant_a.issuer_settings("herald-a"),
-                tenant_b.issuer_settings("herald-b"),
-            ],
-        )
-    })
-    .await
-    .expect("node starts");
+    // Tenant B by its JWKS URL rather than discovery.
+    let by_url = IssuerSettings {
+        issuer: Some(tenant_b.issuer.clone()),
+        oidc_issuer: None,
+        jwks_url: Some(tenant_b.jwks_url()),
+        ..tenant_b.issuer_settings("herald-b")
+    };
+    let node =
+        EdgeNode::start(|s| with_issuers(s, vec![tenant_a.issuer_settings("herald-a"), by_url]))
+            .await
+            .expect("node starts");
     assert_eq!(readyz(&node).await.0, 200);
 
     for (tenant, key, audience) in [
