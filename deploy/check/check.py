@@ -68,14 +68,6 @@ KEY_FILE_STAND_INS = {
     "HERALD__AUTH__JWKS_FILE": '{"keys": []}\n',
     "HERALD__AUTH__JWKS_CA_FILE": (ROOT / "services/edge/tests/keys/rsa-public.pem").read_text(),
 }
-# Contract v2 keys (docs: DESIGN.md) a herald-edge binary may not know yet
-# (issue 19, item 1). When the binary refuses one as unknown, the rest of the
-# configuration is still checked, with a JWKS file standing in for the URL.
-V2_KEY_SOURCES = {
-    "HERALD__AUTH__JWKS_URL": "jwks_url",
-    "HERALD__AUTH__OIDC_ISSUER": "oidc_issuer",
-    "HERALD__AUTH__JWKS_CA_FILE": "jwks_ca_file",
-}
 problems = []
 notes = []
 
@@ -344,17 +336,6 @@ def check_herald_loads(path: str, env: dict, config: str) -> None:
         # `token` mints with an HS256 secret; an unused one changes no rule.
         env = env | {"HERALD__AUTH__HS256_SECRET": SECRET_STAND_INS["HERALD__AUTH__HS256_SECRET"]}
     refusal = herald_refusal(env, config)
-    present = sorted(key for var, key in V2_KEY_SOURCES.items() if var in env)
-    if any(f"unknown field `{key}`" in (refusal or "") for key in present):
-        unknown = present
-        stand_in = {k: v for k, v in env.items() if k not in V2_KEY_SOURCES}
-        if "HERALD__AUTH__JWKS_FILE" not in stand_in:
-            jwks = pathlib.Path(tempfile.mkdtemp(prefix="deploy-check-")) / "jwks.json"
-            jwks.write_text(KEY_FILE_STAND_INS["HERALD__AUTH__JWKS_FILE"])
-            stand_in["HERALD__AUTH__JWKS_FILE"] = str(jwks)
-        notes.append(f"{pathlib.Path(path).name}: this herald-edge does not know auth.{', auth.'.join(unknown)} "
-                     "yet (contract v2, issue 19 item 1): the rest was checked with a JWKS file in their place")
-        refusal = herald_refusal(stand_in, config)
     if refusal:
         problem(f"{what}: herald-edge refuses this configuration: {refusal}")
 

@@ -1,15 +1,23 @@
 //! Tokens: who may open which stream and who may publish where.
 //!
-//! Herald reads JWTs. The accepted algorithms are an explicit allowlist
-//! (`auth.algorithms`, default HS256): a token whose header names any other
-//! algorithm, `none` included, is refused before a signature is looked at. The
-//! key is chosen by the algorithm's family, never by the token alone:
-//! - HMAC (HS256/384/512): the shared secret `auth.hs256_secret`;
-//! - RSA, ECDSA, EdDSA: the key in the JWKS (`auth.jwks_file`, re-read on a
-//!   schedule so keys rotate) whose `kid` the token names, or, for a token
-//!   without `kid`, the PEM key in `auth.public_key_file`. A `kid` that is not
-//!   in the JWKS is refused. Symmetric keys in a JWKS are ignored, so a public
-//!   key can never be used as an HMAC secret (key confusion).
+//! Herald reads JWTs from one or more trusted issuers ([`Authenticator`]):
+//! the top-level `[auth]` keys and each `[[auth.issuers]]`. With several, the
+//! token's `iss` (read unverified, only to choose) picks the issuer, and the
+//! token is then fully verified with that issuer's keys, audience and
+//! algorithms; a token whose `iss` names no trusted issuer is refused.
+//!
+//! Per issuer (`issuer.rs`), the accepted algorithms are an explicit allowlist:
+//! a token whose header names any other algorithm, `none` included, is
+//! refused before a signature is looked at. The key is chosen by the
+//! algorithm's family, never by the token alone:
+//! - HMAC (HS256/384/512): the shared secret `hs256_secret`;
+//! - RSA, ECDSA, EdDSA: the key whose `kid` the token names in the issuer's
+//!   key set (`key_set.rs`: a JWKS file, a JWKS URL or an OpenID Connect
+//!   issuer's discovered JWKS, fetched over HTTPS by `provider.rs`), or, for
+//!   a token without `kid`, the PEM key in `public_key_file`. An unknown `kid`
+//!   makes the key set refresh (rate-limited) before the token is refused.
+//!   Symmetric keys in a JWKS are ignored, so a public key can never be used
+//!   as an HMAC secret (key confusion).
 //!
 //! `exp` is required; `exp` and `nbf` are checked with `auth.leeway_secs` of
 //! tolerance; `iss` and `aud` are checked when configured.
@@ -22,15 +30,22 @@
 //!   A token with `herald_publish` cannot open a stream, and a token without it
 //!   cannot publish.
 
-use std::collections::HashMap;
-use std::sync::RwLock;
+mod issuer;
+mod key_set;
+mod provider;
+
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_config::AuthSettings;
 use herald_protocol::{Target, TargetKind};
-use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
+
+use self::issuer::Issuer;
+pub(crate) use self::key_set::KeySet;
+use self::key_set::Trigger;
+use crate::metrics::Metrics;
 
 /// The claims Herald reads and writes.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -218,6 +233,14 @@ pub(crate) enum AuthError {
     /// The subscriber token's `sub` is missing or not a valid user id.
     #[error("token subject is missing or not a valid user id")]
     BadSubject,
+    /// The token names a `kid` its issuer does not have (even after a
+    /// refresh, or a refresh was made too recently to make another).
+    #[error("invalid token: unknown key id")]
+    UnknownKey,
+    /// The issuer's signing keys have not been loaded yet (its provider was
+    /// unreachable since start-up): the token cannot be checked now.
+    #[error("the signing keys of this token's issuer are not loaded yet; retry shortly")]
+    KeysUnavailable,
 }
 
 impl AuthError {
@@ -225,7 +248,11 @@ impl AuthError {
     pub(crate) fn is_unauthenticated(&self) -> bool {
         matches!(
             self,
-            AuthError::Missing | AuthError::Expired | AuthError::Invalid(_) | AuthError::BadSubject
+            AuthError::Missing
+                | AuthError::Expired
+                | AuthError::Invalid(_)
+                | AuthError::BadSubject
+                | AuthError::UnknownKey
         )
     }
 }
@@ -237,174 +264,180 @@ pub enum KeyError {
     #[error("{key}: cannot read {path:?}: {source}")]
     Read {
         /// The setting naming the file.
-        key: &'static str,
+        key: String,
         /// The file.
         path: String,
         /// The OS error.
         #[source]
         source: std::io::Error,
     },
-    /// A key file's content is not a usable key.
+    /// A key file's content (or a URL) is not usable.
     #[error("{key}: {path:?} is not a valid {what}")]
     Invalid {
-        /// The setting naming the file.
-        key: &'static str,
-        /// The file.
+        /// The setting naming the file or URL.
+        key: String,
+        /// The file or URL.
         path: String,
         /// What was expected.
         what: &'static str,
     },
+    /// A CA file is not PEM.
+    #[error("{key}: {path:?} is not a readable PEM file: {source}")]
+    Pem {
+        /// The setting naming the file.
+        key: String,
+        /// The file.
+        path: String,
+        /// The PEM error.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// TLS for fetching keys could not be set up.
+    #[error("{key}: TLS set-up failed: {source}")]
+    Tls {
+        /// The setting naming the provider.
+        key: String,
+        /// rustls' error.
+        #[source]
+        source: rustls::Error,
+    },
     /// No key can verify tokens.
-    #[error("no key configured: set auth.hs256_secret, auth.public_key_file or auth.jwks_file")]
+    #[error(
+        "no key configured: set auth.hs256_secret, auth.public_key_file, auth.jwks_file, \
+         auth.jwks_url or auth.oidc_issuer"
+    )]
     NoKey,
 }
 
-/// Public keys from a JWKS file, by `kid`.
-type KeysById = HashMap<String, DecodingKey>;
-
-/// Validates tokens with the configured keys and rules.
-pub(crate) struct Authenticator {
-    algorithms: Vec<Algorithm>,
-    hmac: Option<DecodingKey>,
-    public_key: Option<DecodingKey>,
-    jwks_file: Option<String>,
-    jwks: RwLock<KeysById>,
-    leeway: u64,
-    issuer: Option<String>,
-    audience: Option<String>,
+/// Why an issuer's signing keys are not there yet, for `/readyz`.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct MissingKeys {
+    /// The issuer (or `default` for a top-level issuer without `iss`).
+    pub(crate) issuer: String,
+    /// Why the last load failed (the error and its causes), if one was tried.
+    pub(crate) error: Option<String>,
 }
 
-impl std::fmt::Debug for Authenticator {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authenticator")
-            .field("algorithms", &self.algorithms)
-            .finish_non_exhaustive()
-    }
+/// Validates tokens with the configured issuers' keys and rules.
+#[derive(Debug)]
+pub(crate) struct Authenticator {
+    issuers: Vec<Issuer>,
+    leeway: u64,
 }
 
 impl Authenticator {
-    /// An authenticator for `settings`, reading any key files now.
-    pub(crate) fn new(settings: &AuthSettings) -> Result<Self, KeyError> {
-        let algorithms = settings
-            .algorithms
+    /// An authenticator for `settings`, reading any key files now; keys from
+    /// providers load with [`Authenticator::wait_for_keys`] and stay fresh
+    /// with [`KeySet::keep_fresh`] on each of [`Authenticator::key_sets`].
+    pub(crate) fn new(settings: &AuthSettings, metrics: &Arc<Metrics>) -> Result<Self, KeyError> {
+        let top_level = settings.top_level_issuer_count();
+        let issuers = settings
+            .trusted_issuers()
             .iter()
-            .filter_map(|name| name.parse::<Algorithm>().ok())
-            .collect();
-        let public_key = match &settings.public_key_file {
-            None => None,
-            Some(path) => Some(read_pem_key(path)?),
-        };
-        let authenticator = Authenticator {
-            algorithms,
-            hmac: settings
-                .hs256_secret
-                .as_ref()
-                .map(|secret| DecodingKey::from_secret(secret.expose().as_bytes())),
-            public_key,
-            jwks_file: settings.jwks_file.clone(),
-            jwks: RwLock::new(HashMap::new()),
-            leeway: settings.leeway_secs,
-            issuer: settings.issuer.clone(),
-            audience: settings.audience.clone(),
-        };
-        authenticator.reload_jwks()?;
-        if authenticator.hmac.is_none()
-            && authenticator.public_key.is_none()
-            && authenticator.jwks_file.is_none()
-        {
+            .enumerate()
+            .map(|(index, issuer)| {
+                let key = match index.checked_sub(top_level) {
+                    None => "auth".to_owned(),
+                    Some(n) => format!("auth.issuers[{n}]"),
+                };
+                Issuer::new(issuer, &key, settings, metrics)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !issuers.iter().any(Issuer::has_keys) {
             return Err(KeyError::NoKey);
         }
-        Ok(authenticator)
+        Ok(Authenticator {
+            issuers,
+            leeway: settings.leeway_secs,
+        })
     }
 
-    /// Re-reads the JWKS file (if configured); on error the previous keys stay.
-    pub(crate) fn reload_jwks(&self) -> Result<usize, KeyError> {
-        let Some(path) = &self.jwks_file else {
-            return Ok(0);
-        };
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
-            key: "auth.jwks_file",
-            path: path.clone(),
-            source,
-        })?;
-        let set: JwkSet = serde_json::from_str(&text).map_err(|_| KeyError::Invalid {
-            key: "auth.jwks_file",
-            path: path.clone(),
-            what: "JWKS document",
-        })?;
-        let keys: KeysById = set
-            .keys
-            .iter()
-            .filter(|jwk| !matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)))
-            .filter_map(|jwk| {
-                let kid = jwk.common.key_id.clone()?;
-                Some((kid, DecodingKey::from_jwk(jwk).ok()?))
+    /// Every key set, to keep fresh.
+    pub(crate) fn key_sets(&self) -> impl Iterator<Item = &Arc<KeySet>> {
+        self.issuers.iter().filter_map(Issuer::key_set)
+    }
+
+    /// Waits up to `within` for every provider's first key set (start-up);
+    /// those still missing keep being fetched by their refresh task.
+    pub(crate) async fn wait_for_keys(&self, within: Duration) {
+        let waits = self
+            .key_sets()
+            .filter(|keys| keys.is_remote())
+            .map(|keys| keys.wait_loaded(within));
+        futures_util::future::join_all(waits).await;
+    }
+
+    /// Whether every key set has loaded (the node may be ready).
+    pub(crate) fn has_all_keys(&self) -> bool {
+        self.key_sets().all(|keys| keys.is_loaded())
+    }
+
+    /// The issuers whose keys have never loaded (the node is not ready).
+    pub(crate) fn missing_keys(&self) -> Vec<MissingKeys> {
+        self.key_sets()
+            .filter(|keys| !keys.is_loaded())
+            .map(|keys| MissingKeys {
+                issuer: keys.issuer().to_owned(),
+                error: keys
+                    .last_error()
+                    .map(|err| key_set::ErrorChain(&*err).to_string()),
             })
-            .collect();
-        let count = keys.len();
-        *self.jwks.write().unwrap_or_else(|p| p.into_inner()) = keys;
-        Ok(count)
+            .collect()
     }
 
-    /// Whether keys come from a JWKS file that should be re-read periodically.
-    pub(crate) fn has_jwks(&self) -> bool {
-        self.jwks_file.is_some()
+    /// The issuer that verifies `token`: the one whose `iss` the token claims
+    /// (read unverified, only to choose), else the one that accepts any
+    /// `iss`, if configured.
+    ///
+    /// A token that names no trusted issuer and whose algorithm the any-`iss`
+    /// issuer does not accept is refused as from the wrong issuer: that is
+    /// what is wrong with it.
+    fn issuer_for(&self, token: &str, algorithm: Algorithm) -> Result<&Issuer, AuthError> {
+        let claimed = unverified_issuer(token);
+        if let [only] = self.issuers.as_slice() {
+            // Named before the signature is checked: a token of another
+            // issuer (even one reusing a kid) is refused for what it is.
+            return match only.iss() {
+                Some(iss) if claimed.as_deref() != Some(iss) => {
+                    Err(AuthError::Invalid("wrong issuer"))
+                }
+                _ => Ok(only),
+            };
+        }
+        if let Some(named) = self
+            .issuers
+            .iter()
+            .find(|issuer| issuer.iss().is_some() && issuer.iss() == claimed.as_deref())
+        {
+            return Ok(named);
+        }
+        self.issuers
+            .iter()
+            .find(|issuer| issuer.iss().is_none() && issuer.accepts(algorithm))
+            .ok_or(AuthError::Invalid("wrong issuer"))
     }
 
-    fn claims(&self, token: &str) -> Result<Claims, AuthError> {
-        use jsonwebtoken::errors::ErrorKind;
+    async fn claims(&self, token: &str) -> Result<Claims, AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed token"))?;
-        if !self.algorithms.contains(&header.alg) {
-            return Err(AuthError::Invalid("algorithm not allowed"));
+        let issuer = self.issuer_for(token, header.alg)?;
+        match issuer.verify(token, &header, self.leeway) {
+            Err(AuthError::UnknownKey) => {
+                let Some(keys) = issuer.key_set() else {
+                    return Err(AuthError::UnknownKey);
+                };
+                // The issuer may have rotated its keys: fetch them (at most
+                // once per auth.jwks_min_refresh_secs) and look again.
+                let _ = keys.refresh(Trigger::UnknownKid).await;
+                issuer.verify(token, &header, self.leeway)
+            }
+            verified => verified,
         }
-        let jwks_key;
-        let key = match header.alg {
-            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => self.hmac.as_ref(),
-            _ => match &header.kid {
-                Some(kid) => {
-                    let keys = self.jwks.read().unwrap_or_else(|p| p.into_inner());
-                    jwks_key = keys
-                        .get(kid)
-                        .cloned()
-                        .ok_or(AuthError::Invalid("unknown key id"))?;
-                    Some(&jwks_key)
-                }
-                None => self.public_key.as_ref(),
-            },
-        }
-        .ok_or(AuthError::Invalid("no key for this algorithm"))?;
-
-        let mut validation = Validation::new(header.alg);
-        validation.leeway = self.leeway;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
-        match &self.audience {
-            Some(audience) => validation.set_audience(&[audience]),
-            None => validation.validate_aud = false,
-        }
-        if let Some(issuer) = &self.issuer {
-            validation.set_issuer(&[issuer]);
-        }
-        jsonwebtoken::decode::<Claims>(token, key, &validation)
-            .map(|data| data.claims)
-            .map_err(|err| match err.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::ImmatureSignature => AuthError::Invalid("not valid yet (nbf)"),
-                ErrorKind::InvalidSignature => AuthError::Invalid("bad signature"),
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                    AuthError::Invalid("algorithm not allowed")
-                }
-                ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer"),
-                ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience"),
-                ErrorKind::MissingRequiredClaim(_) => AuthError::Invalid("missing exp claim"),
-                _ => AuthError::Invalid("malformed token"),
-            })
     }
 
     /// Validates a subscriber token.
-    pub(crate) fn subscriber(&self, token: &str) -> Result<Subscriber, AuthError> {
-        let claims = self.claims(token)?;
+    pub(crate) async fn subscriber(&self, token: &str) -> Result<Subscriber, AuthError> {
+        let claims = self.claims(token).await?;
         // Any `herald_publish` claim, even `false`, marks a publisher
         // credential (docs/api.md): a stream needs a token without the claim,
         // so a credential minted for a service never doubles as a user's.
@@ -424,8 +457,8 @@ impl Authenticator {
     }
 
     /// Validates a publisher credential.
-    pub(crate) fn publisher(&self, token: &str) -> Result<Publisher, AuthError> {
-        let claims = self.claims(token)?;
+    pub(crate) async fn publisher(&self, token: &str) -> Result<Publisher, AuthError> {
+        let claims = self.claims(token).await?;
         let grants = match claims.herald_publish {
             None | Some(PublishClaim::All(false)) => return Err(AuthError::NotAPublisher),
             Some(PublishClaim::All(true)) => None,
@@ -451,28 +484,27 @@ impl Authenticator {
     }
 }
 
-/// Reads a PEM public key of any supported family.
-fn read_pem_key(path: &str) -> Result<DecodingKey, KeyError> {
-    let pem = std::fs::read(path).map_err(|source| KeyError::Read {
-        key: "auth.public_key_file",
-        path: path.to_owned(),
-        source,
-    })?;
-    DecodingKey::from_rsa_pem(&pem)
-        .or_else(|_| DecodingKey::from_ec_pem(&pem))
-        .or_else(|_| DecodingKey::from_ed_pem(&pem))
-        .map_err(|_| KeyError::Invalid {
-            key: "auth.public_key_file",
-            path: path.to_owned(),
-            what: "PEM public key (RSA, EC or Ed25519)",
-        })
+/// The `iss` a token claims, read without verifying anything: used only to
+/// choose which issuer verifies it.
+fn unverified_issuer(token: &str) -> Option<String> {
+    use base64::Engine;
+    #[derive(Deserialize)]
+    struct Peek {
+        iss: Option<String>,
+    }
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    serde_json::from_slice::<Peek>(&json).ok()?.iss
 }
 
 /// Reads the key files `settings` names, as a starting node does, and lets
 /// them go (`herald-edge check-config`): validation only checks that the
-/// files exist, this checks that they hold keys.
+/// files exist, this checks that they hold keys. Nothing is fetched from an
+/// identity provider.
 pub fn check_keys(settings: &AuthSettings) -> Result<(), KeyError> {
-    Authenticator::new(settings).map(drop)
+    Authenticator::new(settings, &Arc::new(Metrics::default())).map(drop)
 }
 
 /// Signs `claims` with an HS256 `secret` (the `token` subcommand and tests).
@@ -499,15 +531,19 @@ pub fn expiry_in(ttl: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use herald_config::Secret;
+    use herald_config::{IssuerSettings, Secret};
+    use jsonwebtoken::jwk::JwkSet;
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     fn authenticator() -> Authenticator {
-        Authenticator::new(&AuthSettings {
-            hs256_secret: Some(Secret::new(SECRET)),
-            ..Default::default()
-        })
+        Authenticator::new(
+            &AuthSettings {
+                hs256_secret: Some(Secret::new(SECRET)),
+                ..Default::default()
+            },
+            &Arc::new(Metrics::default()),
+        )
         .expect("a secret is a valid key")
     }
 
@@ -519,12 +555,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_valid_subscriber_token_names_its_user_and_topics() {
+    #[tokio::test]
+    async fn a_valid_subscriber_token_names_its_user_and_topics() {
         let mut claims = subscriber_claims("alice");
         claims.topics = vec!["news".into(), "prices-*".into()];
         let token = mint(SECRET, &claims).expect("signed");
-        let subscriber = authenticator().subscriber(&token).expect("valid");
+        let subscriber = authenticator().subscriber(&token).await.expect("valid");
         assert_eq!(subscriber.user.name(), "alice");
         assert!(subscriber.may_follow("news"));
         assert!(subscriber.may_follow("prices-eur"));
@@ -532,8 +568,8 @@ mod tests {
         assert!(!subscriber.may_follow("admin"));
     }
 
-    #[test]
-    fn tokens_signed_with_another_secret_expired_or_unsigned_are_refused() {
+    #[tokio::test]
+    async fn tokens_signed_with_another_secret_expired_or_unsigned_are_refused() {
         let auth = authenticator();
         let other = mint(
             "another-secret-another-secret-xx",
@@ -541,36 +577,39 @@ mod tests {
         )
         .expect("signed");
         assert_eq!(
-            auth.subscriber(&other).err(),
+            auth.subscriber(&other).await.err(),
             Some(AuthError::Invalid("bad signature"))
         );
 
         let mut expired = subscriber_claims("alice");
         expired.exp = expiry_in(Duration::ZERO) - 3600;
         let expired = mint(SECRET, &expired).expect("signed");
-        assert_eq!(auth.subscriber(&expired).err(), Some(AuthError::Expired));
+        assert_eq!(
+            auth.subscriber(&expired).await.err(),
+            Some(AuthError::Expired)
+        );
 
         // {"alg":"none"} with the same claims and no signature.
         let valid = mint(SECRET, &subscriber_claims("alice")).expect("signed");
         let payload = valid.split('.').nth(1).expect("three parts");
         let unsigned = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}.");
-        assert!(auth.subscriber(&unsigned).is_err());
-        assert!(auth.subscriber("not-a-jwt").is_err());
+        assert!(auth.subscriber(&unsigned).await.is_err());
+        assert!(auth.subscriber("not-a-jwt").await.is_err());
     }
 
-    #[test]
-    fn publisher_and_subscriber_tokens_are_not_interchangeable() {
+    #[tokio::test]
+    async fn publisher_and_subscriber_tokens_are_not_interchangeable() {
         let auth = authenticator();
         let mut publisher = subscriber_claims("svc");
         publisher.herald_publish = Some(PublishClaim::All(true));
         let publisher = mint(SECRET, &publisher).expect("signed");
         assert_eq!(
-            auth.subscriber(&publisher).err(),
+            auth.subscriber(&publisher).await.err(),
             Some(AuthError::PublisherOnStream)
         );
         let subscriber = mint(SECRET, &subscriber_claims("alice")).expect("signed");
         assert_eq!(
-            auth.publisher(&subscriber).err(),
+            auth.publisher(&subscriber).await.err(),
             Some(AuthError::NotAPublisher)
         );
     }
@@ -600,11 +639,11 @@ mod tests {
     fn with_keys(configure: impl FnOnce(&mut AuthSettings)) -> Authenticator {
         let mut settings = AuthSettings::default();
         configure(&mut settings);
-        Authenticator::new(&settings).expect("keys load")
+        Authenticator::new(&settings, &Arc::new(Metrics::default())).expect("keys load")
     }
 
-    #[test]
-    fn rsa_ecdsa_and_eddsa_tokens_verify_with_their_pem_public_keys() {
+    #[tokio::test]
+    async fn rsa_ecdsa_and_eddsa_tokens_verify_with_their_pem_public_keys() {
         for (algorithm, name, private, public) in [
             (
                 Algorithm::RS256,
@@ -620,7 +659,10 @@ mod tests {
                 s.public_key_file = Some(keys_dir().join(public).display().to_string());
             });
             let token = signed(algorithm, private, None, &subscriber_claims("alice"));
-            assert_eq!(auth.subscriber(&token).expect(name).user.name(), "alice");
+            assert_eq!(
+                auth.subscriber(&token).await.expect(name).user.name(),
+                "alice"
+            );
 
             // Tampered payload: same header and signature, other subject.
             let mut parts: Vec<&str> = token.split('.').collect();
@@ -628,14 +670,14 @@ mod tests {
             let forged_payload = other.split('.').nth(1).expect("payload");
             parts[1] = forged_payload;
             assert_eq!(
-                auth.subscriber(&parts.join(".")).err(),
+                auth.subscriber(&parts.join(".")).await.err(),
                 Some(AuthError::Invalid("bad signature"))
             );
         }
     }
 
-    #[test]
-    fn an_hmac_token_signed_with_the_public_key_is_refused() {
+    #[tokio::test]
+    async fn an_hmac_token_signed_with_the_public_key_is_refused() {
         // Key confusion: the attacker signs HS256 with the (public) RSA key.
         let public_pem = std::fs::read_to_string(keys_dir().join("rsa-public.pem")).expect("key");
         let forged = mint(&public_pem, &subscriber_claims("alice")).expect("signed");
@@ -644,7 +686,7 @@ mod tests {
             s.public_key_file = Some(keys_dir().join("rsa-public.pem").display().to_string());
         });
         assert_eq!(
-            rsa_only.subscriber(&forged).err(),
+            rsa_only.subscriber(&forged).await.err(),
             Some(AuthError::Invalid("algorithm not allowed"))
         );
         let both = with_keys(|s| {
@@ -653,13 +695,13 @@ mod tests {
             s.public_key_file = Some(keys_dir().join("rsa-public.pem").display().to_string());
         });
         assert_eq!(
-            both.subscriber(&forged).err(),
+            both.subscriber(&forged).await.err(),
             Some(AuthError::Invalid("bad signature"))
         );
     }
 
-    #[test]
-    fn jwks_keys_are_chosen_by_kid_and_rotate_when_the_file_changes() {
+    #[tokio::test]
+    async fn jwks_keys_are_chosen_by_kid_and_rotate_when_the_file_changes() {
         let dir = std::env::temp_dir().join(format!("herald-jwks-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let jwks_path = dir.join("jwks.json");
@@ -689,24 +731,25 @@ mod tests {
         let claims = subscriber_claims("alice");
         let old = signed(Algorithm::RS256, "rsa-private.pem", Some("2026-a"), &claims);
         let new = signed(Algorithm::ES256, "ec-private.pem", Some("2026-b"), &claims);
-        assert!(auth.subscriber(&old).is_ok());
+        assert!(auth.subscriber(&old).await.is_ok());
         assert_eq!(
-            auth.subscriber(&new).err(),
-            Some(AuthError::Invalid("unknown key id"))
+            auth.subscriber(&new).await.err(),
+            Some(AuthError::UnknownKey)
         );
 
         write(vec![jwk("ec-private.pem", Algorithm::ES256, "2026-b")]);
-        assert_eq!(auth.reload_jwks().expect("reloaded"), 1);
-        assert!(auth.subscriber(&new).is_ok());
+        let keys = auth.key_sets().next().expect("a JWKS key set");
+        keys.refresh(Trigger::Schedule).await.expect("reloaded");
+        assert!(auth.subscriber(&new).await.is_ok());
         assert_eq!(
-            auth.subscriber(&old).err(),
-            Some(AuthError::Invalid("unknown key id"))
+            auth.subscriber(&old).await.err(),
+            Some(AuthError::UnknownKey)
         );
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    #[test]
-    fn issuer_audience_and_not_before_are_checked_when_configured() {
+    #[tokio::test]
+    async fn issuer_audience_and_not_before_are_checked_when_configured() {
         let auth = with_keys(|s| {
             s.hs256_secret = Some(Secret::new(SECRET));
             s.issuer = Some("https://idp.example.com/".into());
@@ -720,6 +763,7 @@ mod tests {
         };
         assert!(
             auth.subscriber(&mint(SECRET, &good).expect("signed"))
+                .await
                 .is_ok()
         );
         let wrong_issuer = Claims {
@@ -728,6 +772,7 @@ mod tests {
         };
         assert_eq!(
             auth.subscriber(&mint(SECRET, &wrong_issuer).expect("signed"))
+                .await
                 .err(),
             Some(AuthError::Invalid("wrong issuer"))
         );
@@ -737,6 +782,7 @@ mod tests {
         };
         assert_eq!(
             auth.subscriber(&mint(SECRET, &wrong_audience).expect("signed"))
+                .await
                 .err(),
             Some(AuthError::Invalid("wrong audience"))
         );
@@ -762,50 +808,52 @@ mod tests {
         )
         .expect("signed");
         assert_eq!(
-            auth.subscriber(&early).err(),
+            auth.subscriber(&early).await.err(),
             Some(AuthError::Invalid("not valid yet (nbf)"))
         );
     }
 
-    #[test]
-    fn the_issue_time_is_iat_else_nbf_read_leniently() {
+    #[tokio::test]
+    async fn the_issue_time_is_iat_else_nbf_read_leniently() {
         let auth = authenticator();
         let exp = expiry_in(Duration::from_secs(600));
-        let issued_at = |claims: serde_json::Value| {
-            let token = jsonwebtoken::encode(
+        let signed = |claims: serde_json::Value| {
+            jsonwebtoken::encode(
                 &Header::new(Algorithm::HS256),
                 &claims,
                 &EncodingKey::from_secret(SECRET.as_bytes()),
             )
-            .expect("signed");
-            auth.subscriber(&token).expect("accepted").issued_at
+            .expect("signed")
         };
         let past = expiry_in(Duration::ZERO) - 100;
         let sub = "alice";
-        assert_eq!(
-            issued_at(serde_json::json!({"sub": sub, "exp": exp, "iat": past})),
-            Some(past)
-        );
-        assert_eq!(
-            issued_at(serde_json::json!({"sub": sub, "exp": exp, "iat": past as f64 + 0.75})),
-            Some(past),
-            "a fractional NumericDate is floored"
-        );
-        assert_eq!(
-            issued_at(serde_json::json!({"sub": sub, "exp": exp, "nbf": past})),
-            Some(past),
-            "nbf stands in for a missing iat"
-        );
-        assert_eq!(
-            issued_at(serde_json::json!({"sub": sub, "exp": exp, "iat": "yesterday"})),
-            None,
-            "a token with an iat that is not a number is still accepted, without an issue time"
-        );
-        assert_eq!(issued_at(serde_json::json!({"sub": sub, "exp": exp})), None);
+        let cases = [
+            (serde_json::json!({"sub": sub, "exp": exp, "iat": past}), Some(past), "iat"),
+            (
+                serde_json::json!({"sub": sub, "exp": exp, "iat": past as f64 + 0.75}),
+                Some(past),
+                "a fractional NumericDate is floored",
+            ),
+            (
+                serde_json::json!({"sub": sub, "exp": exp, "nbf": past}),
+                Some(past),
+                "nbf stands in for a missing iat",
+            ),
+            (
+                serde_json::json!({"sub": sub, "exp": exp, "iat": "yesterday"}),
+                None,
+                "a token with an iat that is not a number is still accepted, without an issue time",
+            ),
+            (serde_json::json!({"sub": sub, "exp": exp}), None, "neither"),
+        ];
+        for (claims, expected, case) in cases {
+            let subscriber = auth.subscriber(&signed(claims)).await.expect("accepted");
+            assert_eq!(subscriber.issued_at, expected, "{case}");
+        }
     }
 
-    #[test]
-    fn a_token_whose_publish_claim_is_false_neither_streams_nor_publishes() {
+    #[tokio::test]
+    async fn a_token_whose_publish_claim_is_false_neither_streams_nor_publishes() {
         let claims = Claims {
             herald_publish: Some(PublishClaim::All(false)),
             ..subscriber_claims("alice")
@@ -813,14 +861,17 @@ mod tests {
         let token = mint(SECRET, &claims).expect("signed");
         let auth = authenticator();
         assert_eq!(
-            auth.subscriber(&token).err(),
+            auth.subscriber(&token).await.err(),
             Some(AuthError::PublisherOnStream)
         );
-        assert_eq!(auth.publisher(&token).err(), Some(AuthError::NotAPublisher));
+        assert_eq!(
+            auth.publisher(&token).await.err(),
+            Some(AuthError::NotAPublisher)
+        );
     }
 
-    #[test]
-    fn a_publisher_is_named_by_its_sub_or_else_by_a_digest_of_its_token() {
+    #[tokio::test]
+    async fn a_publisher_is_named_by_its_sub_or_else_by_a_digest_of_its_token() {
         let auth = authenticator();
         let named = Claims {
             herald_publish: Some(PublishClaim::All(true)),
@@ -828,7 +879,7 @@ mod tests {
         };
         let named = mint(SECRET, &named).expect("signed");
         assert_eq!(
-            auth.publisher(&named).expect("valid").id,
+            auth.publisher(&named).await.expect("valid").id,
             PublisherId::Subject("billing".into())
         );
         let anonymous = Claims {
@@ -837,14 +888,14 @@ mod tests {
             ..Default::default()
         };
         let anonymous = mint(SECRET, &anonymous).expect("signed");
-        let id = auth.publisher(&anonymous).expect("valid").id;
+        let id = auth.publisher(&anonymous).await.expect("valid").id;
         assert_eq!(id, PublisherId::Token(sha256_hex(anonymous.as_bytes())));
         assert!(!id.to_string().contains(&anonymous));
         assert!(id.to_string().starts_with("token:"));
     }
 
-    #[test]
-    fn a_publisher_list_allows_only_its_targets() {
+    #[tokio::test]
+    async fn a_publisher_list_allows_only_its_targets() {
         let auth = authenticator();
         let mut claims = subscriber_claims("svc");
         claims.herald_publish = Some(PublishClaim::Targets(vec![
@@ -853,10 +904,109 @@ mod tests {
         ]));
         let publisher = auth
             .publisher(&mint(SECRET, &claims).expect("signed"))
+            .await
             .expect("valid");
         assert!(publisher.may_publish(&Target::user("alice").expect("valid")));
         assert!(!publisher.may_publish(&Target::user("bob").expect("valid")));
         assert!(publisher.may_publish(&Target::topic("news-eu").expect("valid")));
         assert!(!publisher.may_publish(&Target::topic("alice").expect("valid")));
+    }
+
+    #[tokio::test]
+    async fn with_several_issuers_the_claimed_iss_picks_the_keys_that_must_verify_it() {
+        const OTHER: &str = "fedcba9876543210fedcba9876543210";
+        let issuer = |iss: &str, secret: &str, audience: &str| IssuerSettings {
+            issuer: Some(iss.into()),
+            audience: Some(audience.into()),
+            algorithms: vec!["HS256".into()],
+            hs256_secret: Some(Secret::new(secret)),
+            ..Default::default()
+        };
+        let auth = with_keys(|s| {
+            s.issuers = vec![
+                issuer("https://a.example.com/", SECRET, "herald-a"),
+                issuer("https://b.example.com/", OTHER, "herald-b"),
+            ];
+        });
+        let claims = |iss: &str, aud: &str| Claims {
+            iss: Some(iss.into()),
+            aud: Some(aud.into()),
+            ..subscriber_claims("alice")
+        };
+        let from_a = mint(SECRET, &claims("https://a.example.com/", "herald-a")).expect("signed");
+        let from_b = mint(OTHER, &claims("https://b.example.com/", "herald-b")).expect("signed");
+        assert!(auth.subscriber(&from_a).await.is_ok());
+        assert!(auth.subscriber(&from_b).await.is_ok());
+        // A's key cannot sign for B, and B's audience is not A's.
+        let forged = mint(SECRET, &claims("https://b.example.com/", "herald-b")).expect("signed");
+        assert_eq!(
+            auth.subscriber(&forged).await.err(),
+            Some(AuthError::Invalid("bad signature"))
+        );
+        let crossed = mint(OTHER, &claims("https://b.example.com/", "herald-a")).expect("signed");
+        assert_eq!(
+            auth.subscriber(&crossed).await.err(),
+            Some(AuthError::Invalid("wrong audience"))
+        );
+        let stranger =
+            mint(SECRET, &claims("https://evil.example.com/", "herald-a")).expect("signed");
+        assert_eq!(
+            auth.subscriber(&stranger).await.err(),
+            Some(AuthError::Invalid("wrong issuer"))
+        );
+        let mut no_iss = subscriber_claims("alice");
+        no_iss.aud = Some("herald-a".into());
+        assert_eq!(
+            auth.subscriber(&mint(SECRET, &no_iss).expect("signed"))
+                .await
+                .err(),
+            Some(AuthError::Invalid("wrong issuer"))
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oidc_issuer_beside_a_secret_keeps_backend_tokens_and_refuses_hs_tokens_in_its_name()
+    {
+        const IDP: &str = "https://sso.example.com/realms/herald";
+        let auth = with_keys(|s| {
+            s.hs256_secret = Some(Secret::new(SECRET));
+            s.algorithms = vec!["HS256".into(), "RS256".into()];
+            s.oidc_issuer = Some(IDP.into());
+        });
+        let backend = mint(SECRET, &subscriber_claims("alice")).expect("signed");
+        assert!(auth.subscriber(&backend).await.is_ok(), "any iss, HS256");
+        let in_its_name = Claims {
+            iss: Some(IDP.into()),
+            ..subscriber_claims("alice")
+        };
+        assert_eq!(
+            auth.subscriber(&mint(SECRET, &in_its_name).expect("signed"))
+                .await
+                .err(),
+            Some(AuthError::Invalid("algorithm not allowed")),
+            "the provider's iss is checked with the provider's keys only"
+        );
+        let provider_token = signed(
+            Algorithm::RS256,
+            "rsa-private.pem",
+            Some("k1"),
+            &in_its_name,
+        );
+        assert_eq!(
+            auth.subscriber(&provider_token).await.err(),
+            Some(AuthError::KeysUnavailable),
+            "nothing fetched yet: not the user's fault"
+        );
+        let stranger = Claims {
+            iss: Some("https://evil.example.com/".into()),
+            ..subscriber_claims("alice")
+        };
+        let stranger = signed(Algorithm::RS256, "rsa-private.pem", Some("k1"), &stranger);
+        assert_eq!(
+            auth.subscriber(&stranger).await.err(),
+            Some(AuthError::Invalid("wrong issuer"))
+        );
+        assert_eq!(auth.missing_keys().len(), 1);
+        assert_eq!(auth.missing_keys()[0].issuer, IDP);
     }
 }

@@ -16,7 +16,10 @@
 //! - `bus`: the event bus trait (publish, follow, replay, head); `memory` (the
 //!   embedded single-node bus) and `nats` (JetStream: `provision`, `store`,
 //!   `decode`, `follow`, `chain`, `dispatcher`);
-//! - `auth`: JWT validation for subscribers and publishers, token minting;
+//! - `auth`: JWT validation for subscribers and publishers against one or
+//!   more trusted issuers (`issuer`), their key sets kept fresh from JWKS
+//!   files or identity providers over HTTPS (`key_set`, `provider`), token
+//!   minting;
 //! - `cluster`: gossip membership (the cluster view, the departure
 //!   announcement), `rebalance` decisions, cluster-wide `presence`, and
 //!   `disconnect` (ending a user's streams everywhere, token revocation);
@@ -151,8 +154,12 @@ impl Node {
     /// Builds every part from `settings` and binds the HTTP listener.
     pub async fn bind(settings: Settings) -> Result<Node, StartError> {
         let node_id = settings.node.resolved_id();
-        let auth = Authenticator::new(&settings.auth)?;
         let metrics = Arc::new(Metrics::default());
+        let auth = Authenticator::new(&settings.auth, &metrics)?;
+        // Bounded: a provider that is down does not keep the node from
+        // starting; it serves unready (`/readyz` says why) until keys arrive.
+        auth.wait_for_keys(Duration::from_secs(settings.auth.jwks_start_wait_secs))
+            .await;
         let registry = Arc::new(Registry::new(
             RegistryLimits {
                 max_connections: settings.stream.max_connections,
@@ -250,8 +257,8 @@ impl Node {
             bus = state.bus.kind(),
             "herald edge node listening"
         );
-        if state.auth.has_jwks() {
-            tokio::spawn(refresh_jwks(Arc::clone(&state)));
+        for keys in state.auth.key_sets() {
+            tokio::spawn(Arc::clone(keys).keep_fresh(state.shutdown.clone()));
         }
         let server = tokio::spawn(http::server::serve(
             self.listener,
@@ -376,28 +383,10 @@ async fn gossip_load(state: Arc<AppState>) {
     let load = || cluster::LocalLoad {
         connections: state.registry.connection_count() as u64,
         users: state.registry.user_count() as u64,
-        ready: state.bus.is_ready() && !state.is_draining(),
+        ready: state.bus.is_ready() && !state.is_draining() && state.auth.has_all_keys(),
         draining: state.is_draining(),
     };
     state.cluster.run(load, state.shutdown.clone()).await;
-}
-
-/// Re-reads the JWKS file every `auth.jwks_refresh_secs` until shutdown, so
-/// signing keys can rotate without a restart.
-async fn refresh_jwks(state: Arc<AppState>) {
-    let every = Duration::from_secs(state.settings.auth.jwks_refresh_secs);
-    loop {
-        tokio::select! {
-            _ = state.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        match state.auth.reload_jwks() {
-            Ok(keys) => tracing::debug!(keys, "JWKS reloaded"),
-            Err(err) => {
-                tracing::warn!(error = %err, "JWKS reload failed; keeping the previous keys")
-            }
-        }
-    }
 }
 
 /// Binds and runs a node until `shutdown` resolves.

@@ -30,6 +30,41 @@ pub(crate) struct StateLabel {
     pub(crate) state: &'static str,
 }
 
+/// Label for a token issuer (its `iss`, or `default`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct IssuerLabel {
+    /// The issuer, as configured (a bounded set).
+    pub(crate) issuer: String,
+}
+
+impl IssuerLabel {
+    /// The label of `issuer`.
+    pub(crate) fn new(issuer: &str) -> Self {
+        IssuerLabel {
+            issuer: issuer.to_owned(),
+        }
+    }
+}
+
+/// Label for a signing key refresh: the issuer and how it went.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KeyRefreshLabel {
+    /// The issuer, as configured.
+    pub(crate) issuer: String,
+    /// `ok` or `failed`.
+    pub(crate) outcome: &'static str,
+}
+
+impl KeyRefreshLabel {
+    /// The label of a refresh of `issuer`'s keys that ended with `outcome`.
+    pub(crate) fn new(issuer: &str, outcome: &'static str) -> Self {
+        KeyRefreshLabel {
+            issuer: issuer.to_owned(),
+            outcome,
+        }
+    }
+}
+
 /// Declares [`Metrics`] from one list. Each entry is
 /// `/// doc` `field: Type [= initial value], "name", "help";`: the
 /// field the code updates, its Prometheus name (after the `herald_` prefix;
@@ -162,6 +197,16 @@ metrics! {
     /// (`malformed`, `bad_tag`, `stale`, `replayed`, `too_many_senders`).
     gossip_rejected: Family<ReasonLabel, Counter>, "gossip_rejected",
         "Gossip datagrams dropped (unauthenticated, stale or replayed), by reason";
+    /// Signing key loads (JWKS file, URL or OIDC issuer), by issuer and
+    /// outcome (`ok`, `failed`); a failure keeps the last good keys.
+    jwks_refreshes: Family<KeyRefreshLabel, Counter>, "jwks_refreshes",
+        "Signing key loads from a JWKS file, URL or OIDC issuer, by issuer and outcome (ok, failed); a failure keeps the last good keys";
+    /// Tokens naming an unknown `kid` that caused no fetch, because one was
+    /// made less than `auth.jwks_min_refresh_secs` ago.
+    jwks_refresh_throttled: Family<IssuerLabel, Counter>, "jwks_refresh_throttled",
+        "Tokens naming an unknown kid that caused no key fetch, because one was made less than auth.jwks_min_refresh_secs ago";
+    /// Signing keys held, by issuer.
+    jwks_keys: Family<IssuerLabel, Gauge>, "jwks_keys", "Signing keys held from a JWKS, by issuer";
     /// Seconds from the bus storing an event to it being written to a stream.
     delivery_latency: Histogram = Histogram::new(exponential_buckets(0.0001, 2.0, 20)), // 100 µs to ~52 s.
         "delivery_latency_seconds", "Time from the bus storing an event to its write to a stream";
@@ -193,6 +238,13 @@ mod tests {
         metrics.resets.get_or_create(&reason).inc();
         metrics.rejected_streams.get_or_create(&reason).inc();
         metrics.gossip_rejected.get_or_create(&reason).inc();
+        metrics
+            .jwks_refreshes
+            .get_or_create(&KeyRefreshLabel::new("https://idp.example.com/", "ok"))
+            .inc();
+        let issuer = IssuerLabel::new("https://idp.example.com/");
+        metrics.jwks_refresh_throttled.get_or_create(&issuer).inc();
+        metrics.jwks_keys.get_or_create(&issuer).set(2);
         let alive = StateLabel { state: "alive" };
         metrics.cluster_members.get_or_create(&alive).set(1);
         let text = metrics.render();
@@ -227,6 +279,9 @@ mod tests {
             "herald_user_disconnects counter",
             "herald_revoked_refusals counter",
             "herald_gossip_rejected counter",
+            "herald_jwks_refreshes counter",
+            "herald_jwks_refresh_throttled counter",
+            "herald_jwks_keys gauge",
             "herald_delivery_latency_seconds histogram",
         ];
         assert_eq!(types[..expected.len()], expected, "{text}");

@@ -16,9 +16,9 @@
 //!   `admin.rs` ([`AdminSettings`]),
 //!   `stream.rs` ([`StreamSettings`]), `bus.rs` ([`BusSettings`],
 //!   [`MemoryBusSettings`]), `nats.rs` ([`NatsSettings`]), `auth.rs`
-//!   ([`AuthSettings`]), `telemetry.rs` ([`TelemetrySettings`]), `gossip.rs`
-//!   ([`GossipSettings`]; `gossip_key.rs` decodes its keys), `rebalance.rs`
-//!   ([`RebalanceSettings`]).
+//!   ([`AuthSettings`], [`IssuerSettings`]), `telemetry.rs`
+//!   ([`TelemetrySettings`]), `gossip.rs` ([`GossipSettings`]; `gossip_key.rs`
+//!   decodes its keys), `rebalance.rs` ([`RebalanceSettings`]).
 //! - `secret.rs`: [`Secret`], a value that never prints.
 //! - `load.rs`: the layers ([`Settings::load`], [`ENV_PREFIX`]), read one key
 //!   at a time so that every unknown key and mistyped value is reported.
@@ -44,7 +44,7 @@ mod validate;
 use serde::{Deserialize, Serialize};
 
 pub use admin::AdminSettings;
-pub use auth::{AuthSettings, KNOWN_ALGORITHMS, MIN_SECRET_BYTES};
+pub use auth::{AuthSettings, IssuerSettings, KNOWN_ALGORITHMS, MIN_SECRET_BYTES};
 pub use bus::{BusKind, BusSettings, MemoryBusSettings};
 pub use error::{ConfigError, Problem};
 pub use gossip::GossipSettings;

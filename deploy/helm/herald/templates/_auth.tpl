@@ -46,14 +46,17 @@ jwksCa: { dir: /etc/herald-auth/jwks-ca, env: HERALD__AUTH__JWKS_CA_FILE }
 
 {{- define "herald.auth.validate" -}}
 {{- $a := .Values.auth -}}
-{{- if not (or (include "herald.auth.hs256" .) (include "herald.auth.asymmetric" .)) -}}
-{{- fail "auth: set a key source: auth.hs256Secret or auth.existingSecret (HS256), auth.publicKey, auth.jwks, auth.jwksUrl or auth.oidcIssuer" -}}
+{{- if not (or (include "herald.auth.hs256" .) (include "herald.auth.asymmetric" .) $a.issuers) -}}
+{{- fail "auth: set a key source: auth.hs256Secret or auth.existingSecret (HS256), auth.publicKey, auth.jwks, auth.jwksUrl, auth.oidcIssuer or auth.issuers" -}}
 {{- end -}}
 {{- range $name, $_ := include "herald.auth.files" . | fromYaml -}}
 {{- $source := index $a $name -}}
 {{- if and $source.existingSecret $source.existingConfigMap -}}
 {{- fail (printf "auth.%s: set existingSecret or existingConfigMap, not both" $name) -}}
 {{- end -}}
+{{- end -}}
+{{- if and $a.issuer $a.oidcIssuer -}}
+{{- fail "auth.issuer: leave it empty with auth.oidcIssuer, which is the iss the provider's tokens must carry (an HS256 secret beside it verifies tokens of any other iss)" -}}
 {{- end -}}
 {{- if and (include "herald.auth.hasSource" $a.jwksCa) (not (or $a.jwksUrl $a.oidcIssuer)) -}}
 {{- fail "auth.jwksCa is only used with auth.jwksUrl or auth.oidcIssuer" -}}
@@ -91,6 +94,14 @@ jwksCa: { dir: /etc/herald-auth/jwks-ca, env: HERALD__AUTH__JWKS_CA_FILE }
 - name: HERALD__AUTH__OIDC_ISSUER
   value: {{ . | quote }}
 {{- end }}
+{{- if or $a.jwksUrl $a.oidcIssuer $a.issuers }}
+- name: HERALD__AUTH__JWKS_MIN_REFRESH_SECS
+  value: {{ $a.jwksFetch.minRefreshSecs | quote }}
+- name: HERALD__AUTH__JWKS_MAX_REFRESH_SECS
+  value: {{ $a.jwksFetch.maxRefreshSecs | quote }}
+- name: HERALD__AUTH__JWKS_START_WAIT_SECS
+  value: {{ $a.jwksFetch.startWaitSecs | quote }}
+{{- end }}
 {{- include "herald.auth.claimsEnv" . }}
 {{- end -}}
 
@@ -127,6 +138,33 @@ jwksCa: { dir: /etc/herald-auth/jwks-ca, env: HERALD__AUTH__JWKS_CA_FILE }
   configMap:
     name: {{ $source.existingConfigMap }}
     items: [{ key: {{ $source.key | quote }}, path: {{ $source.key | quote }} }]
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* auth.issuers as [[auth.issuers]] tables of herald.toml (lists cannot be
+environment variables). */}}
+{{- define "herald.auth.issuersToml" -}}
+{{- range $n, $_ := .Values.auth.issuers }}
+{{- if $n }}{{ "\n\n" }}{{ end -}}
+[[auth.issuers]]
+{{- with .issuer }}
+issuer = {{ . | quote }}
+{{- end }}
+{{- with .oidcIssuer }}
+oidc_issuer = {{ . | quote }}
+{{- end }}
+{{- with .jwksUrl }}
+jwks_url = {{ . | quote }}
+{{- end }}
+{{- with .jwksCaFile }}
+jwks_ca_file = {{ . | quote }}
+{{- end }}
+{{- with .audience }}
+audience = {{ . | quote }}
+{{- end }}
+{{- with .algorithms }}
+algorithms = [{{ range $i, $algorithm := . }}{{ if $i }}, {{ end }}{{ $algorithm | quote }}{{ end }}]
 {{- end }}
 {{- end }}
 {{- end -}}

@@ -50,7 +50,7 @@ pub(crate) fn cookie_token(headers: &HeaderMap) -> Option<String> {
 /// when there is none or the header is malformed, and the authenticator's
 /// refusal (401 or 403) when the token is not a valid publisher credential.
 /// What the publisher may do is the endpoint's to check.
-pub(crate) fn require_publisher(
+pub(crate) async fn require_publisher(
     auth: &Authenticator,
     headers: &HeaderMap,
 ) -> Result<Publisher, ApiError> {
@@ -61,7 +61,7 @@ pub(crate) fn require_publisher(
             "no credential: send Authorization: Bearer <publisher jwt>",
         )
     })?;
-    auth.publisher(&token).map_err(ApiError::from)
+    auth.publisher(&token).await.map_err(ApiError::from)
 }
 
 #[cfg(test)]

@@ -76,6 +76,15 @@ impl ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> Self {
+        if err == AuthError::KeysUnavailable {
+            // Not the client's fault: the node cannot check tokens yet.
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "keys_unavailable",
+                err.to_string(),
+            )
+            .retry_after(5);
+        }
         let (status, code) = if err.is_unauthenticated() {
             (StatusCode::UNAUTHORIZED, "unauthorized")
         } else {

@@ -23,11 +23,16 @@ pub(crate) fn alive() -> Response {
 }
 
 /// `GET /readyz`: 200 when the node should receive new streams (bus connected,
-/// not draining); 503 with the reasons otherwise.
+/// every issuer's signing keys loaded, not draining); 503 with the reasons
+/// otherwise, and for missing keys which issuer and why (`signing_keys`).
 pub(crate) fn ready(state: Arc<AppState>) -> Response {
     let mut reasons = Vec::new();
     if !state.bus.is_ready() {
         reasons.push("bus_unavailable");
+    }
+    let missing_keys = state.auth.missing_keys();
+    if !missing_keys.is_empty() {
+        reasons.push("signing_keys_unavailable");
     }
     if state.is_draining() {
         reasons.push("draining");
@@ -35,11 +40,12 @@ pub(crate) fn ready(state: Arc<AppState>) -> Response {
     if reasons.is_empty() {
         warp::reply::json(&json!({"status": "ready"})).into_response()
     } else {
-        warp::reply::with_status(
-            warp::reply::json(&json!({"status": "unready", "reasons": reasons})),
-            StatusCode::SERVICE_UNAVAILABLE,
-        )
-        .into_response()
+        let mut body = json!({"status": "unready", "reasons": reasons});
+        if !missing_keys.is_empty() {
+            body["signing_keys"] = json!(missing_keys);
+        }
+        warp::reply::with_status(warp::reply::json(&body), StatusCode::SERVICE_UNAVAILABLE)
+            .into_response()
     }
 }
 
@@ -56,7 +62,7 @@ pub(crate) async fn presence(
     state: Arc<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, Rejection> {
-    let publisher = require_publisher(&state.auth, &headers)?;
+    let publisher = require_publisher(&state.auth, &headers).await?;
     let name = percent_encoding::percent_decode_str(&raw_user)
         .decode_utf8()
         .map_err(|_| {

@@ -86,7 +86,7 @@ pub(super) async fn publisher_request(
     headers: &HeaderMap,
     body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
 ) -> Result<(Publisher, Bytes), ApiError> {
-    let publisher = require_publisher(&state.auth, headers)?;
+    let publisher = require_publisher(&state.auth, headers).await?;
     take_turn(state, &publisher)?;
     let body = read_limited(body, headers, state.settings.http.max_body_bytes).await?;
     Ok((publisher, body))

@@ -99,7 +99,14 @@ pub(crate) async fn open(
         .token
         .as_deref()
         .ok_or_else(|| ApiError::from(crate::auth::AuthError::Missing))?;
-    let subscriber = state.auth.subscriber(token).map_err(ApiError::from)?;
+    let subscriber = match state.auth.subscriber(token).await {
+        // Not the token's fault: the browser retries by itself (elsewhere,
+        // through a load balancer: this node is unready meanwhile).
+        Err(crate::auth::AuthError::KeysUnavailable) => {
+            return Ok(come_back_later(&state, "keys_unavailable"));
+        }
+        verified => verified.map_err(ApiError::from)?,
+    };
     if state.disconnects.refuses(&subscriber) {
         return Ok(revoked(&state, &subscriber));
     }
