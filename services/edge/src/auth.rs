@@ -828,7 +828,11 @@ mod tests {
         let past = expiry_in(Duration::ZERO) - 100;
         let sub = "alice";
         let cases = [
-            (serde_json::json!({"sub": sub, "exp": exp, "iat": past}), Some(past), "iat"),
+            (
+                serde_json::json!({"sub": sub, "exp": exp, "iat": past}),
+                Some(past),
+                "iat",
+            ),
             (
                 serde_json::json!({"sub": sub, "exp": exp, "iat": past as f64 + 0.75}),
                 Some(past),
