@@ -194,7 +194,7 @@ def measures(k: str) -> list:
 
 
 def number(v: float) -> str:
-    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
 
 
 def side_by_side(results: list) -> list:
@@ -203,10 +203,13 @@ def side_by_side(results: list) -> list:
     against each baseline."""
     by_name = {r["scenario"]: r for r in results}
     suffixes = [suffix for _, suffix in SERVERS if suffix]
+    kinds = ["idle", "fanout", "broadcast", "resume"]
     loads = sorted(
-        name for name in by_name
-        if not any(name.endswith(s) for s in suffixes)
-        and any(f"{name}{s}" in by_name for s in ("-nchan", "-baseline"))
+        (name for name in by_name
+         if not any(name.endswith(s) for s in suffixes)
+         and any(f"{name}{s}" in by_name for s in ("-nchan", "-baseline"))),
+        key=lambda n: (kinds.index(kind(by_name[n])), by_name[n]["rate_target"],
+                       by_name[n]["connections"], n),
     )
     header = [
         "| load | measure | " + " | ".join(title for title, _ in SERVERS)
@@ -248,6 +251,8 @@ def side_by_side(results: list) -> list:
                 + f" | {ratio('', '-baseline')} | {ratio('-nats', '-baseline')} |"
             )
             first = False
+        if kind(herald) == "idle":
+            continue
         correctness = [
             f"{r['lost']} / {r['duplicated']} / {r['reordered']}" if r is not None else "—"
             for r in (runs[suffix] for _, suffix in SERVERS)

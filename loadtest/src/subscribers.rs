@@ -713,6 +713,27 @@ mod tests {
     }
 
     #[test]
+    fn nchan_events_are_read_from_their_data_and_their_id_is_resent_as_it_came() {
+        let mut scanner = Scanner::default();
+        let mut seen = Vec::new();
+        scanner.feed(
+            b": hi\n\n:hb\n\nid: 1796200153:0\ndata: {\"g\":4,\"k\":1,\"t\":9,\"p\":\"\"}\n\n",
+            |d| seen.push(d),
+        );
+        assert_eq!(
+            seen,
+            vec![Dispatched::Event {
+                g: 4,
+                k: 1,
+                t: 9,
+                id: None
+            }],
+            "the heartbeat comments are no events; nchan's id has no Herald position"
+        );
+        assert_eq!(scanner.last_id, "1796200153:0");
+    }
+
+    #[test]
     fn an_event_cut_before_its_blank_line_is_neither_counted_nor_resumed_from() {
         let mut scanner = Scanner::default();
         let mut seen = Vec::new();
