@@ -1,6 +1,8 @@
 //! `herald-loadtest`: opens many SSE connections to Herald, publishes paced
 //! events, and reports delivery, loss, duplicates, reordering, end-to-end latency
-//! and the server's memory and CPU.
+//! and the server's memory and CPU. The same program drives the baselines
+//! (`loadtest/baselines/`): the Express + Redis design speaks Herald's
+//! endpoints, nchan its own (`--api nchan`).
 //!
 //! Layout:
 //! - [`options`]: command-line options;

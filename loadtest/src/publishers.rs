@@ -150,8 +150,9 @@ impl Outgoing<'_> {
                 )
             }
             None => format!(
-                r#"{{"user":"lt-u{}","data":{},"msg_id":"{msg_id}"}}"#,
-                self.target, self.data
+                r#"{{"user":"{}","data":{},"msg_id":"{msg_id}"}}"#,
+                Options::user_name(self.target),
+                self.data
             ),
         }
     }
@@ -168,7 +169,7 @@ impl Outgoing<'_> {
     fn subject(&self, prefix: &str) -> String {
         match self.topic {
             Some(topic) => format!("{prefix}.topic.{topic}"),
-            None => format!("{prefix}.user.lt-u{}", self.target),
+            None => format!("{prefix}.user.{}", Options::user_name(self.target)),
         }
     }
 }
