@@ -88,20 +88,28 @@ bench-tracing: ## Measure the cost of delivery tracing: fanout at 100 %, 10 %, 1
 	$(MAKE) bench-report
 
 BASELINE_DIR := loadtest/baselines/express-redis
+NCHAN_MODULE := /usr/lib/nginx/modules/ngx_nchan_module.so
+# The side-by-side rows (issue #20): each runs on Herald (memory bus), Herald
+# on NATS JetStream, nchan and Express + Redis, back to back.
+BENCH_ROWS ?= idle-5k fanout-2k fanout-10k broadcast-5k broadcast-10k resume-5k
 
-baseline-deps: $(BASELINE_DIR)/node_modules/.installed
+baseline-deps: $(BASELINE_DIR)/node_modules/.installed ## Install the baselines: Express + Redis (npm, redis-server) and nchan (libnginx-mod-nchan)
 	@command -v redis-server >/dev/null || (apt-get install -y redis-server || sudo apt-get install -y redis-server)
+	@test -f $(NCHAN_MODULE) || (apt-get install -y libnginx-mod-nchan || sudo apt-get install -y libnginx-mod-nchan)
 
 $(BASELINE_DIR)/node_modules/.installed: $(BASELINE_DIR)/package.json $(BASELINE_DIR)/package-lock.json
 	cd $(BASELINE_DIR) && npm ci --no-audit --no-fund
 	@touch $@
 
-bench-baseline: baseline-deps ## Run fanout and broadcast on Herald and on the seed article's Express + Redis design, back to back; the report shows the ratio
+bench-baseline: baseline-deps nats-server ## Run the side-by-side rows on Herald (memory and NATS), nchan and Express + Redis, back to back; the report prints the ratios
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
-	loadtest/run-scenario.sh fanout
-	BASELINE=1 LABEL=fanout-baseline loadtest/run-scenario.sh fanout
-	loadtest/run-scenario.sh broadcast
-	BASELINE=1 LABEL=broadcast-baseline loadtest/run-scenario.sh broadcast
+	@for row in $(BENCH_ROWS); do \
+	  loadtest/run-scenario.sh $$row || exit 1; \
+	  BUS=nats LABEL=$$row-nats loadtest/run-scenario.sh $$row || exit 1; \
+	  BASELINE=nchan LABEL=$$row-nchan loadtest/run-scenario.sh $$row || exit 1; \
+	  case $$row in resume-*) echo "== $$row: the Express + Redis design has no replay; not run";; \
+	    *) BASELINE=express LABEL=$$row-baseline loadtest/run-scenario.sh $$row || exit 1;; esac; \
+	done
 	$(MAKE) bench-report
 
 bench-report: ## Regenerate the results table in docs/benchmarks.md from loadtest/results/*.json

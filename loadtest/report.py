@@ -110,6 +110,8 @@ def plots(results: list, out_dir: pathlib.Path) -> None:
         (r["connected"], r["idle"]["rss_bytes"] / 2**20)
         for r in results
         if r["scenario"].startswith("idle") and r["connected"] > 0
+        # Herald on the memory bus only, not its NATS or baseline variants.
+        and not r["scenario"].endswith(("-nats", "-nchan", "-baseline"))
     )
     if memory:
         (out_dir / "memory-vs-connections.svg").write_text(
@@ -117,33 +119,162 @@ def plots(results: list, out_dir: pathlib.Path) -> None:
                       {"herald-edge": memory}))
 
 
-def baseline_ratios(results: list) -> list:
-    """Herald against the seed article's Express + Redis design, for every
-    scenario run both ways (`X` and `X-baseline`)."""
+# The servers of the side-by-side table, by the suffix of their result's name
+# (`make bench-baseline` runs row X as X, X-nats, X-nchan and X-baseline).
+SERVERS = [
+    ("nchan", "-nchan"),
+    ("Herald, memory bus", ""),
+    ("Herald, NATS (edge + nats-server)", "-nats"),
+    ("Express + Redis", "-baseline"),
+]
+# What makes two results the same load (keys missing from older results are
+# not compared).
+LOAD_KEYS = ("connections", "users", "topic", "rate_target", "duration_secs", "owed")
+
+
+def kind(r: dict) -> str:
+    if r.get("owed") is not None or r.get("resume_secs") is not None:
+        return "resume"
+    if r["rate_target"] == 0 and r["published"] == 0:
+        return "idle"
+    return "broadcast" if r.get("topic") else "fanout"
+
+
+def same_load(a: dict, b: dict) -> bool:
+    return all(a[k] == b[k] for k in LOAD_KEYS if k in a and k in b)
+
+
+def with_bus(r: dict, phase: str, field: str) -> tuple:
+    """(server + bus, server alone) for a field of `idle` or `load`; the bus
+    (nats-server) is only in results run with --bus-pids."""
+    own = r[phase][field]
+    bus = r.get(f"bus_{phase}")
+    return (own + bus[field], own) if bus else (own, None)
+
+
+def saturated(r: dict) -> bool:
+    """Delivered clearly less than the load asked: the server fell behind."""
+    if kind(r) in ("idle", "resume") or r["rate_target"] == 0:
+        return False
+    per_event = r["connections"] if r.get("topic") else r["connections"] / max(r["users"], 1)
+    return r["delivered_per_sec"] < 0.9 * r["rate_target"] * per_event
+
+
+def measures(k: str) -> list:
+    """(measure, better, value(r) -> (number, note) or None) per kind of load."""
+    def rss(r):
+        total, own = with_bus(r, "idle", "rss_growth_bytes")
+        n = max(r["connected"], 1)
+        return total / n / 1024, (f"edge {own / n / 1024:.1f}" if own is not None else "")
+
+    def cpu(r):
+        total, own = with_bus(r, "load", "cpu_secs")
+        return total, (f"edge {own:.2f}" if own is not None else "")
+
+    def cpu_per_delivery(r):
+        total, own = with_bus(r, "load", "cpu_secs")
+        if not r["delivered"]:
+            return None
+        per = lambda c: c / r["delivered"] * 1e6
+        return per(total), (f"edge {per(own):.1f}" if own is not None else "")
+
+    delivered = lambda r: (r["delivered_per_sec"], "")
+    p99 = lambda r: (r["latency_us"]["p99"] / 1000, "")
+    resumed = lambda r: (r["resume_secs"], "") if r.get("resume_secs") is not None else None
+    if k == "idle":
+        return [("RSS per idle stream, KiB", "less", rss)]
+    if k == "resume":
+        return [("server CPU-s", "less", cpu), ("all resumed in, s", "less", resumed)]
+    return [
+        ("delivered per second", "more", delivered),
+        ("server CPU-s", "less", cpu),
+        ("server CPU µs per delivered event", "less", cpu_per_delivery),
+        ("p99 publish → receive, ms", "less", p99),
+    ]
+
+
+def number(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def side_by_side(results: list) -> list:
+    """Every load run on Herald and on at least one baseline (nchan, Express +
+    Redis), one line per measure: the servers' values and Herald's ratios
+    against each baseline."""
     by_name = {r["scenario"]: r for r in results}
-    lines = []
-    for name in sorted(by_name):
-        base = by_name.get(f"{name}-baseline")
-        if base is None or name.endswith("-baseline"):
-            continue
+    suffixes = [suffix for _, suffix in SERVERS if suffix]
+    kinds = ["idle", "fanout", "broadcast", "resume"]
+    loads = sorted(
+        (name for name in by_name
+         if not any(name.endswith(s) for s in suffixes)
+         and any(f"{name}{s}" in by_name for s in ("-nchan", "-baseline"))),
+        key=lambda n: (kinds.index(kind(by_name[n])), by_name[n]["rate_target"],
+                       by_name[n]["connections"], n),
+    )
+    header = [
+        "| load | measure | " + " | ".join(title for title, _ in SERVERS)
+        + " | Herald memory ÷ nchan | Herald NATS ÷ nchan | Herald memory ÷ Express | Herald NATS ÷ Express |",
+        "|---|---|" + "---|" * (len(SERVERS) + 4),
+    ]
+    lines, skipped, flagged = [], [], False
+    for name in loads:
         herald = by_name[name]
-        per_cpu = lambda r: r["deliveries_per_server_cpu_sec"] or 0
-        ratio = per_cpu(herald) / per_cpu(base) if per_cpu(base) else float("nan")
-        p99 = lambda r: r["latency_us"]["p99"] / 1000
-        lines.append(
-            f"| {name} | {per_cpu(herald):,.0f} | {per_cpu(base):,.0f} | **{ratio:.1f}×** "
-            f"| {p99(herald):.1f} ms | {p99(base):.1f} ms |"
-        )
+        runs = {}
+        for title, suffix in SERVERS:
+            r = by_name.get(f"{name}{suffix}")
+            if r is not None and not same_load(herald, r):
+                skipped.append(f"{name}{suffix}")
+                r = None
+            runs[suffix] = r
+        first = True
+        load = (f"{name} ({herald['connected']:,} streams"
+                + (f", {herald['rate_target']:,} ev/s" if herald["rate_target"] else "")
+                + (f", {herald['owed']} owed each" if herald.get("owed") else "") + ")")
+        for measure, better, value in measures(kind(herald)):
+            cells, values = [], {}
+            for _, suffix in SERVERS:
+                r = runs[suffix]
+                got = value(r) if r is not None else None
+                if got is None:
+                    cells.append("—")
+                    continue
+                v, note = got
+                values[suffix] = v
+                mark = " ⚠" if saturated(r) else ""
+                flagged |= bool(mark)
+                cells.append(f"{number(v)}{f' ({note})' if note else ''}{mark}")
+            ratio = lambda a, b: (f"{values[a] / values[b]:.2f}×"
+                                  if a in values and values.get(b) else "—")
+            lines.append(
+                f"| {load if first else ''} | {measure} ({better} is better) | " + " | ".join(cells)
+                + f" | {ratio('', '-nchan')} | {ratio('-nats', '-nchan')}"
+                + f" | {ratio('', '-baseline')} | {ratio('-nats', '-baseline')} |"
+            )
+            first = False
+        if kind(herald) == "idle":
+            continue
+        correctness = [
+            f"{r['lost']} / {r['duplicated']} / {r['reordered']}" if r is not None else "—"
+            for r in (runs[suffix] for _, suffix in SERVERS)
+        ]
+        lines.append("| | lost / dup / reordered | " + " | ".join(correctness) + " | | | | |")
     if not lines:
         return []
-    return [
+    out = [
         "",
-        "Herald against the seed article's design (Express + Redis pub/sub, `loadtest/baselines/`), same load:",
+        "Side by side (`make bench-baseline`): each load on nchan, Herald (memory bus; NATS JetStream, "
+        "where CPU and memory are the edge's plus nats-server's, the edge alone in brackets) and the "
+        "seed article's Express + Redis design, back to back, same generator and pinning. A ratio "
+        "below 1× is Herald ahead on a \"less is better\" measure, above 1× on a \"more is better\" one.",
         "",
-        "| scenario | Herald deliveries per server CPU-s | baseline | ratio | Herald p99 | baseline p99 |",
-        "|---|---|---|---|---|---|",
+        *header,
         *lines,
     ]
+    if flagged:
+        out += ["", "⚠: the server delivered under 90 % of the rate asked (saturated)."]
+    if skipped:
+        out += ["", "Not beside their load (run with a different load): " + ", ".join(sorted(skipped)) + "."]
+    return out
 
 
 def main() -> None:
@@ -166,7 +297,7 @@ def main() -> None:
         "| all resumed in |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *[rows[name] for name in sorted(rows)],
-        *baseline_ratios(results),
+        *side_by_side(results),
         END,
     ]
     if BEGIN not in text:
@@ -174,6 +305,9 @@ def main() -> None:
     text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), "\n".join(lines), text, flags=re.S)
     doc.write_text(text)
     plots(results, doc.parent / "plots")
+    table = side_by_side(results)
+    if table:
+        print("\n".join(table[1:]) + "\n")
     print(f"{doc}: {len(results)} scenario(s) updated, {len(rows)} in the table")
 
 

@@ -5,12 +5,25 @@
 #
 # Usage: loadtest/run-scenario.sh NAME   (variables in scenarios/NAME.env can be
 # overridden from the environment, e.g. CONNECTIONS=50000 RATE=20000)
+#
+# BASELINE=express (or 1) runs the seed article's Express + Redis design
+# instead of Herald (loadtest/baselines/express-redis), BASELINE=nchan runs
+# nchan (loadtest/baselines/nchan); same generator, pinning and load. BUS=nats
+# runs Herald on NATS JetStream (the nats-server is sampled apart: bus_* in
+# the result). RESULTS_DIR (default loadtest/results) is where results go.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scenario_name="${1:?usage: run-scenario.sh SCENARIO}"
 scenario="loadtest/scenarios/$scenario_name.env"
-# LABEL names the result (default: the scenario), for variants of one scenario.
-name="${LABEL:-$scenario_name}"
+case "${BASELINE:-}" in
+  "") baseline="" suffix="" ;;
+  1|express) baseline=express suffix=-baseline ;;
+  nchan) baseline=nchan suffix=-nchan ;;
+  *) echo "BASELINE=$BASELINE: express (or 1) or nchan"; exit 2 ;;
+esac
+# LABEL names the result (default: the scenario, with -baseline or -nchan for
+# a baseline), for variants of one scenario.
+name="${LABEL:-$scenario_name$suffix}"
 [ -f "$scenario" ] || { echo "no scenario $scenario (have: $(ls loadtest/scenarios | sed 's/\.env//' | tr '\n' ' '))"; exit 2; }
 # shellcheck source=/dev/null
 source "$scenario"
@@ -20,8 +33,11 @@ edge="${EDGE_BIN:-target/release/herald-edge}"
 generator=target/release/herald-loadtest
 secret="loadtest-secret-0123456789abcdef0123"
 port="${PORT:-18080}"
-results="loadtest/results"
+results="${RESULTS_DIR:-loadtest/results}"
 mkdir -p "$results"
+if [ -n "$baseline" ] && [ "${BUS:-memory}" = nats ]; then
+  echo "BASELINE=$BASELINE runs its own server, not Herald on BUS=nats"; exit 2
+fi
 
 if [ "$(nproc)" -ge 2 ]; then
   pin_server="taskset -c 0"; pin_client="taskset -c 1-$(( $(nproc) - 1 ))"
@@ -30,15 +46,23 @@ else
 fi
 
 pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+scratch=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for dir in "${scratch[@]}"; do rm -rf "$dir"; done
+}
 trap cleanup EXIT
 
 ulimit -n "$(ulimit -Hn)" || true
 if [ "${BUS:-memory}" = nats ]; then
   nats_port="${NATS_PORT:-14222}"
   store=$(mktemp -d)
-  $pin_server bin/nats-server -js -a 127.0.0.1 -p "$nats_port" -sd "$store" > "$results/$name.nats.log" 2>&1 &
+  scratch+=("$store")
+  $pin_server "${HERALD_NATS_SERVER:-bin/nats-server}" -js -a 127.0.0.1 -p "$nats_port" -sd "$store" > "$results/$name.nats.log" 2>&1 &
   pids+=($!)
+  # Sampled apart from the edge (--bus-pids): the result shows both.
+  bus_pids=$!
   for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break; sleep 0.1; done
   export HERALD__BUS__KIND=nats HERALD__NATS__URL="nats://127.0.0.1:$nats_port" HERALD__NATS__STORAGE="${NATS_STORAGE:-file}"
   # Publish straight into JetStream as applications do (PUBLISH_VIA=http: POST /v1/publish).
@@ -53,7 +77,29 @@ fi
 urls=()
 admin_urls=()
 edges=()
-if [ -n "${BASELINE:-}" ]; then
+api=herald
+wait_ready() {
+  for _ in $(seq 100); do
+    curl -fsS "$1/readyz" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "no answer from $1/readyz"; return 1
+}
+if [ "$baseline" = nchan ]; then
+  # nchan: nginx's master and its one worker, pinned like Herald.
+  nchan_dir=$(mktemp -d -t herald-nchan.XXXXXX)
+  scratch+=("$nchan_dir")
+  $pin_server loadtest/baselines/nchan/run.sh "$port" "$nchan_dir" > "$results/$name.nchan.log" 2>&1 &
+  pids+=($!)
+  master=$!
+  urls+=("http://127.0.0.1:$port")
+  wait_ready "${urls[0]}"
+  worker=$(pgrep -P "$master" | head -1)
+  [ -n "$worker" ] || { echo "nchan: no worker process under $master"; cat "$nchan_dir/error.log"; exit 1; }
+  edges+=("$master,$worker")
+  api=nchan
+  NODES=0
+elif [ "$baseline" = express ]; then
   # The seed article's design instead of Herald: Express + Redis pub/sub.
   redis_port="${REDIS_PORT:-16379}"
   $pin_server redis-server --port "$redis_port" --save '' --appendonly no > "$results/$name.redis.log" 2>&1 &
@@ -65,10 +111,7 @@ if [ -n "${BASELINE:-}" ]; then
   pids+=($!)
   edges+=("$!,$redis_pid")
   urls+=("http://127.0.0.1:$port")
-  for _ in $(seq 100); do
-    curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
-    sleep 0.1
-  done
+  wait_ready "http://127.0.0.1:$port"
   NODES=0
 fi
 for node in $(seq 0 $(( ${NODES:-1} - 1 ))); do
@@ -88,10 +131,7 @@ for node in $(seq 0 $(( ${NODES:-1} - 1 ))); do
   edges+=($!)
   urls+=("http://127.0.0.1:$node_port")
   admin_urls+=("http://127.0.0.1:$admin_port")
-  for _ in $(seq 100); do
-    curl -fsS "http://127.0.0.1:$admin_port/readyz" >/dev/null 2>&1 && break
-    sleep 0.1
-  done
+  wait_ready "http://127.0.0.1:$admin_port"
 done
 url_list=$(IFS=,; echo "${urls[*]}")
 admin_list=$(IFS=,; echo "${admin_urls[*]}")
@@ -106,6 +146,7 @@ $pin_client "$generator" \
   --label "$name" \
   --url "$url_list" \
   --admin "$admin_list" \
+  --api "$api" \
   --secret "$secret" \
   --connections "$CONNECTIONS" \
   --users "$USERS" \
@@ -117,6 +158,7 @@ $pin_client "$generator" \
   --slow-fraction "${SLOW_FRACTION:-0}" \
   --source-ips "${SOURCE_IPS:-16}" \
   --pids "${edges[0]}" \
+  ${bus_pids:+--bus-pids "$bus_pids"} \
   ${OWED:+--owed "$OWED"} \
   ${nats_publish:+--nats "$nats_publish"} \
   --reconnect "${RECONNECT:-0}" \

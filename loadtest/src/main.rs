@@ -1,6 +1,8 @@
 //! `herald-loadtest`: opens many SSE connections to Herald, publishes paced
 //! events, and reports delivery, loss, duplicates, reordering, end-to-end latency
-//! and the server's memory and CPU.
+//! and the server's memory and CPU. The same program drives the baselines
+//! (`loadtest/baselines/`): the Express + Redis design speaks Herald's
+//! endpoints, nchan its own (`--api nchan`).
 //!
 //! Layout:
 //! - [`options`]: command-line options;
@@ -40,7 +42,9 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let servers = procstat::Sampler::new(&options.pids);
+    let bus = procstat::Sampler::new(&options.bus_pids);
     let idle_before = servers.sample();
+    let bus_idle_before = bus.sample();
 
     eprintln!(
         "[{}] connecting {} SSE streams ({} users{}) to {}",
@@ -69,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
     // Let the node settle before measuring the memory the connections hold.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_after = servers.sample();
+    let bus_idle_after = bus.sample();
 
     let publish = Arc::new(publishers::Published::new(options.targets()));
     let resume_secs = match options.owed {
@@ -90,8 +95,17 @@ async fn main() -> anyhow::Result<()> {
     stop_progress.cancel();
     let timeline = timeline.await.unwrap_or_default();
     let loaded = servers.sample();
-    let slow_disconnects =
-        server_counter(&options.admin_urls, "herald_slow_disconnects_total").await;
+    let bus_loaded = bus.sample();
+    let slow_disconnects = match options.api {
+        options::Api::Herald => {
+            server_counter(&options.admin_urls, "herald_slow_disconnects_total").await
+        }
+        options::Api::Nchan => 0,
+    };
+    let bus_measured = (!options.bus_pids.is_empty()).then(|| report::BusMeasured {
+        idle: procstat::Delta::between(&bus_idle_before, &bus_idle_after),
+        load: procstat::Delta::between(&bus_idle_after, &bus_loaded),
+    });
 
     let report = Report::new(
         &options,
@@ -104,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
             slow_disconnects,
             resume_secs,
             timeline,
+            bus: bus_measured,
         },
     );
     report.print();

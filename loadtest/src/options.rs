@@ -12,7 +12,10 @@ usage: herald-loadtest --secret S [--option value]...
   --url URLS              edge base URLs, comma-separated (round-robin)
   --admin URLS            the edges' admin listeners (admin.listen), comma-separated,
                           where the report's server-side counters are read
-  --secret S              HS256 secret to mint tokens (or HERALD__AUTH__HS256_SECRET)
+  --api herald|nchan      the server's endpoints: Herald's (also the Express
+                          baseline's) or nchan's /pub/<channel>, /sub/<channel>
+  --secret S              HS256 secret to mint tokens (or HERALD__AUTH__HS256_SECRET;
+                          not needed with --api nchan, which has no authentication)
   --label NAME            scenario name in the report
   --connections N         SSE connections to open
   --users N               distinct users (connection i is user i % N)
@@ -36,8 +39,22 @@ usage: herald-loadtest --secret S [--option value]...
   --source-ips N          spread connections over 127.0.0.1..=127.0.0.N
   --connect-concurrency N connections opened at once
   --pids PIDS             server processes to sample RSS and CPU of
+  --bus-pids PIDS         the bus's processes (nats-server), sampled and reported apart
   --out FILE              write the JSON result here
 ";
+
+/// Which endpoints the server under test speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// Herald's: `GET /v1/stream?access_token=…` and `POST /v1/publish` with
+    /// a JSON body, both authenticated (the Express + Redis baseline speaks
+    /// them too).
+    Herald,
+    /// nchan's, as `loadtest/baselines/nchan/` configures them: `GET
+    /// /sub/<channel>` (EventSource) and `POST /pub/<channel>` whose body is
+    /// the message; no authentication. One channel per user or topic.
+    Nchan,
+}
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -49,6 +66,8 @@ pub struct Options {
     /// Edge admin listener base URLs (`/metrics` for server-side counters);
     /// none: those counters are reported as 0.
     pub admin_urls: Vec<String>,
+    /// The endpoints the server speaks.
+    pub api: Api,
     /// HS256 secret to mint tokens with.
     pub secret: String,
     /// SSE connections to open.
@@ -91,6 +110,9 @@ pub struct Options {
     pub quiet_burst: u64,
     /// Server process ids to sample RSS and CPU from.
     pub pids: Vec<u32>,
+    /// The bus's process ids (nats-server): sampled like `pids` and reported
+    /// apart, so a report shows the node alone and the node with its bus.
+    pub bus_pids: Vec<u32>,
     /// Replay mode: send every client away, publish this many events to each
     /// target, then bring every client back at once with its `Last-Event-ID`.
     pub owed: Option<u64>,
@@ -118,6 +140,7 @@ impl Options {
             label: "adhoc".into(),
             urls: vec!["http://127.0.0.1:8080".into()],
             admin_urls: Vec::new(),
+            api: Api::Herald,
             secret: std::env::var("HERALD__AUTH__HS256_SECRET").unwrap_or_default(),
             connections: 1000,
             users: 0,
@@ -135,6 +158,7 @@ impl Options {
             quiet_every_secs: 5,
             quiet_burst: 1,
             pids: Vec::new(),
+            bus_pids: Vec::new(),
             owed: None,
             reconnect: false,
             honor_retry: false,
@@ -185,13 +209,15 @@ impl Options {
                 "--quiet-users" => options.quiet_users = number(&value)? as usize,
                 "--quiet-every-secs" => options.quiet_every_secs = number(&value)?.max(1),
                 "--quiet-burst" => options.quiet_burst = number(&value)?.max(1),
-                "--pids" => {
-                    options.pids = value
-                        .split(',')
-                        .filter(|p| !p.is_empty())
-                        .map(|p| p.parse().context("--pids: process ids"))
-                        .collect::<anyhow::Result<_>>()?
+                "--api" => {
+                    options.api = match value.as_str() {
+                        "herald" => Api::Herald,
+                        "nchan" => Api::Nchan,
+                        other => bail!("--api: herald or nchan, not {other}"),
+                    }
                 }
+                "--pids" => options.pids = pids(&flag, &value)?,
+                "--bus-pids" => options.bus_pids = pids(&flag, &value)?,
                 "--out" => options.out = Some(PathBuf::from(value)),
                 "--owed" => options.owed = Some(number(&value)?),
                 "--reconnect" => options.reconnect = number(&value)? != 0,
@@ -202,8 +228,14 @@ impl Options {
                 other => bail!("unknown option {other} (--help lists them)"),
             }
         }
-        if options.secret.is_empty() {
+        if options.secret.is_empty() && options.api == Api::Herald {
             bail!("give --secret or set HERALD__AUTH__HS256_SECRET");
+        }
+        if options.api == Api::Nchan && options.nats.is_some() {
+            bail!("--api nchan publishes to nchan's /pub/<channel>, not --nats");
+        }
+        if options.api == Api::Nchan && options.mixed {
+            bail!("--api nchan: one channel per stream, so no --mixed");
         }
         if options.publish_twice && options.nats.is_none() {
             bail!("--publish-twice needs --nats");
@@ -230,6 +262,23 @@ impl Options {
     }
 }
 
+/// The nchan channel of `topic`, or else of the user numbered `target`.
+pub fn nchan_channel(topic: Option<&str>, target: usize) -> String {
+    match topic {
+        Some(topic) => format!("topic.{topic}"),
+        None => format!("user.{}", Options::user_name(target)),
+    }
+}
+
+/// Process ids, comma-separated.
+fn pids(flag: &str, value: &str) -> anyhow::Result<Vec<u32>> {
+    value
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().with_context(|| format!("{flag}: process ids")))
+        .collect()
+}
+
 impl Options {
     /// How many targets events are published to: every user, the topic, or
     /// both (`--mixed`: the topic is the last target, numbered `users`).
@@ -248,6 +297,17 @@ impl Options {
             (Some(topic), true) if target == self.users => Some(topic),
             _ => None,
         }
+    }
+
+    /// The name of `target`'s user (`lt-u<index>`); the topic has none.
+    pub fn user_name(target: usize) -> String {
+        format!("lt-u{target}")
+    }
+
+    /// The nchan channel `target`'s events go to and its streams read:
+    /// `user.lt-u<index>` or `topic.<topic>`.
+    pub fn nchan_channel(&self, target: usize) -> String {
+        nchan_channel(self.topic_of(target), target)
     }
 
     /// Whether `target` is a quiet user (one of the last `quiet_users`).
@@ -290,6 +350,7 @@ mod tests {
         );
         for name in listed {
             let flag = format!("--{name}");
+            let value = if name == "api" { "herald" } else { "1" };
             let all = [
                 "--secret",
                 "s",
@@ -298,7 +359,7 @@ mod tests {
                 "--topic",
                 "t",
                 flag.as_str(),
-                "1",
+                value,
             ];
             Options::parse(all.into_iter().map(str::to_owned))
                 .unwrap_or_else(|err| panic!("{flag} is listed but refused: {err:#}"));
@@ -356,5 +417,31 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn nchan_needs_no_secret_and_names_one_channel_per_user_or_topic() {
+        let parse_nchan = |extra: &[&str]| {
+            let args = ["--api", "nchan", "--connections", "10"]
+                .iter()
+                .chain(extra);
+            Options::parse(args.map(|a| a.to_string()))
+        };
+        let options = parse_nchan(&[]).expect("no secret needed");
+        assert_eq!(options.api, Api::Nchan);
+        assert_eq!(options.nchan_channel(7), "user.lt-u7");
+        let broadcast = parse_nchan(&["--topic", "news"]).expect("a topic");
+        assert_eq!(broadcast.nchan_channel(0), "topic.news");
+        assert!(parse_nchan(&["--topic", "news", "--mixed", "1"]).is_err());
+        assert!(parse_nchan(&["--nats", "nats://127.0.0.1:4222"]).is_err());
+        assert!(parse_nchan(&["--api", "grpc"]).is_err());
+        let herald = Options::parse(["--connections", "10"].into_iter().map(str::to_owned));
+        assert!(herald.is_err() || std::env::var("HERALD__AUTH__HS256_SECRET").is_ok());
+    }
+
+    #[test]
+    fn bus_processes_are_read_apart_from_the_servers() {
+        let options = parse(&["--pids", "10,11", "--bus-pids", "12"]);
+        assert_eq!((options.pids, options.bus_pids), (vec![10, 11], vec![12]));
     }
 }

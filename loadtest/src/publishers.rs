@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::options::Options;
+use crate::options::{Api, Options, nchan_channel};
 use crate::subscribers::now_micros;
 
 /// What was published, per target.
@@ -81,15 +81,19 @@ pub fn subscriber_token(secret: &str, user: &str, topic: Option<&str>) -> anyhow
     Ok(mint(secret, &claims)?)
 }
 
-fn publisher_token(options: &Options) -> anyhow::Result<String> {
-    Ok(mint(
+/// The token publishers send (none for nchan, which has no authentication).
+fn publisher_token(options: &Options) -> anyhow::Result<Option<String>> {
+    if options.api == Api::Nchan {
+        return Ok(None);
+    }
+    Ok(Some(mint(
         &options.secret,
         &Claims {
             herald_publish: Some(PublishClaim::All(true)),
             exp: expiry_in(Duration::from_secs(24 * 3600)),
             ..Default::default()
         },
-    )?)
+    )?))
 }
 
 fn publish_target(options: &Options) -> anyhow::Result<SocketAddr> {
@@ -122,6 +126,19 @@ fn event<'a>(topic: Option<&'a str>, target: usize, k: u64, padding: &str) -> Ou
 }
 
 impl Outgoing<'_> {
+    /// The HTTP request's path and body: Herald's `POST /v1/publish` with a
+    /// JSON body naming the target, or nchan's `POST /pub/<channel>` whose
+    /// body is the message.
+    fn http_request(&self, api: Api) -> (String, String) {
+        match api {
+            Api::Herald => ("/v1/publish".to_owned(), self.http_body()),
+            Api::Nchan => (
+                format!("/pub/{}", nchan_channel(self.topic, self.target)),
+                self.data.clone(),
+            ),
+        }
+    }
+
     /// The `POST /v1/publish` body.
     fn http_body(&self) -> String {
         let msg_id = self.msg_id();
@@ -133,8 +150,9 @@ impl Outgoing<'_> {
                 )
             }
             None => format!(
-                r#"{{"user":"lt-u{}","data":{},"msg_id":"{msg_id}"}}"#,
-                self.target, self.data
+                r#"{{"user":"{}","data":{},"msg_id":"{msg_id}"}}"#,
+                Options::user_name(self.target),
+                self.data
             ),
         }
     }
@@ -151,7 +169,7 @@ impl Outgoing<'_> {
     fn subject(&self, prefix: &str) -> String {
         match self.topic {
             Some(topic) => format!("{prefix}.topic.{topic}"),
-            None => format!("{prefix}.user.lt-u{}", self.target),
+            None => format!("{prefix}.user.{}", Options::user_name(self.target)),
         }
     }
 }
@@ -171,7 +189,7 @@ enum Publisher {
 impl Publisher {
     async fn connect(
         options: &Options,
-        token: &str,
+        token: Option<&str>,
         published: &Arc<Published>,
     ) -> anyhow::Result<Self> {
         match &options.nats {
@@ -179,14 +197,22 @@ impl Publisher {
                 NatsPublisher::connect(url, options, Arc::clone(published)).await?,
             ))),
             None => Ok(Publisher::Http(
-                HttpPublisher::connect(publish_target(options)?, token.to_owned()).await?,
+                HttpPublisher::connect(
+                    publish_target(options)?,
+                    token.map(str::to_owned),
+                    options.api,
+                )
+                .await?,
             )),
         }
     }
 
     async fn publish(&mut self, event: Outgoing<'_>) -> anyhow::Result<()> {
         match self {
-            Publisher::Http(http) => http.publish(event.http_body()).await,
+            Publisher::Http(http) => {
+                let (path, body) = event.http_request(http.api);
+                http.publish(&path, body).await
+            }
             Publisher::Nats(nats) => nats.publish(&event).await,
         }
     }
@@ -400,7 +426,7 @@ pub async fn burst(
         let token = token.clone();
         let options = options.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = Publisher::connect(&options, &token, &published).await?;
+            let mut client = Publisher::connect(&options, token.as_deref(), &published).await?;
             for target in (index..targets).step_by(options.publishers) {
                 for _ in 0..count {
                     let k = published.per_target[target].load(Ordering::Relaxed) + 1;
@@ -448,7 +474,7 @@ pub async fn run(options: &Options, published: &Arc<Published>) -> anyhow::Resul
         let padding = padding.clone();
         let options = options.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = Publisher::connect(&options, &token, &published).await?;
+            let mut client = Publisher::connect(&options, token.as_deref(), &published).await?;
             let (quiet, owned): (Vec<usize>, Vec<usize>) = (index..targets)
                 .step_by(options.publishers)
                 .partition(|&target| options.is_quiet(target));
@@ -473,7 +499,8 @@ pub async fn run(options: &Options, published: &Arc<Published>) -> anyhow::Resul
                             if published.errors.fetch_add(1, Ordering::Relaxed) < 5 {
                                 eprintln!("publish failed: {err:#}");
                             }
-                            client = Publisher::connect(&options, &token, &published).await?;
+                            client =
+                                Publisher::connect(&options, token.as_deref(), &published).await?;
                         }
                     }
                 }
@@ -526,11 +553,13 @@ impl QuietSchedule {
 struct HttpPublisher {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     server: SocketAddr,
-    token: String,
+    /// The bearer token, for servers that ask for one.
+    token: Option<String>,
+    api: Api,
 }
 
 impl HttpPublisher {
-    async fn connect(server: SocketAddr, token: String) -> anyhow::Result<Self> {
+    async fn connect(server: SocketAddr, token: Option<String>, api: Api) -> anyhow::Result<Self> {
         let tcp = TcpStream::connect(server).await?;
         tcp.set_nodelay(true)?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
@@ -539,20 +568,26 @@ impl HttpPublisher {
             sender,
             server,
             token,
+            api,
         })
     }
 
-    async fn publish(&mut self, body: String) -> anyhow::Result<()> {
-        let request = hyper::Request::post("/v1/publish")
+    /// Sends one publish request; any 2xx answer means stored (Herald
+    /// answers 200, nchan 201 or 202 depending on whether the channel has
+    /// subscribers).
+    async fn publish(&mut self, path: &str, body: String) -> anyhow::Result<()> {
+        let mut request = hyper::Request::post(path)
             .header("host", self.server.to_string())
-            .header("authorization", format!("Bearer {}", self.token))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))?;
+            .header("content-type", "application/json");
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request.body(Full::new(Bytes::from(body)))?;
         self.sender.ready().await?;
         let response = self.sender.send_request(request).await?;
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
-        if status != 200 {
+        if !status.is_success() {
             bail!("status {status}: {}", String::from_utf8_lossy(&body));
         }
         Ok(())

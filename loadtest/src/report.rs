@@ -24,6 +24,8 @@ pub struct Latency {
 #[derive(Debug, Serialize)]
 pub struct Report {
     scenario: String,
+    /// The endpoints the server spoke (`herald` or `nchan`).
+    api: &'static str,
     connections: usize,
     connected: usize,
     failed_connections: usize,
@@ -32,6 +34,10 @@ pub struct Report {
     connect_secs: f64,
     connects_per_sec: f64,
     rate_target: u64,
+    /// Seconds of paced publishing asked for.
+    duration_secs: u64,
+    /// Replay mode: events each client was owed while away.
+    owed: Option<u64>,
     publish_secs: f64,
     published: u64,
     publish_errors: u64,
@@ -83,6 +89,11 @@ pub struct Report {
     idle_rss_per_connection_bytes: f64,
     load: Delta,
     deliveries_per_server_cpu_sec: f64,
+    /// The bus's processes (`--bus-pids`, nats-server), apart from the
+    /// server's: their change while connections sat idle and over the
+    /// publishing phase. `null` without `--bus-pids`.
+    bus_idle: Option<Delta>,
+    bus_load: Option<Delta>,
     /// One entry per second of the publishing phase.
     timeline: Vec<crate::progress::Tick>,
 }
@@ -102,6 +113,17 @@ pub struct Measured {
     pub resume_secs: Option<f64>,
     /// Per-second progress while events flowed.
     pub timeline: Vec<crate::progress::Tick>,
+    /// The bus's processes, when sampled apart.
+    pub bus: Option<BusMeasured>,
+}
+
+/// The bus's processes (nats-server) over the same intervals as the server.
+#[derive(Debug, Clone, Copy)]
+pub struct BusMeasured {
+    /// Change while connections sat idle.
+    pub idle: Delta,
+    /// Change over the publishing phase.
+    pub load: Delta,
 }
 
 impl Report {
@@ -119,6 +141,7 @@ impl Report {
             slow_disconnects,
             resume_secs,
             timeline,
+            bus,
         } = measured;
         let mut expected = 0;
         let mut delivered = 0;
@@ -171,6 +194,10 @@ impl Report {
         let (quiet_delivered, quiet_max_us) = subscribers.quiet();
         Report {
             scenario: options.label.clone(),
+            api: match options.api {
+                crate::options::Api::Herald => "herald",
+                crate::options::Api::Nchan => "nchan",
+            },
             connections: options.connections,
             connected: subscribers.connected(),
             failed_connections: subscribers.failed(),
@@ -179,6 +206,8 @@ impl Report {
             connect_secs,
             connects_per_sec: subscribers.connected() as f64 / connect_secs.max(1e-9),
             rate_target: options.rate,
+            duration_secs: options.duration_secs,
+            owed: options.owed,
             publish_secs: published.secs(),
             published: published.total(),
             publish_errors: published.errors.load(Ordering::Relaxed),
@@ -220,12 +249,22 @@ impl Report {
             } else {
                 0.0
             },
+            bus_idle: bus.map(|b| b.idle),
+            bus_load: bus.map(|b| b.load),
             timeline,
         }
     }
 
     /// Prints the summary table.
     pub fn print(&self) {
+        let bus_line = self.bus_load.zip(self.bus_idle).map(|(load, idle)| {
+            format!(
+                "bus CPU under load     {:.2}s (bus RSS {} KiB, grew {:.0} bytes per conn while idle)",
+                load.cpu_secs,
+                load.rss_bytes / 1024,
+                idle.rss_growth_bytes as f64 / self.connected.max(1) as f64
+            )
+        });
         let l = &self.latency_us;
         println!("scenario               {}", self.scenario);
         println!(
@@ -296,6 +335,9 @@ impl Report {
             "server CPU under load  {:.2}s ({:.0} deliveries per CPU-second)",
             self.load.cpu_secs, self.deliveries_per_server_cpu_sec
         );
+        if let Some(line) = bus_line {
+            println!("{line}");
+        }
     }
 
     /// Writes the JSON result.

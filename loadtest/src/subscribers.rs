@@ -16,7 +16,7 @@ use tokio::net::TcpSocket;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::options::Options;
+use crate::options::{Api, Options};
 use crate::publishers::Published;
 
 /// Latency histograms are sharded to keep lock contention low.
@@ -259,16 +259,7 @@ impl Subscribers {
                 0,
                 1 + (i % options.source_ips as usize) as u8,
             ));
-            let user = format!("lt-u{}", stats.user);
-            let token = crate::publishers::subscriber_token(
-                &options.secret,
-                &user,
-                options.topic.as_deref(),
-            )?;
-            let path = match &options.topic {
-                Some(topic) => format!("/v1/stream?access_token={token}&topic={topic}"),
-                None => format!("/v1/stream?access_token={token}"),
-            };
+            let path = stream_path(options, stats.user)?;
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             let context = ConnectionContext {
                 servers: servers.clone(),
@@ -367,6 +358,25 @@ impl Subscribers {
     pub fn close(&self) {
         self.stop.cancel();
     }
+}
+
+/// The request path of a stream of `user`: Herald's `/v1/stream` with a
+/// token (and the topic), or nchan's `/sub/<channel>` of the user or topic.
+fn stream_path(options: &Options, user: usize) -> anyhow::Result<String> {
+    if options.api == Api::Nchan {
+        // One channel per stream (no --mixed with nchan): the user's or the topic's.
+        let target = options.targets_of(user).first().copied().unwrap_or(user);
+        return Ok(format!("/sub/{}", options.nchan_channel(target)));
+    }
+    let token = crate::publishers::subscriber_token(
+        &options.secret,
+        &Options::user_name(user),
+        options.topic.as_deref(),
+    )?;
+    Ok(match &options.topic {
+        Some(topic) => format!("/v1/stream?access_token={token}&topic={topic}"),
+        None => format!("/v1/stream?access_token={token}"),
+    })
 }
 
 /// Tells the connecting loop how the connection went, and frees its slot.
@@ -484,7 +494,11 @@ async fn stream_once(
         .await
         .map_err(|_| anyhow::anyhow!("connect timed out"))??;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    let mut request = hyper::Request::get(context.path.as_str()).header("host", server.to_string());
+    // Like a browser's EventSource (nchan serves EventSource only to requests
+    // that ask for it).
+    let mut request = hyper::Request::get(context.path.as_str())
+        .header("host", server.to_string())
+        .header("accept", "text/event-stream");
     if !scanner.last_id.is_empty() {
         request = request.header("last-event-id", scanner.last_id.as_str());
     }
@@ -696,6 +710,27 @@ mod tests {
             |_| {},
         );
         assert_eq!((scanner.retry_ms, scanner.last_id.as_str()), (2500, "9-3"));
+    }
+
+    #[test]
+    fn nchan_events_are_read_from_their_data_and_their_id_is_resent_as_it_came() {
+        let mut scanner = Scanner::default();
+        let mut seen = Vec::new();
+        scanner.feed(
+            b": hi\n\n:hb\n\nid: 1796200153:0\ndata: {\"g\":4,\"k\":1,\"t\":9,\"p\":\"\"}\n\n",
+            |d| seen.push(d),
+        );
+        assert_eq!(
+            seen,
+            vec![Dispatched::Event {
+                g: 4,
+                k: 1,
+                t: 9,
+                id: None
+            }],
+            "the heartbeat comments are no events; nchan's id has no Herald position"
+        );
+        assert_eq!(scanner.last_id, "1796200153:0");
     }
 
     #[test]
