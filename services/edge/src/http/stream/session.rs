@@ -312,7 +312,8 @@ impl Session {
         self.state.metrics.events_delivered.inc_by(replayed as u64);
         // The replay read every target up to the head.
         self.cursor.advance_all(head);
-        self.state.written(self.buf.split().freeze(), 0)
+        let written = self.idle_write();
+        self.state.written(written, 0)
     }
 
     /// The token's expiry warning and its end: tokens are accepted until
@@ -417,7 +418,16 @@ impl Session {
         if !self.cursor.write_id_if_moved(&mut self.buf) {
             sse::write_comment(&mut self.buf, "");
         }
-        self.buf.split().freeze()
+        self.idle_write()
+    }
+
+    /// What is written, taking the buffer's allocation with it, when the
+    /// stream goes idle (after its opening, at a heartbeat): an idle stream
+    /// then holds no buffer until its next event, instead of the rest of
+    /// its last allocation (512 bytes after the opening) for as long as it
+    /// stays open.
+    fn idle_write(&mut self) -> Bytes {
+        std::mem::take(&mut self.buf).freeze()
     }
 
     /// Writes the token's expiry warning (once).
