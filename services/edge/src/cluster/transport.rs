@@ -243,9 +243,9 @@ impl Socket for SealedSocket {
         Ok(SendOutcome { num_bytes_sent })
     }
 
-    /// Cancel-safe, as chitchat needs: every await is a socket receive, and
-    /// a datagram handed to the codec socket stays there until a later call
-    /// takes it.
+    /// Cancel-safe, as chitchat needs: every await is a socket receive; a
+    /// datagram decoded here is returned with no await in between, and one
+    /// handed to the codec socket stays there until a later call takes it.
     ///
     /// An `Ack` or `BadCluster` is decoded here and returned at once, so it
     /// may overtake a `Syn` or `SynAck` received just before it and still in
