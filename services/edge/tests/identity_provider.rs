@@ -396,7 +396,9 @@ async fn open(node: &EdgeNode, token: &str) -> SseClient {
 }
 
 async fn readyz(node: &EdgeNode) -> (u16, Value) {
-    let response = reqwest::get(node.admin_url("/readyz")).await.expect("readyz");
+    let response = reqwest::get(node.admin_url("/readyz"))
+        .await
+        .expect("readyz");
     let status = response.status().as_u16();
     let body = serde_json::from_slice(&response.bytes().await.expect("body")).expect("JSON");
     (status, body)
