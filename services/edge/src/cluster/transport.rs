@@ -276,19 +276,8 @@ impl Socket for SealedSocket {
             };
             match arrival {
                 Arrival::Decoded(decoded) => {
-                    let outcome = decoded.map_err(TransportError::Codec)?;
-                    match self.codec.peer_of(outcome.from_addr) {
-                        Some(peer) => {
-                            self.codec.in_flight = self.codec.in_flight.saturating_sub(1);
-                            return Ok(RecvOutcome {
-                                from_addr: peer,
-                                ..outcome
-                            });
-                        }
-                        None => tracing::warn!(
-                            from = %outcome.from_addr,
-                            "dropped a gossip datagram that reached the loopback codec socket from an unknown address (another local process, or an inbox closed since)"
-                        ),
+                    if let Some(outcome) = self.decoded_by_codec(decoded)? {
+                        return Ok(outcome);
                     }
                 }
                 Arrival::Network(Err(err)) if is_transient(&err) => {
@@ -302,39 +291,75 @@ impl Socket for SealedSocket {
                     .into());
                 }
                 Arrival::Network(Ok((len, from))) => {
-                    if len > MAX_DATAGRAM {
-                        // Truncated by the buffer: no valid sealed datagram is this long.
-                        self.rejections.record(Rejection::Malformed, from, len);
-                        continue;
-                    }
-                    let plaintext =
-                        match self
-                            .opener
-                            .open(&self.keys, &mut self.received[..len], now_ms())
-                        {
-                            Ok(plaintext) => plaintext,
-                            Err(reason) => {
-                                self.rejections.record(reason, from, len);
-                                continue;
-                            }
-                        };
-                    match wire::decode(plaintext) {
-                        wire::Decoded::Envelope(envelope) => {
-                            return Ok(RecvOutcome {
-                                from_addr: from,
-                                envelope,
-                                num_bytes_received: plaintext.len(),
-                            });
-                        }
-                        wire::Decoded::NeedsCodec => self.codec.deliver(from, plaintext),
-                        wire::Decoded::Invalid(err) => tracing::warn!(
-                            error = ?err,
-                            from = %from,
-                            bytes = plaintext.len(),
-                            "dropped an authentic gossip datagram chitchat cannot decode (a peer running an incompatible chitchat?)"
-                        ),
+                    if let Some(outcome) = self.received_from_network(len, from) {
+                        return Ok(outcome);
                     }
                 }
+            }
+        }
+    }
+}
+
+impl SealedSocket {
+    /// What chitchat's codec socket decoded, with the real peer's address;
+    /// `None` for a datagram from anyone but an inbox (dropped and logged).
+    fn decoded_by_codec(
+        &mut self,
+        decoded: anyhow::Result<RecvOutcome>,
+    ) -> Result<Option<RecvOutcome>, TransportError> {
+        let outcome = decoded.map_err(TransportError::Codec)?;
+        let Some(peer) = self.codec.peer_of(outcome.from_addr) else {
+            tracing::warn!(
+                from = %outcome.from_addr,
+                "dropped a gossip datagram that reached the loopback codec socket from an unknown address (another local process, or an inbox closed since)"
+            );
+            return Ok(None);
+        };
+        self.codec.in_flight = self.codec.in_flight.saturating_sub(1);
+        Ok(Some(RecvOutcome {
+            from_addr: peer,
+            ..outcome
+        }))
+    }
+
+    /// Opens the `len`-byte datagram from `from` in the receive buffer: an
+    /// `Ack` or `BadCluster` is returned decoded; a `Syn` or `SynAck` goes to
+    /// the codec socket (`None`: chitchat gets it from there); anything that
+    /// does not open or decode is counted or logged, and dropped (`None`).
+    fn received_from_network(&mut self, len: usize, from: SocketAddr) -> Option<RecvOutcome> {
+        if len > MAX_DATAGRAM {
+            // Truncated by the buffer: no valid sealed datagram is this long.
+            self.rejections.record(Rejection::Malformed, from, len);
+            return None;
+        }
+        let plaintext = match self
+            .opener
+            .open(&self.keys, &mut self.received[..len], now_ms())
+        {
+            Ok(plaintext) => plaintext,
+            Err(reason) => {
+                self.rejections.record(reason, from, len);
+                return None;
+            }
+        };
+        match wire::decode(plaintext) {
+            wire::Decoded::Envelope(envelope) => Some(RecvOutcome {
+                from_addr: from,
+                envelope,
+                num_bytes_received: plaintext.len(),
+            }),
+            wire::Decoded::NeedsCodec => {
+                self.codec.deliver(from, plaintext);
+                None
+            }
+            wire::Decoded::Invalid(err) => {
+                tracing::warn!(
+                    error = ?err,
+                    from = %from,
+                    bytes = plaintext.len(),
+                    "dropped an authentic gossip datagram chitchat cannot decode (a peer running an incompatible chitchat?)"
+                );
+                None
             }
         }
     }
