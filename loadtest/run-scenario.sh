@@ -164,3 +164,8 @@ $pin_client "$generator" \
   --reconnect "${RECONNECT:-0}" \
   --honor-retry "${HONOR_RETRY:-0}" \
   --out "$results/$name.json"
+# Each edge's /metrics after the run, for checks across nodes
+# (loadtest/interest-routing.sh reads them).
+for i in "${!admin_urls[@]}"; do
+  curl -fsS "${admin_urls[$i]}/metrics" > "$results/$name.edge-$i.metrics" 2>/dev/null || true
+done

@@ -159,12 +159,13 @@ metrics! {
     /// acknowledged writes, a recreated stream) and ended every stream.
     history_changes: Counter, "history_changes",
         "Times the stored history changed under this node (lost writes, recreated stream); every stream resumed with herald.reset";
-    /// Checks of every followed target against the stream (NATS bus): each
-    /// finds stored events whose live copy never arrived.
+    /// Checks of followed targets against the stream (NATS bus: each slice
+    /// of the periodic round, and each check of every target): each finds
+    /// stored events whose live copy never arrived.
     live_checks: Counter, "live_checks",
-        "Checks of every followed target against the stream for events whose live copy never arrived";
+        "Checks of followed targets against the stream (slices of the periodic round, checks of every target) for events whose live copy never arrived";
     /// Requests the live checks sent to the stream (one batched read per
-    /// 1,000 followed targets on nats-server 2.11+, one per target before).
+    /// slice or per 1,000 targets on nats-server 2.11+, one per target before).
     live_check_reads: Counter, "live_check_reads",
         "Stream reads made by the live checks";
     /// Bus messages dropped as undeliverable (bad subject, UTF-8, type, size).

@@ -1211,6 +1211,34 @@ async fn a_lost_live_copy_of_a_quiet_target_arrives_without_another_event() {
     assert_eq!(metric(&node, "herald_gap_repairs_total"), 1);
 }
 
+/// The periodic check reads its targets a slice at a time, spread over the
+/// interval: with more quiet users followed than one slice holds (100), a lost
+/// live copy still reaches the first user and the last, in different slices.
+#[tokio::test]
+async fn the_periodic_check_reaches_every_target_when_a_round_takes_several_slices() {
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node_with(&nats, |n| n.check_interval_ms = 600).await;
+    let users: Vec<String> = (0..250).map(|n| format!("user{n:03}")).collect();
+    let mut streams = Vec::new();
+    for user in &users {
+        streams.push(SseClient::open(&node, user).await.expect("stream"));
+    }
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    for (index, user) in [(0, &users[0]), (249, &users[249])] {
+        let lost =
+            publish_losing_the_live_copy(&js, &node, json!({"user": user, "data": "lost"})).await;
+        let event = streams[index]
+            .next_event(PATIENCE)
+            .await
+            .unwrap_or_else(|err| panic!("{user}'s lost event: {err}"));
+        assert_eq!(
+            (event.id.as_str(), event.data.as_str()),
+            (lost.as_str(), "lost")
+        );
+    }
+    assert_eq!(metric(&node, "herald_gap_repairs_total"), 2);
+}
+
 /// The stream sequence of a single-target id (`<epoch>-<seq>`).
 fn sequence_of(id: &str) -> u64 {
     id.rsplit('-')

@@ -19,9 +19,10 @@
 //!   resumes) and re-anchors every chain in the new history.
 //!
 //! A lost copy of a target that then stays quiet would never reveal a gap by
-//! itself, so the dispatcher also **checks** every target on a timer (and at
-//! once after a reconnect, a slow-consumer drop or a stream leader change):
-//! one batched read of every followed subject's newest stored message. A
+//! itself, so the dispatcher also **checks** every target: once per interval,
+//! in slices spread over it (see [`sweep`](super::sweep)), and all at once
+//! after a reconnect, a slow-consumer drop or a stream leader change. A check
+//! is a batched read of the followed subjects' newest stored messages. A
 //! newer one than the chain's end is filled; a chain at the newest message is
 //! complete up to the sequence the answer covers, and that is reported to the
 //! sink as **progress** (a multi-target stream's id then carries it).
@@ -49,6 +50,7 @@ use super::follow::Followers;
 use super::lock;
 use super::provision::ConnectionEvents;
 use super::store::{Newest, ReadError, Standing, Store, Stored, parse_time};
+use super::sweep::Sweep;
 use crate::bus::{FollowState, LiveSink};
 use crate::metrics::Metrics;
 use crate::telemetry::Tracing;
@@ -208,11 +210,23 @@ pub(super) struct Dispatcher {
     generation: u64,
     /// A check is in flight.
     checking: bool,
+    /// The check asked for while another was in flight: started when it ends.
+    wanted: Option<Check>,
+    /// The periodic check's round over the followed targets.
+    sweep: Sweep,
     /// A rewound history was confirmed and the epoch is being moved: every
     /// target holds its copies until its chain is anchored again.
     rewinding: bool,
-    check_interval: Duration,
     stop: CancellationToken,
+}
+
+/// Which followed targets a check reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// The next slice of the periodic round.
+    Slice,
+    /// Every target at once: something may have been lost just now.
+    Everything,
 }
 
 /// What [`Dispatcher::new`] needs.
@@ -240,6 +254,7 @@ impl Dispatcher {
         });
         // Polled once so that an advisory wakes the dispatcher.
         leader_waker.wake_by_ref();
+        let sweep = Sweep::new(parts.store.per_batch(), parts.check_interval);
         Dispatcher {
             store: parts.store,
             decoder: parts.decoder,
@@ -257,8 +272,9 @@ impl Dispatcher {
             reads: Arc::new(Semaphore::new(READS_IN_FLIGHT)),
             generation: 0,
             checking: false,
+            wanted: None,
+            sweep,
             rewinding: false,
-            check_interval: parts.check_interval,
             stop: parts.stop,
         }
     }
@@ -270,8 +286,8 @@ impl Dispatcher {
     pub(super) async fn run(mut self) {
         let mut epochs = self.store.epochs();
         epochs.mark_unchanged();
-        let mut check = tokio::time::interval(self.check_interval);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let next_slice = tokio::time::sleep(self.sweep.pause(0));
+        tokio::pin!(next_slice);
         let connection = Arc::clone(&self.connection);
         let mut rounds_without_wait = 0;
         loop {
@@ -292,8 +308,12 @@ impl Dispatcher {
                 },
                 Some(tagged) = self.repairs.next(), if has_repairs => self.finish(tagged),
                 _ = ready.notify.notified() => {}
-                _ = connection.check_now.notified() => self.start_check(),
-                _ = check.tick() => self.start_check(),
+                _ = connection.check_now.notified() => self.start_check(Check::Everything),
+                _ = &mut next_slice => {
+                    self.start_check(Check::Slice);
+                    let pause = self.sweep.pause(self.followed.len());
+                    next_slice.as_mut().reset(tokio::time::Instant::now() + pause);
+                }
             }
             while let Ok(command) = self.commands.try_recv() {
                 self.handle(command);
@@ -492,7 +512,7 @@ impl Dispatcher {
             // Started before the chains were re-anchored; a check is simply
             // over.
             if matches!(tagged.outcome, Outcome::Checked { .. }) {
-                self.checking = false;
+                self.check_over();
             }
             return;
         }
@@ -524,7 +544,6 @@ impl Dispatcher {
             }
             Outcome::Rewound { key } => self.rewound(key, epoch),
             Outcome::Checked { snapshot, newest } => {
-                self.checking = false;
                 self.metrics.live_checks.inc();
                 match newest {
                     Ok(newest) => {
@@ -535,6 +554,7 @@ impl Dispatcher {
                         tracing::warn!(%error, "cannot check the followed targets against the stream");
                     }
                 }
+                self.check_over();
             }
             Outcome::EpochMoved(_) => {}
         }
@@ -677,25 +697,36 @@ impl Dispatcher {
             elected = true;
         }
         if elected {
-            self.start_check();
+            self.start_check(Check::Everything);
         }
     }
 
-    /// Reads every followed subject's newest stored message (unless a check
-    /// is already in flight).
-    fn start_check(&mut self) {
-        if self.checking || self.rewinding || self.followed.is_empty() {
+    /// Reads the newest stored message of the subjects `check` covers. One
+    /// check is in flight at a time: one asked for meanwhile starts when it
+    /// ends (a check for everything standing for any slice).
+    fn start_check(&mut self, check: Check) {
+        if self.rewinding || self.followed.is_empty() {
+            return;
+        }
+        if self.checking {
+            if self.wanted != Some(Check::Everything) {
+                self.wanted = Some(check);
+            }
             return;
         }
         // What arrived before the read is judged first, so the check finds
         // only what never arrived.
         self.take_copies();
         self.checking = true;
-        let snapshot: Vec<(u64, Link)> = self
-            .followed
-            .iter()
+        let keys = match check {
+            Check::Slice => self.sweep.next_slice(self.followed.keys().copied()),
+            Check::Everything => self.followed.keys().copied().collect(),
+        };
+        let snapshot: Vec<(u64, Link)> = keys
+            .into_iter()
+            .filter_map(|key| self.followed.get(&key).map(|followed| (key, followed)))
             .filter(|(_, followed)| !followed.repairing)
-            .map(|(&key, followed)| (key, followed.last))
+            .map(|(key, followed)| (key, followed.last))
             .collect();
         let subjects: Vec<String> = snapshot
             .iter()
@@ -715,6 +746,14 @@ impl Dispatcher {
             }
             .boxed(),
         );
+    }
+
+    /// A check ended: the one asked for meanwhile, if any, starts.
+    fn check_over(&mut self) {
+        self.checking = false;
+        if let Some(check) = self.wanted.take() {
+            self.start_check(check);
+        }
     }
 
     /// Compares each checked chain with its subject's newest stored event.

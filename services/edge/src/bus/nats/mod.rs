@@ -35,6 +35,7 @@ mod dispatcher;
 mod follow;
 mod provision;
 mod store;
+mod sweep;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};

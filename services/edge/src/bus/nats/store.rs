@@ -206,6 +206,11 @@ impl Store {
         }
     }
 
+    /// Most subjects one batched read asks for.
+    pub(super) fn per_batch(&self) -> usize {
+        self.per_batch
+    }
+
     /// Reads the stream's state from its leader, noticing a changed epoch.
     pub(super) async fn state(&self) -> Result<stream::State, ReadError> {
         let stream = timed(self.jetstream.get_stream(&self.name)).await?;
