@@ -6,7 +6,7 @@
 # the events (a third), not all of them.
 #
 # Usage: loadtest/interest-routing.sh   (CONNECTIONS, RATE, DURATION override)
-# Prints, per edge: streams held, live messages received from NATS
+# Prints, per edge: streams opened, live messages received from NATS
 # (herald_bus_messages_received_total) and that as a share of all events
 # published; exits non-zero if an edge received more than half of them.
 set -euo pipefail
@@ -28,13 +28,13 @@ def metric(text, name):
 rows, worst = [], 0.0
 for edge in range(3):
     text = open(f"{results}/{name}.edge-{edge}.metrics").read()
-    streams = metric(text, "herald_connections_open")
+    streams = metric(text, "herald_connects_total")
     received = metric(text, "herald_bus_messages_received_total")
     share = received / published if published else 0.0
     worst = max(worst, share)
     rows.append((edge, streams, received, share))
-print(f"events published into JetStream: {published}; lost {run['lost']}, duplicated {run['duplicates']}, reordered {run['reordered']}")
-print("| edge | streams | live messages received from NATS | share of all events |")
+print(f"events published into JetStream: {published}; lost {run['lost']}, duplicated {run['duplicated']}, reordered {run['reordered']}")
+print("| edge | streams opened | live messages received from NATS | share of all events |")
 print("|---|---|---|---|")
 for edge, streams, received, share in rows:
     print(f"| edge-{edge} | {streams:.0f} | {received:.0f} | {share:.1%} |")
