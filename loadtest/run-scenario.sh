@@ -59,7 +59,11 @@ if [ "${BUS:-memory}" = nats ]; then
   nats_port="${NATS_PORT:-14222}"
   store=$(mktemp -d)
   scratch+=("$store")
-  $pin_server "${HERALD_NATS_SERVER:-bin/nats-server}" -js -a 127.0.0.1 -p "$nats_port" -sd "$store" > "$results/$name.nats.log" 2>&1 &
+  # NATS_CPUS=1 puts nats-server on the load generator's core instead of the
+  # edge's (to tell the edge's own latency from the shared core's).
+  pin_nats=$pin_server
+  if [ -n "${NATS_CPUS:-}" ]; then pin_nats="taskset -c $NATS_CPUS"; fi
+  $pin_nats "${HERALD_NATS_SERVER:-bin/nats-server}" -js -a 127.0.0.1 -p "$nats_port" -sd "$store" > "$results/$name.nats.log" 2>&1 &
   pids+=($!)
   # Sampled apart from the edge (--bus-pids): the result shows both.
   bus_pids=$!

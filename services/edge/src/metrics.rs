@@ -211,6 +211,10 @@ metrics! {
     /// Seconds from the bus storing an event to it being written to a stream.
     delivery_latency: Histogram = Histogram::new(exponential_buckets(0.0001, 2.0, 20)), // 100 µs to ~52 s.
         "delivery_latency_seconds", "Time from the bus storing an event to its write to a stream";
+    /// Seconds from the bus storing an event to this node taking its live
+    /// copy (NATS bus): the part of `delivery_latency` spent before the edge.
+    bus_lag: Histogram = Histogram::new(exponential_buckets(0.0001, 2.0, 20)),
+        "bus_lag_seconds", "Time from the bus storing an event to this node taking its live copy (NATS bus)";
 }
 
 impl Metrics {
@@ -284,6 +288,7 @@ mod tests {
             "herald_jwks_refresh_throttled counter",
             "herald_jwks_keys gauge",
             "herald_delivery_latency_seconds histogram",
+            "herald_bus_lag_seconds histogram",
         ];
         assert_eq!(types[..expected.len()], expected, "{text}");
         // Built with heap-stats, the live heap comes last; without, not at all.

@@ -377,6 +377,7 @@ impl Dispatcher {
     /// Takes every copy waiting in a woken subscription's channel, in order.
     fn take_copies(&mut self) {
         let keys = std::mem::take(&mut *lock(&self.ready.keys));
+        let now = SystemTime::now();
         for key in keys {
             let (copies, ended) = match self.followed.get_mut(&key) {
                 Some(followed) => poll_copies(followed),
@@ -390,7 +391,13 @@ impl Dispatcher {
             for message in copies {
                 self.metrics.bus_messages_received.inc();
                 match live_link(&message) {
-                    Some(link) => self.take(key, link, message, false),
+                    Some(link) => {
+                        if let Some(lag) = link.stored_at.and_then(|at| now.duration_since(at).ok())
+                        {
+                            self.metrics.bus_lag.observe(lag.as_secs_f64());
+                        }
+                        self.take(key, link, message, false);
+                    }
                     None => self.decoder.refused(
                         message.subject.as_str(),
                         0,
