@@ -44,6 +44,11 @@ if [ "$(nproc)" -ge 2 ]; then
 else
   pin_server=""; pin_client=""
 fi
+# SERVER_CPUS / CLIENT_CPUS override the pinning (e.g. SERVER_CPUS=0,1
+# CLIENT_CPUS=0,1: the node given both cores, sharing them with the generator,
+# whose own CPU time the result reports as client_cpu_secs).
+if [ -n "${SERVER_CPUS:-}" ]; then pin_server="taskset -c $SERVER_CPUS"; fi
+if [ -n "${CLIENT_CPUS:-}" ]; then pin_client="taskset -c $CLIENT_CPUS"; fi
 
 pids=()
 scratch=()
@@ -146,7 +151,13 @@ if [ -n "${KILL_AFTER:-}" ] && [ "${#edges[@]}" -gt 1 ]; then
 fi
 
 echo "== $name: $DESCRIPTION"
-$pin_client "$generator" \
+# The generator's own CPU time goes to $name.client-cpu (user + system
+# seconds over its whole run), for runs where it shares the node's cores.
+$pin_client python3 -c 'import resource, subprocess, sys
+code = subprocess.call(sys.argv[2:])
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write(f"{usage.ru_utime + usage.ru_stime:.2f}\n")
+sys.exit(code)' "$results/$name.client-cpu" "$generator" \
   --label "$name" \
   --url "$url_list" \
   --admin "$admin_list" \
