@@ -219,6 +219,11 @@ impl NatsServer {
     }
 
     /// `nats://127.0.0.1:<port>`.
+    /// The running server's process id (`None` once killed).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
