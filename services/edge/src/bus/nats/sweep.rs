@@ -52,21 +52,20 @@ impl Sweep {
     }
 
     /// The keys the next slice reads, from the followed targets' `keys` (in
-    /// any order), and moves past them.
-    pub(super) fn next_slice(&mut self, keys: impl Iterator<Item = u64>) -> Vec<u64> {
-        let mut keys: Vec<u64> = keys.collect();
-        keys.sort_unstable();
-        let mut start = keys.partition_point(|&key| key < self.cursor);
-        if start == keys.len() {
+    /// any order), and moves past them. Linear in the followed targets: only
+    /// the slice itself is sorted.
+    pub(super) fn next_slice(&mut self, keys: impl Iterator<Item = u64> + Clone) -> Vec<u64> {
+        let cursor = self.cursor;
+        let mut slice: Vec<u64> = keys.clone().filter(|&key| key >= cursor).collect();
+        if slice.is_empty() {
             // The round is over: the next starts again at the lowest key.
-            start = 0;
+            slice = keys.collect();
         }
-        let slice: Vec<u64> = keys
-            .iter()
-            .skip(start)
-            .take(self.per_slice)
-            .copied()
-            .collect();
+        if slice.len() > self.per_slice {
+            slice.select_nth_unstable(self.per_slice - 1);
+            slice.truncate(self.per_slice);
+        }
+        slice.sort_unstable();
         if let Some(&last) = slice.last() {
             self.cursor = last + 1;
         }
