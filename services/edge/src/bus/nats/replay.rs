@@ -123,7 +123,10 @@ impl Replayer<'_> {
             };
             let part = match proven {
                 Some(part) => part,
-                None => self.from_leader(subject, after, head.seq, left).await?,
+                None => {
+                    self.read_from_leader(subject, after, head.seq, left)
+                        .await?
+                }
             };
             let stored = match part {
                 Part::Lost(reason) => return lost(reason),
@@ -212,7 +215,7 @@ impl Replayer<'_> {
                 Some(_) => None,
             });
         }
-        if !newest.through.is_some_and(|through| through >= head) {
+        if newest.through.is_none_or(|through| through < head) {
             return Ok(None);
         }
         let reach = match newest.by_subject.get(subject) {
@@ -264,7 +267,7 @@ impl Replayer<'_> {
     }
 
     /// `subject`'s part read from the stream leader, one event at a time.
-    async fn from_leader(
+    async fn read_from_leader(
         &self,
         subject: &str,
         after: u64,
