@@ -430,36 +430,42 @@ async fn a_lost_live_message_is_detected_and_filled_from_the_stream() {
     assert_eq!(metric(&node, "herald_gap_repairs_total"), 1);
 }
 
-/// Replays and gap fills read stored events from the stream leader
-/// (`STREAM.MSG.GET`), never with Direct Get, which any replica answers: a
-/// replica still catching up answers "nothing after" for events the leader
-/// has already acknowledged, and a read that trusts it skips them (the
-/// one-hour soak lost an event that way after a leader kill). A plain NATS
-/// client listening on the JetStream API subjects sees which reads the node
-/// makes.
+/// Gap fills read stored events from the stream leader (`STREAM.MSG.GET`),
+/// never with Direct Get, which any replica answers: a replica still catching
+/// up answers "nothing after" for events the leader has already acknowledged,
+/// and a read that trusts it skips them (the one-hour soak lost an event that
+/// way after a leader kill). A replay uses batched Direct Gets (2.11+) whose
+/// answers say how far they are complete, trusted only that far; on 2.10 it
+/// reads from the leader. A plain NATS client listening on the JetStream API
+/// subjects sees which reads the node makes.
 #[tokio::test]
-async fn stored_events_are_read_from_the_stream_leader_never_a_replica() {
+async fn a_gap_fill_reads_from_the_stream_leader_and_a_replay_from_a_replica_only_with_batched_reads()
+ {
     let nats = NatsServer::start().expect("nats-server");
     let node = nats_node(&nats).await;
-    let observer = async_nats::connect(nats.url()).await.expect("observer");
-    let mut leader_reads = observer
-        .subscribe("$JS.API.STREAM.MSG.GET.>")
-        .await
-        .expect("subscribe");
-    let mut direct_gets = observer
-        .subscribe("$JS.API.DIRECT.GET.>")
-        .await
-        .expect("subscribe");
-    observer.flush().await.expect("flush");
+    let mut reads = ReadWatch::start(&nats).await;
 
     // A replay: alice resumes after her first event.
     let first = publish_to(&node, json!({"user": "alice", "data": "e1"})).await;
     let missed = publish_to(&node, json!({"user": "alice", "data": "e2"})).await;
     let mut resumed = resume(&node, "alice", &first).await;
     assert_eq!(resumed.next_event(PATIENCE).await.expect("e2").id, missed);
+    let replay = reads.take().await;
+    if reads.batched_reads() {
+        assert!(
+            replay.direct >= 2,
+            "the newest read and the run, each proving how far it is complete: {replay:?}"
+        );
+    } else {
+        assert_eq!(replay.direct, 0, "2.10: {replay:?}");
+        assert!(
+            replay.leader >= 2,
+            "2.10 replays from the leader: {replay:?}"
+        );
+    }
 
     // A gap fill: the live copy of e3 goes somewhere the node does not listen.
-    let js = jetstream::new(observer.clone());
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
     let lost_live =
         publish_losing_the_live_copy(&js, &node, json!({"user": "alice", "data": "e3"})).await;
     let after = publish_to(&node, json!({"user": "alice", "data": "e4"})).await;
@@ -469,18 +475,9 @@ async fn stored_events_are_read_from_the_stream_leader_never_a_replica() {
         [lost_live, after]
     );
     assert_eq!(metric(&node, "herald_gap_repairs_total"), 1);
-
-    // Every request the node sent reached the observer before its answer
-    // reached the node; a round trip makes sure they have been read.
-    observer.flush().await.expect("flush");
-    let count = |subscription: &mut async_nats::Subscriber| {
-        std::iter::from_fn(|| subscription.next().now_or_never().flatten()).count()
-    };
-    assert!(
-        count(&mut leader_reads) >= 2,
-        "the replay and the gap fill read from the leader"
-    );
-    assert_eq!(count(&mut direct_gets), 0, "no read went to Direct Get");
+    let gap_fill = reads.take().await;
+    assert!(gap_fill.leader >= 1, "the gap fill reads from the leader");
+    assert_eq!(gap_fill.direct, 0, "no gap fill read went to Direct Get");
 }
 
 /// Events for a user and a topic stored while the node was cut off from NATS
@@ -1245,4 +1242,184 @@ fn sequence_of(id: &str) -> u64 {
         .next()
         .and_then(|seq| seq.parse().ok())
         .expect("an <epoch>-<seq> id")
+}
+
+/// Watches the requests nodes send to the stream's two read APIs: leader
+/// reads (`STREAM.MSG.GET`) and Direct Gets (answered by any replica).
+struct ReadWatch {
+    observer: async_nats::Client,
+    leader: async_nats::Subscriber,
+    direct: async_nats::Subscriber,
+}
+
+/// Requests seen by a [`ReadWatch`].
+#[derive(Debug, Clone, Copy)]
+struct Reads {
+    leader: usize,
+    direct: usize,
+}
+
+impl ReadWatch {
+    async fn start(nats: &NatsServer) -> ReadWatch {
+        let observer = async_nats::connect(nats.url()).await.expect("observer");
+        let leader = observer
+            .subscribe("$JS.API.STREAM.MSG.GET.>")
+            .await
+            .expect("subscribe");
+        let direct = observer
+            .subscribe("$JS.API.DIRECT.GET.>")
+            .await
+            .expect("subscribe");
+        observer.flush().await.expect("flush");
+        ReadWatch {
+            observer,
+            leader,
+            direct,
+        }
+    }
+
+    /// Whether the server answers batched Direct Gets (nats-server 2.11+;
+    /// `make test-nats-oldest` runs these tests on 2.10, which does not).
+    fn batched_reads(&self) -> bool {
+        let version = self.observer.server_info().version;
+        let mut parts = version.split('.').map(|part| part.parse::<u64>().ok());
+        match (parts.next().flatten(), parts.next().flatten()) {
+            (Some(major), Some(minor)) => (major, minor) >= (2, 11),
+            _ => panic!("unreadable server version {version}"),
+        }
+    }
+
+    /// The requests sent since the last call. Every request a node sent
+    /// reached the observer before its answer reached the node; a round trip
+    /// makes sure they have been read.
+    async fn take(&mut self) -> Reads {
+        self.observer.flush().await.expect("flush");
+        let count = |subscription: &mut async_nats::Subscriber| {
+            std::iter::from_fn(|| subscription.next().now_or_never().flatten()).count()
+        };
+        Reads {
+            leader: count(&mut self.leader),
+            direct: count(&mut self.direct),
+        }
+    }
+}
+
+/// 40 missed events with room for 7 messages per batched read: the resume
+/// reads them in several batches (or, on a server without batched Direct
+/// Gets, one leader read each) and the client gets every one, in order.
+#[tokio::test]
+async fn a_resume_of_many_missed_events_reads_them_in_batches_and_gets_every_one_in_order() {
+    const MISSED: usize = 40;
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node_with(&nats, |n| n.subscription_capacity = 8).await;
+    let first = publish_to(&node, json!({"user": "alice", "data": "seen"})).await;
+    let mut published = Vec::new();
+    for i in 0..MISSED {
+        published.push(publish_to(&node, json!({"user": "alice", "data": format!("m{i}")})).await);
+    }
+    let mut reads = ReadWatch::start(&nats).await;
+    let mut resumed = resume(&node, "alice", &first).await;
+    let events = resumed.events(MISSED).await.expect("every missed event");
+    let ids: Vec<String> = events.iter().map(|event| event.id.clone()).collect();
+    assert_eq!(ids, published);
+    let data: Vec<String> = events.iter().map(|event| event.data.clone()).collect();
+    let expected: Vec<String> = (0..MISSED).map(|i| format!("m{i}")).collect();
+    assert_eq!(data, expected);
+
+    let seen = reads.take().await;
+    if reads.batched_reads() {
+        // The event at the position and the 40 after it, 7 per read.
+        assert!(
+            seen.direct >= MISSED.div_ceil(7),
+            "read in batches: {seen:?}"
+        );
+        assert!(
+            seen.leader < 5,
+            "not one leader read per missed event: {seen:?}"
+        );
+    } else {
+        assert_eq!(seen.direct, 0, "2.10 has no batched Direct Get: {seen:?}");
+        assert!(
+            seen.leader >= MISSED,
+            "2.10 reads each missed event from the leader: {seen:?}"
+        );
+    }
+}
+
+/// A user's and a topic's missed events interleaved with other users' (more
+/// of each than one batched read holds): the resume gets exactly its own
+/// targets' events, each once, in stream order.
+#[tokio::test]
+async fn a_resume_whose_events_interleave_with_other_subjects_gets_exactly_its_own() {
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node_with(&nats, |n| n.subscription_capacity = 5).await;
+    let token = subscriber_token("alice", &["news"]);
+    let mut first = SseClient::connect(
+        &node.url("/v1/stream?topic=news"),
+        &[("authorization", &bearer(&token))],
+    )
+    .await
+    .expect("stream");
+    publish_to(&node, json!({"user": "alice", "data": "seen"})).await;
+    let last = first.next_event(PATIENCE).await.expect("seen").id;
+    drop(first);
+    let mut published = Vec::new();
+    for i in 0..12 {
+        published.push(publish_to(&node, json!({"user": "alice", "data": format!("a{i}")})).await);
+        publish_to(&node, json!({"user": "bob", "data": "not for alice"})).await;
+        published.push(publish_to(&node, json!({"topic": "news", "data": format!("n{i}")})).await);
+        publish_to(&node, json!({"topic": "sport", "data": "not followed"})).await;
+    }
+    let mut resumed = SseClient::connect(
+        &node.url("/v1/stream?topic=news"),
+        &[("authorization", &bearer(&token)), ("last-event-id", &last)],
+    )
+    .await
+    .expect("stream");
+    let ids: Vec<String> = resumed
+        .events(published.len())
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|event| own_id(&event.id))
+        .collect();
+    assert_eq!(ids, published);
+    let extra = publish_to(&node, json!({"user": "alice", "data": "live"})).await;
+    assert_eq!(
+        own_id(&resumed.next_event(PATIENCE).await.expect("live").id),
+        extra,
+        "nothing else was replayed before the live event"
+    );
+}
+
+/// Many clients resume at once, each right after an event was published for
+/// it: their replays share state reads, yet none takes a state read sent
+/// before it arrived (which could end before its own event): every client
+/// gets its event.
+#[tokio::test]
+async fn resumes_arriving_together_share_state_reads_yet_each_gets_the_event_published_just_before_it()
+ {
+    const CLIENTS: usize = 60;
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node(&nats).await;
+    let mut before = Vec::new();
+    for i in 0..CLIENTS {
+        before.push(publish_to(&node, json!({"user": format!("u{i}"), "data": "seen"})).await);
+    }
+    let resumes = before.iter().enumerate().map(|(i, seen)| {
+        let node = &node;
+        async move {
+            let user = format!("u{i}");
+            let missed = publish_to(node, json!({"user": user, "data": "missed"})).await;
+            let mut resumed = resume(node, &user, seen).await;
+            let event = resumed
+                .next_event(PATIENCE)
+                .await
+                .expect("the missed event");
+            (event.id, missed)
+        }
+    });
+    for (got, missed) in futures_util::future::join_all(resumes).await {
+        assert_eq!(got, missed);
+    }
 }

@@ -19,21 +19,27 @@
 //!   turns unready; when it is back, the dispatcher checks every target at
 //!   once (what was republished meanwhile is gone) — but correctness rests on
 //!   the chains, not on being told.
-//! - **Replay.** Each target's messages after the client's position for it
-//!   are read from the stream leader. History that is gone (older than the
-//!   stream's first message, evicted by the per-subject limit, another epoch)
-//!   is reported, never skipped.
+//! - **Replay.** Each target's messages after the client's position for it,
+//!   up to the head read from the stream leader, are read with batched
+//!   Direct Gets trusted only when their answer proves itself complete, else
+//!   from the leader ([`replay`]). History that is gone (older than the
+//!   stream's first message, evicted by the per-subject limit, another
+//!   epoch) is reported, never skipped.
 //!
 //! Parts: [`provision`] (connection, version check, the stream), [`store`]
-//! (every read of the stream, the epoch), [`decode`] (message → event),
+//! (every read of the stream, the epoch), [`coalesce`] (one state read for
+//! many callers), [`replay`] (what a resuming client missed), [`decode`]
+//! (message → event),
 //! [`follow`] (which targets are followed), [`chain`] (the delivery
 //! invariant), [`dispatcher`] (live delivery and repair).
 
 mod chain;
+mod coalesce;
 mod decode;
 mod dispatcher;
 mod follow;
 mod provision;
+mod replay;
 mod store;
 mod sweep;
 
@@ -54,8 +60,8 @@ pub(crate) use follow::FollowError;
 pub(crate) use store::ReadError;
 
 use super::{
-    Bus, FollowState, Interest, LiveSink, LostReason, PublishError, PublishRequest, Receipt,
-    Replay, ReplayError, check_position,
+    Bus, FollowState, Interest, LiveSink, PublishError, PublishRequest, Receipt, Replay,
+    ReplayError,
 };
 use crate::metrics::Metrics;
 use crate::telemetry::Tracing;
@@ -63,6 +69,7 @@ use decode::Decoder;
 use dispatcher::Dispatcher;
 use follow::Followers;
 use provision::{ConnectionEvents, MIN_SERVER};
+use replay::Replayer;
 use store::{API_TIMEOUT, Store};
 
 /// Why the NATS bus could not start. Nothing was created or changed on the
@@ -237,25 +244,6 @@ impl NatsBus {
     pub(crate) fn client(&self) -> async_nats::Client {
         self.client.clone()
     }
-
-    /// Whether the per-subject limit may have evicted messages of `subject`
-    /// after `after`. The per-subject limit removes a subject's oldest messages
-    /// without moving the stream's first sequence, so compare with the subject
-    /// itself: when the subject is at its cap and its oldest retained message
-    /// is newer than `after + 1`, something after `after` may be gone. This can
-    /// answer "yes" for a gap that never held a message of this subject (a
-    /// needless reset), never "no" for a real eviction (a silent skip).
-    async fn evicted_after(&self, subject: &str, after: u64) -> Result<bool, ReadError> {
-        let cap = u64::try_from(self.settings.max_messages_per_subject).unwrap_or(u64::MAX);
-        if self.store.count_of(subject).await? < cap {
-            return Ok(false);
-        }
-        Ok(self
-            .store
-            .first_of(subject)
-            .await?
-            .is_some_and(|oldest| oldest.seq > after + 1))
-    }
 }
 
 /// Starts live delivery: the followers, and the dispatcher they hand their
@@ -385,42 +373,12 @@ impl Bus for NatsBus {
         from: &StreamPosition,
         limit: usize,
     ) -> Result<Replay, ReplayError> {
-        let state = self.store.state().await?;
-        let head = self.store.id(state.last_sequence);
-        let lost = |reason| Ok(Replay::HistoryLost { reason, head });
-        let mut events = Vec::new();
-        for (target, &after) in targets.iter().zip(&from.seqs) {
-            let position = EventId {
-                epoch: from.epoch,
-                seq: after,
-            };
-            let bounds = (state.first_sequence, state.last_sequence);
-            if let Some(reason) = check_position(position, head.epoch, bounds.0, bounds.1) {
-                return lost(reason);
-            }
-            let subject = target.subject(&self.settings.subject_prefix);
-            if self.evicted_after(&subject, after).await? {
-                return lost(LostReason::Expired);
-            }
-            let left = limit.saturating_sub(events.len());
-            let stored = self.store.between(&subject, after, head.seq, left).await?;
-            if stored.len() > left {
-                return lost(LostReason::TooFarBehind);
-            }
-            events.extend(stored.into_iter().filter_map(|message| {
-                self.decoder
-                    .decode(
-                        &message.subject,
-                        self.store.id(message.seq),
-                        Some(&message.headers),
-                        &message.payload,
-                        message.stored_at,
-                    )
-                    .map(Arc::new)
-            }));
-        }
-        events.sort_by_key(|event| event.id.seq);
-        Ok(Replay::Complete { events, head })
+        let replayer = Replayer {
+            store: &self.store,
+            decoder: &self.decoder,
+            per_subject: u64::try_from(self.settings.max_messages_per_subject).unwrap_or(u64::MAX),
+        };
+        replayer.replay(targets, from, limit).await
     }
 }
 

@@ -5,10 +5,17 @@
 //! (`STREAM.MSG.GET`), never Direct Get: any replica answers a Direct Get, and
 //! one that has not caught up answers "nothing after" for events the leader
 //! already acknowledged and republished; a replay or gap fill read that way
-//! would skip them silently. The one exception is the periodic check's batched
-//! read of many subjects' newest messages ([`Store::newest_of`]): it only
-//! *finds* work (a newer message is then read from the leader), and its
-//! answer carries the sequence it is complete up to.
+//! would skip them silently. Two exceptions, both batched Direct Gets whose
+//! answers are only trusted as far as they prove themselves complete: the
+//! periodic check's read of many subjects' newest messages
+//! ([`Store::newest_of`]: it only *finds* work, and its answer carries the
+//! sequence it is complete up to), and a resume's read of what a client
+//! missed ([`Store::run_from`]; the proof and its fallback to leader reads
+//! are in `replay`).
+//!
+//! The stream's state (a full `STREAM.INFO` from the leader) is read through a
+//! [`Coalesced`] read: callers arriving together share one request, but only
+//! one sent after they arrived.
 //!
 //! The epoch (the first half of every SSE id) is the stream's creation time,
 //! or, once a node found that the stored history went back, the value it
@@ -16,6 +23,7 @@
 //! stream's state notices a changed epoch and publishes it on a watch.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,6 +35,7 @@ use herald_protocol::{Epoch, EventId};
 use tokio::sync::watch;
 
 use super::chain::Link;
+use super::coalesce::Coalesced;
 
 /// Stream metadata key holding the epoch once a node found that the history
 /// went back; without it the epoch is the stream's creation time.
@@ -35,17 +44,18 @@ pub(super) const EPOCH_METADATA: &str = "herald_epoch";
 /// How long one JetStream API call may take.
 pub(super) const API_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Most subjects one batched read asks for (nats-server answers at most 1024
-/// messages to one multi-subject Direct Get).
+/// Most subjects (or messages) one batched read asks for (nats-server answers
+/// at most 1024 messages to one multi-subject Direct Get).
 const SUBJECTS_PER_BATCH: usize = 1000;
 
-/// How many subjects one batched read may ask for when each subscription
-/// buffers `capacity` messages (`nats.subscription_capacity`). The answer
-/// comes on a fresh inbox subscription: one message per subject, then the
+/// How many subjects (or messages of one subject) one batched read may ask
+/// for when each subscription buffers `capacity` messages
+/// (`nats.subscription_capacity`). The answer comes on a fresh inbox
+/// subscription: one message per subject (or per message asked), then the
 /// end-of-batch status, all possibly in one read from the socket before the
 /// reader takes any. async-nats drops what does not fit, and a dropped answer
-/// would read as "nothing stored" for its subject: so at most `capacity - 1`
-/// subjects, never fewer than one.
+/// would read as "nothing stored": so at most `capacity - 1`, never fewer
+/// than one.
 pub(super) fn subjects_per_batch(capacity: usize) -> usize {
     SUBJECTS_PER_BATCH.min(capacity.saturating_sub(1)).max(1)
 }
@@ -62,6 +72,9 @@ pub(crate) enum ReadError {
     /// A batched read was answered with an error status.
     #[error("the server refused a batched read: {0}")]
     BatchRefused(#[source] BatchRefusal),
+    /// A read shared with other callers ([`Coalesced`]) failed.
+    #[error(transparent)]
+    Shared(Arc<ReadError>),
 }
 
 /// How the server refused a batched read.
@@ -143,8 +156,29 @@ pub(super) struct Newest {
     pub(super) reads: u64,
 }
 
+/// A batched Direct Get's answer: the messages, in stream order, then how it
+/// ended.
+#[derive(Debug, Default)]
+pub(super) struct Batch {
+    /// The messages answered.
+    pub(super) messages: Vec<Stored>,
+    /// The end-of-batch status; `None` when the server had nothing to answer
+    /// (a 404 instead, which says nothing of how far it looked).
+    pub(super) end: Option<BatchEnd>,
+}
+
+/// What the end-of-batch status (204) of a batched Direct Get says.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct BatchEnd {
+    /// `Nats-Num-Pending`: how many more messages match after the last one
+    /// answered (the batch was cut short when it is more than 0).
+    pub(super) pending: Option<u64>,
+    /// `Nats-UpTo-Sequence` (multi-subject reads only): the answering
+    /// server's last sequence; every message up to it was considered.
+    pub(super) up_to: Option<u64>,
+}
+
 /// The bus's reads of the stream, and its epoch.
-#[derive(Debug)]
 pub(super) struct Store {
     client: async_nats::Client,
     jetstream: jetstream::Context,
@@ -154,8 +188,22 @@ pub(super) struct Store {
     epochs: watch::Sender<u64>,
     /// Whether the server answers multi-subject Direct Gets (2.11+).
     batched_reads: bool,
-    /// Most subjects one batched read asks for ([`subjects_per_batch`]).
+    /// Most subjects (or messages) one batched read asks for
+    /// ([`subjects_per_batch`]).
     per_batch: usize,
+    /// The stream's state, read by one request for every caller that arrived
+    /// before it was sent.
+    states: Coalesced<Result<stream::State, Arc<ReadError>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("stream", &self.name)
+            .field("epoch", &self.epoch())
+            .field("batched_reads", &self.batched_reads)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {
@@ -177,7 +225,13 @@ impl Store {
             epochs: watch::channel(epoch).0,
             batched_reads,
             per_batch,
+            states: Coalesced::new(),
         }
+    }
+
+    /// Whether the server answers batched Direct Gets (nats-server 2.11+).
+    pub(super) fn batched_reads(&self) -> bool {
+        self.batched_reads
     }
 
     /// The current epoch.
@@ -211,12 +265,21 @@ impl Store {
         self.per_batch
     }
 
-    /// Reads the stream's state from its leader, noticing a changed epoch.
+    /// Reads the stream's state from its leader, noticing a changed epoch:
+    /// the answer of a request sent after this call began, shared with the
+    /// callers that arrived with it ([`Coalesced`]).
     pub(super) async fn state(&self) -> Result<stream::State, ReadError> {
-        let stream = timed(self.jetstream.get_stream(&self.name)).await?;
-        let info = stream.cached_info();
-        self.adopt_epoch(epoch_of(info));
-        Ok(info.state.clone())
+        self.states
+            .read(|| async {
+                let stream = timed(self.jetstream.get_stream(&self.name))
+                    .await
+                    .map_err(Arc::new)?;
+                let info = stream.cached_info();
+                self.adopt_epoch(epoch_of(info));
+                Ok(info.state.clone())
+            })
+            .await
+            .map_err(ReadError::Shared)
     }
 
     /// The newest stored message of `subject` (`None` when it has none).
@@ -313,24 +376,62 @@ impl Store {
         Ok(newest)
     }
 
-    /// One multi-subject Direct Get. The replies come on an inbox: one
-    /// message per subject that has any, then an end-of-batch status whose
-    /// `Nats-UpTo-Sequence` is the sequence the answering server's view
-    /// reaches (every message up to it was considered).
+    /// One multi-subject Direct Get: each subject's newest message, complete
+    /// up to the end-of-batch status's `Nats-UpTo-Sequence`, the sequence the
+    /// answering server's view reaches (every message up to it was
+    /// considered).
     async fn newest_batch(&self, subjects: &[String]) -> Result<Newest, ReadError> {
+        let batch = self
+            .direct_batch(&serde_json::json!({ "multi_last": subjects }))
+            .await?;
+        Ok(Newest {
+            by_subject: batch
+                .messages
+                .iter()
+                .map(|message| (message.subject.clone(), message.link()))
+                .collect(),
+            through: batch.end.and_then(|end| end.up_to),
+            ..Newest::default()
+        })
+    }
+
+    /// The stored messages of `subject` from sequence `from` on (`from`
+    /// itself included), at most `count` of them, as one batched Direct Get
+    /// answers it: any replica may, so the answer is only as complete as
+    /// that replica's view (see `replay` for what may rest on it). Each
+    /// message keeps its `Nats-Num-Pending` header ([`pending_of`]).
+    pub(super) async fn run_from(
+        &self,
+        subject: &str,
+        from: u64,
+        count: usize,
+    ) -> Result<Batch, ReadError> {
+        let count = count.clamp(1, self.per_batch);
+        self.direct_batch(&serde_json::json!({
+            "seq": from,
+            "next_by_subj": subject,
+            "batch": count,
+        }))
+        .await
+    }
+
+    /// Sends one batched Direct Get and reads its answer. The replies come on
+    /// a fresh inbox (the request must ask for at most `per_batch` messages,
+    /// so they all fit in its buffer): one message each, then the
+    /// end-of-batch status; or a 404 when there was nothing to answer.
+    async fn direct_batch(&self, request: &serde_json::Value) -> Result<Batch, ReadError> {
         let inbox = self.client.new_inbox();
         let mut replies = self
             .client
             .subscribe(inbox.clone())
             .await
             .map_err(|err| ReadError::Failed(err.into()))?;
-        let request = serde_json::json!({ "multi_last": subjects });
         let payload = Bytes::from(request.to_string());
         self.client
             .publish_with_reply(format!("$JS.API.DIRECT.GET.{}", self.name), inbox, payload)
             .await
             .map_err(|err| ReadError::Failed(err.into()))?;
-        let mut newest = Newest::default();
+        let mut batch = Batch::default();
         let deadline = tokio::time::Instant::now() + API_TIMEOUT;
         loop {
             let reply = tokio::time::timeout_at(deadline, replies.next())
@@ -353,23 +454,26 @@ impl Store {
                     ) else {
                         return Err(ReadError::BatchRefused(BatchRefusal::Malformed));
                     };
-                    newest.by_subject.insert(
+                    batch.messages.push(Stored {
                         subject,
-                        Link {
-                            seq,
-                            stored_at: Some(stored_at),
-                        },
-                    );
+                        seq,
+                        stored_at,
+                        headers: reply.headers.unwrap_or_default(),
+                        payload: reply.payload,
+                    });
                 }
                 Some(StatusCode::NO_RESPONDERS) => {
                     return Err(ReadError::BatchRefused(BatchRefusal::NoResponders));
                 }
                 Some(status) if status.as_u16() == 204 => {
-                    newest.through =
-                        header("Nats-UpTo-Sequence").and_then(|s| s.parse::<u64>().ok());
-                    return Ok(newest);
+                    let number = |name| header(name).and_then(|s| s.parse::<u64>().ok());
+                    batch.end = Some(BatchEnd {
+                        pending: number("Nats-Num-Pending"),
+                        up_to: number("Nats-UpTo-Sequence"),
+                    });
+                    return Ok(batch);
                 }
-                Some(StatusCode::NOT_FOUND) => return Ok(newest),
+                Some(StatusCode::NOT_FOUND) => return Ok(batch),
                 Some(status) => {
                     return Err(ReadError::BatchRefused(BatchRefusal::Status {
                         code: status.as_u16(),
@@ -457,6 +561,15 @@ pub(super) fn epoch_of(info: &stream::Info) -> u64 {
         .get(EPOCH_METADATA)
         .and_then(|epoch| u64::from_str_radix(epoch, 16).ok())
         .unwrap_or_else(|| u64::try_from(info.created.unix_timestamp_nanos() / 1_000).unwrap_or(0))
+}
+
+/// A batched read's `Nats-Num-Pending` on `message`: how many messages
+/// matched from it on (itself included) when the read began.
+pub(super) fn pending_of(message: &Stored) -> Option<u64> {
+    message
+        .headers
+        .get("Nats-Num-Pending")
+        .and_then(|value| value.as_str().parse().ok())
 }
 
 /// Parses a JetStream RFC 3339 time stamp.
