@@ -22,12 +22,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::BodyExt;
+use http_body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use warp::http::{self, HeaderName, HeaderValue};
 
+use super::rare_wake::RareWake;
 use super::server::MAX_HEADERS;
 use crate::registry::Kill;
 
@@ -133,21 +134,48 @@ pub(crate) async fn serve_stream<S>(
     let (mut reader, mut writer) = socket.into_split();
     let mut scratch = [0u8; 64];
     let mut pending = Some(head);
+    // Waited on for the stream's whole life, polled only when they wake
+    // (see `rare_wake.rs`): most wake-ups are the body's or the socket's.
+    let killed = kill.killed_owned();
+    let cut = cut.cancelled_owned();
+    tokio::pin!(killed, cut);
+    let rare = RareWake::new();
     loop {
         if let Some(bytes) = pending.take() {
-            tokio::select! {
-                written = writer.write_all(&bytes) => if written.is_err() { return },
-                _ = kill.killed() => return,
-                _ = cut.cancelled() => return,
+            let mut write = std::pin::pin!(writer.write_all(&bytes));
+            let written = std::future::poll_fn(|cx| {
+                if must_stop(
+                    cx,
+                    &rare,
+                    killed.as_mut(),
+                    cut.as_mut(),
+                    &mut reader,
+                    &mut scratch,
+                ) {
+                    return Poll::Ready(false);
+                }
+                write.as_mut().poll(cx).map(|written| written.is_ok())
+            })
+            .await;
+            if !written {
+                return;
             }
         }
-        let frame = tokio::select! {
-            frame = body.frame() => frame,
-            _ = kill.killed() => return,
-            _ = cut.cancelled() => return,
-            // The client went away (or sent more than we serve): stop.
-            _ = reader.read(&mut scratch) => return,
-        };
+        let frame = std::future::poll_fn(|cx| {
+            if must_stop(
+                cx,
+                &rare,
+                killed.as_mut(),
+                cut.as_mut(),
+                &mut reader,
+                &mut scratch,
+            ) {
+                return Poll::Ready(None);
+            }
+            Pin::new(&mut body).poll_frame(cx).map(Some)
+        })
+        .await;
+        let Some(frame) = frame else { return };
         match frame {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
@@ -160,6 +188,29 @@ pub(crate) async fn serve_stream<S>(
         }
     }
     let _ = writer.shutdown().await;
+}
+
+/// Whether a stream must stop: its connection was killed, the node cut it,
+/// or the client went away (or sent more than we serve). Looked at only
+/// when one of them woke `rare`; they are always polled with its waker.
+fn must_stop(
+    cx: &Context<'_>,
+    rare: &RareWake,
+    killed: Pin<&mut impl Future<Output = ()>>,
+    cut: Pin<&mut impl Future<Output = ()>>,
+    reader: &mut tokio::net::tcp::OwnedReadHalf,
+    scratch: &mut [u8],
+) -> bool {
+    if !rare.woken(cx) {
+        return false;
+    }
+    let mut rare_cx = rare.context();
+    let mut read = ReadBuf::new(scratch);
+    killed.poll(&mut rare_cx).is_ready()
+        || cut.poll(&mut rare_cx).is_ready()
+        || Pin::new(reader)
+            .poll_read(&mut rare_cx, &mut read)
+            .is_ready()
 }
 
 /// `HTTP/1.1 <status>` and the headers, with `Connection: close` (the body
