@@ -931,7 +931,7 @@ mod tests {
             ..Default::default()
         };
         let anonymous = mint(SECRET, &anonymous).expect("signed");
-        let id = auth.publisher(&anonymous).await.expect("valid").id;
+        let id = auth.publisher(&anonymous).await.expect("valid").id.clone();
         assert_eq!(id, PublisherId::Token(sha256_hex(anonymous.as_bytes())));
         assert!(!id.to_string().contains(&anonymous));
         assert!(id.to_string().starts_with("token:"));

@@ -131,27 +131,25 @@ pub(crate) async fn serve_stream<S>(
     let head = response_head(&parts, length);
     // Not held for the stream's life.
     drop(parts);
-    let (mut reader, mut writer) = socket.into_split();
-    let mut scratch = [0u8; 64];
+    let (reader, mut writer) = socket.into_split();
     let mut pending = Some(head);
     // Waited on for the stream's whole life, polled only when they wake
     // (see `rare_wake.rs`): most wake-ups are the body's or the socket's.
     let killed = kill.killed_owned();
     let cut = cut.cancelled_owned();
     tokio::pin!(killed, cut);
-    let rare = RareWake::new();
+    let mut stops = Stops {
+        rare: RareWake::new(),
+        killed,
+        cut,
+        reader,
+        scratch: [0; 64],
+    };
     loop {
         if let Some(bytes) = pending.take() {
             let mut write = std::pin::pin!(writer.write_all(&bytes));
             let written = std::future::poll_fn(|cx| {
-                if must_stop(
-                    cx,
-                    &rare,
-                    killed.as_mut(),
-                    cut.as_mut(),
-                    &mut reader,
-                    &mut scratch,
-                ) {
+                if stops.any(cx) {
                     return Poll::Ready(false);
                 }
                 write.as_mut().poll(cx).map(|written| written.is_ok())
@@ -162,14 +160,7 @@ pub(crate) async fn serve_stream<S>(
             }
         }
         let frame = std::future::poll_fn(|cx| {
-            if must_stop(
-                cx,
-                &rare,
-                killed.as_mut(),
-                cut.as_mut(),
-                &mut reader,
-                &mut scratch,
-            ) {
+            if stops.any(cx) {
                 return Poll::Ready(None);
             }
             Pin::new(&mut body).poll_frame(cx).map(Some)
@@ -190,27 +181,31 @@ pub(crate) async fn serve_stream<S>(
     let _ = writer.shutdown().await;
 }
 
-/// Whether a stream must stop: its connection was killed, the node cut it,
-/// or the client went away (or sent more than we serve). Looked at only
-/// when one of them woke `rare`; they are always polled with its waker.
-fn must_stop(
-    cx: &Context<'_>,
-    rare: &RareWake,
-    killed: Pin<&mut impl Future<Output = ()>>,
-    cut: Pin<&mut impl Future<Output = ()>>,
-    reader: &mut tokio::net::tcp::OwnedReadHalf,
-    scratch: &mut [u8],
-) -> bool {
-    if !rare.woken(cx) {
-        return false;
+/// Why a stream stops besides its body ending: its connection was killed,
+/// the node cut it, or the client went away (or sent more than we serve).
+/// Looked at only when one of them woke `rare`, and always polled with it.
+struct Stops<'a, K, C> {
+    rare: RareWake,
+    killed: Pin<&'a mut K>,
+    cut: Pin<&'a mut C>,
+    reader: tokio::net::tcp::OwnedReadHalf,
+    scratch: [u8; 64],
+}
+
+impl<K: Future<Output = ()>, C: Future<Output = ()>> Stops<'_, K, C> {
+    /// Whether the stream must stop now.
+    fn any(&mut self, cx: &Context<'_>) -> bool {
+        if !self.rare.woken(cx) {
+            return false;
+        }
+        let mut rare_cx = self.rare.context();
+        let mut read = ReadBuf::new(&mut self.scratch);
+        self.killed.as_mut().poll(&mut rare_cx).is_ready()
+            || self.cut.as_mut().poll(&mut rare_cx).is_ready()
+            || Pin::new(&mut self.reader)
+                .poll_read(&mut rare_cx, &mut read)
+                .is_ready()
     }
-    let mut rare_cx = rare.context();
-    let mut read = ReadBuf::new(scratch);
-    killed.poll(&mut rare_cx).is_ready()
-        || cut.poll(&mut rare_cx).is_ready()
-        || Pin::new(reader)
-            .poll_read(&mut rare_cx, &mut read)
-            .is_ready()
 }
 
 /// `HTTP/1.1 <status>` and the headers, with `Connection: close` (the body
