@@ -25,7 +25,7 @@ export HERALD_NATS_SERVER := $(NATS_SERVER)
 export HERALD_NATS_SERVER_2_9 := $(NATS_TOO_OLD)
 export HERALD_SSE_CLIENTS := $(CURDIR)/$(SSE_CLIENTS)
 
-.PHONY: help run test test-nats-oldest test-deps deploy-check chaos chaos-deps chaos-fast chaos-repeat soak churn cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-interest bench-report clean
+.PHONY: help run test test-nats-oldest test-deps deploy-check chaos chaos-deps chaos-fast chaos-repeat soak churn cluster-up cluster-down lint fmt fuzz nats-server sse-clients loadtest loadtest-all bench-membership bench-tracing bench-baseline baseline-deps bench-allocations bench-interest bench-report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -115,6 +115,13 @@ bench-baseline: baseline-deps nats-server ## Run the side-by-side rows on Herald
 bench-interest: nats-server ## Three edges on one nats-server, per-user events: each edge must receive about a third of them (interest routing)
 	$(CARGO) build --release -p herald-edge -p herald-loadtest
 	loadtest/interest-routing.sh
+
+ALLOC_SCENARIO ?= fanout-10k
+
+bench-allocations: ## Heap allocations per delivered event: ALLOC_SCENARIO (fanout-10k) on a node built with --features count-allocations (apart, in target/count-allocations)
+	$(CARGO) build --release -p herald-loadtest
+	CARGO_TARGET_DIR=$(CURDIR)/target/count-allocations $(CARGO) build --release -p herald-edge --features count-allocations
+	EDGE_BIN=$(CURDIR)/target/count-allocations/release/herald-edge LABEL=$(ALLOC_SCENARIO)-allocations loadtest/run-scenario.sh $(ALLOC_SCENARIO)
 
 bench-report: ## Regenerate the results table in docs/benchmarks.md from loadtest/results/*.json
 	python3 loadtest/report.py loadtest/results docs/benchmarks.md

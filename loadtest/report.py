@@ -277,6 +277,30 @@ def side_by_side(results: list) -> list:
     return out
 
 
+def allocation_lines(results: list) -> list:
+    """Runs of a node built with `--features count-allocations`
+    (`make bench-allocations`): its heap allocations over the publishing
+    phase, per delivered event."""
+    counted = sorted((r for r in results if r.get("allocations")), key=lambda r: r["scenario"])
+    if not counted:
+        return []
+    out = [
+        "",
+        "Heap allocations of the node over the publishing phase (built with `--features "
+        "count-allocations`, `make bench-allocations`; its CPU is not the release build's):",
+        "",
+        "| scenario | delivered | allocations | per delivered event | bytes per delivered event |",
+        "|---|---|---|---|---|",
+    ]
+    for r in counted:
+        a = r["allocations"]
+        out.append(
+            f"| {r['scenario']} | {r['delivered']:,} | {a['allocations']:,} "
+            f"| {a['per_delivered_event']:.1f} | {a['bytes_per_delivered_event']:,.0f} |"
+        )
+    return out
+
+
 def main() -> None:
     results_dir, doc = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
     results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
@@ -298,6 +322,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *[rows[name] for name in sorted(rows)],
         *side_by_side(results),
+        *allocation_lines(results),
         END,
     ]
     if BEGIN not in text:

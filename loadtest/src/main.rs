@@ -74,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_after = servers.sample();
     let bus_idle_after = bus.sample();
+    let allocations_before = allocation_totals(&options).await;
 
     let publish = Arc::new(publishers::Published::new(options.targets()));
     let resume_secs = match options.owed {
@@ -96,9 +97,14 @@ async fn main() -> anyhow::Result<()> {
     let timeline = timeline.await.unwrap_or_default();
     let loaded = servers.sample();
     let bus_loaded = bus.sample();
+    let allocations = allocations_before
+        .zip(allocation_totals(&options).await)
+        .map(|(before, after)| after.since(before));
     let slow_disconnects = match options.api {
         options::Api::Herald => {
-            server_counter(&options.admin_urls, "herald_slow_disconnects_total").await
+            server_counter(&options.admin_urls, "herald_slow_disconnects_total")
+                .await
+                .unwrap_or(0)
         }
         options::Api::Nchan => 0,
     };
@@ -119,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
             resume_secs,
             timeline,
             bus: bus_measured,
+            allocations,
         },
     );
     report.print();
@@ -170,11 +177,25 @@ async fn replay(
     Ok(secs)
 }
 
-/// Sums a counter from every node's `/metrics` on its admin listener (0
-/// where it cannot be read).
-async fn server_counter(urls: &[String], name: &str) -> u64 {
+/// The servers' allocation totals (`herald_allocations_total`,
+/// `herald_allocated_bytes_total`): only from nodes built with
+/// `--features count-allocations`, `None` from others (and from nchan).
+async fn allocation_totals(options: &Options) -> Option<report::Allocations> {
+    if options.api != options::Api::Herald {
+        return None;
+    }
+    let urls = &options.admin_urls;
+    Some(report::Allocations {
+        allocations: server_counter(urls, "herald_allocations_total").await?,
+        bytes: server_counter(urls, "herald_allocated_bytes_total").await?,
+    })
+}
+
+/// Sums a counter from every node's `/metrics` on its admin listener;
+/// `None` when no node exports it (nodes that cannot be read count 0).
+async fn server_counter(urls: &[String], name: &str) -> Option<u64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut total = 0;
+    let mut total = None;
     for url in urls {
         let addr = url.trim_start_matches("http://").trim_end_matches('/');
         let Ok(mut socket) = tokio::net::TcpStream::connect(addr).await else {
@@ -187,10 +208,12 @@ async fn server_counter(urls: &[String], name: &str) -> u64 {
         {
             continue;
         }
-        total += text
+        if let Some(value) = text
             .lines()
             .find_map(|line| line.strip_prefix(name)?.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        {
+            *total.get_or_insert(0) += value;
+        }
     }
     total
 }

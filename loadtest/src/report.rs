@@ -94,6 +94,9 @@ pub struct Report {
     /// publishing phase. `null` without `--bus-pids`.
     bus_idle: Option<Delta>,
     bus_load: Option<Delta>,
+    /// The server's heap allocations over the publishing phase, from nodes
+    /// built with `--features count-allocations` (`null` otherwise).
+    allocations: Option<AllocationsPerEvent>,
     /// One entry per second of the publishing phase.
     timeline: Vec<crate::progress::Tick>,
 }
@@ -115,6 +118,37 @@ pub struct Measured {
     pub timeline: Vec<crate::progress::Tick>,
     /// The bus's processes, when sampled apart.
     pub bus: Option<BusMeasured>,
+    /// The servers' allocations over the publishing phase, when counted.
+    pub allocations: Option<Allocations>,
+}
+
+/// Heap allocations of the servers (`herald_allocations_total`,
+/// `herald_allocated_bytes_total` summed over the nodes).
+#[derive(Debug, Clone, Copy)]
+pub struct Allocations {
+    /// Allocations.
+    pub allocations: u64,
+    /// Bytes they asked for.
+    pub bytes: u64,
+}
+
+impl Allocations {
+    /// What was allocated between `before` and `self`.
+    pub fn since(self, before: Allocations) -> Allocations {
+        Allocations {
+            allocations: self.allocations.saturating_sub(before.allocations),
+            bytes: self.bytes.saturating_sub(before.bytes),
+        }
+    }
+}
+
+/// The publishing phase's allocations, in total and per delivered event.
+#[derive(Debug, Serialize)]
+pub struct AllocationsPerEvent {
+    allocations: u64,
+    allocated_bytes: u64,
+    per_delivered_event: f64,
+    bytes_per_delivered_event: f64,
 }
 
 /// The bus's processes (nats-server) over the same intervals as the server.
@@ -142,6 +176,7 @@ impl Report {
             resume_secs,
             timeline,
             bus,
+            allocations,
         } = measured;
         let mut expected = 0;
         let mut delivered = 0;
@@ -251,6 +286,12 @@ impl Report {
             },
             bus_idle: bus.map(|b| b.idle),
             bus_load: bus.map(|b| b.load),
+            allocations: allocations.map(|a| AllocationsPerEvent {
+                allocations: a.allocations,
+                allocated_bytes: a.bytes,
+                per_delivered_event: a.allocations as f64 / delivered.max(1) as f64,
+                bytes_per_delivered_event: a.bytes as f64 / delivered.max(1) as f64,
+            }),
             timeline,
         }
     }
@@ -337,6 +378,12 @@ impl Report {
         );
         if let Some(line) = bus_line {
             println!("{line}");
+        }
+        if let Some(a) = &self.allocations {
+            println!(
+                "server allocations     {} ({:.1} per delivered event, {:.0} bytes per delivered event)",
+                a.allocations, a.per_delivered_event, a.bytes_per_delivered_event
+            );
         }
     }
 

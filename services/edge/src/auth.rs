@@ -33,6 +33,7 @@
 mod issuer;
 mod key_set;
 mod provider;
+mod verified;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -45,6 +46,7 @@ use serde::{Deserialize, Serialize};
 use self::issuer::Issuer;
 pub(crate) use self::key_set::KeySet;
 use self::key_set::Trigger;
+use self::verified::VerifiedPublishers;
 use crate::metrics::Metrics;
 
 /// The claims Herald reads and writes.
@@ -194,9 +196,16 @@ pub(crate) struct Publisher {
     /// Who publishes (see [`PublisherId`]).
     pub(crate) id: PublisherId,
     grants: Option<Vec<(TargetKind, Grant)>>,
+    /// `id` as text, the key of its rate limit (made once per credential).
+    rate_key: String,
 }
 
 impl Publisher {
+    /// The key its publish rate is kept under: its id as text.
+    pub(crate) fn rate_key(&self) -> &str {
+        &self.rate_key
+    }
+
     /// Whether this credential may publish to `target`.
     pub(crate) fn may_publish(&self, target: &Target) -> bool {
         match &self.grants {
@@ -323,6 +332,8 @@ pub(crate) struct MissingKeys {
 pub(crate) struct Authenticator {
     issuers: Vec<Issuer>,
     leeway: u64,
+    /// Publisher credentials of fixed-key issuers already verified.
+    verified_publishers: VerifiedPublishers,
 }
 
 impl Authenticator {
@@ -349,6 +360,7 @@ impl Authenticator {
         Ok(Authenticator {
             issuers,
             leeway: settings.leeway_secs,
+            verified_publishers: VerifiedPublishers::default(),
         })
     }
 
@@ -419,10 +431,15 @@ impl Authenticator {
     }
 
     async fn claims(&self, token: &str) -> Result<Claims, AuthError> {
+        self.verified_claims(token).await.map(|(claims, _)| claims)
+    }
+
+    /// The claims of `token`, fully verified, and the issuer that verified it.
+    async fn verified_claims(&self, token: &str) -> Result<(Claims, &Issuer), AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed token"))?;
         let issuer = self.issuer_for(token, header.alg)?;
-        match issuer.verify(token, &header, self.leeway) {
+        let verified = match issuer.verify(token, &header, self.leeway) {
             Err(AuthError::UnknownKey) => {
                 let Some(keys) = issuer.key_set() else {
                     return Err(AuthError::UnknownKey);
@@ -433,7 +450,8 @@ impl Authenticator {
                 issuer.verify(token, &header, self.leeway)
             }
             verified => verified,
-        }
+        };
+        verified.map(|claims| (claims, issuer))
     }
 
     /// Validates a subscriber token.
@@ -457,32 +475,51 @@ impl Authenticator {
         })
     }
 
-    /// Validates a publisher credential.
-    pub(crate) async fn publisher(&self, token: &str) -> Result<Publisher, AuthError> {
-        let claims = self.claims(token).await?;
-        let grants = match claims.herald_publish {
-            None | Some(PublishClaim::All(false)) => return Err(AuthError::NotAPublisher),
-            Some(PublishClaim::All(true)) => None,
-            Some(PublishClaim::Targets(patterns)) => Some(
-                patterns
-                    .into_iter()
-                    .filter_map(|pattern| {
-                        let (kind, name) = pattern.split_once(':')?;
-                        let kind = match kind {
-                            "user" => TargetKind::User,
-                            "topic" => TargetKind::Topic,
-                            _ => return None,
-                        };
-                        Some((kind, Grant(name.to_owned())))
-                    })
-                    .collect(),
-            ),
-        };
-        Ok(Publisher {
-            id: PublisherId::of(claims.sub, token),
-            grants,
-        })
+    /// Validates a publisher credential: fully the first time, then from
+    /// what that check found while the token is unexpired, when its issuer's
+    /// keys cannot change (see `verified.rs`).
+    pub(crate) async fn publisher(&self, token: &str) -> Result<Arc<Publisher>, AuthError> {
+        let now = now_secs();
+        if let Some(publisher) = self.verified_publishers.get(token, now, self.leeway) {
+            return Ok(publisher);
+        }
+        let (claims, issuer) = self.verified_claims(token).await?;
+        let exp = claims.exp;
+        let publisher = Arc::new(publisher_of(claims, token)?);
+        if issuer.key_set().is_none() {
+            self.verified_publishers
+                .insert(token, exp, &publisher, now, self.leeway);
+        }
+        Ok(publisher)
     }
+}
+
+/// The publisher a verified credential's `claims` describe.
+fn publisher_of(claims: Claims, token: &str) -> Result<Publisher, AuthError> {
+    let grants = match claims.herald_publish {
+        None | Some(PublishClaim::All(false)) => return Err(AuthError::NotAPublisher),
+        Some(PublishClaim::All(true)) => None,
+        Some(PublishClaim::Targets(patterns)) => Some(
+            patterns
+                .into_iter()
+                .filter_map(|pattern| {
+                    let (kind, name) = pattern.split_once(':')?;
+                    let kind = match kind {
+                        "user" => TargetKind::User,
+                        "topic" => TargetKind::Topic,
+                        _ => return None,
+                    };
+                    Some((kind, Grant(name.to_owned())))
+                })
+                .collect(),
+        ),
+    };
+    let id = PublisherId::of(claims.sub, token);
+    Ok(Publisher {
+        rate_key: id.to_string(),
+        id,
+        grants,
+    })
 }
 
 /// The `iss` a token claims, read without verifying anything: used only to
@@ -701,29 +738,30 @@ mod tests {
         );
     }
 
+    /// The public JWK of a test key (RS256 or ES256), named `kid`.
+    fn jwk(private: &str, algorithm: Algorithm, kid: &str) -> jsonwebtoken::jwk::Jwk {
+        let pem = std::fs::read(keys_dir().join(private)).expect("test key");
+        let key = match algorithm {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
+            _ => EncodingKey::from_ec_pem(&pem),
+        }
+        .expect("valid key");
+        let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, algorithm).expect("jwk");
+        jwk.common.key_id = Some(kid.into());
+        jwk
+    }
+
+    fn write_jwks(path: &std::path::Path, keys: Vec<jsonwebtoken::jwk::Jwk>) {
+        std::fs::write(path, serde_json::to_string(&JwkSet { keys }).expect("json"))
+            .expect("write");
+    }
+
     #[tokio::test]
     async fn jwks_keys_are_chosen_by_kid_and_rotate_when_the_file_changes() {
         let dir = std::env::temp_dir().join(format!("herald-jwks-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let jwks_path = dir.join("jwks.json");
-        let jwk = |private: &str, algorithm: Algorithm, kid: &str| {
-            let pem = std::fs::read(keys_dir().join(private)).expect("test key");
-            let key = match algorithm {
-                Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
-                _ => EncodingKey::from_ec_pem(&pem),
-            }
-            .expect("valid key");
-            let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, algorithm).expect("jwk");
-            jwk.common.key_id = Some(kid.into());
-            jwk
-        };
-        let write = |keys: Vec<jsonwebtoken::jwk::Jwk>| {
-            std::fs::write(
-                &jwks_path,
-                serde_json::to_string(&JwkSet { keys }).expect("json"),
-            )
-            .expect("write");
-        };
+        let write = |keys: Vec<jsonwebtoken::jwk::Jwk>| write_jwks(&jwks_path, keys);
         write(vec![jwk("rsa-private.pem", Algorithm::RS256, "2026-a")]);
         let auth = with_keys(|s| {
             s.algorithms = vec!["RS256".into(), "ES256".into()];
@@ -893,7 +931,7 @@ mod tests {
             ..Default::default()
         };
         let anonymous = mint(SECRET, &anonymous).expect("signed");
-        let id = auth.publisher(&anonymous).await.expect("valid").id;
+        let id = auth.publisher(&anonymous).await.expect("valid").id.clone();
         assert_eq!(id, PublisherId::Token(sha256_hex(anonymous.as_bytes())));
         assert!(!id.to_string().contains(&anonymous));
         assert!(id.to_string().starts_with("token:"));
@@ -1013,5 +1051,135 @@ mod tests {
         );
         assert_eq!(auth.missing_keys().len(), 1);
         assert_eq!(auth.missing_keys()[0].issuer, IDP);
+    }
+
+    fn publisher_claims(sub: &str, ttl: Duration) -> Claims {
+        Claims {
+            sub: Some(sub.into()),
+            exp: expiry_in(ttl),
+            herald_publish: Some(PublishClaim::All(true)),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_verified_publisher_credential_is_served_again_only_until_it_expires() {
+        let auth = with_keys(|s| {
+            s.hs256_secret = Some(Secret::new(SECRET));
+            s.leeway_secs = 0;
+        });
+        let token =
+            mint(SECRET, &publisher_claims("billing", Duration::from_secs(2))).expect("signed");
+        for _ in 0..3 {
+            let publisher = auth.publisher(&token).await.expect("valid");
+            assert_eq!(publisher.id.to_string(), "sub:billing");
+        }
+        assert_eq!(auth.verified_publishers.len(), 1);
+        // Refused once exp passes, as the full check refuses it (polled: the
+        // second boundary comes within a few seconds).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match auth.publisher(&token).await {
+                Ok(_) => {
+                    assert!(std::time::Instant::now() < deadline, "never expired");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(err) => {
+                    assert_eq!(err, AuthError::Expired);
+                    break;
+                }
+            }
+        }
+        assert_eq!(auth.verified_publishers.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_credential_differing_from_a_verified_one_in_any_byte_is_checked_on_its_own() {
+        let auth = authenticator();
+        let token = mint(
+            SECRET,
+            &publisher_claims("billing", Duration::from_secs(60)),
+        )
+        .expect("signed");
+        assert!(auth.publisher(&token).await.is_ok());
+        // Same header and payload, another signature; then another payload
+        // under the verified signature.
+        let mut forged = token.clone();
+        let last = forged.pop().expect("signature");
+        forged.push(if last == 'A' { 'B' } else { 'A' });
+        assert_eq!(
+            auth.publisher(&forged).await.err(),
+            Some(AuthError::Invalid("bad signature"))
+        );
+        let other = mint(
+            SECRET,
+            &publisher_claims("mallory", Duration::from_secs(60)),
+        )
+        .expect("signed");
+        let mut parts: Vec<&str> = token.split('.').collect();
+        parts[1] = other.split('.').nth(1).expect("payload");
+        assert_eq!(
+            auth.publisher(&parts.join(".")).await.err(),
+            Some(AuthError::Invalid("bad signature"))
+        );
+        assert_eq!(auth.verified_publishers.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn refusals_are_never_kept_and_kept_credentials_stay_bounded() {
+        let auth = authenticator();
+        let subscriber = mint(SECRET, &subscriber_claims("alice")).expect("signed");
+        assert_eq!(
+            auth.publisher(&subscriber).await.err(),
+            Some(AuthError::NotAPublisher)
+        );
+        assert_eq!(
+            auth.publisher("not-a-jwt").await.err(),
+            Some(AuthError::Invalid("malformed token"))
+        );
+        assert_eq!(auth.verified_publishers.len(), 0);
+        for n in 0..verified::MAX_VERIFIED_PUBLISHERS + 10 {
+            let token = mint(
+                SECRET,
+                &publisher_claims(&format!("svc-{n}"), Duration::from_secs(60)),
+            )
+            .expect("signed");
+            assert!(auth.publisher(&token).await.is_ok());
+            assert!(auth.verified_publishers.len() <= verified::MAX_VERIFIED_PUBLISHERS);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_publisher_credential_of_a_rotating_key_set_is_checked_every_time() {
+        let dir = std::env::temp_dir().join(format!("herald-jwks-pub-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let jwks_path = dir.join("jwks.json");
+        write_jwks(
+            &jwks_path,
+            vec![jwk("rsa-private.pem", Algorithm::RS256, "2026-a")],
+        );
+        let auth = with_keys(|s| {
+            s.algorithms = vec!["RS256".into(), "ES256".into()];
+            s.jwks_file = Some(jwks_path.display().to_string());
+        });
+        let claims = publisher_claims("billing", Duration::from_secs(60));
+        let token = signed(Algorithm::RS256, "rsa-private.pem", Some("2026-a"), &claims);
+        assert!(auth.publisher(&token).await.is_ok());
+        assert!(auth.publisher(&token).await.is_ok());
+        assert_eq!(auth.verified_publishers.len(), 0);
+
+        // The issuer rotates its key out: the credential it accepted a
+        // moment ago is refused now.
+        write_jwks(
+            &jwks_path,
+            vec![jwk("ec-private.pem", Algorithm::ES256, "2026-b")],
+        );
+        let keys = auth.key_sets().next().expect("a JWKS key set");
+        keys.refresh(Trigger::Schedule).await.expect("reloaded");
+        assert_eq!(
+            auth.publisher(&token).await.err(),
+            Some(AuthError::UnknownKey)
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -85,6 +85,10 @@ macro_rules! metrics {
             /// Live heap bytes, set when rendered; only when the node counts
             /// them (`--features heap-stats`, see `heap.rs`).
             heap_allocated: Option<Gauge>,
+            /// Allocations and their bytes since the start, set when
+            /// rendered; only when the node counts them (`--features
+            /// count-allocations`, see `heap.rs`).
+            allocations: Option<AllocationCounters>,
             /// Every metric above, registered when it was created.
             registry: Registry,
         }
@@ -105,9 +109,24 @@ macro_rules! metrics {
                     );
                     gauge
                 });
+                let allocations = crate::heap::allocation_totals().map(|_| {
+                    let counters = AllocationCounters::default();
+                    registry.register(
+                        "allocations",
+                        "Heap allocations since the start (built with --features count-allocations)",
+                        counters.allocations.clone(),
+                    );
+                    registry.register(
+                        "allocated_bytes",
+                        "Bytes asked for by heap allocations since the start (built with --features count-allocations)",
+                        counters.bytes.clone(),
+                    );
+                    counters
+                });
                 Metrics {
                     $($field,)*
                     heap_allocated,
+                    allocations,
                     registry,
                 }
             }
@@ -217,11 +236,32 @@ metrics! {
         "bus_lag_seconds", "Time from the bus storing an event to this node taking its live copy (NATS bus)";
 }
 
+/// The allocator's totals as counters (`count-allocations`).
+#[derive(Debug, Default)]
+struct AllocationCounters {
+    allocations: Counter,
+    bytes: Counter,
+}
+
 impl Metrics {
     /// Renders every metric in the Prometheus text format.
     pub(crate) fn render(&self) -> String {
         if let (Some(gauge), Some(bytes)) = (&self.heap_allocated, crate::heap::allocated_bytes()) {
             gauge.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+        if let (Some(counters), Some(totals)) =
+            (&self.allocations, crate::heap::allocation_totals())
+        {
+            // The allocator's own totals: they only grow, so storing them
+            // keeps the counters monotonic.
+            counters
+                .allocations
+                .inner()
+                .store(totals.allocations, std::sync::atomic::Ordering::Relaxed);
+            counters
+                .bytes
+                .inner()
+                .store(totals.bytes, std::sync::atomic::Ordering::Relaxed);
         }
         let mut text = String::new();
         // Writing into a String cannot fail.
@@ -291,9 +331,20 @@ mod tests {
             "herald_bus_lag_seconds histogram",
         ];
         assert_eq!(types[..expected.len()], expected, "{text}");
-        // Built with heap-stats, the live heap comes last; without, not at all.
+        // Built with heap-stats, the live heap comes last, then (with
+        // count-allocations) the allocation totals; without, not at all.
         let heap = crate::heap::allocated_bytes().map(|_| "herald_heap_allocated_bytes gauge");
-        assert_eq!(types[expected.len()..], Vec::from_iter(heap), "{text}");
+        let totals = crate::heap::allocation_totals().map(|_| {
+            [
+                "herald_allocations counter",
+                "herald_allocated_bytes counter",
+            ]
+        });
+        let extra: Vec<&str> = heap
+            .into_iter()
+            .chain(totals.into_iter().flatten())
+            .collect();
+        assert_eq!(types[expected.len()..], extra, "{text}");
         assert!(
             text.contains("herald_disconnects_total{reason=\"slow\"} 1"),
             "{text}"
@@ -308,5 +359,32 @@ mod tests {
         assert!(metrics.render().contains("herald_gap_repairs_total 1"));
         metrics.gap_repairs.inc();
         assert!(metrics.render().contains("herald_gap_repairs_total 2"));
+    }
+
+    /// With `count-allocations`, a scrape shows the allocator's totals as
+    /// they are now: an allocation made between two scrapes moves them.
+    #[cfg(feature = "count-allocations")]
+    #[test]
+    fn a_scrape_shows_allocations_made_since_the_last_one() {
+        const BLOCK: usize = 1 << 20;
+        let metrics = Metrics::default();
+        let read = |text: &str, name: &str| -> u64 {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+        };
+        let first = metrics.render();
+        let block = std::hint::black_box(vec![1u8; BLOCK]);
+        let second = metrics.render();
+        drop(block);
+        assert!(
+            read(&second, "herald_allocations_total ") > read(&first, "herald_allocations_total "),
+            "{first}\n{second}"
+        );
+        assert!(
+            read(&second, "herald_allocated_bytes_total ")
+                >= read(&first, "herald_allocated_bytes_total ") + BLOCK as u64,
+            "{first}\n{second}"
+        );
     }
 }

@@ -121,12 +121,13 @@ impl History {
                 break;
             }
             self.bytes -= event.frame.len();
-            let target = event.target.clone();
-            self.events.pop_front();
-            if let Some(seqs) = self.by_target.get_mut(&target) {
+            let Some((_, event)) = self.events.pop_front() else {
+                break;
+            };
+            if let Some(seqs) = self.by_target.get_mut(&event.target) {
                 seqs.pop_front();
                 if seqs.is_empty() {
-                    self.by_target.remove(&target);
+                    self.by_target.remove(&event.target);
                 }
             }
         }
@@ -206,11 +207,15 @@ impl Bus for MemoryBus {
         }
         history.last_seq = seq;
         history.bytes += event.frame.len();
-        history
-            .by_target
-            .entry(event.target.clone())
-            .or_default()
-            .push_back(seq);
+        // A known target's list is found by reference: no copy of its name.
+        match history.by_target.get_mut(&event.target) {
+            Some(seqs) => seqs.push_back(seq),
+            None => {
+                history
+                    .by_target
+                    .insert(event.target.clone(), VecDeque::from([seq]));
+            }
+        }
         history.events.push_back((now, Arc::clone(&event)));
         if let Some(msg_id) = request.msg_id {
             history.recent_ids.insert(msg_id.clone(), seq);

@@ -53,7 +53,7 @@ pub(crate) fn cookie_token(headers: &HeaderMap) -> Option<String> {
 pub(crate) async fn require_publisher(
     auth: &Authenticator,
     headers: &HeaderMap,
-) -> Result<Publisher, ApiError> {
+) -> Result<std::sync::Arc<Publisher>, ApiError> {
     let token = bearer_token(headers)?.ok_or_else(|| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,

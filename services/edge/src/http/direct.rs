@@ -22,12 +22,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::BodyExt;
+use http_body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use warp::http::{self, HeaderName, HeaderValue};
 
+use super::rare_wake::RareWake;
 use super::server::MAX_HEADERS;
 use crate::registry::Kill;
 
@@ -130,24 +131,42 @@ pub(crate) async fn serve_stream<S>(
     let head = response_head(&parts, length);
     // Not held for the stream's life.
     drop(parts);
-    let (mut reader, mut writer) = socket.into_split();
-    let mut scratch = [0u8; 64];
+    let (reader, mut writer) = socket.into_split();
     let mut pending = Some(head);
+    // Waited on for the stream's whole life, polled only when they wake
+    // (see `rare_wake.rs`): most wake-ups are the body's or the socket's.
+    let killed = kill.killed_owned();
+    let cut = cut.cancelled_owned();
+    tokio::pin!(killed, cut);
+    let mut stops = Stops {
+        rare: RareWake::new(),
+        killed,
+        cut,
+        reader,
+        scratch: [0; 64],
+    };
     loop {
         if let Some(bytes) = pending.take() {
-            tokio::select! {
-                written = writer.write_all(&bytes) => if written.is_err() { return },
-                _ = kill.killed() => return,
-                _ = cut.cancelled() => return,
+            let mut write = std::pin::pin!(writer.write_all(&bytes));
+            let written = std::future::poll_fn(|cx| {
+                if stops.any(cx) {
+                    return Poll::Ready(false);
+                }
+                write.as_mut().poll(cx).map(|written| written.is_ok())
+            })
+            .await;
+            if !written {
+                return;
             }
         }
-        let frame = tokio::select! {
-            frame = body.frame() => frame,
-            _ = kill.killed() => return,
-            _ = cut.cancelled() => return,
-            // The client went away (or sent more than we serve): stop.
-            _ = reader.read(&mut scratch) => return,
-        };
+        let frame = std::future::poll_fn(|cx| {
+            if stops.any(cx) {
+                return Poll::Ready(None);
+            }
+            Pin::new(&mut body).poll_frame(cx).map(Some)
+        })
+        .await;
+        let Some(frame) = frame else { return };
         match frame {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
@@ -160,6 +179,33 @@ pub(crate) async fn serve_stream<S>(
         }
     }
     let _ = writer.shutdown().await;
+}
+
+/// Why a stream stops besides its body ending: its connection was killed,
+/// the node cut it, or the client went away (or sent more than we serve).
+/// Looked at only when one of them woke `rare`, and always polled with it.
+struct Stops<'a, K, C> {
+    rare: RareWake,
+    killed: Pin<&'a mut K>,
+    cut: Pin<&'a mut C>,
+    reader: tokio::net::tcp::OwnedReadHalf,
+    scratch: [u8; 64],
+}
+
+impl<K: Future<Output = ()>, C: Future<Output = ()>> Stops<'_, K, C> {
+    /// Whether the stream must stop now.
+    fn any(&mut self, cx: &Context<'_>) -> bool {
+        if !self.rare.woken(cx) {
+            return false;
+        }
+        let mut rare_cx = self.rare.context();
+        let mut read = ReadBuf::new(&mut self.scratch);
+        self.killed.as_mut().poll(&mut rare_cx).is_ready()
+            || self.cut.as_mut().poll(&mut rare_cx).is_ready()
+            || Pin::new(&mut self.reader)
+                .poll_read(&mut rare_cx, &mut read)
+                .is_ready()
+    }
 }
 
 /// `HTTP/1.1 <status>` and the headers, with `Connection: close` (the body

@@ -9,13 +9,14 @@
 //!   `stream.rs`; its `session` and `cursor` below it);
 //! - [`credentials`]: where a request's token is read from (header, query,
 //!   cookie), and the publisher check every publisher endpoint runs;
-//! - [`publish`]: `POST /v1/publish`;
+//! - [`publish`]: `POST /v1/publish` (its `data` read by [`event_data`]);
 //! - [`disconnect`]: `POST /v1/disconnect` (end a user's streams everywhere,
 //!   optionally revoking their tokens);
 //! - [`idempotency`]: `msg_id` dedup keys scoped to publisher and target;
 //! - [`health`]: `/healthz`, `/readyz`, `/v1/cluster`, `/metrics` (admin
 //!   listener) and `/v1/presence` (public);
 //! - [`throttle`]: per-credential publish rate limits;
+//! - [`rare_wake`]: a stream's rare waits polled only when they wake;
 //! - [`server`]: the hyper accept loop (header timeouts, size limits, killing a
 //!   slow client's socket, graceful shutdown);
 //! - [`direct`]: a stream request read off the socket by the accept loop and
@@ -27,9 +28,11 @@ mod credentials;
 mod direct;
 mod disconnect;
 pub(crate) mod errors;
+mod event_data;
 mod health;
 mod idempotency;
 mod publish;
+mod rare_wake;
 pub(crate) mod server;
 pub(crate) mod stream;
 pub(crate) mod throttle;

@@ -19,7 +19,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use herald_protocol::{EventType, MsgId, Target, TargetKind, TraceParent};
 use serde::Deserialize;
-use serde_json::json;
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Rejection, Reply};
@@ -27,6 +26,7 @@ use warp::{Rejection, Reply};
 use super::AppState;
 use super::credentials::require_publisher;
 use super::errors::ApiError;
+use super::event_data::EventData;
 use super::idempotency::dedup_key;
 use crate::auth::{Publisher, PublisherId};
 use crate::bus::{PublishError, PublishRequest};
@@ -37,7 +37,7 @@ struct PublishBody {
     user: Option<String>,
     topic: Option<String>,
     event: Option<String>,
-    data: serde_json::Value,
+    data: EventData,
     msg_id: Option<String>,
 }
 
@@ -68,11 +68,14 @@ pub(crate) async fn publish(
                 state.metrics.events_published.inc();
             }
             tracing::debug!(%target, id = %receipt.id, duplicate = receipt.duplicate, "published");
-            Ok(warp::reply::json(&json!({
-                "id": receipt.id.to_string(),
-                "duplicate": receipt.duplicate,
-            }))
-            .into_response())
+            // What `warp::reply::json` of the object wrote (its keys sorted),
+            // without building a JSON value per publish: the id is hex
+            // digits, a dash and digits, nothing to escape.
+            let body = format!(
+                r#"{{"duplicate":{},"id":"{}"}}"#,
+                receipt.duplicate, receipt.id
+            );
+            Ok(warp::reply::with_header(body, "content-type", "application/json").into_response())
         }
         Err(err) => Err(not_published(err, &target).into()),
     }
@@ -85,7 +88,7 @@ pub(super) async fn publisher_request(
     state: &AppState,
     headers: &HeaderMap,
     body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
-) -> Result<(Publisher, Bytes), ApiError> {
+) -> Result<(Arc<Publisher>, Bytes), ApiError> {
     let publisher = require_publisher(&state.auth, headers).await?;
     take_turn(state, &publisher)?;
     let body = read_limited(body, headers, state.settings.http.max_body_bytes).await?;
@@ -95,20 +98,17 @@ pub(super) async fn publisher_request(
 /// Counts one request against the publisher's rate (`http.publish_rate_per_sec`,
 /// shared by every publisher endpoint): 429 with `Retry-After` when over it.
 fn take_turn(state: &AppState, publisher: &Publisher) -> Result<(), ApiError> {
-    state
-        .throttle
-        .take(&publisher.id.to_string())
-        .map_err(|wait| {
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!(
-                    "this credential may publish {} events per second",
-                    state.settings.http.publish_rate_per_sec
-                ),
-            )
-            .retry_after(wait.as_secs().max(1))
-        })
+    state.throttle.take(publisher.rate_key()).map_err(|wait| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "this credential may publish {} events per second",
+                state.settings.http.publish_rate_per_sec
+            ),
+        )
+        .retry_after(wait.as_secs().max(1))
+    })
 }
 
 /// The answer to a publish the bus refused.
@@ -240,10 +240,7 @@ fn parse(body: &[u8]) -> Result<Publication, ApiError> {
         .map(MsgId::new)
         .transpose()
         .map_err(|err| ApiError::bad_request("invalid_msg_id", err.to_string()))?;
-    let data = match body.data {
-        serde_json::Value::String(text) => text,
-        other => other.to_string(),
-    };
+    let data = body.data.0;
     Ok(Publication {
         target,
         event_type,

@@ -45,12 +45,21 @@ impl Throttle {
         if self.buckets.len() > MAX_BUCKETS {
             self.prune(now);
         }
-        let bucket = self.buckets.entry(publisher.to_owned()).or_insert_with(|| {
-            Mutex::new(Bucket {
-                tokens: self.rate,
-                updated: now,
-            })
-        });
+        // A known publisher's bucket is found by reference; only a new one
+        // copies its id into the table.
+        let bucket = match self.buckets.get(publisher) {
+            Some(bucket) => bucket,
+            None => self
+                .buckets
+                .entry(publisher.to_owned())
+                .or_insert_with(|| {
+                    Mutex::new(Bucket {
+                        tokens: self.rate,
+                        updated: now,
+                    })
+                })
+                .downgrade(),
+        };
         let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.rate);

@@ -174,6 +174,13 @@ impl Kill {
     pub(crate) async fn killed(&self) {
         self.token.cancelled().await
     }
+
+    /// Resolves once the connection is killed; owns what it waits on, so a
+    /// stream can keep it pinned for its whole life instead of making a new
+    /// waiter at every wake-up.
+    pub(crate) fn killed_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.token.clone().cancelled_owned()
+    }
 }
 
 /// What the registry keeps of one connection.

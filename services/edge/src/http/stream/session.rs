@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -15,10 +16,12 @@ use herald_protocol::{EventId, StreamPosition, Target, sse};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::cursor::{Cursor, Written};
 use crate::bus::{Event, LostReason, Replay, ReplayError};
 use crate::http::AppState;
+use crate::http::rare_wake::RareWake;
 use crate::metrics::ReasonLabel;
 use crate::registry::{DisconnectReason, Frame, Kill, Notice, Queued};
 
@@ -145,8 +148,16 @@ pub(super) fn body(
         let heartbeat = tokio::time::sleep(session.heartbeat_every);
         let (expiry_warning, expiry) = session.expiry_timers();
         let drained = drained(Arc::clone(&session.state));
-        tokio::pin!(heartbeat, expiry_warning, expiry, drained);
-        let mut waits = Waits { heartbeat, expiry_warning, expiry, drained };
+        let killed = session.attachment.kill.killed_owned();
+        tokio::pin!(heartbeat, expiry_warning, expiry, drained, killed);
+        let mut waits = Waits {
+            killed,
+            heartbeat,
+            expiry_warning,
+            expiry,
+            drained,
+            rare: RareWake::new(),
+        };
         loop {
             let next = match session.next_step(&mut waits).await {
                 Step::Frame(first) => session.write_batch(first),
@@ -209,12 +220,65 @@ struct NotBegun {
 }
 
 /// What an open stream waits for besides its queue, pinned in its body.
+/// These are rare next to queued frames: they are polled with a
+/// [`RareWake`], and only again after it fired, so a stream woken by its
+/// queue polls its queue alone (each of these takes a lock to poll).
 struct Waits<'a, D> {
+    killed: Pin<&'a mut WaitForCancellationFutureOwned>,
     heartbeat: Pin<&'a mut Sleep>,
     expiry_warning: Pin<&'a mut Sleep>,
     expiry: Pin<&'a mut Sleep>,
     /// The node going away ([`drained`]).
     drained: Pin<&'a mut D>,
+    rare: RareWake,
+}
+
+impl<D: Future<Output = ()>> Waits<'_, D> {
+    /// What woke the stream, in order: its kill, the node going away, the
+    /// token's expiry, its warning (unless `warned`), a queued entry, the
+    /// heartbeat.
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        frames: &mut mpsc::Receiver<Queued>,
+        warned: bool,
+    ) -> Poll<Woke> {
+        let mut heartbeat = false;
+        if self.rare.woken(cx) {
+            let mut rare = self.rare.context();
+            let step = if self.killed.as_mut().poll(&mut rare).is_ready() {
+                Some(Step::End)
+            } else if self.drained.as_mut().poll(&mut rare).is_ready() {
+                Some(Step::Leave(DisconnectReason::Shutdown))
+            } else if self.expiry.as_mut().poll(&mut rare).is_ready() {
+                Some(Step::Expired)
+            } else if !warned && self.expiry_warning.as_mut().poll(&mut rare).is_ready() {
+                Some(Step::ExpiryWarning)
+            } else {
+                heartbeat = self.heartbeat.as_mut().poll(&mut rare).is_ready();
+                None
+            };
+            if step.is_some() || heartbeat {
+                // Ready stays ready: look again next time, after what this
+                // step writes (and the heartbeat's reset that follows).
+                self.rare.rearm();
+            }
+            if let Some(step) = step {
+                return Poll::Ready(Woke::Rare(step));
+            }
+        }
+        match frames.poll_recv(cx) {
+            Poll::Ready(queued) => Poll::Ready(Woke::Queued(queued)),
+            Poll::Pending if heartbeat => Poll::Ready(Woke::Rare(Step::Heartbeat)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// What [`Waits::poll_next`] found.
+enum Woke {
+    Rare(Step),
+    Queued(Option<Queued>),
 }
 
 /// What woke an open stream.
@@ -333,14 +397,12 @@ impl Session {
     /// the way (the client hears of it at the next heartbeat).
     async fn next_step<D: Future<Output = ()>>(&mut self, waits: &mut Waits<'_, D>) -> Step {
         loop {
-            let queued = tokio::select! {
-                biased;
-                _ = self.attachment.kill.killed() => return Step::End,
-                _ = waits.drained.as_mut() => return Step::Leave(DisconnectReason::Shutdown),
-                _ = waits.expiry.as_mut() => return Step::Expired,
-                _ = waits.expiry_warning.as_mut(), if !self.warned => return Step::ExpiryWarning,
-                queued = self.frames.recv() => queued,
-                _ = waits.heartbeat.as_mut() => return Step::Heartbeat,
+            let warned = self.warned;
+            let frames = &mut self.frames;
+            let queued = match std::future::poll_fn(|cx| waits.poll_next(cx, frames, warned)).await
+            {
+                Woke::Rare(step) => return step,
+                Woke::Queued(queued) => queued,
             };
             match queued {
                 Some(Queued::Event(frame)) => return Step::Frame(frame),
