@@ -20,7 +20,9 @@ use crate::message::OutboundMessage;
 use crate::subject::ToSubject;
 use crate::ServerInfo;
 
-use super::{header::HeaderMap, status::StatusCode, Command, Message, Subscriber};
+use super::{
+    header::HeaderMap, status::StatusCode, ChannelSubscription, Command, Message, Subscriber,
+};
 use crate::error::Error;
 use bytes::Bytes;
 use futures_util::future::TryFutureExt;
@@ -815,6 +817,62 @@ impl Client {
             .await?;
 
         Ok(Subscriber::new(sid, self.sender.clone(), receiver))
+    }
+
+    /// Subscribes to a subject, delivering its [messages][Message] into `sender`
+    /// instead of a channel of the subscription's own.
+    ///
+    /// One channel can serve many subscriptions: [`Client::subscribe`] allocates
+    /// each subscription's channel (and the channel's first block of message
+    /// slots) up front, which adds up for a client holding thousands of
+    /// subscriptions. The messages carry their subject, which tells the
+    /// subscriptions sharing a channel apart.
+    ///
+    /// Delivery is as for [`Client::subscribe`]: when the channel is full the
+    /// message is dropped and [`Event::SlowConsumer`][crate::Event::SlowConsumer]
+    /// reported with this subscription's id ([`ChannelSubscription::sid`]); when
+    /// every receiver is gone the subscription ends.
+    ///
+    /// The returned [`ChannelSubscription`] unsubscribes when dropped. Messages
+    /// already in the channel stay there, and a few more may arrive until the
+    /// client has processed the unsubscribe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), async_nats::Error> {
+    /// let client = async_nats::connect("demo.nats.io").await?;
+    /// let (sender, mut messages) = tokio::sync::mpsc::channel(1024);
+    /// let _foo = client.subscribe_with_sender("foo", sender.clone()).await?;
+    /// let _bar = client.subscribe_with_sender("bar", sender).await?;
+    /// while let Some(message) = messages.recv().await {
+    ///     println!("{}: {:?}", message.subject, message.payload);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn subscribe_with_sender<S: ToSubject>(
+        &self,
+        subject: S,
+        sender: mpsc::Sender<Message>,
+    ) -> Result<ChannelSubscription, SubscribeError> {
+        let subject = self
+            .validate_subscribe_subject(subject)
+            .map_err(|e| SubscribeError::with_source(SubscribeErrorKind::InvalidSubject, e))?;
+
+        let sid = self.next_subscription_id.fetch_add(1, Ordering::Relaxed);
+
+        self.sender
+            .send(Command::Subscribe {
+                sid,
+                subject,
+                queue_group: None,
+                sender,
+            })
+            .await?;
+
+        Ok(ChannelSubscription::new(sid, self.sender.clone()))
     }
 
     /// Subscribes to a subject with a queue group to receive [messages][Message].

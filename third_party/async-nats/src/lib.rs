@@ -1436,28 +1436,74 @@ fn drop_unsubscribe_command(sid: u64) -> Command {
 impl Drop for Subscriber {
     fn drop(&mut self) {
         self.receiver.close();
-        // Best-effort unsubscribe. `Drop` can run outside a Tokio runtime (unwinding, teardown,
-        // plain threads), so start with synchronous `try_send` and only spawn an async retry when
-        // the command channel is full and a runtime is available.
-        match self.sender.try_send(drop_unsubscribe_command(self.sid)) {
-            Ok(()) => {}
-            Err(tokio::sync::mpsc::error::TrySendError::Full(command)) => {
-                if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                    let sender = self.sender.clone();
-                    handle.spawn(async move {
-                        if let Err(err) = sender.send(command).await {
-                            debug!("failed to send unsubscribe in Subscriber::drop: {err}");
-                        }
-                    });
-                } else {
-                    debug!(
-                        "failed to send unsubscribe in Subscriber::drop: command channel full and no runtime"
-                    );
-                }
+        unsubscribe_on_drop(&self.sender, self.sid);
+    }
+}
+
+/// Best-effort unsubscribe. `Drop` can run outside a Tokio runtime (unwinding, teardown, plain
+/// threads), so start with synchronous `try_send` and only spawn an async retry when the command
+/// channel is full and a runtime is available.
+fn unsubscribe_on_drop(sender: &mpsc::Sender<Command>, sid: u64) {
+    match sender.try_send(drop_unsubscribe_command(sid)) {
+        Ok(()) => {}
+        Err(tokio::sync::mpsc::error::TrySendError::Full(command)) => {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                let sender = sender.clone();
+                handle.spawn(async move {
+                    if let Err(err) = sender.send(command).await {
+                        debug!("failed to send unsubscribe on drop: {err}");
+                    }
+                });
+            } else {
+                debug!("failed to send unsubscribe on drop: command channel full and no runtime");
             }
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
-                debug!("failed to send unsubscribe in Subscriber::drop: command channel closed");
-            }
+        }
+        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+            debug!("failed to send unsubscribe on drop: command channel closed");
+        }
+    }
+}
+
+/// A subscription made with [`Client::subscribe_with_sender`]: its messages go to the channel
+/// given there, which other subscriptions may share. Unsubscribes when dropped (best effort, as
+/// [`Subscriber`] does); [`ChannelSubscription::unsubscribe`] waits until the client takes the
+/// command.
+#[derive(Debug)]
+pub struct ChannelSubscription {
+    sid: u64,
+    sender: mpsc::Sender<Command>,
+    unsubscribed: bool,
+}
+
+impl ChannelSubscription {
+    fn new(sid: u64, sender: mpsc::Sender<Command>) -> ChannelSubscription {
+        ChannelSubscription {
+            sid,
+            sender,
+            unsubscribed: false,
+        }
+    }
+
+    /// The subscription's id, as [`Event::SlowConsumer`] reports it.
+    pub fn sid(&self) -> u64 {
+        self.sid
+    }
+
+    /// Unsubscribes, waiting until the client takes the command. Messages already in the
+    /// channel stay there.
+    pub async fn unsubscribe(&mut self) -> Result<(), UnsubscribeError> {
+        if !self.unsubscribed {
+            self.sender.send(drop_unsubscribe_command(self.sid)).await?;
+            self.unsubscribed = true;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ChannelSubscription {
+    fn drop(&mut self) {
+        if !self.unsubscribed {
+            unsubscribe_on_drop(&self.sender, self.sid);
         }
     }
 }
