@@ -104,8 +104,6 @@ pub(super) enum Command {
 /// One followed target.
 struct Followed {
     target: Target,
-    /// The subject its events are stored under.
-    stored: String,
     /// The subject its live copies come on (its route).
     live: Arc<str>,
     /// `None` until the follow is set up (its copies are held meanwhile);
@@ -179,7 +177,10 @@ enum Outcome {
     },
     /// The periodic check's reading.
     Checked {
+        /// Each checked follow and its chain's end, then (in the same
+        /// order) the subjects read.
         snapshot: Vec<(u64, Link)>,
+        subjects: Vec<String>,
         newest: Result<Newest, ReadError>,
     },
     /// The epoch was moved after a rewound history (or failed to be).
@@ -209,7 +210,9 @@ pub(super) struct Dispatcher {
     copies: mpsc::Receiver<async_nats::Message>,
     /// The stream's `LEADER_ELECTED` advisories: check every target.
     leader_changes: async_nats::Subscriber,
-    followed: HashMap<u64, Followed>,
+    /// Boxed: the table's slots stay small (most of a large table's slots
+    /// are empty).
+    followed: HashMap<u64, Box<Followed>>,
     /// Live subject → the follow its copies belong to.
     routes: HashMap<Arc<str>, u64>,
     rouse: Arc<Rouse>,
@@ -321,13 +324,11 @@ impl Dispatcher {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Follow { key, target, live } => {
-                let stored = self.decoder.stored_subject(&target);
                 self.routes.insert(Arc::clone(&live), key);
                 self.followed.insert(
                     key,
-                    Followed {
+                    Box::new(Followed {
                         target,
-                        stored,
                         live,
                         subscription: None,
                         last: Link::default(),
@@ -336,7 +337,7 @@ impl Dispatcher {
                         held: Vec::new(),
                         progressed: 0,
                         anchored: true,
-                    },
+                    }),
                 );
             }
             Command::Anchored {
@@ -446,8 +447,9 @@ impl Dispatcher {
                 };
                 let id = self.store.id(link.seq);
                 let stored_at = link.stored_at.unwrap_or_else(SystemTime::now);
-                if let Some(event) = self.decoder.decode(
-                    &followed.stored,
+                if let Some(event) = self.decoder.decode_live(
+                    &followed.target,
+                    message.subject.as_str(),
                     id,
                     message.headers.as_ref(),
                     &message.payload,
@@ -485,7 +487,7 @@ impl Dispatcher {
         followed.repairing = true;
         let store = Arc::clone(&self.store);
         let reads = Arc::clone(&self.reads);
-        let subject = followed.stored.clone();
+        let subject = self.decoder.stored_subject(&followed.target);
         let generation = self.generation;
         let epoch = self.store.epoch();
         let repair = async move {
@@ -559,13 +561,17 @@ impl Dispatcher {
                 self.start(key, Repair::Retry { after: MAX_RETRY });
             }
             Outcome::Rewound { key } => self.rewound(key, epoch),
-            Outcome::Checked { snapshot, newest } => {
+            Outcome::Checked {
+                snapshot,
+                subjects,
+                newest,
+            } => {
                 self.checking = false;
                 self.metrics.live_checks.inc();
                 match newest {
                     Ok(newest) => {
                         self.metrics.live_check_reads.inc_by(newest.reads);
-                        self.checked(snapshot, newest);
+                        self.checked(snapshot, subjects, newest);
                     }
                     Err(error) => {
                         tracing::warn!(%error, "cannot check the followed targets against the stream");
@@ -605,18 +611,22 @@ impl Dispatcher {
         }
         if delivered > 0 {
             self.metrics.gap_repairs.inc();
-            self.tracing.gap_repaired(&followed.stored, from, delivered);
+            self.tracing.gap_repaired(
+                &self.decoder.stored_subject(&followed.target),
+                from,
+                delivered,
+            );
             tracing::info!(target = %followed.target, from, events = delivered, "filled a live gap from the stream");
         }
         // A held copy at or below `through` that still does not connect is of
         // an event the stream does not hold under this subject: never
         // delivered as it is.
-        let stored = followed.stored.clone();
+        let stored = &followed.target;
         let last = followed.last;
         followed.held.retain(|(link, _)| {
             let orphan = link.seq <= through && judge(last, *link) == Verdict::Gap;
             if orphan {
-                tracing::warn!(subject = %stored, seq = link.seq, "a live copy of an event the stream does not hold; dropped");
+                tracing::warn!(target = %stored, seq = link.seq, "a live copy of an event the stream does not hold; dropped");
             }
             !orphan
         });
@@ -743,16 +753,17 @@ impl Dispatcher {
         // only what never arrived.
         self.take_copies();
         self.checking = true;
-        let snapshot: Vec<(u64, Link)> = self
+        let (snapshot, subjects): (Vec<(u64, Link)>, Vec<String>) = self
             .followed
             .iter()
             .filter(|(_, followed)| !followed.repairing)
-            .map(|(&key, followed)| (key, followed.last))
-            .collect();
-        let subjects: Vec<String> = snapshot
-            .iter()
-            .filter_map(|(key, _)| self.followed.get(key).map(|f| f.stored.clone()))
-            .collect();
+            .map(|(&key, followed)| {
+                (
+                    (key, followed.last),
+                    self.decoder.stored_subject(&followed.target),
+                )
+            })
+            .unzip();
         let store = Arc::clone(&self.store);
         let generation = self.generation;
         let epoch = store.epoch();
@@ -762,7 +773,11 @@ impl Dispatcher {
                 Tagged {
                     generation,
                     epoch,
-                    outcome: Outcome::Checked { snapshot, newest },
+                    outcome: Outcome::Checked {
+                        snapshot,
+                        subjects,
+                        newest,
+                    },
                 }
             }
             .boxed(),
@@ -770,11 +785,11 @@ impl Dispatcher {
     }
 
     /// Compares each checked chain with its subject's newest stored event.
-    fn checked(&mut self, snapshot: Vec<(u64, Link)>, newest: Newest) {
+    fn checked(&mut self, snapshot: Vec<(u64, Link)>, subjects: Vec<String>, newest: Newest) {
         // Copies that arrived while the check read are judged first.
         self.take_copies();
         let mut behind: Option<(u64, Link)> = None;
-        for (key, then) in snapshot {
+        for ((key, then), stored_subject) in snapshot.into_iter().zip(subjects) {
             let Some(followed) = self.followed.get_mut(&key) else {
                 continue;
             };
@@ -783,7 +798,7 @@ impl Dispatcher {
                 continue;
             }
             let last = followed.last;
-            if newest.unanswered.contains(&followed.stored) {
+            if newest.unanswered.contains(&stored_subject) {
                 continue;
             }
             if newest.through.is_none_or(|through| through < last.seq) {
@@ -796,7 +811,7 @@ impl Dispatcher {
                 }
                 continue;
             }
-            let stored = newest.by_subject.get(&followed.stored).copied();
+            let stored = newest.by_subject.get(&stored_subject).copied();
             let complete = match stored {
                 Some(stored) if stored.seq > last.seq => {
                     tracing::info!(target = %followed.target, delivered = last.seq, stored = stored.seq, "a stored event never arrived live; filling");
