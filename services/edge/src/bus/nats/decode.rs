@@ -63,24 +63,12 @@ impl Decoder {
             );
             return None;
         };
-        self.event(target, subject, id, headers, payload, stored_at)
+        self.decode_for(target, subject, id, headers, payload, stored_at)
     }
 
-    /// The live copy of an event of `target` (a followed target: its
-    /// subject, `subject`, was routed to it), as [`Decoder::decode`].
-    pub(super) fn decode_live(
-        &self,
-        target: &Target,
-        subject: &str,
-        id: EventId,
-        headers: Option<&HeaderMap>,
-        payload: &[u8],
-        stored_at: SystemTime,
-    ) -> Option<Event> {
-        self.event(target.clone(), subject, id, headers, payload, stored_at)
-    }
-
-    fn event(
+    /// The event of `target` stored as `id` on `subject` (a live copy: its
+    /// subject was routed to `target` already), as [`Decoder::decode`].
+    pub(super) fn decode_for(
         &self,
         target: Target,
         subject: &str,

@@ -447,8 +447,8 @@ impl Dispatcher {
                 };
                 let id = self.store.id(link.seq);
                 let stored_at = link.stored_at.unwrap_or_else(SystemTime::now);
-                if let Some(event) = self.decoder.decode_live(
-                    &followed.target,
+                if let Some(event) = self.decoder.decode_for(
+                    followed.target.clone(),
                     message.subject.as_str(),
                     id,
                     message.headers.as_ref(),
