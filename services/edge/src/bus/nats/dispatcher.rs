@@ -223,8 +223,11 @@ pub(super) struct Dispatcher {
     /// A check is in flight.
     checking: bool,
     /// Copies may have been lost after the check in flight read its
-    /// subjects: check again once it is done.
+    /// subjects, or of a target it skipped while a repair was in flight:
+    /// check again once it is done.
     check_again: bool,
+    /// Checks run because copies were lost (see [`Dispatcher::check_now`]).
+    after_loss: bool,
     /// A rewound history was confirmed and the epoch is being moved: every
     /// target holds its copies until its chain is anchored again.
     rewinding: bool,
@@ -270,6 +273,7 @@ impl Dispatcher {
             generation: 0,
             checking: false,
             check_again: false,
+            after_loss: false,
             rewinding: false,
             check_interval: parts.check_interval,
             stop: parts.stop,
@@ -736,6 +740,7 @@ impl Dispatcher {
     /// Checks every target now (copies may have been lost): at once, or
     /// after the check in flight, which may have read before the loss.
     fn check_now(&mut self) {
+        self.after_loss = true;
         if self.checking {
             self.check_again = true;
         } else {
@@ -753,6 +758,12 @@ impl Dispatcher {
         // only what never arrived.
         self.take_copies();
         self.checking = true;
+        if self.after_loss {
+            // A target under repair is not read: its own copies lost meanwhile
+            // are found by the next check, run once this one is done.
+            self.check_again |= self.followed.values().any(|f| f.repairing);
+            self.after_loss = self.check_again;
+        }
         let (snapshot, subjects): (Vec<(u64, Link)>, Vec<String>) = self
             .followed
             .iter()
