@@ -104,9 +104,9 @@ pub struct Options {
     pub quiet_users: usize,
     /// Seconds between two turns of a quiet user.
     pub quiet_every_secs: u64,
-    /// Events a quiet user gets at each turn, back to back: more than a
-    /// subscription buffers (`nats.subscription_capacity`) lets a stalled
-    /// node drop the last of them, which no later event then reveals.
+    /// Events a quiet user gets at each turn, back to back: more than the
+    /// live buffer holds (`nats.subscription_capacity`) lets a stalled node
+    /// drop the last of them, which no later event then reveals.
     pub quiet_burst: u64,
     /// Server process ids to sample RSS and CPU from.
     pub pids: Vec<u32>,

@@ -191,11 +191,11 @@ metrics! {
     bus_bad_events: Counter, "bus_bad_events", "Bus messages dropped as undeliverable";
     /// 1 while the NATS connection is up (NATS bus only).
     nats_connected: Gauge, "nats_connected", "1 while the NATS connection is up";
-    /// Times async-nats dropped live messages because a subscription's
-    /// buffer (`nats.subscription_capacity`) was full; each asks for an
-    /// immediate check of every followed target.
+    /// Times async-nats dropped live messages because the live buffer
+    /// (`nats.subscription_capacity`, shared by every followed target) was
+    /// full; each asks for an immediate check of every followed target.
     nats_slow_consumer: Counter, "nats_slow_consumer",
-        "Times the NATS client dropped messages for a full subscription buffer (nats.subscription_capacity); each triggers a check of every followed target";
+        "Times the NATS client dropped messages for a full live buffer (nats.subscription_capacity, shared by every followed target); each triggers a check of every followed target";
     /// Events waiting in connection queues, all connections together (set
     /// when metrics are scraped).
     queued_events: Gauge, "queued_events", "Events waiting in connection queues";

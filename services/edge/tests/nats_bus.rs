@@ -1423,3 +1423,199 @@ async fn resumes_arriving_together_share_state_reads_yet_each_gets_the_event_pub
         assert_eq!(got, missed);
     }
 }
+
+/// The user and index an event of [`publish_rounds`] carries (`"<user>:<index>"`).
+fn user_and_index(data: &str) -> (usize, u64) {
+    let (user, index) = data.split_once(':').expect("<user>:<index>");
+    (
+        user.parse().expect("user number"),
+        index.parse().expect("index"),
+    )
+}
+
+/// Reads `stream` until it has delivered index `through` of `user`'s events:
+/// every event is `user`'s own, each index one after the last (`after`, or
+/// any first index when `None`). Returns the last index read.
+async fn read_in_order(
+    stream: &mut SseClient,
+    user: usize,
+    after: Option<u64>,
+    through: u64,
+) -> u64 {
+    let mut last = after;
+    while last.is_none_or(|last| last < through) {
+        let event = stream.next_event(PATIENCE).await.expect("the next event");
+        let (owner, index) = user_and_index(&event.data);
+        assert_eq!(owner, user, "user {user} received another user's event");
+        if let Some(last) = last {
+            assert_eq!(
+                index,
+                last + 1,
+                "user {user}: an event missing, repeated or out of order"
+            );
+        }
+        last = Some(index);
+    }
+    last.unwrap_or(through)
+}
+
+/// Many users followed and unfollowed at once on one node (one NATS
+/// connection, one shared live buffer) while their events flow: every stream
+/// receives only its own user's events, none missing, repeated or out of
+/// order; and once every stream has closed, the node receives nothing more
+/// for those users (no subscription is left delivering).
+#[tokio::test]
+async fn users_followed_and_unfollowed_concurrently_on_one_connection_each_receive_exactly_their_own_events_in_order()
+ {
+    const USERS: usize = 24;
+    const ROUNDS: usize = 4;
+    let nats = NatsServer::start().expect("nats-server");
+    let node = std::sync::Arc::new(nats_node(&nats).await);
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    let mut probe = SseClient::open(&node, "probe").await.expect("stream");
+
+    // Every user's events, round after round, until told to stop; returns
+    // the last index published (every user has it).
+    let publishing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let publisher = tokio::spawn({
+        let js = js.clone();
+        let publishing = std::sync::Arc::clone(&publishing);
+        async move {
+            // Paced: streams opened early are not read until the end.
+            let mut pace = tokio::time::interval(Duration::from_millis(20));
+            let mut index = 0u64;
+            loop {
+                pace.tick().await;
+                let mut acks = Vec::with_capacity(USERS);
+                for user in 0..USERS {
+                    acks.push(
+                        js.publish(
+                            format!("herald.user.churn-{user}"),
+                            format!("{user}:{index}").into(),
+                        )
+                        .await
+                        .expect("sent"),
+                    );
+                }
+                for ack in acks {
+                    ack.await.expect("stored");
+                }
+                if !publishing.load(std::sync::atomic::Ordering::SeqCst) {
+                    return index;
+                }
+                index += 1;
+            }
+        }
+    });
+
+    // Each user opens and closes its stream ROUNDS times, reading a few
+    // events each time, then keeps one open.
+    let mut users = Vec::new();
+    for user in 0..USERS {
+        let node = std::sync::Arc::clone(&node);
+        users.push(tokio::spawn(async move {
+            let name = format!("churn-{user}");
+            for round in 0..ROUNDS {
+                let mut stream = SseClient::open(&node, &name).await.expect("stream");
+                let first = read_in_order(&mut stream, user, None, 0).await;
+                let reads = 1 + ((user + round) % 4) as u64;
+                read_in_order(&mut stream, user, Some(first), first + reads).await;
+            }
+            let mut stream = SseClient::open(&node, &name).await.expect("stream");
+            let first = read_in_order(&mut stream, user, None, 0).await;
+            (stream, first)
+        }));
+    }
+    let mut open = Vec::new();
+    for user in users {
+        open.push(user.await.expect("user task"));
+    }
+    publishing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let last = publisher.await.expect("publisher");
+    for (user, (stream, first)) in open.iter_mut().enumerate() {
+        read_in_order(stream, user, Some(*first), last).await;
+    }
+
+    // Every stream closes: the node unfollows each user. Events for them
+    // published before the probe's reach the node before it; once the
+    // unsubscriptions took effect, the probe's is the only one received.
+    drop(open);
+    let mut round = 0;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let before = metric(&node, "herald_bus_messages_received_total");
+        for user in 0..USERS {
+            js.publish(format!("herald.user.churn-{user}"), "after".into())
+                .await
+                .expect("sent")
+                .await
+                .expect("stored");
+        }
+        let data = format!("probe-{round}");
+        js.publish("herald.user.probe", data.clone().into())
+            .await
+            .expect("sent")
+            .await
+            .expect("stored");
+        assert_eq!(probe.next_event(PATIENCE).await.expect("probe").data, data);
+        if metric(&node, "herald_bus_messages_received_total") - before == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node still receives events of users no stream follows"
+        );
+        round += 1;
+    }
+}
+
+/// A live buffer too small for a burst (`nats.subscription_capacity` = 2,
+/// shared by every followed user) makes the NATS client drop copies as a
+/// slow consumer. The drop asks for a check at once (the periodic one is ten
+/// minutes away here), which fills what was dropped from the stream: every
+/// user receives all its events, once, in order.
+#[tokio::test]
+async fn copies_dropped_by_an_overflowing_live_buffer_are_filled_from_the_stream_at_once() {
+    const USERS: usize = 30;
+    const EVENTS: u64 = 20;
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node_with(&nats, |n| {
+        n.subscription_capacity = 2;
+        n.check_interval_ms = 600_000;
+    })
+    .await;
+    let mut streams = Vec::new();
+    for user in 0..USERS {
+        streams.push(
+            SseClient::open(&node, &format!("burst-{user}"))
+                .await
+                .expect("stream"),
+        );
+    }
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    let mut acks = Vec::new();
+    for index in 0..EVENTS {
+        for user in 0..USERS {
+            acks.push(
+                js.publish(
+                    format!("herald.user.burst-{user}"),
+                    format!("{user}:{index}").into(),
+                )
+                .await
+                .expect("sent"),
+            );
+        }
+    }
+    for ack in acks {
+        ack.await.expect("stored");
+    }
+    for (user, stream) in streams.iter_mut().enumerate() {
+        let first = read_in_order(stream, user, None, 0).await;
+        assert_eq!(first, 0, "user {user}: the first event is missing");
+        read_in_order(stream, user, Some(first), EVENTS - 1).await;
+    }
+    assert!(
+        metric(&node, "herald_nats_slow_consumer_total") > 0,
+        "the burst never overflowed the live buffer: nothing was tested"
+    );
+}

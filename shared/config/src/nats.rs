@@ -97,10 +97,12 @@ pub struct NatsSettings {
     /// target that receives nothing more. Each check is one batched read per
     /// 1,000 followed targets (nats-server 2.11+). Default 2000.
     pub check_interval_ms: u64,
-    /// Messages async-nats buffers per subscription (each followed user or
-    /// topic has one) before it drops them as a slow consumer. A drop is
-    /// repaired like any lost live copy (the periodic check finds it, and
-    /// the drop itself asks for a check at once) and counted in
+    /// Live copies async-nats buffers for the dispatcher, every followed
+    /// user and topic together (their subscriptions share one buffer),
+    /// before it drops them as a slow consumer; also the buffer of each
+    /// other subscription (a batched read's answer). A drop is repaired
+    /// like any lost live copy (the periodic check finds it, and the drop
+    /// itself asks for a check at once) and counted in
     /// `herald_nats_slow_consumer_total`. The periodic check's batched reads
     /// ask for at most one subject fewer than this per request, so their own
     /// answer always fits. Lower it only to test the drop. At least 2.

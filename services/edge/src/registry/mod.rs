@@ -63,6 +63,8 @@ struct Follower {
 struct TargetEntry {
     /// Connection id → the connection following this target.
     connections: HashMap<u64, Follower>,
+    /// The bus's follow; once a stream found it ready, the registry's shared
+    /// ready watch (see [`Registry::followed`]).
     follow: watch::Receiver<FollowState>,
 }
 
@@ -74,6 +76,8 @@ pub(crate) struct Registry {
     next_id: AtomicU64,
     limits: RegistryLimits,
     metrics: Arc<Metrics>,
+    /// Always ready: what a target whose follow is ready keeps.
+    ready: watch::Receiver<FollowState>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -95,6 +99,23 @@ impl Registry {
             next_id: AtomicU64::new(1),
             limits,
             metrics,
+            ready: watch::channel(FollowState::Ready).1,
+        }
+    }
+
+    /// A stream found live delivery of `targets` ready: a ready follow never
+    /// changes again, so each target keeps the shared ready watch instead of
+    /// its follow's own channel (one allocation less per followed target;
+    /// later streams see it ready just the same).
+    pub(crate) fn followed(&self, targets: &[Target]) {
+        for target in targets {
+            if let Some(mut entry) = self.targets.get_mut(target) {
+                if matches!(*entry.follow.borrow(), FollowState::Ready)
+                    && !entry.follow.same_channel(&self.ready)
+                {
+                    entry.follow = self.ready.clone();
+                }
+            }
         }
     }
 

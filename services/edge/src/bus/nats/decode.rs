@@ -55,13 +55,32 @@ impl Decoder {
         payload: &[u8],
         stored_at: SystemTime,
     ) -> Option<Event> {
+        let Ok(target) = Target::from_subject(&self.subject_prefix, subject) else {
+            self.refused(
+                subject,
+                id.seq,
+                "subject does not decode to a user or topic",
+            );
+            return None;
+        };
+        self.decode_for(target, subject, id, headers, payload, stored_at)
+    }
+
+    /// The event of `target` stored as `id` on `subject` (a live copy: its
+    /// subject was routed to `target` already), as [`Decoder::decode`].
+    pub(super) fn decode_for(
+        &self,
+        target: Target,
+        subject: &str,
+        id: EventId,
+        headers: Option<&HeaderMap>,
+        payload: &[u8],
+        stored_at: SystemTime,
+    ) -> Option<Event> {
         let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
         let refuse = |reason: &str| {
             self.refused(subject, id.seq, reason);
             None
-        };
-        let Ok(target) = Target::from_subject(&self.subject_prefix, subject) else {
-            return refuse("subject does not decode to a user or topic");
         };
         if payload.len() > self.max_event_bytes {
             return refuse("payload larger than nats.max_event_bytes");

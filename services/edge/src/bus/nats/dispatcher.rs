@@ -4,8 +4,9 @@
 //! Each followed target has its own core NATS subscription (interest-based
 //! fan-out: a node only receives what its connections follow) and its own
 //! chain ([`Link`]: the sequence and store time of the last event delivered
-//! for it). One task owns every subscription and chain; targets are
-//! independent of each other, so a repair of one never holds another back.
+//! for it). Every subscription delivers into one shared channel, routed here
+//! by subject; one task owns every chain; targets are independent of each
+//! other, so a repair of one never holds another back.
 //! What decides a delivery is the data (see [`chain`](super::chain)), never
 //! when a notification arrives:
 //!
@@ -27,13 +28,20 @@
 //! complete up to the sequence the answer covers, and that is reported to the
 //! sink as **progress** (a multi-target stream's id then carries it).
 //!
-//! Subscriptions are polled here directly with wakers of their own, so one
-//! task serves every target without a task per target; it runs outside
-//! tokio's cooperative budget and yields every [`ROUNDS_BEFORE_YIELD`] rounds.
+//! A follow is known here before its subscription exists ([`Command::Follow`]):
+//! its copies are held until its chain is anchored ([`Command::Anchored`]),
+//! then judged like any other. A copy whose subject has no follow (one sent
+//! before an unfollow took effect) is dropped. When the shared channel is
+//! full the client drops copies and reports a slow consumer, which asks for
+//! a check: the copies lost are filled from the stream.
+//!
+//! The channel is polled here directly, so one task serves every target
+//! without a task per target; it runs outside tokio's cooperative budget and
+//! yields every [`ROUNDS_BEFORE_YIELD`] rounds (and takes at most
+//! [`COPIES_PER_ROUND`] copies a round).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime};
 
@@ -46,8 +54,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::chain::{Link, LiveLink, Verdict, judge};
 use super::decode::Decoder;
-use super::follow::Followers;
-use super::lock;
 use super::provision::ConnectionEvents;
 use super::store::{Newest, ReadError, Standing, Store, Stored, parse_time};
 use super::sweep::Sweep;
@@ -65,33 +71,46 @@ const ROUNDS_BEFORE_YIELD: u32 = 16;
 /// Longest wait before retrying a repair that could not read the stream.
 const MAX_RETRY: Duration = Duration::from_secs(2);
 
-/// The ready-queue key of the leader advisories (follow keys start at 1).
-const LEADER_CHANGES: u64 = 0;
+/// Most live copies taken from the shared channel in one round: a busy
+/// channel does not hold back commands, repairs and checks.
+const COPIES_PER_ROUND: usize = 4096;
 
-/// What the bus asks of the dispatcher.
+/// What the bus asks of the dispatcher. A follow's commands arrive in the
+/// order the follows and releases happened (see [`follow`](super::follow)).
 pub(super) enum Command {
-    /// Deliver `target` from `subscription` on; its chain starts at `anchor`
-    /// (its newest stored event when the subscription was in place: what
-    /// came before is the replay's business). Ignored unless `key` is still
-    /// the target's current follow.
-    Adopt {
+    /// `target` is followed as `key`: copies on the `live` subject are its
+    /// own, held until its chain is anchored. Sent before the subscription
+    /// is made, so its first copy finds its route.
+    Follow {
         key: u64,
         target: Target,
-        subscription: async_nats::Subscriber,
+        live: Arc<str>,
+    },
+    /// The follow `key` is subscribed; its chain starts at `anchor` (its
+    /// newest stored event, read in `epoch` once the subscription was in
+    /// place: what came before is the replay's business). Ignored (which
+    /// unsubscribes) when `key` was released meanwhile.
+    Anchored {
+        key: u64,
+        subscription: async_nats::ChannelSubscription,
+        epoch: Epoch,
         anchor: Link,
         state: watch::Sender<FollowState>,
     },
     /// Stop delivering the follow `key` (unsubscribes).
     Release { key: u64 },
+    /// The follow `key` could not be set up (its stream is told apart).
+    SetUpFailed { key: u64 },
 }
 
 /// One followed target.
 struct Followed {
     target: Target,
-    /// The subject its events are stored under.
-    stored: String,
-    subscription: async_nats::Subscriber,
-    waker: Arc<ReadyWaker>,
+    /// The subject its live copies come on (its route).
+    live: Arc<str>,
+    /// `None` until the follow is set up (its copies are held meanwhile);
+    /// dropped with the follow, which unsubscribes.
+    subscription: Option<async_nats::ChannelSubscription>,
     /// The chain's end: the last event delivered (or the anchor).
     last: Link,
     /// A repair is in flight: live copies wait in `held`, oldest first.
@@ -103,30 +122,20 @@ struct Followed {
     anchored: bool,
 }
 
-/// Subscriptions whose channels woke since the dispatcher last took their copies.
+/// Wakes the dispatcher when the shared channel or the leader advisories
+/// receive a message (a wake while it works is kept for its next wait).
 #[derive(Default)]
-struct ReadyQueue {
-    keys: Mutex<Vec<u64>>,
+struct Rouse {
     notify: tokio::sync::Notify,
 }
 
-/// Queues its subscription when the subscription's channel receives a message.
-struct ReadyWaker {
-    key: u64,
-    queued: AtomicBool,
-    ready: Arc<ReadyQueue>,
-}
-
-impl Wake for ReadyWaker {
+impl Wake for Rouse {
     fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
+        self.notify.notify_one();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if !self.queued.swap(true, Ordering::AcqRel) {
-            lock(&self.ready.keys).push(self.key);
-            self.ready.notify.notify_one();
-        }
+        self.notify.notify_one();
     }
 }
 
@@ -170,7 +179,10 @@ enum Outcome {
     },
     /// The periodic check's reading.
     Checked {
+        /// Each checked follow and its chain's end, then (in the same
+        /// order) the subjects read.
         snapshot: Vec<(u64, Link)>,
+        subjects: Vec<String>,
         newest: Result<Newest, ReadError>,
     },
     /// The epoch was moved after a rewound history (or failed to be).
@@ -196,22 +208,31 @@ pub(super) struct Dispatcher {
     tracing: Arc<Tracing>,
     connection: Arc<ConnectionEvents>,
     commands: mpsc::UnboundedReceiver<Command>,
-    /// Which follows are still current (a subscription set up for a follow
-    /// that was replaced or ended is not adopted).
-    followers: Arc<Followers>,
+    /// Every live subscription's copies.
+    copies: mpsc::Receiver<async_nats::Message>,
     /// The stream's `LEADER_ELECTED` advisories: check every target.
     leader_changes: async_nats::Subscriber,
-    leader_waker: Arc<ReadyWaker>,
-    followed: HashMap<u64, Followed>,
-    ready: Arc<ReadyQueue>,
+    /// Boxed: the table's slots stay small (most of a large table's slots
+    /// are empty).
+    followed: HashMap<u64, Box<Followed>>,
+    /// Live subject → the follow its copies belong to.
+    routes: HashMap<Arc<str>, u64>,
+    rouse: Arc<Rouse>,
     repairs: FuturesUnordered<BoxFuture<'static, Tagged>>,
     reads: Arc<Semaphore>,
     /// Bumped when every chain starts again (history changed).
     generation: u64,
     /// A check is in flight.
     checking: bool,
-    /// The check asked for while another was in flight: started when it ends.
-    wanted: Option<Check>,
+    /// Copies may have been lost after the check in flight read its
+    /// subjects, or of a target it skipped while a repair was in flight:
+    /// check again once it is done.
+    check_again: bool,
+    /// Checks run because copies were lost (see [`Dispatcher::check_now`]).
+    after_loss: bool,
+    /// A slice of the periodic round came due while a check was in flight:
+    /// it starts once that check is done.
+    slice_due: bool,
     /// The periodic check's round over the followed targets.
     sweep: Sweep,
     /// A rewound history was confirmed and the epoch is being moved: every
@@ -238,7 +259,7 @@ pub(super) struct Parts {
     pub(super) tracing: Arc<Tracing>,
     pub(super) connection: Arc<ConnectionEvents>,
     pub(super) commands: mpsc::UnboundedReceiver<Command>,
-    pub(super) followers: Arc<Followers>,
+    pub(super) copies: mpsc::Receiver<async_nats::Message>,
     pub(super) leader_changes: async_nats::Subscriber,
     pub(super) check_interval: Duration,
     pub(super) stop: CancellationToken,
@@ -246,14 +267,9 @@ pub(super) struct Parts {
 
 impl Dispatcher {
     pub(super) fn new(parts: Parts) -> Self {
-        let ready: Arc<ReadyQueue> = Arc::default();
-        let leader_waker = Arc::new(ReadyWaker {
-            key: LEADER_CHANGES,
-            queued: AtomicBool::new(false),
-            ready: Arc::clone(&ready),
-        });
-        // Polled once so that an advisory wakes the dispatcher.
-        leader_waker.wake_by_ref();
+        let rouse: Arc<Rouse> = Arc::default();
+        // Polled once so that a copy or an advisory wakes the dispatcher.
+        rouse.notify.notify_one();
         let sweep = Sweep::new(parts.store.per_batch(), parts.check_interval);
         Dispatcher {
             store: parts.store,
@@ -263,23 +279,25 @@ impl Dispatcher {
             tracing: parts.tracing,
             connection: parts.connection,
             commands: parts.commands,
-            followers: parts.followers,
+            copies: parts.copies,
             leader_changes: parts.leader_changes,
-            leader_waker,
             followed: HashMap::new(),
-            ready,
+            routes: HashMap::new(),
+            rouse,
             repairs: FuturesUnordered::new(),
             reads: Arc::new(Semaphore::new(READS_IN_FLIGHT)),
             generation: 0,
             checking: false,
-            wanted: None,
+            check_again: false,
+            after_loss: false,
+            slice_due: false,
             sweep,
             rewinding: false,
             stop: parts.stop,
         }
     }
 
-    /// Runs until `stop`. Polls the subscriptions' channels directly, so it
+    /// Runs until `stop`. Polls the shared channel directly, so it
     /// must run unconstrained by tokio's cooperative budget (a budget-exhausted
     /// channel would answer "empty" while holding a message); it yields its
     /// thread itself.
@@ -291,7 +309,7 @@ impl Dispatcher {
         let connection = Arc::clone(&self.connection);
         let mut rounds_without_wait = 0;
         loop {
-            let ready = Arc::clone(&self.ready);
+            let rouse = Arc::clone(&self.rouse);
             let has_repairs = !self.repairs.is_empty();
             tokio::select! {
                 biased;
@@ -307,8 +325,8 @@ impl Dispatcher {
                     None => return,
                 },
                 Some(tagged) = self.repairs.next(), if has_repairs => self.finish(tagged),
-                _ = ready.notify.notified() => {}
-                _ = connection.check_now.notified() => self.start_check(Check::Everything),
+                _ = rouse.notify.notified() => {}
+                _ = connection.check_now.notified() => self.check_now(),
                 _ = &mut next_slice => {
                     self.start_check(Check::Slice);
                     let pause = self.sweep.pause(self.followed.len());
@@ -330,81 +348,104 @@ impl Dispatcher {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Adopt {
+            Command::Follow { key, target, live } => {
+                self.routes.insert(Arc::clone(&live), key);
+                self.followed.insert(
+                    key,
+                    Box::new(Followed {
+                        target,
+                        live,
+                        subscription: None,
+                        last: Link::default(),
+                        // Its copies wait for the anchor.
+                        repairing: true,
+                        held: Vec::new(),
+                        progressed: 0,
+                        anchored: true,
+                    }),
+                );
+            }
+            Command::Anchored {
                 key,
-                target,
                 subscription,
+                epoch,
                 anchor,
                 state,
             } => {
-                if !self.followers.is_current(&target, key) {
+                let Some(followed) = self.followed.get_mut(&key) else {
+                    // Released meanwhile: dropping the subscription ends it.
                     return;
-                }
-                let waker = Arc::new(ReadyWaker {
-                    key,
-                    queued: AtomicBool::new(false),
-                    ready: Arc::clone(&self.ready),
-                });
-                let stored = self.decoder.stored_subject(&target);
-                self.followed.insert(
-                    key,
-                    Followed {
-                        target,
-                        stored,
-                        subscription,
-                        waker: Arc::clone(&waker),
-                        last: anchor,
-                        repairing: false,
-                        held: Vec::new(),
-                        progressed: anchor.seq,
-                        anchored: !self.rewinding,
-                    },
-                );
-                // Copies that arrived before adoption are taken next.
-                waker.wake_by_ref();
-                if self.rewinding {
-                    // The anchor may belong to the history being left.
-                    self.start(key, Repair::Anchor);
+                };
+                followed.subscription = Some(subscription);
+                if epoch == self.store.epoch() && followed.anchored {
+                    followed.last = anchor;
+                    followed.progressed = anchor.seq;
+                } else {
+                    // The history changed while the anchor was read: anchor
+                    // again in the new one.
+                    followed.anchored = false;
                 }
                 let _ = state.send(FollowState::Ready);
+                // The copies held since the subscription was made, in order.
+                self.release(key, false);
             }
-            Command::Release { key } => {
-                self.followed.remove(&key);
+            Command::Release { key } | Command::SetUpFailed { key } => {
+                if let Some(followed) = self.followed.remove(&key) {
+                    if self.routes.get(&followed.live) == Some(&key) {
+                        self.routes.remove(&followed.live);
+                    }
+                }
             }
         }
     }
 
-    /// Takes every copy waiting in a woken subscription's channel, in order.
+    /// Takes the copies waiting in the shared channel (at most
+    /// [`COPIES_PER_ROUND`]; the next round takes the rest), in order.
     fn take_copies(&mut self) {
-        let keys = std::mem::take(&mut *lock(&self.ready.keys));
+        let waker = Waker::from(Arc::clone(&self.rouse));
+        let mut cx = Context::from_waker(&waker);
         let now = SystemTime::now();
-        for key in keys {
-            let (copies, ended) = match self.followed.get_mut(&key) {
-                Some(followed) => poll_copies(followed),
-                None => continue,
-            };
-            if ended {
-                if let Some(followed) = self.followed.remove(&key) {
-                    tracing::warn!(target = %followed.target, "the live subscription ended; the target is no longer delivered live");
+        for _ in 0..COPIES_PER_ROUND {
+            match self.copies.poll_recv(&mut cx) {
+                Poll::Ready(Some(message)) => self.route(message, now),
+                Poll::Ready(None) | Poll::Pending => return,
+            }
+        }
+        // More may be waiting.
+        self.rouse.notify.notify_one();
+    }
+
+    /// Hands a live copy, taken at `now`, to the follow of its subject.
+    fn route(&mut self, message: async_nats::Message, now: SystemTime) {
+        self.metrics.bus_messages_received.inc();
+        let key = match self.routes.get(message.subject.as_str()) {
+            Some(&key) => key,
+            None => {
+                // A new follow's first copy can be taken before its
+                // `Follow`, which was sent before its subscription existed:
+                // take the commands waiting, then look again.
+                while let Ok(command) = self.commands.try_recv() {
+                    self.handle(command);
+                }
+                match self.routes.get(message.subject.as_str()) {
+                    Some(&key) => key,
+                    // A copy for a follow that ended.
+                    None => return,
                 }
             }
-            for message in copies {
-                self.metrics.bus_messages_received.inc();
-                match live_link(&message) {
-                    Some(link) => {
-                        if let Some(lag) = link.stored_at.and_then(|at| now.duration_since(at).ok())
-                        {
-                            self.metrics.bus_lag.observe(lag.as_secs_f64());
-                        }
-                        self.take(key, link, message, false);
-                    }
-                    None => self.decoder.refused(
-                        message.subject.as_str(),
-                        0,
-                        "live copy without Nats-Sequence",
-                    ),
+        };
+        match live_link(&message) {
+            Some(link) => {
+                if let Some(lag) = link.stored_at.and_then(|at| now.duration_since(at).ok()) {
+                    self.metrics.bus_lag.observe(lag.as_secs_f64());
                 }
+                self.take(key, link, message, false);
             }
+            None => self.decoder.refused(
+                message.subject.as_str(),
+                0,
+                "live copy without Nats-Sequence",
+            ),
         }
     }
 
@@ -437,8 +478,9 @@ impl Dispatcher {
                 };
                 let id = self.store.id(link.seq);
                 let stored_at = link.stored_at.unwrap_or_else(SystemTime::now);
-                if let Some(event) = self.decoder.decode(
-                    &followed.stored,
+                if let Some(event) = self.decoder.decode_for(
+                    followed.target.clone(),
+                    message.subject.as_str(),
                     id,
                     message.headers.as_ref(),
                     &message.payload,
@@ -476,7 +518,7 @@ impl Dispatcher {
         followed.repairing = true;
         let store = Arc::clone(&self.store);
         let reads = Arc::clone(&self.reads);
-        let subject = followed.stored.clone();
+        let subject = self.decoder.stored_subject(&followed.target);
         let generation = self.generation;
         let epoch = self.store.epoch();
         let repair = async move {
@@ -550,12 +592,16 @@ impl Dispatcher {
                 self.start(key, Repair::Retry { after: MAX_RETRY });
             }
             Outcome::Rewound { key } => self.rewound(key, epoch),
-            Outcome::Checked { snapshot, newest } => {
+            Outcome::Checked {
+                snapshot,
+                subjects,
+                newest,
+            } => {
                 self.metrics.live_checks.inc();
                 match newest {
                     Ok(newest) => {
                         self.metrics.live_check_reads.inc_by(newest.reads);
-                        self.checked(snapshot, newest);
+                        self.checked(snapshot, subjects, newest);
                     }
                     Err(error) => {
                         tracing::warn!(%error, "cannot check the followed targets against the stream");
@@ -593,18 +639,22 @@ impl Dispatcher {
         }
         if delivered > 0 {
             self.metrics.gap_repairs.inc();
-            self.tracing.gap_repaired(&followed.stored, from, delivered);
+            self.tracing.gap_repaired(
+                &self.decoder.stored_subject(&followed.target),
+                from,
+                delivered,
+            );
             tracing::info!(target = %followed.target, from, events = delivered, "filled a live gap from the stream");
         }
         // A held copy at or below `through` that still does not connect is of
         // an event the stream does not hold under this subject: never
         // delivered as it is.
-        let stored = followed.stored.clone();
+        let stored = &followed.target;
         let last = followed.last;
         followed.held.retain(|(link, _)| {
             let orphan = link.seq <= through && judge(last, *link) == Verdict::Gap;
             if orphan {
-                tracing::warn!(subject = %stored, seq = link.seq, "a live copy of an event the stream does not hold; dropped");
+                tracing::warn!(target = %stored, seq = link.seq, "a live copy of an event the stream does not hold; dropped");
             }
             !orphan
         });
@@ -682,6 +732,10 @@ impl Dispatcher {
         for key in keys {
             if let Some(followed) = self.followed.get_mut(&key) {
                 followed.anchored = false;
+                if followed.subscription.is_none() {
+                    // Anchored once it is set up.
+                    continue;
+                }
             }
             self.start(key, Repair::Anchor);
         }
@@ -690,8 +744,7 @@ impl Dispatcher {
     /// Takes every leader advisory waiting: a new leader may never send the
     /// copies of what the old one stored last, so every target is checked.
     fn follow_leader_changes(&mut self) {
-        self.leader_waker.queued.store(false, Ordering::Release);
-        let waker = Waker::from(Arc::clone(&self.leader_waker));
+        let waker = Waker::from(Arc::clone(&self.rouse));
         let mut cx = Context::from_waker(&waker);
         let mut elected = false;
         while let Poll::Ready(Some(advisory)) = self.leader_changes.poll_next_unpin(&mut cx) {
@@ -704,41 +757,72 @@ impl Dispatcher {
             elected = true;
         }
         if elected {
+            self.check_now();
+        }
+    }
+
+    /// Checks every target now (copies may have been lost): at once, or
+    /// after the check in flight, which may have read before the loss.
+    fn check_now(&mut self) {
+        self.after_loss = true;
+        if self.checking {
+            self.check_again = true;
+        } else {
             self.start_check(Check::Everything);
         }
     }
 
+    /// A check ended: the one asked for meanwhile, if any, starts (every
+    /// target before a slice).
+    fn check_over(&mut self) {
+        self.checking = false;
+        if std::mem::take(&mut self.check_again) {
+            self.start_check(Check::Everything);
+        } else if std::mem::take(&mut self.slice_due) {
+            self.start_check(Check::Slice);
+        }
+    }
+
     /// Reads the newest stored message of the subjects `check` covers. One
-    /// check is in flight at a time: one asked for meanwhile starts when it
-    /// ends (a check for everything standing for any slice).
+    /// check is in flight at a time: a slice that comes due meanwhile starts
+    /// when it ends (a check of everything asked for meanwhile is
+    /// [`Dispatcher::check_now`]'s).
     fn start_check(&mut self, check: Check) {
         if self.rewinding || self.followed.is_empty() {
             return;
         }
         if self.checking {
-            if self.wanted != Some(Check::Everything) {
-                self.wanted = Some(check);
-            }
+            self.slice_due |= check == Check::Slice;
             return;
         }
         // What arrived before the read is judged first, so the check finds
         // only what never arrived.
         self.take_copies();
         self.checking = true;
-        let keys = match check {
+        let keys: Vec<u64> = match check {
             Check::Slice => self.sweep.next_slice(self.followed.keys().copied()),
-            Check::Everything => self.followed.keys().copied().collect(),
+            Check::Everything => {
+                if self.after_loss {
+                    // A target under repair is not read: its own copies lost
+                    // meanwhile are found by the next check, run once this
+                    // one is done.
+                    self.check_again |= self.followed.values().any(|f| f.repairing);
+                    self.after_loss = self.check_again;
+                }
+                self.followed.keys().copied().collect()
+            }
         };
-        let snapshot: Vec<(u64, Link)> = keys
+        let (snapshot, subjects): (Vec<(u64, Link)>, Vec<String>) = keys
             .into_iter()
             .filter_map(|key| self.followed.get(&key).map(|followed| (key, followed)))
             .filter(|(_, followed)| !followed.repairing)
-            .map(|(key, followed)| (key, followed.last))
-            .collect();
-        let subjects: Vec<String> = snapshot
-            .iter()
-            .filter_map(|(key, _)| self.followed.get(key).map(|f| f.stored.clone()))
-            .collect();
+            .map(|(key, followed)| {
+                (
+                    (key, followed.last),
+                    self.decoder.stored_subject(&followed.target),
+                )
+            })
+            .unzip();
         let store = Arc::clone(&self.store);
         let generation = self.generation;
         let epoch = store.epoch();
@@ -748,27 +832,23 @@ impl Dispatcher {
                 Tagged {
                     generation,
                     epoch,
-                    outcome: Outcome::Checked { snapshot, newest },
+                    outcome: Outcome::Checked {
+                        snapshot,
+                        subjects,
+                        newest,
+                    },
                 }
             }
             .boxed(),
         );
     }
 
-    /// A check ended: the one asked for meanwhile, if any, starts.
-    fn check_over(&mut self) {
-        self.checking = false;
-        if let Some(check) = self.wanted.take() {
-            self.start_check(check);
-        }
-    }
-
     /// Compares each checked chain with its subject's newest stored event.
-    fn checked(&mut self, snapshot: Vec<(u64, Link)>, newest: Newest) {
+    fn checked(&mut self, snapshot: Vec<(u64, Link)>, subjects: Vec<String>, newest: Newest) {
         // Copies that arrived while the check read are judged first.
         self.take_copies();
         let mut behind: Option<(u64, Link)> = None;
-        for (key, then) in snapshot {
+        for ((key, then), stored_subject) in snapshot.into_iter().zip(subjects) {
             let Some(followed) = self.followed.get_mut(&key) else {
                 continue;
             };
@@ -777,7 +857,7 @@ impl Dispatcher {
                 continue;
             }
             let last = followed.last;
-            if newest.unanswered.contains(&followed.stored) {
+            if newest.unanswered.contains(&stored_subject) {
                 continue;
             }
             if newest.through.is_none_or(|through| through < last.seq) {
@@ -790,7 +870,7 @@ impl Dispatcher {
                 }
                 continue;
             }
-            let stored = newest.by_subject.get(&followed.stored).copied();
+            let stored = newest.by_subject.get(&stored_subject).copied();
             let complete = match stored {
                 Some(stored) if stored.seq > last.seq => {
                     tracing::info!(target = %followed.target, delivered = last.seq, stored = stored.seq, "a stored event never arrived live; filling");
@@ -838,24 +918,6 @@ impl Dispatcher {
             {
                 self.start(key, Repair::Confirm { last });
             }
-        }
-    }
-}
-
-/// Takes every copy waiting in `followed`'s channel; `true` when the
-/// subscription ended.
-fn poll_copies(followed: &mut Followed) -> (Vec<async_nats::Message>, bool) {
-    // Cleared before polling: a copy arriving from now on queues the
-    // subscription again.
-    followed.waker.queued.store(false, Ordering::Release);
-    let waker = Waker::from(Arc::clone(&followed.waker));
-    let mut cx = Context::from_waker(&waker);
-    let mut copies = Vec::new();
-    loop {
-        match followed.subscription.poll_next_unpin(&mut cx) {
-            Poll::Ready(Some(message)) => copies.push(message),
-            Poll::Ready(None) => return (copies, true),
-            Poll::Pending => return (copies, false),
         }
     }
 }

@@ -1,9 +1,19 @@
 //! Following targets: which targets the node follows, and setting up each
-//! follow (subscribe, then anchor the chain) before the dispatcher takes it.
+//! follow (subscribe, then anchor the chain) for the dispatcher.
 //!
-//! Each follow gets a key; the dispatcher only adopts a subscription whose
-//! key is still its target's current follow, so an unfollow racing a follow
-//! never leaves a stale subscription delivering.
+//! Every followed target's live subscription delivers into one channel the
+//! dispatcher reads (see [`Client::subscribe_with_sender`]: no buffer per
+//! target); the dispatcher routes each copy by its subject. The dispatcher
+//! hears of a follow ([`Command::Follow`]) before its subscription exists and
+//! holds its copies until the chain is anchored ([`Command::Anchored`]).
+//!
+//! Each follow gets a key. Its commands are sent under the lock that records
+//! the target's current follow, so the dispatcher sees a target's follows and
+//! releases in the order they happened: an unfollow racing a follow never
+//! leaves a stale subscription delivering (the dispatcher drops the
+//! subscription of a follow it no longer has, which unsubscribes it).
+//!
+//! [`Client::subscribe_with_sender`]: async_nats::Client::subscribe_with_sender
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +21,6 @@ use std::sync::{Arc, Mutex};
 
 use herald_protocol::Target;
 use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
 
 use super::dispatcher::Command;
 use super::lock;
@@ -33,21 +42,18 @@ pub(crate) enum FollowError {
     Anchor(#[from] ReadError),
 }
 
-/// One follow of a target: its key, and what cancels its setting up.
-struct Follow {
-    key: u64,
-    stop: CancellationToken,
-}
-
 /// The targets this node follows.
 pub(super) struct Followers {
     client: async_nats::Client,
     store: Arc<Store>,
     live_prefix: String,
     subject_prefix: String,
-    current: Mutex<HashMap<Target, Follow>>,
+    /// Each followed target's current follow key.
+    current: Mutex<HashMap<Target, u64>>,
     next_key: AtomicU64,
     dispatcher: mpsc::UnboundedSender<Command>,
+    /// Where every live subscription delivers (the dispatcher reads it).
+    copies: mpsc::Sender<async_nats::Message>,
 }
 
 impl Followers {
@@ -57,6 +63,7 @@ impl Followers {
         live_prefix: String,
         subject_prefix: String,
         dispatcher: mpsc::UnboundedSender<Command>,
+        copies: mpsc::Sender<async_nats::Message>,
     ) -> Self {
         Followers {
             client,
@@ -66,6 +73,7 @@ impl Followers {
             current: Mutex::new(HashMap::new()),
             next_key: AtomicU64::new(1),
             dispatcher,
+            copies,
         }
     }
 
@@ -73,40 +81,35 @@ impl Followers {
     /// delivers it.
     pub(super) fn follow(self: &Arc<Self>, target: &Target) -> watch::Receiver<FollowState> {
         let (state, watch) = watch::channel(FollowState::Pending);
-        let stop = CancellationToken::new();
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let previous = lock(&self.current).insert(
-            target.clone(),
-            Follow {
+        let live = target.subject(&self.live_prefix);
+        {
+            let mut current = lock(&self.current);
+            if let Some(previous) = current.insert(target.clone(), key) {
+                let _ = self.dispatcher.send(Command::Release { key: previous });
+            }
+            // Before the subscription exists: its first copy finds its route.
+            let _ = self.dispatcher.send(Command::Follow {
                 key,
-                stop: stop.clone(),
-            },
-        );
-        if let Some(previous) = previous {
-            self.release(previous);
+                target: target.clone(),
+                live: live.as_str().into(),
+            });
         }
-        tokio::spawn(Arc::clone(self).subscribe(key, target.clone(), stop, state));
+        tokio::spawn(Arc::clone(self).subscribe(key, target.clone(), live, state));
         watch
     }
 
     /// Stops following `target`.
     pub(super) fn unfollow(&self, target: &Target) {
-        let removed = lock(&self.current).remove(target);
-        if let Some(follow) = removed {
-            self.release(follow);
+        let mut current = lock(&self.current);
+        if let Some(key) = current.remove(target) {
+            let _ = self.dispatcher.send(Command::Release { key });
         }
     }
 
     /// Whether the follow `key` is still `target`'s current one.
-    pub(super) fn is_current(&self, target: &Target, key: u64) -> bool {
-        lock(&self.current)
-            .get(target)
-            .is_some_and(|follow| follow.key == key)
-    }
-
-    fn release(&self, follow: Follow) {
-        follow.stop.cancel();
-        let _ = self.dispatcher.send(Command::Release { key: follow.key });
+    fn is_current(&self, target: &Target, key: u64) -> bool {
+        lock(&self.current).get(target) == Some(&key)
     }
 
     /// Subscribes to the target's live copies, then anchors its chain at the
@@ -116,37 +119,43 @@ impl Followers {
         self: Arc<Self>,
         key: u64,
         target: Target,
-        stop: CancellationToken,
+        live: String,
         state: watch::Sender<FollowState>,
     ) {
-        let live = target.subject(&self.live_prefix);
+        if !self.is_current(&target, key) {
+            // Released before it started.
+            return;
+        }
         let stored = target.subject(&self.subject_prefix);
         let setup = async {
-            let subscription = self.client.subscribe(live).await?;
+            let subscription = self
+                .client
+                .subscribe_with_sender(live, self.copies.clone())
+                .await?;
             self.client.flush().await?;
+            // Read before the anchor: an anchor read while the history
+            // changed is taken again.
+            let epoch = self.store.epoch();
             let anchor = self
                 .store
                 .last_of(&stored)
                 .await?
                 .map(|message| message.link())
                 .unwrap_or_default();
-            Ok::<_, FollowError>((subscription, anchor))
+            Ok::<_, FollowError>((subscription, epoch, anchor))
         };
-        let result = tokio::select! {
-            _ = stop.cancelled() => return,
-            result = setup => result,
-        };
-        match result {
-            Ok((subscription, anchor)) => {
-                let _ = self.dispatcher.send(Command::Adopt {
+        match setup.await {
+            Ok((subscription, epoch, anchor)) => {
+                let _ = self.dispatcher.send(Command::Anchored {
                     key,
-                    target,
                     subscription,
+                    epoch,
                     anchor,
                     state,
                 });
             }
             Err(error) => {
+                let _ = self.dispatcher.send(Command::SetUpFailed { key });
                 let _ = state.send(FollowState::Failed(Arc::new(error)));
             }
         }

@@ -257,12 +257,15 @@ async fn start_live(
     wiring: Wiring,
 ) -> Result<(Arc<Followers>, CancellationToken), NatsError> {
     let (commands, received) = mpsc::unbounded_channel();
+    // One buffer for every followed target's live copies.
+    let (copies, copies_received) = mpsc::channel(settings.subscription_capacity);
     let followers = Arc::new(Followers::new(
         client.clone(),
         Arc::clone(store),
         settings.live_prefix.clone(),
         settings.subject_prefix.clone(),
         commands,
+        copies,
     ));
     // Before any target is followed: a leader elected from now on is heard.
     let leader_changes = client
@@ -284,7 +287,7 @@ async fn start_live(
         tracing: wiring.tracing,
         connection: Arc::clone(connection),
         commands: received,
-        followers: Arc::clone(&followers),
+        copies: copies_received,
         leader_changes,
         check_interval: Duration::from_millis(settings.check_interval_ms),
         stop: stop.clone(),

@@ -69,9 +69,11 @@ impl Attachment {
         }
     }
 
-    /// Counts and logs the stream as open (its close is logged on drop).
+    /// Counts and logs the stream as open (its close is logged on drop), and
+    /// tells the registry its targets are delivered live.
     pub(super) fn opened(&self, resumed: bool) {
         let state = &self.state;
+        state.registry.followed(&self.targets);
         state.metrics.connects.inc();
         let user = &self.targets[0];
         let topics = self.targets.len() - 1;
