@@ -9,7 +9,7 @@
 #   NAME.strace.txt strace -c -f, with delivered events over the same window
 #   NAME.json       the load generator's result
 # Usage (from the repository root, release builds first):
-#   /work/quiet-bench.sh docs/profiles/profile-run.sh EDGE_BIN OUT NAME [SCENARIO]
+#   docs/profiles/profile-run.sh EDGE_BIN OUT NAME [SCENARIO]   (BUS=nats for the NATS bus)
 set -euo pipefail
 edge_bin="${1:?EDGE_BIN}" out="${2:?OUT}" name="${3:?NAME}" scenario="${4:-fanout-10k}"
 port="${PORT:-18080}"
@@ -31,7 +31,7 @@ done
 [ -n "$edge" ] || { echo "no edge on port $port"; cat "$log"; exit 1; }
 sleep 1.5 # the generator settles 0.5 s, then publishing starts
 delivered() {
-  curl -fsS "http://127.0.0.1:$(( port + 200 ))/metrics" | awk '$1 == "herald_events_delivered_total" {print $2}'
+  curl -fsS "http://127.0.0.1:$(( port + 200 ))/metrics" | awk '$1 == "herald_events_delivered_total" {print $2}' || echo 0
 }
 /usr/bin/perf record -F 999 -g --call-graph dwarf,16384 -p "$edge" -o "$scratch/perf.data" -- sleep "$perf_secs" 2> "$scratch/perf.log"
 before=$(delivered)
