@@ -308,9 +308,17 @@ def main() -> None:
     text = doc.read_text() if doc.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     rows = {r["scenario"]: row(r) for r in results}
     old = re.search(re.escape(BEGIN) + "(.*?)" + re.escape(END), text, flags=re.S)
+    # Only the scenario table's own rows: the side-by-side and allocation
+    # tables after it are rebuilt from the results every time.
+    in_table = False
     for line in (old.group(1).splitlines() if old else []):
+        if line.startswith("| scenario |"):
+            in_table = True
+            continue
+        if in_table and not line.startswith("|"):
+            break
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and cells[0] not in ("scenario",) and not cells[0].startswith("---"):
+        if in_table and line.startswith("| ") and not cells[0].startswith("---"):
             rows.setdefault(cells[0], line)
     lines = [
         BEGIN,
