@@ -196,6 +196,14 @@ metrics! {
     /// full; each asks for an immediate check of every followed target.
     nats_slow_consumer: Counter, "nats_slow_consumer",
         "Times the NATS client dropped messages for a full live buffer (nats.subscription_capacity, shared by every followed target); each triggers a check of every followed target";
+    /// Followed targets no stream follows any more, kept for
+    /// `nats.linger_secs` in case one comes back.
+    nats_lingering: Gauge, "nats_lingering",
+        "Targets whose last stream closed, still followed for nats.linger_secs in case a client comes back";
+    /// Resumes answered from the events recorded while their targets
+    /// lingered (no stream read).
+    nats_recorded_replays: Counter, "nats_recorded_replays",
+        "Resumes answered from the events this node recorded while their targets lingered, without reading the stream";
     /// Events waiting in connection queues, all connections together (set
     /// when metrics are scraped).
     queued_events: Gauge, "queued_events", "Events waiting in connection queues";
@@ -318,6 +326,8 @@ mod tests {
             "herald_bus_bad_events counter",
             "herald_nats_connected gauge",
             "herald_nats_slow_consumer counter",
+            "herald_nats_lingering gauge",
+            "herald_nats_recorded_replays counter",
             "herald_queued_events gauge",
             "herald_cluster_members gauge",
             "herald_streams_moved counter",

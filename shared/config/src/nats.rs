@@ -108,6 +108,17 @@ pub struct NatsSettings {
     /// answer always fits. Lower it only to test the drop. At least 2.
     /// Default 65536 (async-nats' own default).
     pub subscription_capacity: usize,
+    /// How long a user or topic stays followed after its last stream on
+    /// this node closed, seconds. Meanwhile the node records what it
+    /// receives for it (at most `linger_max_events`), so a client that comes
+    /// back to the same node resumes from memory, without reading the
+    /// stream. The cost: the node keeps receiving the target's events for
+    /// this long. 0 releases a target at once. Default 30.
+    pub linger_secs: u64,
+    /// Most events recorded per lingering target; a client that missed
+    /// more (or came back after the oldest was dropped) is answered from
+    /// the stream, as on another node. Default 32.
+    pub linger_max_events: usize,
 }
 
 impl Default for NatsSettings {
@@ -138,6 +149,8 @@ impl Default for NatsSettings {
             update_stream: false,
             check_interval_ms: 2_000,
             subscription_capacity: 64 * 1024,
+            linger_secs: 30,
+            linger_max_events: 32,
         }
     }
 }
@@ -232,6 +245,12 @@ impl NatsSettings {
                 "nats.subscription_capacity must be at least 2 (a batched read's answer needs room for one event and its end)"
                     .into(),
             );
+        }
+        if self.linger_secs > 86_400 {
+            problems.push("nats.linger_secs must be at most 86400 (a day)".into());
+        }
+        if !(1..=100_000).contains(&self.linger_max_events) {
+            problems.push("nats.linger_max_events must be between 1 and 100000".into());
         }
         if self.user.is_some() != self.password.is_some() {
             problems.push("nats.user and nats.password go together".into());

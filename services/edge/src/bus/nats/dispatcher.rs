@@ -40,24 +40,25 @@
 //! yields every [`ROUNDS_BEFORE_YIELD`] rounds (and takes at most
 //! [`COPIES_PER_ROUND`] copies a round).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use herald_protocol::{Epoch, Target};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::chain::{Link, LiveLink, Verdict, judge};
 use super::decode::Decoder;
 use super::provision::ConnectionEvents;
+use super::recent::Recent;
 use super::store::{Newest, ReadError, Standing, Store, Stored, parse_time};
 use super::sweep::Sweep;
-use crate::bus::{FollowState, LiveSink};
+use crate::bus::{Event, FollowState, LiveSink};
 use crate::metrics::Metrics;
 use crate::telemetry::Tracing;
 
@@ -101,6 +102,32 @@ pub(super) enum Command {
     Release { key: u64 },
     /// The follow `key` could not be set up (its stream is told apart).
     SetUpFailed { key: u64 },
+    /// The follow `key`'s last stream closed; it is kept for a while:
+    /// record what it delivers from now on ([`recent`](super::recent)).
+    Linger { key: u64 },
+    /// A stream follows the lingering `key` again: `state` turns ready once
+    /// it is set up (at once when it is).
+    Revive {
+        key: u64,
+        state: watch::Sender<FollowState>,
+    },
+    /// What a client at `after` (per follow) in `epoch` missed, from the
+    /// recorded events; `None` when they cannot tell.
+    Recent {
+        asked: Vec<(u64, u64)>,
+        epoch: Epoch,
+        limit: usize,
+        reply: oneshot::Sender<Option<Kept>>,
+    },
+}
+
+/// An answer from the recorded events: what the client missed of every
+/// target asked, oldest first, and the position every target is complete
+/// up to for it (live events at or below it are already written).
+#[derive(Debug)]
+pub(super) struct Kept {
+    pub(super) events: Vec<Arc<Event>>,
+    pub(super) head: u64,
 }
 
 /// One followed target.
@@ -120,6 +147,42 @@ struct Followed {
     progressed: u64,
     /// `false` while the chain waits to be anchored in a new history.
     anchored: bool,
+    /// The events delivered since its last stream closed (lingering, or
+    /// just followed again); boxed: most follows have none.
+    recent: Option<Box<Recent>>,
+    /// Streams that followed it again before it was set up.
+    waiting: Vec<watch::Sender<FollowState>>,
+}
+
+impl Followed {
+    /// Whether its chain stands in the current history (set up, anchored).
+    fn chained(&self) -> bool {
+        self.subscription.is_some() && self.anchored
+    }
+
+    /// The chain was anchored at `anchor` in `epoch`.
+    fn anchor_at(&mut self, anchor: Link, epoch: Epoch) {
+        self.last = anchor;
+        self.progressed = anchor.seq;
+        self.anchored = true;
+        if let Some(recent) = &mut self.recent {
+            recent.anchored(anchor.seq, epoch);
+        }
+    }
+
+    /// Delivers `event`, which connects to the chain's end (already moved
+    /// to it), recording it while the target lingers.
+    fn deliver(&mut self, event: Event, sink: &dyn LiveSink) {
+        let event = Arc::new(event);
+        if let Some(recent) = &mut self.recent {
+            if recent.expired(Instant::now()) {
+                self.recent = None;
+            } else {
+                recent.delivered(&event);
+            }
+        }
+        sink.deliver(&event);
+    }
 }
 
 /// Wakes the dispatcher when the shared channel or the leader advisories
@@ -238,8 +301,17 @@ pub(super) struct Dispatcher {
     /// A rewound history was confirmed and the epoch is being moved: every
     /// target holds its copies until its chain is anchored again.
     rewinding: bool,
+    /// Most events recorded per lingering target (`nats.linger_max_events`).
+    linger_max_events: usize,
+    /// Records kept for streams that followed a lingering target again,
+    /// with when each is dropped (in that order: the wait is constant).
+    kept: VecDeque<(Instant, u64)>,
     stop: CancellationToken,
 }
+
+/// How long a lingering target's record is kept once a stream follows it
+/// again: its stream asks for it as soon as it is followed.
+const KEEP_FOR_RETURNING: Duration = Duration::from_secs(10);
 
 /// Which followed targets a check reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,6 +334,7 @@ pub(super) struct Parts {
     pub(super) copies: mpsc::Receiver<async_nats::Message>,
     pub(super) leader_changes: async_nats::Subscriber,
     pub(super) check_interval: Duration,
+    pub(super) linger_max_events: usize,
     pub(super) stop: CancellationToken,
 }
 
@@ -293,6 +366,8 @@ impl Dispatcher {
             slice_due: false,
             sweep,
             rewinding: false,
+            linger_max_events: parts.linger_max_events,
+            kept: VecDeque::new(),
             stop: parts.stop,
         }
     }
@@ -328,6 +403,7 @@ impl Dispatcher {
                 _ = rouse.notify.notified() => {}
                 _ = connection.check_now.notified() => self.check_now(),
                 _ = &mut next_slice => {
+                    self.drop_expired_records();
                     self.start_check(Check::Slice);
                     let pause = self.sweep.pause(self.followed.len());
                     next_slice.as_mut().reset(tokio::time::Instant::now() + pause);
@@ -362,6 +438,8 @@ impl Dispatcher {
                         held: Vec::new(),
                         progressed: 0,
                         anchored: true,
+                        recent: None,
+                        waiting: Vec::new(),
                     }),
                 );
             }
@@ -378,14 +456,16 @@ impl Dispatcher {
                 };
                 followed.subscription = Some(subscription);
                 if epoch == self.store.epoch() && followed.anchored {
-                    followed.last = anchor;
-                    followed.progressed = anchor.seq;
+                    followed.anchor_at(anchor, epoch);
                 } else {
                     // The history changed while the anchor was read: anchor
                     // again in the new one.
                     followed.anchored = false;
                 }
                 let _ = state.send(FollowState::Ready);
+                for waiting in followed.waiting.drain(..) {
+                    let _ = waiting.send(FollowState::Ready);
+                }
                 // The copies held since the subscription was made, in order.
                 self.release(key, false);
             }
@@ -394,6 +474,93 @@ impl Dispatcher {
                     if self.routes.get(&followed.live) == Some(&key) {
                         self.routes.remove(&followed.live);
                     }
+                }
+            }
+            Command::Linger { key } => {
+                let epoch = self.store.epoch();
+                let rewinding = self.rewinding;
+                if let Some(followed) = self.followed.get_mut(&key) {
+                    // Not anchored yet: the record starts when it is.
+                    let floor = (followed.chained() && !rewinding).then_some(followed.last.seq);
+                    followed.recent = Some(Box::new(Recent::starting_at(
+                        floor,
+                        epoch,
+                        self.linger_max_events,
+                    )));
+                }
+            }
+            Command::Revive { key, state } => {
+                let Some(followed) = self.followed.get_mut(&key) else {
+                    // Its set-up failed: dropping `state` tells the stream.
+                    return;
+                };
+                if let Some(recent) = &mut followed.recent {
+                    let until = Instant::now() + KEEP_FOR_RETURNING;
+                    recent.keep_until(until);
+                    self.kept.push_back((until, key));
+                }
+                if followed.subscription.is_some() {
+                    let _ = state.send(FollowState::Ready);
+                } else {
+                    followed.waiting.push(state);
+                }
+            }
+            Command::Recent {
+                asked,
+                epoch,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.recorded(&asked, epoch, limit));
+            }
+        }
+    }
+
+    /// What a client at `asked`'s positions in `epoch` missed, from the
+    /// recorded events (see [`recent`](super::recent)); `None` when any
+    /// target's record cannot tell, or it is more than `limit` events.
+    fn recorded(&self, asked: &[(u64, u64)], epoch: Epoch, limit: usize) -> Option<Kept> {
+        if self.rewinding || epoch != self.store.epoch() {
+            return None;
+        }
+        let mut events = Vec::new();
+        let mut head = u64::MAX;
+        for &(key, after) in asked {
+            let followed = self.followed.get(&key)?;
+            if !followed.chained() {
+                return None;
+            }
+            let part = followed
+                .recent
+                .as_ref()?
+                .after(epoch, after, followed.last.seq, |seq| {
+                    self.store.is_known(epoch, seq)
+                })?;
+            head = head.min(part.through);
+            events.extend(part.events);
+            if events.len() > limit {
+                return None;
+            }
+        }
+        events.sort_by_key(|event| event.id.seq);
+        Some(Kept { events, head })
+    }
+
+    /// Drops the records kept for returning streams whose time is up.
+    fn drop_expired_records(&mut self) {
+        let now = Instant::now();
+        while let Some(&(until, key)) = self.kept.front() {
+            if until > now {
+                return;
+            }
+            self.kept.pop_front();
+            if let Some(followed) = self.followed.get_mut(&key) {
+                if followed
+                    .recent
+                    .as_ref()
+                    .is_some_and(|recent| recent.expired(now))
+                {
+                    followed.recent = None;
                 }
             }
         }
@@ -405,18 +572,29 @@ impl Dispatcher {
         let waker = Waker::from(Arc::clone(&self.rouse));
         let mut cx = Context::from_waker(&waker);
         let now = SystemTime::now();
+        let mut newest = 0;
+        let mut more = true;
         for _ in 0..COPIES_PER_ROUND {
             match self.copies.poll_recv(&mut cx) {
-                Poll::Ready(Some(message)) => self.route(message, now),
-                Poll::Ready(None) | Poll::Pending => return,
+                Poll::Ready(Some(message)) => newest = newest.max(self.route(message, now)),
+                Poll::Ready(None) | Poll::Pending => {
+                    more = false;
+                    break;
+                }
             }
         }
-        // More may be waiting.
-        self.rouse.notify.notify_one();
+        if newest > 0 {
+            // A position up to here is a real one (see `recent`).
+            self.store.note_head(self.store.epoch(), newest);
+        }
+        if more {
+            self.rouse.notify.notify_one();
+        }
     }
 
-    /// Hands a live copy, taken at `now`, to the follow of its subject.
-    fn route(&mut self, message: async_nats::Message, now: SystemTime) {
+    /// Hands a live copy, taken at `now`, to the follow of its subject;
+    /// returns its sequence (0 when it had none or no follow).
+    fn route(&mut self, message: async_nats::Message, now: SystemTime) -> u64 {
         self.metrics.bus_messages_received.inc();
         let key = match self.routes.get(message.subject.as_str()) {
             Some(&key) => key,
@@ -430,7 +608,7 @@ impl Dispatcher {
                 match self.routes.get(message.subject.as_str()) {
                     Some(&key) => key,
                     // A copy for a follow that ended.
-                    None => return,
+                    None => return 0,
                 }
             }
         };
@@ -440,12 +618,16 @@ impl Dispatcher {
                     self.metrics.bus_lag.observe(lag.as_secs_f64());
                 }
                 self.take(key, link, message, false);
+                link.seq
             }
-            None => self.decoder.refused(
-                message.subject.as_str(),
-                0,
-                "live copy without Nats-Sequence",
-            ),
+            None => {
+                self.decoder.refused(
+                    message.subject.as_str(),
+                    0,
+                    "live copy without Nats-Sequence",
+                );
+                0
+            }
         }
     }
 
@@ -486,7 +668,7 @@ impl Dispatcher {
                     &message.payload,
                     stored_at,
                 ) {
-                    self.sink.deliver(&Arc::new(event));
+                    followed.deliver(event, &*self.sink);
                 }
             }
             Verdict::Duplicate => {}
@@ -576,10 +758,9 @@ impl Dispatcher {
                 Standing::Rewound => self.rewound(key, epoch),
             },
             Outcome::Anchored { key, newest } => {
+                let epoch = self.store.epoch();
                 if let Some(followed) = self.followed.get_mut(&key) {
-                    followed.last = newest.map(|m| m.link()).unwrap_or_default();
-                    followed.progressed = followed.last.seq;
-                    followed.anchored = true;
+                    followed.anchor_at(newest.map(|m| m.link()).unwrap_or_default(), epoch);
                 }
                 self.release(key, false);
             }
@@ -634,7 +815,7 @@ impl Dispatcher {
                 &message.payload,
                 message.stored_at,
             ) {
-                self.sink.deliver(&Arc::new(event));
+                followed.deliver(event, &*self.sink);
             }
         }
         if delivered > 0 {
@@ -732,6 +913,9 @@ impl Dispatcher {
         for key in keys {
             if let Some(followed) = self.followed.get_mut(&key) {
                 followed.anchored = false;
+                if let Some(recent) = &mut followed.recent {
+                    recent.invalidate();
+                }
                 if followed.subscription.is_none() {
                     // Anchored once it is set up.
                     continue;

@@ -19,6 +19,9 @@
 //!   turns unready; when it is back, the dispatcher checks every target at
 //!   once (what was republished meanwhile is gone) — but correctness rests on
 //!   the chains, not on being told.
+//! - **Lingering.** A target whose last stream closed stays followed for
+//!   `nats.linger_secs`, recording what it receives, so a client coming back
+//!   to the node resumes from the record without a stream read ([`recent`]).
 //! - **Replay.** Each target's messages after the client's position for it,
 //!   up to the head read from the stream leader, are read with batched
 //!   Direct Gets trusted only when their answer proves itself complete, else
@@ -39,6 +42,7 @@ mod decode;
 mod dispatcher;
 mod follow;
 mod provision;
+mod recent;
 mod replay;
 mod store;
 mod sweep;
@@ -67,7 +71,7 @@ use crate::metrics::Metrics;
 use crate::telemetry::Tracing;
 use decode::Decoder;
 use dispatcher::Dispatcher;
-use follow::Followers;
+use follow::{FollowParts, Followers, Lingering};
 use provision::{ConnectionEvents, MIN_SERVER};
 use replay::Replayer;
 use store::{API_TIMEOUT, Store};
@@ -259,14 +263,20 @@ async fn start_live(
     let (commands, received) = mpsc::unbounded_channel();
     // One buffer for every followed target's live copies.
     let (copies, copies_received) = mpsc::channel(settings.subscription_capacity);
-    let followers = Arc::new(Followers::new(
-        client.clone(),
-        Arc::clone(store),
-        settings.live_prefix.clone(),
-        settings.subject_prefix.clone(),
-        commands,
+    let lingering = Lingering {
+        time: Duration::from_secs(settings.linger_secs),
+        max_events: settings.linger_max_events,
+    };
+    let followers = Arc::new(Followers::new(FollowParts {
+        client: client.clone(),
+        store: Arc::clone(store),
+        live_prefix: settings.live_prefix.clone(),
+        subject_prefix: settings.subject_prefix.clone(),
+        dispatcher: commands,
         copies,
-    ));
+        lingering,
+        metrics: Arc::clone(&wiring.metrics),
+    }));
     // Before any target is followed: a leader elected from now on is heard.
     let leader_changes = client
         .subscribe(format!(
@@ -290,9 +300,11 @@ async fn start_live(
         copies: copies_received,
         leader_changes,
         check_interval: Duration::from_millis(settings.check_interval_ms),
+        linger_max_events: lingering.max_events,
         stop: stop.clone(),
     });
     tokio::spawn(tokio::task::unconstrained(dispatcher.run()));
+    tokio::spawn(Arc::clone(&followers).release_when_due(stop.clone()));
     Ok((followers, stop))
 }
 
@@ -359,8 +371,10 @@ impl Bus for NatsBus {
         })
         .await
         .map_err(|_| PublishError::Unavailable("JetStream did not acknowledge in time".into()))??;
+        let id = self.store.id(ack.sequence);
+        self.store.note_head(id.epoch, id.seq);
         Ok(Receipt {
-            id: self.store.id(ack.sequence),
+            id,
             duplicate: ack.duplicate,
         })
     }
@@ -376,6 +390,15 @@ impl Bus for NatsBus {
         from: &StreamPosition,
         limit: usize,
     ) -> Result<Replay, ReplayError> {
+        if let Some(kept) = self.followers.recorded(targets, from, limit).await {
+            return Ok(Replay::Complete {
+                events: kept.events,
+                head: EventId {
+                    epoch: from.epoch,
+                    seq: kept.head,
+                },
+            });
+        }
         let replayer = Replayer {
             store: &self.store,
             decoder: &self.decoder,

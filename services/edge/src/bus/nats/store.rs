@@ -23,8 +23,8 @@
 //! stream's state notices a changed epoch and publishes it on a watch.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, stream};
@@ -36,6 +36,7 @@ use tokio::sync::watch;
 
 use super::chain::Link;
 use super::coalesce::Coalesced;
+use super::lock;
 
 /// Stream metadata key holding the epoch once a node found that the history
 /// went back; without it the epoch is the stream's creation time.
@@ -194,6 +195,9 @@ pub(super) struct Store {
     /// The stream's state, read by one request for every caller that arrived
     /// before it was sent.
     states: Coalesced<Result<stream::State, Arc<ReadError>>>,
+    /// The furthest stream position this node has seen the stream reach,
+    /// and the epoch it was seen in ([`Store::is_known`]).
+    seen_head: Mutex<EventId>,
 }
 
 impl std::fmt::Debug for Store {
@@ -226,7 +230,30 @@ impl Store {
             batched_reads,
             per_batch,
             states: Coalesced::new(),
+            seen_head: Mutex::new(EventId {
+                epoch: Epoch(epoch),
+                seq: 0,
+            }),
         }
+    }
+
+    /// The stream was seen holding sequence `seq` in `epoch` (a state read,
+    /// a live copy).
+    pub(super) fn note_head(&self, epoch: Epoch, seq: u64) {
+        let mut seen = lock(&self.seen_head);
+        if seen.epoch != epoch {
+            // Positions of one epoch say nothing of another's.
+            *seen = EventId { epoch, seq: 0 };
+        }
+        seen.seq = seen.seq.max(seq);
+    }
+
+    /// Whether `seq` in `epoch` is a position the stream has reached (at
+    /// most a head this node has seen in that epoch): an id naming it came
+    /// from the stream, not from invention.
+    pub(super) fn is_known(&self, epoch: Epoch, seq: u64) -> bool {
+        let seen = lock(&self.seen_head);
+        seen.epoch == epoch && seq <= seen.seq
     }
 
     /// Whether the server answers batched Direct Gets (nats-server 2.11+).
@@ -275,7 +302,9 @@ impl Store {
                     .await
                     .map_err(Arc::new)?;
                 let info = stream.cached_info();
-                self.adopt_epoch(epoch_of(info));
+                let epoch = epoch_of(info);
+                self.adopt_epoch(epoch);
+                self.note_head(Epoch(epoch), info.state.last_sequence);
                 Ok(info.state.clone())
             })
             .await
