@@ -227,7 +227,7 @@ enum Outcome {
     },
     Anchored {
         key: u64,
-        newest: Option<Stored>,
+        anchor: Link,
     },
     Retry {
         key: u64,
@@ -757,10 +757,10 @@ impl Dispatcher {
                 Standing::Stands | Standing::Removed => self.release(key, true),
                 Standing::Rewound => self.rewound(key, epoch),
             },
-            Outcome::Anchored { key, newest } => {
+            Outcome::Anchored { key, anchor } => {
                 let epoch = self.store.epoch();
                 if let Some(followed) = self.followed.get_mut(&key) {
-                    followed.anchor_at(newest.map(|m| m.link()).unwrap_or_default(), epoch);
+                    followed.anchor_at(anchor, epoch);
                 }
                 self.release(key, false);
             }
@@ -1107,7 +1107,7 @@ impl Dispatcher {
 }
 
 /// Does the stream reads of one repair.
-async fn read(store: &Store, key: u64, subject: &str, repair: Repair) -> Outcome {
+async fn read(store: &Arc<Store>, key: u64, subject: &str, repair: Repair) -> Outcome {
     let result = match repair {
         Repair::Fill { after, through } => {
             fill(store, subject, after, through)
@@ -1126,9 +1126,9 @@ async fn read(store: &Store, key: u64, subject: &str, repair: Repair) -> Outcome
             .await
             .map(|standing| Outcome::Confirmed { key, standing }),
         Repair::Anchor => store
-            .last_of(subject)
+            .anchor_of(subject)
             .await
-            .map(|newest| Outcome::Anchored { key, newest }),
+            .map(|anchor| Outcome::Anchored { key, anchor }),
         Repair::Retry { .. } => Ok(Outcome::Retry { key }),
     };
     result.unwrap_or_else(|error| Outcome::Failed { key, error })

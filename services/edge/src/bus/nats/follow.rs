@@ -302,12 +302,7 @@ impl Followers {
             // Read before the anchor: an anchor read while the history
             // changed is taken again.
             let epoch = self.store.epoch();
-            let anchor = self
-                .store
-                .last_of(&stored)
-                .await?
-                .map(|message| message.link())
-                .unwrap_or_default();
+            let anchor = self.store.anchor_of(&stored).await?;
             Ok::<_, FollowError>((subscription, epoch, anchor))
         };
         match setup.await {

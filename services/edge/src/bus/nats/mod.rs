@@ -31,7 +31,8 @@
 //!
 //! Parts: [`provision`] (connection, version check, the stream), [`store`]
 //! (every read of the stream, the epoch), [`coalesce`] (one state read for
-//! many callers), [`replay`] (what a resuming client missed), [`decode`]
+//! many callers), [`gather`] (newest-of reads shared by callers arriving
+//! together), [`recent`] (what a lingering target recorded), [`replay`] (what a resuming client missed), [`decode`]
 //! (message → event),
 //! [`follow`] (which targets are followed), [`chain`] (the delivery
 //! invariant), [`dispatcher`] (live delivery and repair).
@@ -41,6 +42,7 @@ mod coalesce;
 mod decode;
 mod dispatcher;
 mod follow;
+mod gather;
 mod provision;
 mod recent;
 mod replay;

@@ -16,7 +16,8 @@
 //!
 //! Two reads, sent together:
 //!
-//! 1. a multi-subject "newest of" read ([`Store::newest_of`]), whose end
+//! 1. a multi-subject "newest of" read ([`Store::newest_gathered`], shared
+//!    with the resumes and follows of the moment), whose end
 //!    status names the sequence `up_to` its server's view reached. Only used
 //!    when `up_to >= head`: then its `newest` for the subject is the newest
 //!    message stored at or before a point past `head`. If `newest <= after`
@@ -55,7 +56,7 @@ use crate::bus::{LostReason, Replay, ReplayError, check_position};
 
 /// What a replay reads with.
 pub(super) struct Replayer<'a> {
-    pub(super) store: &'a Store,
+    pub(super) store: &'a Arc<Store>,
     pub(super) decoder: &'a Decoder,
     /// `nats.max_messages_per_subject`.
     pub(super) per_subject: u64,
@@ -174,7 +175,7 @@ impl Replayer<'_> {
             .iter()
             .map(|&i| self.store.run_from(&subjects[i], afters[i], count));
         let (newest, read) = futures_util::future::join(
-            self.store.newest_of(&asked),
+            self.store.newest_gathered(asked),
             futures_util::future::join_all(runs),
         )
         .await;

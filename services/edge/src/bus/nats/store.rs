@@ -36,6 +36,7 @@ use tokio::sync::watch;
 
 use super::chain::Link;
 use super::coalesce::Coalesced;
+use super::gather::Gathered;
 use super::lock;
 
 /// Stream metadata key holding the epoch once a node found that the history
@@ -198,6 +199,10 @@ pub(super) struct Store {
     /// The furthest stream position this node has seen the stream reach,
     /// and the epoch it was seen in ([`Store::is_known`]).
     seen_head: Mutex<EventId>,
+    /// "Newest of" reads shared by callers arriving together.
+    gathered: Gathered,
+    /// The stream has one copy: any Direct Get is answered by the leader.
+    single_copy: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -220,6 +225,7 @@ impl Store {
         batched_reads: bool,
         per_batch: usize,
     ) -> Self {
+        let single_copy = stream.cached_info().config.num_replicas <= 1;
         Store {
             client,
             jetstream,
@@ -234,7 +240,69 @@ impl Store {
                 epoch: Epoch(epoch),
                 seq: 0,
             }),
+            gathered: Gathered::default(),
+            single_copy,
         }
+    }
+
+    /// The shared "newest of" reads ([`Store::newest_gathered`]).
+    pub(super) fn gathered(&self) -> &Gathered {
+        &self.gathered
+    }
+
+    /// [`Store::newest_of`], by a request sent after this call began and
+    /// shared with the callers that arrived with it ([`gather`]) on servers
+    /// with batched reads.
+    ///
+    /// [`gather`]: super::gather
+    pub(super) async fn newest_gathered(
+        self: &Arc<Self>,
+        subjects: Vec<String>,
+    ) -> Result<Newest, ReadError> {
+        if !self.batched_reads {
+            return self.newest_of(&subjects).await;
+        }
+        self.gathered.newest_of(self, subjects).await
+    }
+
+    /// Where a chain of `subject` starts once its live subscription is in
+    /// place: its newest stored event (sequence 0: none). Read with the
+    /// anchors and replays of the moment; the shared answer is taken when
+    /// it reaches at least as far as this node has seen the stream go
+    /// (or, on a stream with one copy, when it found nothing at all),
+    /// else (or when it fails) the leader is asked. An anchor older than the real one only
+    /// makes the first live copy fill the difference from the stream.
+    pub(super) async fn anchor_of(self: &Arc<Self>, subject: &str) -> Result<Link, ReadError> {
+        if self.batched_reads {
+            let seen = {
+                let seen = lock(&self.seen_head);
+                if seen.epoch == self.epoch() {
+                    seen.seq
+                } else {
+                    0
+                }
+            };
+            match self.newest_gathered(vec![subject.to_owned()]).await {
+                Ok(newest) => {
+                    let trusted = match newest.through {
+                        Some(through) => through >= seen,
+                        None => self.single_copy,
+                    };
+                    if trusted {
+                        return Ok(newest.by_subject.get(subject).copied().unwrap_or_default());
+                    }
+                }
+                // E.g. a stream that does not allow Direct Gets.
+                Err(error) => {
+                    tracing::debug!(%error, "a shared anchor read failed: asking the leader");
+                }
+            }
+        }
+        Ok(self
+            .last_of(subject)
+            .await?
+            .map(|message| message.link())
+            .unwrap_or_default())
     }
 
     /// The stream was seen holding sequence `seq` in `epoch` (a state read,
