@@ -181,13 +181,20 @@ impl std::fmt::Display for PublisherId {
 /// Lower-case hex of the SHA-256 of `bytes` (64 characters).
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    use std::fmt::Write;
-    Sha256::digest(bytes)
-        .iter()
-        .fold(String::with_capacity(64), |mut hex, byte| {
-            let _ = write!(hex, "{byte:02x}");
-            hex
-        })
+    lower_hex(&Sha256::digest(bytes))
+}
+
+/// Lower-case hex of `bytes`, two digits a byte. A table instead of
+/// `write!("{:02x}")`: that went through the formatter once a byte, and a
+/// publish with a `msg_id` hashes one key (64 digits) per request.
+pub(crate) fn lower_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(bytes.len() * 2);
+    for &byte in bytes {
+        hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    hex
 }
 
 /// An authenticated publisher.
@@ -573,6 +580,17 @@ mod tests {
     use jsonwebtoken::jwk::JwkSet;
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn sha256_hex_is_the_lower_case_hex_of_the_digest() {
+        // FIPS 180-2's test vector for "abc".
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(lower_hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        assert_eq!(lower_hex(&[]), "");
+    }
 
     fn authenticator() -> Authenticator {
         Authenticator::new(

@@ -45,6 +45,51 @@ impl fmt::Display for EventId {
     }
 }
 
+impl EventId {
+    /// The id as [`Display`](fmt::Display) writes it, without the
+    /// formatter: ids are written at every published event (its frame, the
+    /// publisher's answer).
+    pub fn encode(&self) -> EncodedId {
+        let mut buf = [0u8; MAX_ID_LEN];
+        let mut len = 0;
+        // The epoch's hex digits, most significant first, no leading zeros.
+        let digits = (16 - self.epoch.0.leading_zeros() as usize / 4).max(1);
+        for shift in (0..digits).rev() {
+            buf[len] = b"0123456789abcdef"[((self.epoch.0 >> (shift * 4)) & 0xf) as usize];
+            len += 1;
+        }
+        buf[len] = b'-';
+        len += 1;
+        // The sequence's decimal digits, written backwards then turned.
+        let start = len;
+        let mut seq = self.seq;
+        loop {
+            buf[len] = b'0' + (seq % 10) as u8;
+            len += 1;
+            seq /= 10;
+            if seq == 0 {
+                break;
+            }
+        }
+        buf[start..len].reverse();
+        EncodedId { buf, len }
+    }
+}
+
+/// An id as written, held without allocating (see [`EventId::encode`]).
+#[derive(Debug, Clone, Copy)]
+pub struct EncodedId {
+    buf: [u8; MAX_ID_LEN],
+    len: usize,
+}
+
+impl EncodedId {
+    /// The written id's bytes (ASCII).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 impl FromStr for EventId {
     type Err = EventIdError;
 
@@ -81,6 +126,18 @@ mod tests {
             seq: 42,
         };
         assert_eq!(id.to_string(), "18c3f2a1-42");
+        assert_eq!(id.encode().as_bytes(), b"18c3f2a1-42");
+        for (epoch, seq, written) in [
+            (0, 0, "0-0"),
+            (0xf, 10, "f-10"),
+            (u64::MAX, u64::MAX, "ffffffffffffffff-18446744073709551615"),
+        ] {
+            let id = EventId {
+                epoch: Epoch(epoch),
+                seq,
+            };
+            assert_eq!(id.encode().as_bytes(), written.as_bytes());
+        }
         assert_eq!("18c3f2a1-42".parse::<EventId>(), Ok(id));
     }
 
@@ -113,6 +170,13 @@ mod tests {
         fn ids_round_trip(epoch in any::<u64>(), seq in any::<u64>()) {
             let id = EventId { epoch: Epoch(epoch), seq };
             prop_assert_eq!(id.to_string().parse::<EventId>(), Ok(id));
+        }
+
+        #[test]
+        fn encode_writes_what_display_writes(epoch in any::<u64>(), seq in any::<u64>()) {
+            let id = EventId { epoch: Epoch(epoch), seq };
+            let (encoded, displayed) = (id.encode(), id.to_string());
+            prop_assert_eq!(encoded.as_bytes(), displayed.as_bytes());
         }
 
         #[test]

@@ -21,7 +21,7 @@ pub mod stream_position;
 pub mod target;
 pub mod trace_context;
 
-pub use event_id::{Epoch, EventId, EventIdError};
+pub use event_id::{EncodedId, Epoch, EventId, EventIdError};
 pub use event_type::{EventType, EventTypeError};
 pub use msg_id::{MsgId, MsgIdError};
 pub use stream_position::{PositionError, StreamPosition, fingerprint_of};

@@ -29,8 +29,8 @@ pub fn write_event(
     buf.reserve(data.len() + 64);
     if let Some(id) = id {
         buf.put_slice(b"id: ");
-        // EventId's Display is digits, hex and one dash: no line break possible.
-        let _ = std::fmt::Write::write_fmt(&mut BytesMutWriter(buf), format_args!("{id}"));
+        // An id is digits, hex and one dash: no line break possible.
+        buf.put_slice(id.encode().as_bytes());
         buf.put_u8(b'\n');
     }
     if let Some(event_type) = event_type {

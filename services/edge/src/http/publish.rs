@@ -19,9 +19,10 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use herald_protocol::{EventType, MsgId, Target, TargetKind, TraceParent};
 use serde::Deserialize;
-use warp::http::{HeaderMap, StatusCode};
+use warp::Rejection;
+use warp::http::header::CONTENT_TYPE;
+use warp::http::{HeaderMap, HeaderValue, StatusCode};
 use warp::reply::Response;
-use warp::{Rejection, Reply};
 
 use super::AppState;
 use super::credentials::require_publisher;
@@ -29,7 +30,7 @@ use super::errors::ApiError;
 use super::event_data::EventData;
 use super::idempotency::dedup_key;
 use crate::auth::{Publisher, PublisherId};
-use crate::bus::{PublishError, PublishRequest};
+use crate::bus::{PublishError, PublishRequest, Receipt};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,17 +69,32 @@ pub(crate) async fn publish(
                 state.metrics.events_published.inc();
             }
             tracing::debug!(%target, id = %receipt.id, duplicate = receipt.duplicate, "published");
-            // What `warp::reply::json` of the object wrote (its keys sorted),
-            // without building a JSON value per publish: the id is hex
-            // digits, a dash and digits, nothing to escape.
-            let body = format!(
-                r#"{{"duplicate":{},"id":"{}"}}"#,
-                receipt.duplicate, receipt.id
-            );
-            Ok(warp::reply::with_header(body, "content-type", "application/json").into_response())
+            Ok(receipt_response(receipt))
         }
         Err(err) => Err(not_published(err, &target).into()),
     }
+}
+
+/// The answer to a stored publish: what `warp::reply::json` of the object
+/// wrote (its keys sorted), without building a JSON value, a formatter or a
+/// parsed header per publish: the id is hex digits, a dash and digits,
+/// nothing to escape.
+fn receipt_response(receipt: Receipt) -> Response {
+    let id = receipt.id.encode();
+    let opening: &[u8] = if receipt.duplicate {
+        br#"{"duplicate":true,"id":""#
+    } else {
+        br#"{"duplicate":false,"id":""#
+    };
+    let mut body = Vec::with_capacity(opening.len() + id.as_bytes().len() + 2);
+    body.extend_from_slice(opening);
+    body.extend_from_slice(id.as_bytes());
+    body.extend_from_slice(br#""}"#);
+    let mut response = Response::new(body.into());
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 /// What every publisher endpoint with a body does first: the publisher
@@ -258,6 +274,7 @@ fn trace_context(headers: &HeaderMap) -> Option<TraceParent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use warp::Reply;
 
     fn code(body: &str) -> &'static str {
         parse(body.as_bytes()).expect_err("refused").code
@@ -317,6 +334,39 @@ mod tests {
             "m".repeat(herald_protocol::msg_id::MAX_MSG_ID_BYTES + 1)
         );
         assert_eq!(code(&long), "invalid_msg_id");
+    }
+
+    #[tokio::test]
+    async fn the_receipt_is_what_warp_json_of_it_wrote() {
+        for duplicate in [false, true] {
+            let receipt = Receipt {
+                id: herald_protocol::EventId {
+                    epoch: herald_protocol::Epoch(0x18c3f2a1),
+                    seq: 42,
+                },
+                duplicate,
+            };
+            let response = receipt_response(receipt);
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(
+                response.headers().get(CONTENT_TYPE),
+                Some(&HeaderValue::from_static("application/json"))
+            );
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .expect("in memory")
+                .to_bytes();
+            let expected = warp::reply::json(&serde_json::json!({
+                "id": receipt.id.to_string(),
+                "duplicate": duplicate,
+            }))
+            .into_response();
+            let expected = http_body_util::BodyExt::collect(expected.into_body())
+                .await
+                .expect("in memory")
+                .to_bytes();
+            assert_eq!(body, expected);
+        }
     }
 
     #[test]
