@@ -1659,6 +1659,35 @@ async fn publish_plain(js: &jetstream::Context, user: &str, count: usize) -> Vec
     sent
 }
 
+/// `user` leaves `node` after opening a fresh stream, misses `count`
+/// events published meanwhile (the node receives them: it still follows
+/// the user), and comes back with its last id. Returns what was published,
+/// what the returning stream replayed, and that stream.
+async fn away_and_back(
+    node: &EdgeNode,
+    js: &jetstream::Context,
+    user: &str,
+    count: usize,
+) -> (Vec<String>, Vec<String>, SseClient) {
+    let position = fresh_position(node, user).await;
+    lingering(node, 1).await;
+    let missed = publish_plain(js, user, count).await;
+    wait_until("the node received the missed events", PATIENCE, || {
+        metric(node, "herald_bus_messages_received_total") == count as u64
+    })
+    .await
+    .expect("received");
+    let mut stream = resume(node, user, &position).await;
+    let replayed = stream
+        .events(count)
+        .await
+        .expect("replay")
+        .into_iter()
+        .map(|event| event.data)
+        .collect();
+    (missed, replayed, stream)
+}
+
 /// Waits until `node` has `count` lingering targets.
 async fn lingering(node: &EdgeNode, count: u64) {
     wait_until("the node has the lingering targets", PATIENCE, || {
@@ -1677,23 +1706,7 @@ async fn a_client_returning_to_the_same_node_resumes_from_what_the_node_recorded
     let nats = NatsServer::start().expect("nats-server");
     let node = lingering_node(&nats, 30, 32).await;
     let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
-    let position = fresh_position(&node, "alice").await;
-    lingering(&node, 1).await;
-
-    let missed = publish_plain(&js, "alice", 5).await;
-    wait_until("the node received the missed events", PATIENCE, || {
-        metric(&node, "herald_bus_messages_received_total") == 5
-    })
-    .await
-    .expect("received");
-    let mut stream = resume(&node, "alice", &position).await;
-    let replayed: Vec<String> = stream
-        .events(5)
-        .await
-        .expect("replay")
-        .into_iter()
-        .map(|event| event.data)
-        .collect();
+    let (missed, replayed, mut stream) = away_and_back(&node, &js, "alice", 5).await;
     assert_eq!(replayed, missed);
     assert_eq!(metric(&node, "herald_nats_recorded_replays_total"), 1);
     assert_eq!(metric(&node, "herald_nats_lingering"), 0);
@@ -1759,22 +1772,7 @@ async fn a_client_that_missed_more_than_was_recorded_is_answered_from_the_stream
     let nats = NatsServer::start().expect("nats-server");
     let node = lingering_node(&nats, 30, 3).await;
     let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
-    let position = fresh_position(&node, "carol").await;
-    lingering(&node, 1).await;
-    let missed = publish_plain(&js, "carol", 6).await;
-    wait_until("the node received the missed events", PATIENCE, || {
-        metric(&node, "herald_bus_messages_received_total") == 6
-    })
-    .await
-    .expect("received");
-    let mut stream = resume(&node, "carol", &position).await;
-    let replayed: Vec<String> = stream
-        .events(6)
-        .await
-        .expect("replay")
-        .into_iter()
-        .map(|event| event.data)
-        .collect();
+    let (missed, replayed, _stream) = away_and_back(&node, &js, "carol", 6).await;
     assert_eq!(replayed, missed);
     assert_eq!(metric(&node, "herald_nats_recorded_replays_total"), 0);
 }
