@@ -267,31 +267,26 @@ impl Store {
 
     /// Where a chain of `subject` starts once its live subscription is in
     /// place: its newest stored event (sequence 0: none). Read with the
-    /// anchors and replays of the moment; the shared answer is taken when
-    /// it reaches at least as far as this node has seen the stream go
-    /// (or, on a stream with one copy, when it found nothing at all),
-    /// else (or when it fails) the leader is asked. An anchor older than the real one only
-    /// makes the first live copy fill the difference from the stream.
+    /// anchors and replays of the moment (a Direct Get, which any replica
+    /// may answer), then checked, else (or when it fails) the leader is
+    /// asked:
+    ///
+    /// - **not behind:** the answer reaches at least as far as this node has
+    ///   seen the stream go (or, on a stream with one copy, found nothing at
+    ///   all). An anchor older than the real one would only make the first
+    ///   live copy fill the difference from the stream, but a replica far
+    ///   behind would make that fill long;
+    /// - **not ahead of the leader:** a replica may have applied an event the
+    ///   leader's state does not show yet, and a resuming stream replays only
+    ///   up to the head it reads from the leader *after* the anchor: an
+    ///   anchor past that head would skip the events in between. So unless
+    ///   the stream has one copy (the leader answered), the anchor is taken
+    ///   only when the leader's state, read after it, already holds it.
     pub(super) async fn anchor_of(self: &Arc<Self>, subject: &str) -> Result<Link, ReadError> {
         if self.batched_reads {
-            let seen = {
-                let seen = lock(&self.seen_head);
-                if seen.epoch == self.epoch() {
-                    seen.seq
-                } else {
-                    0
-                }
-            };
-            match self.newest_gathered(vec![subject.to_owned()]).await {
-                Ok(newest) => {
-                    let trusted = match newest.through {
-                        Some(through) => through >= seen,
-                        None => self.single_copy,
-                    };
-                    if trusted {
-                        return Ok(newest.by_subject.get(subject).copied().unwrap_or_default());
-                    }
-                }
+            match self.shared_anchor(subject).await {
+                Ok(Some(anchor)) => return Ok(anchor),
+                Ok(None) => {}
                 // E.g. a stream that does not allow Direct Gets.
                 Err(error) => {
                     tracing::debug!(%error, "a shared anchor read failed: asking the leader");
@@ -303,6 +298,33 @@ impl Store {
             .await?
             .map(|message| message.link())
             .unwrap_or_default())
+    }
+
+    /// The anchor from a shared read, when it passes [`Store::anchor_of`]'s
+    /// checks.
+    async fn shared_anchor(self: &Arc<Self>, subject: &str) -> Result<Option<Link>, ReadError> {
+        let seen = {
+            let seen = lock(&self.seen_head);
+            if seen.epoch == self.epoch() {
+                seen.seq
+            } else {
+                0
+            }
+        };
+        let newest = self.newest_gathered(vec![subject.to_owned()]).await?;
+        let not_behind = match newest.through {
+            Some(through) => through >= seen,
+            None => self.single_copy,
+        };
+        if !not_behind {
+            return Ok(None);
+        }
+        let anchor = newest.by_subject.get(subject).copied().unwrap_or_default();
+        if self.single_copy || anchor.seq == 0 {
+            return Ok(Some(anchor));
+        }
+        let leader = self.state().await?;
+        Ok((anchor.seq <= leader.last_sequence).then_some(anchor))
     }
 
     /// The stream was seen holding sequence `seq` in `epoch` (a state read,
