@@ -171,15 +171,12 @@ impl Followed {
     }
 
     /// Delivers `event`, which connects to the chain's end (already moved
-    /// to it), recording it while the target lingers.
+    /// to it), recording it while the target has a record (a record stays
+    /// complete until [`Dispatcher::drop_expired_records`] drops it).
     fn deliver(&mut self, event: Event, sink: &dyn LiveSink) {
         let event = Arc::new(event);
         if let Some(recent) = &mut self.recent {
-            if recent.expired(Instant::now()) {
-                self.recent = None;
-            } else {
-                recent.delivered(&event);
-            }
+            recent.delivered(&event);
         }
         sink.deliver(&event);
     }

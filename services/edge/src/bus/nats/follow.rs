@@ -60,6 +60,9 @@ struct Current {
     key: u64,
     /// While no stream follows it: the ticket of this linger.
     lingering: Option<u64>,
+    /// Taken over from a linger: the dispatcher may hold a record of what
+    /// it delivered meanwhile (only then is a replay asked of it).
+    revived: bool,
 }
 
 /// A lingering follow to release once its time is up.
@@ -67,14 +70,6 @@ struct Due {
     at: Instant,
     target: Target,
     current: Current,
-}
-
-/// How long a follow lingers and how much it records meanwhile
-/// (`nats.linger_secs`, `nats.linger_max_events`).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Lingering {
-    pub(super) time: Duration,
-    pub(super) max_events: usize,
 }
 
 /// The targets this node follows.
@@ -89,7 +84,9 @@ pub(super) struct Followers {
     dispatcher: mpsc::UnboundedSender<Command>,
     /// Where every live subscription delivers (the dispatcher reads it).
     copies: mpsc::Sender<async_nats::Message>,
-    lingering: Lingering,
+    /// How long a follow lingers once its last stream closed
+    /// (`nats.linger_secs`; zero: not at all).
+    linger: Duration,
     /// Lingering follows by when they are released (the time is constant,
     /// so this is their order of lingering).
     due: Mutex<VecDeque<Due>>,
@@ -106,7 +103,7 @@ pub(super) struct FollowParts {
     pub(super) subject_prefix: String,
     pub(super) dispatcher: mpsc::UnboundedSender<Command>,
     pub(super) copies: mpsc::Sender<async_nats::Message>,
-    pub(super) lingering: Lingering,
+    pub(super) linger: Duration,
     pub(super) metrics: Arc<Metrics>,
 }
 
@@ -121,7 +118,7 @@ impl Followers {
             next_key: AtomicU64::new(1),
             dispatcher: parts.dispatcher,
             copies: parts.copies,
-            lingering: parts.lingering,
+            linger: parts.linger,
             due: Mutex::new(VecDeque::new()),
             due_added: Notify::new(),
             metrics: parts.metrics,
@@ -137,6 +134,7 @@ impl Followers {
             if let Some(entry) = current.get_mut(target) {
                 if entry.lingering.take().is_some() {
                     // Taken over as it is.
+                    entry.revived = true;
                     self.metrics.nats_lingering.dec();
                     let _ = self.dispatcher.send(Command::Revive {
                         key: entry.key,
@@ -153,6 +151,7 @@ impl Followers {
                 Current {
                     key,
                     lingering: None,
+                    revived: false,
                 },
             );
             // Before the subscription exists: its first copy finds its route.
@@ -176,7 +175,7 @@ impl Followers {
         if entry.lingering.is_some() {
             return;
         }
-        if self.lingering.time.is_zero() {
+        if self.linger.is_zero() {
             let key = entry.key;
             current.remove(target);
             let _ = self.dispatcher.send(Command::Release { key });
@@ -186,7 +185,7 @@ impl Followers {
         let ticket = self.next_key.fetch_add(1, Ordering::Relaxed);
         entry.lingering = Some(ticket);
         let due = Due {
-            at: Instant::now() + self.lingering.time,
+            at: Instant::now() + self.linger,
             target: target.clone(),
             current: *entry,
         };
@@ -246,15 +245,17 @@ impl Followers {
         from: &StreamPosition,
         limit: usize,
     ) -> Option<Kept> {
-        if self.lingering.time.is_zero() {
-            return None;
-        }
         let asked = {
             let current = lock(&self.current);
             targets
                 .iter()
                 .zip(&from.seqs)
-                .map(|(target, &after)| current.get(target).map(|entry| (entry.key, after)))
+                .map(|(target, &after)| {
+                    current
+                        .get(target)
+                        .filter(|entry| entry.revived)
+                        .map(|entry| (entry.key, after))
+                })
                 .collect::<Option<Vec<_>>>()?
         };
         let (reply, answer) = oneshot::channel();

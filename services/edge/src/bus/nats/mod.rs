@@ -73,7 +73,7 @@ use crate::metrics::Metrics;
 use crate::telemetry::Tracing;
 use decode::Decoder;
 use dispatcher::Dispatcher;
-use follow::{FollowParts, Followers, Lingering};
+use follow::{FollowParts, Followers};
 use provision::{ConnectionEvents, MIN_SERVER};
 use replay::Replayer;
 use store::{API_TIMEOUT, Store};
@@ -265,10 +265,6 @@ async fn start_live(
     let (commands, received) = mpsc::unbounded_channel();
     // One buffer for every followed target's live copies.
     let (copies, copies_received) = mpsc::channel(settings.subscription_capacity);
-    let lingering = Lingering {
-        time: Duration::from_secs(settings.linger_secs),
-        max_events: settings.linger_max_events,
-    };
     let followers = Arc::new(Followers::new(FollowParts {
         client: client.clone(),
         store: Arc::clone(store),
@@ -276,7 +272,7 @@ async fn start_live(
         subject_prefix: settings.subject_prefix.clone(),
         dispatcher: commands,
         copies,
-        lingering,
+        linger: Duration::from_secs(settings.linger_secs),
         metrics: Arc::clone(&wiring.metrics),
     }));
     // Before any target is followed: a leader elected from now on is heard.
@@ -302,7 +298,7 @@ async fn start_live(
         copies: copies_received,
         leader_changes,
         check_interval: Duration::from_millis(settings.check_interval_ms),
-        linger_max_events: lingering.max_events,
+        linger_max_events: settings.linger_max_events,
         stop: stop.clone(),
     });
     tokio::spawn(tokio::task::unconstrained(dispatcher.run()));
@@ -373,10 +369,8 @@ impl Bus for NatsBus {
         })
         .await
         .map_err(|_| PublishError::Unavailable("JetStream did not acknowledge in time".into()))??;
-        let id = self.store.id(ack.sequence);
-        self.store.note_head(id.epoch, id.seq);
         Ok(Receipt {
-            id,
+            id: self.store.id(ack.sequence),
             duplicate: ack.duplicate,
         })
     }
