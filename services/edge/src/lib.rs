@@ -58,7 +58,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use herald_config::{BusKind, Settings};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
@@ -179,8 +179,9 @@ impl Node {
                 tracing: Arc::clone(&tracing),
             })
             .await?;
-        let (listener, local_addr) = bind("http.listen", &settings.http.listen).await?;
-        let (admin_listener, admin_addr) = bind("admin.listen", &settings.admin.listen).await?;
+        let backlog = settings.http.listen_backlog;
+        let (listener, local_addr) = bind("http.listen", &settings.http.listen, backlog)?;
+        let (admin_listener, admin_addr) = bind("admin.listen", &settings.admin.listen, backlog)?;
         let cluster = Arc::new(
             cluster::Cluster::start(&settings, &node_id, local_addr, Arc::clone(&metrics)).await?,
         );
@@ -310,15 +311,32 @@ impl Node {
     }
 }
 
-/// Binds the listener `key` configures at `addr`; returns it with the address
-/// it got (the real port for port 0).
-async fn bind(key: &'static str, addr: &str) -> Result<(TcpListener, SocketAddr), StartError> {
+/// Binds the listener `key` configures at `addr` (an IP address and port, as
+/// validated) with room for `backlog` connections not yet accepted; returns it
+/// with the address it got (the real port for port 0).
+fn bind(
+    key: &'static str,
+    addr: &str,
+    backlog: u32,
+) -> Result<(TcpListener, SocketAddr), StartError> {
     let failed = |source| StartError::Bind {
         key,
         addr: addr.to_owned(),
         source,
     };
-    let listener = TcpListener::bind(addr).await.map_err(failed)?;
+    let parsed: SocketAddr = addr
+        .parse()
+        .map_err(|err| failed(std::io::Error::new(std::io::ErrorKind::InvalidInput, err)))?;
+    let socket = match parsed {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(failed)?;
+    // As `TcpListener::bind` does: a restarted node can take its port back
+    // while the old connections are still in TIME_WAIT.
+    socket.set_reuseaddr(true).map_err(failed)?;
+    socket.bind(parsed).map_err(failed)?;
+    let listener = socket.listen(backlog).map_err(failed)?;
     let local_addr = listener.local_addr().map_err(failed)?;
     Ok((listener, local_addr))
 }

@@ -12,6 +12,13 @@ pub struct HttpSettings {
     /// operators' endpoints are on `admin.listen`). Default `127.0.0.1:8080`;
     /// use `0.0.0.0:8080` in containers. Port 0 picks a free port (tests).
     pub listen: String,
+    /// Connections the kernel may hold completed but not yet accepted, on
+    /// both listeners. A burst larger than this (every client of a node
+    /// coming back at once) has its extra connection attempts dropped, and
+    /// each one waits for its SYN to be sent again, a second later. Linux caps
+    /// it at `net.core.somaxconn` (4096 by default since 5.4). Default 4096,
+    /// like nchan's benchmark configuration; tokio's own default is 1024.
+    pub listen_backlog: u32,
     /// Largest accepted request body (`POST /v1/publish`), bytes. Default 65536.
     pub max_body_bytes: u64,
     /// Time a client has to send its complete request headers, milliseconds.
@@ -38,6 +45,7 @@ impl Default for HttpSettings {
     fn default() -> Self {
         HttpSettings {
             listen: "127.0.0.1:8080".into(),
+            listen_backlog: 4096,
             max_body_bytes: 64 * 1024,
             header_read_timeout_ms: 10_000,
             max_header_bytes: 16 * 1024,
@@ -73,6 +81,9 @@ impl HttpSettings {
                     "http.cors_allowed_origins: {origin:?} is not an origin like https://app.example.com (or *)"
                 ));
             }
+        }
+        if self.listen_backlog == 0 {
+            problems.push("http.listen_backlog must be at least 1".into());
         }
         if self.max_header_bytes < 8192 {
             problems.push("http.max_header_bytes must be at least 8192".into());

@@ -164,6 +164,24 @@ mod tests {
     }
 
     #[test]
+    fn the_listen_backlog_holds_a_reconnect_storm_by_default_and_cannot_be_zero() {
+        let settings = load(&[("HERALD__AUTH__HS256_SECRET", SECRET)]).expect("valid");
+        assert_eq!(settings.http.listen_backlog, 4096);
+        let settings = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__HTTP__LISTEN_BACKLOG", "16384"),
+        ])
+        .expect("valid");
+        assert_eq!(settings.http.listen_backlog, 16384);
+        let err = load(&[
+            ("HERALD__AUTH__HS256_SECRET", SECRET),
+            ("HERALD__HTTP__LISTEN_BACKLOG", "0"),
+        ])
+        .expect_err("invalid");
+        assert!(err.to_string().contains("http.listen_backlog"), "{err}");
+    }
+
+    #[test]
     fn cors_origins_are_a_comma_separated_list_in_the_environment() {
         let settings = load(&[
             ("HERALD__AUTH__HS256_SECRET", SECRET),
