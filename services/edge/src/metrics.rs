@@ -187,6 +187,11 @@ metrics! {
     /// slice or per 1,000 targets on nats-server 2.11+, one per target before).
     live_check_reads: Counter, "live_check_reads",
         "Stream reads made by the live checks";
+    /// Stored messages the live checks were answered with: one per checked
+    /// target in a full round, one per target with events since its last
+    /// check in the rounds between.
+    live_check_answers: Counter, "live_check_answers",
+        "Stored messages the live checks were answered with";
     /// Bus messages dropped as undeliverable (bad subject, UTF-8, type, size).
     bus_bad_events: Counter, "bus_bad_events", "Bus messages dropped as undeliverable";
     /// 1 while the NATS connection is up (NATS bus only).
@@ -323,6 +328,7 @@ mod tests {
             "herald_history_changes counter",
             "herald_live_checks counter",
             "herald_live_check_reads counter",
+            "herald_live_check_answers counter",
             "herald_bus_bad_events counter",
             "herald_nats_connected gauge",
             "herald_nats_slow_consumer counter",

@@ -1212,12 +1212,17 @@ async fn a_lost_live_copy_of_a_quiet_target_arrives_without_another_event() {
 }
 
 /// The periodic check reads its targets a slice at a time, spread over the
-/// interval: with more quiet users followed than one slice holds (100), a lost
-/// live copy still reaches the first user and the last, in different slices.
+/// interval: with more quiet users followed than one slice holds (one batched
+/// read: 100 subjects with a live buffer of 101), a lost live copy still
+/// reaches the first user and the last, in different slices.
 #[tokio::test]
 async fn the_periodic_check_reaches_every_target_when_a_round_takes_several_slices() {
     let nats = NatsServer::start().expect("nats-server");
-    let node = nats_node_with(&nats, |n| n.check_interval_ms = 600).await;
+    let node = nats_node_with(&nats, |n| {
+        n.check_interval_ms = 600;
+        n.subscription_capacity = 101;
+    })
+    .await;
     let users: Vec<String> = (0..250).map(|n| format!("user{n:03}")).collect();
     let mut streams = Vec::new();
     for user in &users {
@@ -1237,6 +1242,58 @@ async fn the_periodic_check_reaches_every_target_when_a_round_takes_several_slic
         );
     }
     assert_eq!(metric(&node, "herald_gap_repairs_total"), 2);
+}
+
+/// Between full rounds (the first, then every eighth) the periodic check
+/// asks only for subjects with events after the position each chain was
+/// checked complete through: quiet users cost it no stored message, and a
+/// live copy lost after that position is still found and filled.
+#[tokio::test]
+async fn checks_between_full_rounds_are_answered_only_with_what_is_new() {
+    let nats = NatsServer::start().expect("nats-server");
+    let node = nats_node_with(&nats, |n| n.check_interval_ms = 200).await;
+    let users = ["alice", "bob", "carol", "dave"];
+    let mut streams = Vec::new();
+    for user in users {
+        let mut stream = SseClient::open(&node, user).await.expect("stream");
+        let id = publish_to(&node, json!({"user": user, "data": "hello"})).await;
+        assert_eq!(stream.next_event(PATIENCE).await.expect("hello").id, id);
+        streams.push(stream);
+    }
+    // One round (one slice: four targets) after the events were delivered.
+    let after_events = metric(&node, "herald_live_checks_total");
+    wait_until("a check after the events", PATIENCE, || {
+        metric(&node, "herald_live_checks_total") > after_events
+    })
+    .await
+    .expect("checked");
+
+    let checks = metric(&node, "herald_live_checks_total");
+    let answers = metric(&node, "herald_live_check_answers_total");
+    wait_until("four more rounds", PATIENCE, || {
+        metric(&node, "herald_live_checks_total") >= checks + 4
+    })
+    .await
+    .expect("checked");
+    let answered = metric(&node, "herald_live_check_answers_total") - answers;
+    assert!(
+        answered <= users.len() as u64,
+        "four rounds over quiet users were answered with {answered} stored messages: \
+         more than the one full round they may include"
+    );
+
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("client"));
+    let lost =
+        publish_losing_the_live_copy(&js, &node, json!({"user": "carol", "data": "lost"})).await;
+    let event = streams[2]
+        .next_event(PATIENCE)
+        .await
+        .expect("the lost event");
+    assert_eq!(
+        (event.id.as_str(), event.data.as_str()),
+        (lost.as_str(), "lost")
+    );
+    assert_eq!(metric(&node, "herald_gap_repairs_total"), 1);
 }
 
 /// The stream sequence of a single-target id (`<epoch>-<seq>`).

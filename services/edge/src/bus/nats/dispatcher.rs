@@ -23,7 +23,10 @@
 //! itself, so the dispatcher also **checks** every target: once per interval,
 //! in slices spread over it (see [`sweep`](super::sweep)), and all at once
 //! after a reconnect, a slow-consumer drop or a stream leader change. A check
-//! is a batched read of the followed subjects' newest stored messages. A
+//! is a batched read of the followed subjects' newest stored messages (in
+//! most rounds of the periodic check, only of those newer than what the
+//! slice's chains were already checked complete through: a quiet target
+//! costs no message; see [`sweep`](super::sweep)). A
 //! newer one than the chain's end is filled; a chain at the newest message is
 //! complete up to the sequence the answer covers, and that is reported to the
 //! sink as **progress** (a multi-target stream's id then carries it).
@@ -779,6 +782,9 @@ impl Dispatcher {
                 match newest {
                     Ok(newest) => {
                         self.metrics.live_check_reads.inc_by(newest.reads);
+                        self.metrics
+                            .live_check_answers
+                            .inc_by(newest.by_subject.len() as u64);
                         self.checked(snapshot, subjects, newest);
                     }
                     Err(error) => {
@@ -980,8 +986,13 @@ impl Dispatcher {
         // only what never arrived.
         self.take_copies();
         self.checking = true;
+        let mut since_checked = false;
         let keys: Vec<u64> = match check {
-            Check::Slice => self.sweep.next_slice(self.followed.keys().copied()),
+            Check::Slice => {
+                let keys = self.sweep.next_slice(self.followed.keys().copied());
+                since_checked = !self.sweep.full_round();
+                keys
+            }
             Check::Everything => {
                 if self.after_loss {
                     // A target under repair is not read: its own copies lost
@@ -1004,12 +1015,26 @@ impl Dispatcher {
                 )
             })
             .unzip();
+        // Every chain read is complete through its `progressed` (everything
+        // stored for its subject up to there was delivered or precedes its
+        // anchor), so a subject with nothing stored after the lowest of them
+        // has nothing this node lacks: it may be left out of the answer.
+        let since = if since_checked {
+            snapshot
+                .iter()
+                .filter_map(|(key, _)| self.followed.get(key))
+                .map(|followed| followed.progressed)
+                .min()
+                .unwrap_or(0)
+        } else {
+            0
+        };
         let store = Arc::clone(&self.store);
         let generation = self.generation;
         let epoch = store.epoch();
         self.repairs.push(
             async move {
-                let newest = store.newest_of(&subjects).await;
+                let newest = store.newest_after(&subjects, since).await;
                 Tagged {
                     generation,
                     epoch,
@@ -1075,6 +1100,9 @@ impl Dispatcher {
                     ) == Verdict::Duplicate
                 }
                 None if last.seq == 0 => true,
+                // Left out of the answer: nothing stored after a position
+                // this chain was complete through (see `start_check`).
+                None if newest.left_out_through > 0 => true,
                 // Older than the chain's end, or nothing, from a server that
                 // has caught up with it: the end was removed, or the history
                 // went back; the leader tells which.

@@ -136,6 +136,7 @@ fn part_for(newest: &Newest, subjects: &[String]) -> Newest {
             .cloned()
             .collect(),
         reads: newest.reads,
+        left_out_through: newest.left_out_through,
     }
 }
 
@@ -204,6 +205,7 @@ mod tests {
             through: Some(12),
             unanswered: ["z".to_owned()].into(),
             reads: 1,
+            left_out_through: 0,
         };
         let part = part_for(&newest, &["b".to_owned(), "c".to_owned(), "z".to_owned()]);
         assert_eq!(part.by_subject.len(), 1);

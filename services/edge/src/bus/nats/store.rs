@@ -156,6 +156,10 @@ pub(super) struct Newest {
     pub(super) unanswered: HashSet<String>,
     /// Requests the answer took.
     pub(super) reads: u64,
+    /// Subjects whose newest message is at or below this sequence were left
+    /// out of the answer ([`Store::newest_after`]): absent from `by_subject`
+    /// means "nothing after it", not "nothing stored". 0: nothing left out.
+    pub(super) left_out_through: u64,
 }
 
 /// A batched Direct Get's answer: the messages, in stream order, then how it
@@ -475,13 +479,28 @@ impl Store {
     /// The newest stored message of each of `subjects`: batched multi-subject
     /// Direct Gets on nats-server 2.11+, one leader read per subject before.
     pub(super) async fn newest_of(&self, subjects: &[String]) -> Result<Newest, ReadError> {
+        self.newest_after(subjects, 0).await
+    }
+
+    /// [`Store::newest_of`], leaving out every subject whose newest message
+    /// is at or below `since` (nats-server skips them: a subject quiet since
+    /// then costs its lookup, not a message). Old servers answer every
+    /// subject, and then nothing is left out.
+    pub(super) async fn newest_after(
+        &self,
+        subjects: &[String],
+        since: u64,
+    ) -> Result<Newest, ReadError> {
         if !self.batched_reads {
             return self.newest_one_by_one(subjects).await;
         }
-        let mut newest = Newest::default();
+        let mut newest = Newest {
+            left_out_through: since,
+            ..Newest::default()
+        };
         let mut through: Option<u64> = None;
         for batch in subjects.chunks(self.per_batch) {
-            let part = self.newest_batch(batch).await?;
+            let part = self.newest_batch(batch, since).await?;
             newest.reads += 1;
             newest.by_subject.extend(part.by_subject);
             // The whole answer is complete only as far as its least complete
@@ -499,10 +518,14 @@ impl Store {
     /// up to the end-of-batch status's `Nats-UpTo-Sequence`, the sequence the
     /// answering server's view reaches (every message up to it was
     /// considered).
-    async fn newest_batch(&self, subjects: &[String]) -> Result<Newest, ReadError> {
-        let batch = self
-            .direct_batch(&serde_json::json!({ "multi_last": subjects }))
-            .await?;
+    async fn newest_batch(&self, subjects: &[String], since: u64) -> Result<Newest, ReadError> {
+        let request = if since == 0 {
+            serde_json::json!({ "multi_last": subjects })
+        } else {
+            // `seq`: only newest messages at or after it are sent.
+            serde_json::json!({ "multi_last": subjects, "seq": since + 1 })
+        };
+        let batch = self.direct_batch(&request).await?;
         Ok(Newest {
             by_subject: batch
                 .messages

@@ -9,18 +9,32 @@
 //! the interval: every target is still read once per interval, and the
 //! leader answers one batch at a time.
 //!
-//! A slice is at most [`SLICE_TARGETS`] targets, so that what a slice makes
-//! the leader do (a lookup and a reply per subject) stays short beside a live
-//! event's path: at 10,000 targets and the default 2 s interval, one
-//! 100-subject read every 20 ms. A slice is the next follow keys in key order
-//! after the last one read, wrapping around: a target followed or unfollowed
-//! mid-round neither stops the round nor makes another target wait longer
-//! than a round.
+//! A slice is at most [`SLICE_TARGETS`] targets (one batched read): at
+//! 10,000 targets and the default 2 s interval, one 1,000-subject read every
+//! 200 ms. Slices are not smaller because nats-server answers a multi-subject
+//! read by walking every subject of the stream's newest blocks, however few
+//! were asked (`fileStore.MultiLastSeqs`): at 100 subjects a read, that walk
+//! cost nats-server more than everything else the round asked of it. A
+//! slice is the next follow keys in key order after the last one read,
+//! wrapping around: a target followed or unfollowed mid-round neither stops
+//! the round nor makes another target wait longer than a round.
+//!
+//! Most rounds are **since** rounds: a slice asks only for subjects with a
+//! message after the lowest position its targets were all checked complete
+//! through, so a quiet target costs nats-server a lookup and no message, and
+//! the node nothing. Every [`FULL_ROUND_EVERY`]th round (the first one
+//! included) asks for every subject's newest message, so that each chain's
+//! end is seen to still stand in the stored history at least that often,
+//! quiet or not.
 
 use std::time::Duration;
 
 /// Most targets one slice of the periodic round reads.
-pub(super) const SLICE_TARGETS: usize = 100;
+pub(super) const SLICE_TARGETS: usize = 1000;
+
+/// Every this many rounds, one reads every target's newest message (the
+/// others read only what is newer than each slice's checked position).
+pub(super) const FULL_ROUND_EVERY: u64 = 8;
 
 /// Where the periodic check is in its round over the followed targets.
 #[derive(Debug)]
@@ -31,6 +45,8 @@ pub(super) struct Sweep {
     interval: Duration,
     /// The next slice starts at the first key at or after this one.
     cursor: u64,
+    /// Rounds begun so far (the one under way included).
+    rounds: u64,
 }
 
 impl Sweep {
@@ -41,6 +57,7 @@ impl Sweep {
             per_slice: per_batch.clamp(1, SLICE_TARGETS),
             interval,
             cursor: 0,
+            rounds: 1,
         }
     }
 
@@ -49,6 +66,12 @@ impl Sweep {
     pub(super) fn pause(&self, followed: usize) -> Duration {
         let slices = followed.div_ceil(self.per_slice).max(1);
         self.interval / u32::try_from(slices).unwrap_or(u32::MAX)
+    }
+
+    /// Whether the round under way reads every subject's newest message,
+    /// not only those newer than each slice's checked position.
+    pub(super) fn full_round(&self) -> bool {
+        self.rounds % FULL_ROUND_EVERY == 1
     }
 
     /// The keys the next slice reads, from the followed targets' `keys` (in
@@ -60,6 +83,7 @@ impl Sweep {
         if slice.is_empty() {
             // The round is over: the next starts again at the lowest key.
             slice = keys.collect();
+            self.rounds += 1;
         }
         if slice.len() > self.per_slice {
             slice.select_nth_unstable(self.per_slice - 1);
@@ -126,7 +150,29 @@ mod tests {
         assert_eq!(sweep.pause(0), Duration::from_secs(2));
         assert_eq!(sweep.pause(SLICE_TARGETS), Duration::from_secs(2));
         assert_eq!(sweep.pause(SLICE_TARGETS + 1), Duration::from_secs(1));
-        assert_eq!(sweep.pause(10_000), Duration::from_millis(20));
+        assert_eq!(sweep.pause(10_000), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn the_first_round_and_every_eighth_after_it_read_everything() {
+        let mut sweep = Sweep::new(2, Duration::from_secs(2));
+        let keys = [1_u64, 2, 3];
+        let mut full = Vec::new();
+        for _ in 0..(2 * FULL_ROUND_EVERY + 1) {
+            // Two slices a round: [1, 2] begins it, [3] ends it.
+            let first = sweep.next_slice(keys.iter().copied());
+            assert_eq!(first, vec![1, 2]);
+            let begun_full = sweep.full_round();
+            sweep.next_slice(keys.iter().copied());
+            assert_eq!(
+                sweep.full_round(),
+                begun_full,
+                "a round is one kind throughout"
+            );
+            full.push(begun_full);
+        }
+        let full_rounds: Vec<usize> = (0..full.len()).filter(|&round| full[round]).collect();
+        assert_eq!(full_rounds, [0, 8, 16]);
     }
 
     #[test]
