@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 USERS=${USERS:-10000} RATE=${RATE:-170} DURATION=${DURATION:-60} CHECK_MS=${CHECK_MS:-2000}
-edge=target/release/herald-edge
+edge=${EDGE_BIN:-target/release/herald-edge}  # EDGE_BIN: another build, back to back
 generator=target/release/herald-loadtest
 secret="loadtest-secret-0123456789abcdef0123"
 port=${PORT:-19080}
