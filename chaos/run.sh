@@ -26,6 +26,18 @@ export CLUSTER_DIR=${CLUSTER_DIR:-$PWD/.cluster-chaos}
 export BASE_PORT=${BASE_PORT:-28080} NATS_PORT=${NATS_PORT:-24222} GOSSIP_PORT=${GOSSIP_PORT:-27946}
 export CONNECTIONS=${CONNECTIONS:-300} RATE=${RATE:-300} DURATION=${DURATION:-15} CUT_SECS=${CUT_SECS:-8}
 export STALL_SECS=${STALL_SECS:-2}
+# A port inside the kernel's ephemeral range can be taken at any moment by a
+# client's source port (a run once failed to bind 127.0.0.1:49082 that way):
+# every port a run derives (each base up to +4100) must stay below or above it.
+if read -r ephemeral_low ephemeral_high < /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null; then
+  for setting in BASE_PORT NATS_PORT GOSSIP_PORT; do
+    low=${!setting} high=$((${!setting} + 4100))
+    if [ "$high" -ge "$ephemeral_low" ] && [ "$low" -le "$ephemeral_high" ]; then
+      echo "chaos: $setting=$low reaches into the ephemeral port range $ephemeral_low-$ephemeral_high (net.ipv4.ip_local_port_range); pick ports below $((ephemeral_low - 4100)) (defaults: BASE_PORT=28080 NATS_PORT=24222 GOSSIP_PORT=27946)" >&2
+      exit 64
+    fi
+  done
+fi
 . chaos/lib.sh
 # No proxy outlives the run, even one whose cluster failed to start.
 trap stop_faults EXIT
