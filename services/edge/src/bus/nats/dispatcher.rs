@@ -247,6 +247,8 @@ enum Outcome {
         snapshot: Vec<(u64, Link)>,
         subjects: Vec<String>,
         newest: Result<Newest, ReadError>,
+        /// A slice of a since round (its answer sizes the next one's slices).
+        since_round: bool,
     },
     /// The epoch was moved after a rewound history (or failed to be).
     EpochMoved(Result<(), ReadError>),
@@ -777,14 +779,17 @@ impl Dispatcher {
                 snapshot,
                 subjects,
                 newest,
+                since_round,
             } => {
                 self.metrics.live_checks.inc();
                 match newest {
                     Ok(newest) => {
+                        let answered = newest.by_subject.len();
                         self.metrics.live_check_reads.inc_by(newest.reads);
-                        self.metrics
-                            .live_check_answers
-                            .inc_by(newest.by_subject.len() as u64);
+                        self.metrics.live_check_answers.inc_by(answered as u64);
+                        if since_round {
+                            self.sweep.since_answered(snapshot.len(), answered);
+                        }
                         self.checked(snapshot, subjects, newest);
                     }
                     Err(error) => {
@@ -1042,6 +1047,7 @@ impl Dispatcher {
                         snapshot,
                         subjects,
                         newest,
+                        since_round: since_checked,
                     },
                 }
             }

@@ -9,13 +9,7 @@
 //! the interval: every target is still read once per interval, and the
 //! leader answers one batch at a time.
 //!
-//! A slice is at most [`SLICE_TARGETS`] targets (one batched read): at
-//! 10,000 targets and the default 2 s interval, one 1,000-subject read every
-//! 200 ms. Slices are not smaller because nats-server answers a multi-subject
-//! read by walking every subject of the stream's newest blocks, however few
-//! were asked (`fileStore.MultiLastSeqs`): at 100 subjects a read, that walk
-//! cost nats-server more than everything else the round asked of it. A
-//! slice is the next follow keys in key order after the last one read,
+//! A slice is a run of follow keys in key order after the last one read,
 //! wrapping around: a target followed or unfollowed mid-round neither stops
 //! the round nor makes another target wait longer than a round.
 //!
@@ -26,11 +20,22 @@
 //! included) asks for every subject's newest message, so that each chain's
 //! end is seen to still stand in the stored history at least that often,
 //! quiet or not.
+//!
+//! How many targets a slice holds follows from what its answer will carry:
+//! about [`SLICE_ANSWERS`] messages, so that a live event never waits behind
+//! a long answer. A full round's slices are that many targets (every one is
+//! answered). A since round sizes its slices from the share of targets the
+//! last since round found with something new, up to one batched read: quiet
+//! targets make large slices, and large slices matter, because nats-server
+//! answers a multi-subject read by walking every subject of the stream's
+//! newest blocks however few were asked (`fileStore.MultiLastSeqs`), so a
+//! round of 100-subject reads paid that walk ten times more often than one
+//! of 1,000-subject reads.
 
 use std::time::Duration;
 
-/// Most targets one slice of the periodic round reads.
-pub(super) const SLICE_TARGETS: usize = 1000;
+/// About how many messages one slice's answer should carry.
+pub(super) const SLICE_ANSWERS: usize = 100;
 
 /// Every this many rounds, one reads every target's newest message (the
 /// others read only what is newer than each slice's checked position).
@@ -39,7 +44,9 @@ pub(super) const FULL_ROUND_EVERY: u64 = 8;
 /// Where the periodic check is in its round over the followed targets.
 #[derive(Debug)]
 pub(super) struct Sweep {
-    /// Most targets one slice reads (one batched read at most).
+    /// Most targets one batched read may ask for.
+    per_batch: usize,
+    /// Targets a slice of the round under way reads.
     per_slice: usize,
     /// How long a whole round takes.
     interval: Duration,
@@ -47,17 +54,27 @@ pub(super) struct Sweep {
     cursor: u64,
     /// Rounds begun so far (the one under way included).
     rounds: u64,
+    /// Targets asked for, and answered with a message, in the since round
+    /// under way, then in the last one completed.
+    asked: usize,
+    answered: usize,
+    last_since: Option<(usize, usize)>,
 }
 
 impl Sweep {
-    /// A round of `interval` in slices of [`SLICE_TARGETS`] targets, or of
-    /// `per_batch` (the most one batched read may ask for) when fewer.
+    /// A round of `interval` in slices of at most `per_batch` targets (the
+    /// most one batched read may ask for).
     pub(super) fn new(per_batch: usize, interval: Duration) -> Self {
+        let per_batch = per_batch.max(1);
         Sweep {
-            per_slice: per_batch.clamp(1, SLICE_TARGETS),
+            per_batch,
+            per_slice: per_batch.min(SLICE_ANSWERS),
             interval,
             cursor: 0,
             rounds: 1,
+            asked: 0,
+            answered: 0,
+            last_since: None,
         }
     }
 
@@ -74,6 +91,33 @@ impl Sweep {
         self.rounds % FULL_ROUND_EVERY == 1
     }
 
+    /// A slice of a since round asked for `asked` targets and was answered
+    /// with `answered` messages.
+    pub(super) fn since_answered(&mut self, asked: usize, answered: usize) {
+        self.asked += asked;
+        self.answered += answered;
+    }
+
+    /// Starts the next round: its kind, and its slices' size.
+    fn next_round(&mut self) {
+        if !self.full_round() && self.asked > 0 {
+            self.last_since = Some((self.asked, self.answered));
+        }
+        self.asked = 0;
+        self.answered = 0;
+        self.rounds += 1;
+        let smallest = self.per_batch.min(SLICE_ANSWERS);
+        self.per_slice = match self.last_since {
+            Some((asked, answered)) if !self.full_round() => {
+                // Targets per slice so that its answer holds about
+                // SLICE_ANSWERS messages, at the last since round's share.
+                (SLICE_ANSWERS.saturating_mul(asked) / answered.max(1))
+                    .clamp(smallest, self.per_batch)
+            }
+            _ => smallest,
+        };
+    }
+
     /// The keys the next slice reads, from the followed targets' `keys` (in
     /// any order), and moves past them. Linear in the followed targets: only
     /// the slice itself is sorted.
@@ -83,7 +127,7 @@ impl Sweep {
         if slice.is_empty() {
             // The round is over: the next starts again at the lowest key.
             slice = keys.collect();
-            self.rounds += 1;
+            self.next_round();
         }
         if slice.len() > self.per_slice {
             slice.select_nth_unstable(self.per_slice - 1);
@@ -148,9 +192,44 @@ mod tests {
     fn slices_are_spread_evenly_over_the_interval() {
         let sweep = Sweep::new(1000, Duration::from_secs(2));
         assert_eq!(sweep.pause(0), Duration::from_secs(2));
-        assert_eq!(sweep.pause(SLICE_TARGETS), Duration::from_secs(2));
-        assert_eq!(sweep.pause(SLICE_TARGETS + 1), Duration::from_secs(1));
-        assert_eq!(sweep.pause(10_000), Duration::from_millis(200));
+        assert_eq!(sweep.pause(SLICE_ANSWERS), Duration::from_secs(2));
+        assert_eq!(sweep.pause(SLICE_ANSWERS + 1), Duration::from_secs(1));
+        assert_eq!(sweep.pause(10_000), Duration::from_millis(20));
+    }
+
+    /// Reads one whole round; each since slice is answered for `share` of
+    /// its targets. Returns the sizes of the round's slices.
+    fn round(sweep: &mut Sweep, keys: &[u64], share: f64) -> Vec<usize> {
+        let mut sizes = Vec::new();
+        let mut read = 0;
+        while read < keys.len() {
+            let slice = sweep.next_slice(keys.iter().copied());
+            if !sweep.full_round() {
+                let answered = (slice.len() as f64 * share).round() as usize;
+                sweep.since_answered(slice.len(), answered);
+            }
+            read += slice.len();
+            sizes.push(slice.len());
+        }
+        sizes
+    }
+
+    #[test]
+    fn slices_grow_over_quiet_targets_and_shrink_back_when_they_are_busy() {
+        let mut sweep = Sweep::new(1000, Duration::from_secs(2));
+        let keys: Vec<u64> = (0..3000).collect();
+        // The first round is full: every target is answered.
+        assert!(round(&mut sweep, &keys, 1.0).iter().all(|&n| n == 100));
+        // The first since round knows nothing yet; 2 % of its targets had news.
+        assert!(round(&mut sweep, &keys, 0.02).iter().all(|&n| n == 100));
+        // So the next one reads as many as one batched read holds.
+        let quiet = round(&mut sweep, &keys, 1.0);
+        assert_eq!(quiet, [1000, 1000, 1000]);
+        assert_eq!(sweep.pause(3000), Duration::from_secs(2) / 3);
+        // Every target had news: back to slices whose answers hold about 100.
+        assert!(round(&mut sweep, &keys, 0.5).iter().all(|&n| n == 100));
+        // Half had news: 200 a slice.
+        assert!(round(&mut sweep, &keys, 0.5).iter().all(|&n| n == 200));
     }
 
     #[test]
@@ -180,6 +259,16 @@ mod tests {
         let mut sweep = Sweep::new(3, Duration::from_secs(2));
         assert_eq!(sweep.next_slice(0..1000).len(), 3);
         let mut sweep = Sweep::new(1000, Duration::from_secs(2));
-        assert_eq!(sweep.next_slice(0..1000).len(), SLICE_TARGETS);
+        assert_eq!(sweep.next_slice(0..1000).len(), SLICE_ANSWERS);
+        // However quiet the targets, a since round's slice is one read.
+        let keys: Vec<u64> = (0..5000).collect();
+        let mut sweep = Sweep::new(700, Duration::from_secs(2));
+        round(&mut sweep, &keys, 1.0);
+        round(&mut sweep, &keys, 0.0);
+        assert!(
+            round(&mut sweep, &keys, 0.0)
+                .iter()
+                .all(|&n| n == 700 || n == 5000 % 700)
+        );
     }
 }
