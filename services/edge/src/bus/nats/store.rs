@@ -62,6 +62,23 @@ pub(super) fn subjects_per_batch(capacity: usize) -> usize {
     SUBJECTS_PER_BATCH.min(capacity.saturating_sub(1)).max(1)
 }
 
+/// What one multi-subject read's answer says. An answer cut short (the server
+/// stops at its byte limit, `max_pending`, and says how many it did not send)
+/// says nothing of the subjects left: a subject missing from it could then
+/// have a newer message than any sent, so no part of it is complete.
+fn newest_answered(batch: Batch) -> Newest {
+    let complete = batch.end.filter(|end| end.pending.unwrap_or(0) == 0);
+    Newest {
+        by_subject: batch
+            .messages
+            .iter()
+            .map(|message| (message.subject.clone(), message.link()))
+            .collect(),
+        through: complete.and_then(|end| end.up_to),
+        ..Newest::default()
+    }
+}
+
 /// Why the stream could not be read. Nothing changed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ReadError {
@@ -525,16 +542,7 @@ impl Store {
             // `seq`: only newest messages at or after it are sent.
             serde_json::json!({ "multi_last": subjects, "seq": since + 1 })
         };
-        let batch = self.direct_batch(&request).await?;
-        Ok(Newest {
-            by_subject: batch
-                .messages
-                .iter()
-                .map(|message| (message.subject.clone(), message.link()))
-                .collect(),
-            through: batch.end.and_then(|end| end.up_to),
-            ..Newest::default()
-        })
+        Ok(newest_answered(self.direct_batch(&request).await?))
     }
 
     /// The stored messages of `subject` from sequence `from` on (`from`
@@ -749,5 +757,41 @@ mod tests {
         assert_eq!(subjects_per_batch(16), 15);
         assert_eq!(subjects_per_batch(2), 1);
         assert_eq!(subjects_per_batch(1), 1, "never zero subjects per read");
+    }
+
+    fn stored(subject: &str, seq: u64) -> Stored {
+        Stored {
+            subject: subject.to_owned(),
+            seq,
+            stored_at: SystemTime::UNIX_EPOCH,
+            headers: HeaderMap::new(),
+            payload: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn a_newest_of_answer_is_complete_up_to_its_end_unless_it_was_cut_short() {
+        let answer = |pending| Batch {
+            messages: vec![stored("a", 3), stored("b", 7)],
+            end: Some(BatchEnd {
+                pending: Some(pending),
+                up_to: Some(9),
+            }),
+        };
+        let whole = newest_answered(answer(0));
+        assert_eq!(whole.through, Some(9));
+        assert_eq!(whole.by_subject.get("b").map(|link| link.seq), Some(7));
+        // The server stopped at its byte limit with one subject's message
+        // unsent: nothing may be concluded of the subjects missing from it.
+        let cut = newest_answered(answer(1));
+        assert_eq!(cut.through, None);
+        assert_eq!(
+            cut.by_subject.len(),
+            2,
+            "what was sent is still each subject's newest"
+        );
+        // A 404 (nothing stored for any subject asked) says nothing either.
+        let nothing = newest_answered(Batch::default());
+        assert_eq!(nothing.through, None);
     }
 }
