@@ -38,10 +38,21 @@ GOSSIP_PORT=${GOSSIP_PORT:-7946}
 SECRET=${HERALD_SECRET:-herald-dev-secret-change-me-0123456789}
 NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
 
+# Polls for up to 60 s. With 15 s, an edge twice failed to become ready in a
+# CI run of chaos-fast (debug builds, a loaded 2-core machine) for a reason
+# the next scenario's start erased from the logs; the bound only decides how
+# soon a start that really failed is reported, and a failure now prints the
+# logs' ends and who holds the edges' ports.
 wait_for() { # what, command...
   local what=$1; shift
-  for _ in $(seq 150); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  for _ in $(seq 600); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
   echo "cluster: $what did not come up; logs in $STATE/logs" >&2
+  # The next start replaces those logs: keep their ends with this message.
+  local log
+  for log in "$STATE"/logs/*.log; do
+    [ -s "$log" ] && { echo "--- tail of $log" >&2; tail -n 8 "$log" >&2; }
+  done
+  command -v ss >/dev/null && { echo "--- listening sockets" >&2; ss -ltnp 2>/dev/null | grep -E ":($BASE_PORT|$ADMIN_PORT|$((BASE_PORT + 1))|$((BASE_PORT + 2))|$((BASE_PORT + 3))|$((ADMIN_PORT + 1))|$((ADMIN_PORT + 2))|$((ADMIN_PORT + 3)))\b" >&2 || true; }
   return 1
 }
 
