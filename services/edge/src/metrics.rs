@@ -192,6 +192,11 @@ metrics! {
     /// check in the rounds between.
     live_check_answers: Counter, "live_check_answers",
         "Stored messages the live checks were answered with";
+    /// Followed targets a since round left out because a live copy
+    /// connected to their chain since the check last came by (that copy
+    /// showed the chain complete; the next visit reads it).
+    live_check_left_out: Counter, "live_check_left_out",
+        "Targets the live checks left out because a live copy had just connected";
     /// Bus messages dropped as undeliverable (bad subject, UTF-8, type, size).
     bus_bad_events: Counter, "bus_bad_events", "Bus messages dropped as undeliverable";
     /// 1 while the NATS connection is up (NATS bus only).
@@ -329,6 +334,7 @@ mod tests {
             "herald_live_checks counter",
             "herald_live_check_reads counter",
             "herald_live_check_answers counter",
+            "herald_live_check_left_out counter",
             "herald_bus_bad_events counter",
             "herald_nats_connected gauge",
             "herald_nats_slow_consumer counter",

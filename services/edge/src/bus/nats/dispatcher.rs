@@ -148,6 +148,10 @@ struct Followed {
     held: Vec<(LiveLink, async_nats::Message)>,
     /// The highest position reported to the sink as progress.
     progressed: u64,
+    /// A live copy connected to the chain since the periodic check last
+    /// came by: the chain was complete up to that copy, so a since round
+    /// leaves it out once (see [`Dispatcher::start_check`]).
+    connected_since_check: bool,
     /// `false` while the chain waits to be anchored in a new history.
     anchored: bool,
     /// The events delivered since its last stream closed (lingering, or
@@ -439,6 +443,7 @@ impl Dispatcher {
                         repairing: true,
                         held: Vec::new(),
                         progressed: 0,
+                        connected_since_check: false,
                         anchored: true,
                         recent: None,
                         waiting: Vec::new(),
@@ -656,6 +661,7 @@ impl Dispatcher {
         };
         match verdict {
             Verdict::Connects => {
+                followed.connected_since_check = true;
                 followed.last = Link {
                     seq: link.seq,
                     stored_at: link.stored_at,
@@ -990,7 +996,6 @@ impl Dispatcher {
         // What arrived before the read is judged first, so the check finds
         // only what never arrived.
         self.take_copies();
-        self.checking = true;
         let mut since_checked = false;
         let keys: Vec<u64> = match check {
             Check::Slice => {
@@ -1009,17 +1014,40 @@ impl Dispatcher {
                 self.followed.keys().copied().collect()
             }
         };
-        let (snapshot, subjects): (Vec<(u64, Link)>, Vec<String>) = keys
-            .into_iter()
-            .filter_map(|key| self.followed.get(&key).map(|followed| (key, followed)))
-            .filter(|(_, followed)| !followed.repairing)
-            .map(|(key, followed)| {
-                (
-                    (key, followed.last),
-                    self.decoder.stored_subject(&followed.target),
-                )
-            })
-            .unzip();
+        // A chain a live copy connected to since the check last came by was
+        // complete up to that copy: a copy lost before it made it a gap
+        // (filled from the stream), and one lost after it is found by the
+        // next copy or by the check's next visit. A since round leaves such
+        // chains out; full rounds and checks of everything read every chain.
+        let visited = keys.len();
+        let mut snapshot: Vec<(u64, Link)> = Vec::with_capacity(visited);
+        let mut subjects: Vec<String> = Vec::with_capacity(visited);
+        let mut left_out = 0;
+        for key in keys {
+            let Some(followed) = self.followed.get_mut(&key) else {
+                continue;
+            };
+            let connected = std::mem::take(&mut followed.connected_since_check);
+            if followed.repairing {
+                continue;
+            }
+            if connected && since_checked {
+                left_out += 1;
+                continue;
+            }
+            snapshot.push((key, followed.last));
+            subjects.push(self.decoder.stored_subject(&followed.target));
+        }
+        if since_checked {
+            // The chains left out count as asked and not answered: the
+            // round's slices are sized by what their reads carry.
+            self.sweep.since_answered(visited - snapshot.len(), 0);
+            self.metrics.live_check_left_out.inc_by(left_out);
+            if snapshot.is_empty() {
+                return;
+            }
+        }
+        self.checking = true;
         // Every chain read is complete through its `progressed` (everything
         // stored for its subject up to there was delivered or precedes its
         // anchor), so a subject with nothing stored after the lowest of them

@@ -16,7 +16,9 @@
 //! Most rounds are **since** rounds: a slice asks only for subjects with a
 //! message after the lowest position its targets were all checked complete
 //! through, so a quiet target costs nats-server a lookup and no message, and
-//! the node nothing. Every [`FULL_ROUND_EVERY`]th round (the first one
+//! the node nothing; a target a live copy connected to since the last
+//! visit is not read at all (the dispatcher leaves it out: that copy showed
+//! its chain complete). Every [`FULL_ROUND_EVERY`]th round (the first one
 //! included) asks for every subject's newest message, so that each chain's
 //! end is seen to still stand in the stored history at least that often,
 //! quiet or not.
@@ -91,8 +93,8 @@ impl Sweep {
         self.rounds % FULL_ROUND_EVERY == 1
     }
 
-    /// A slice of a since round asked for `asked` targets and was answered
-    /// with `answered` messages.
+    /// A slice of a since round visited `asked` targets (those it left out
+    /// included) and was answered with `answered` messages.
     pub(super) fn since_answered(&mut self, asked: usize, answered: usize) {
         self.asked += asked;
         self.answered += answered;
