@@ -8,8 +8,9 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::bus::Event;
-use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
+
+use super::queue::{self, QueueReader, QueueWriter, Refused};
 
 use crate::metrics::Metrics;
 
@@ -50,8 +51,8 @@ impl QueuedAt {
 }
 
 /// What a connection's queue carries. An entry is 16 bytes (checked below):
-/// tokio's queue allocates its first block of 32 entries when the stream
-/// opens, so every byte here is 32 bytes of every idle stream.
+/// a queue's buffer holds its entries inline, so every byte here is paid
+/// once per entry a stream has room for in its buffer.
 #[derive(Debug, Clone)]
 pub(crate) enum Queued {
     /// An event to write.
@@ -190,7 +191,7 @@ pub(crate) struct ConnectionHandle {
     pub(crate) id: u64,
     /// Ends the connection (used when its queue overflows).
     pub(crate) kill: Kill,
-    queue: mpsc::Sender<Queued>,
+    queue: QueueWriter,
     metrics: Arc<Metrics>,
 }
 
@@ -201,8 +202,8 @@ impl ConnectionHandle {
         capacity: usize,
         kill: Kill,
         metrics: Arc<Metrics>,
-    ) -> (Arc<Self>, mpsc::Receiver<Queued>) {
-        let (queue, frames) = mpsc::channel(capacity);
+    ) -> (Arc<Self>, QueueReader) {
+        let (queue, frames) = queue::bounded(capacity);
         let handle = ConnectionHandle {
             id,
             kill,
@@ -214,26 +215,26 @@ impl ConnectionHandle {
 
     /// Events waiting in this connection's queue.
     pub(crate) fn queued(&self) -> usize {
-        self.queue.max_capacity() - self.queue.capacity()
+        self.queue.len()
     }
 
     /// Queues a frame without waiting; a full queue kills the connection.
     pub(crate) fn offer(&self, frame: Frame) {
         match self.queue.try_send(Queued::Event(frame)) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 if !self.kill.is_killed() {
                     self.metrics.slow_disconnects.inc();
                     tracing::warn!(
                         connection = self.id,
-                        capacity = self.queue.max_capacity(),
+                        capacity = self.queue.capacity(),
                         "client too slow: queue full, disconnecting (it resumes from its last id)"
                     );
                 }
                 self.kill.kill(DisconnectReason::Slow);
             }
             // The stream is already gone and detaching.
-            Err(TrySendError::Closed(_)) => {}
+            Err(Refused::Closed) => {}
         }
     }
 
@@ -272,7 +273,7 @@ impl ConnectionHandle {
     pub(crate) fn ask_to_end(&self, reason: DisconnectReason, notice: Option<&Arc<Bytes>>) {
         // Room for both, or the notice could be queued without its end.
         let needed = 1 + usize::from(notice.is_some());
-        let queued = self.queue.capacity() >= needed
+        let queued = self.queue.room() >= needed
             && notice.is_none_or(|frame| {
                 self.queue
                     .try_send(Queued::Notice(Box::new(Notice::Reason(Arc::clone(frame)))))

@@ -14,7 +14,6 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use herald_protocol::{EventId, StreamPosition, Target, sse};
 use serde_json::json;
-use tokio::sync::mpsc;
 use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
@@ -23,7 +22,7 @@ use crate::bus::{Event, LostReason, Replay, ReplayError};
 use crate::http::AppState;
 use crate::http::rare_wake::RareWake;
 use crate::metrics::ReasonLabel;
-use crate::registry::{DisconnectReason, Frame, Kill, Notice, Queued};
+use crate::registry::{DisconnectReason, Frame, Kill, Notice, QueueReader, Queued};
 
 /// Where a stream starts.
 #[derive(Debug, Clone)]
@@ -124,7 +123,7 @@ impl Drop for Attachment {
 /// the registry) goes when the body ends or is dropped.
 pub(super) fn body(
     attachment: Attachment,
-    frames: mpsc::Receiver<Queued>,
+    frames: QueueReader,
     start: Start,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + Sync + 'static {
     let stream = async_stream::stream! {
@@ -147,17 +146,16 @@ pub(super) fn body(
         drop(replay.events);
         yield Ok(session.end_replay(replayed, replay.head));
 
-        let heartbeat = tokio::time::sleep(session.heartbeat_every);
-        let (expiry_warning, expiry) = session.expiry_timers();
+        let deadlines = session.deadlines();
+        let timer = tokio::time::sleep_until(deadlines.next());
         let drained = drained(Arc::clone(&session.state));
         let killed = session.attachment.kill.killed_owned();
-        tokio::pin!(heartbeat, expiry_warning, expiry, drained, killed);
+        tokio::pin!(timer, drained, killed);
         let mut waits = Waits {
             killed,
-            heartbeat,
-            expiry_warning,
-            expiry,
             drained,
+            timer,
+            deadlines,
             rare: RareWake::new(),
         };
         loop {
@@ -175,8 +173,7 @@ pub(super) fn body(
             match next {
                 Next::Write(bytes) => {
                     yield Ok(bytes);
-                    let every = session.heartbeat_every;
-                    waits.heartbeat.as_mut().reset(tokio::time::Instant::now() + every);
+                    waits.wrote(session.heartbeat_every);
                 }
                 // Nothing written: the heartbeat keeps its time.
                 Next::Idle => {}
@@ -195,15 +192,13 @@ pub(super) fn body(
 struct Session {
     state: Arc<AppState>,
     attachment: Attachment,
-    frames: mpsc::Receiver<Queued>,
+    frames: QueueReader,
     /// Bytes waiting to be yielded as one write.
     buf: BytesMut,
     cursor: Cursor,
     /// `stream.max_batch_bytes`: a batch ends once it holds this much.
     batch_limit: usize,
     heartbeat_every: Duration,
-    /// The expiry warning was written.
-    warned: bool,
 }
 
 /// The replay a session begins with (read before its first write).
@@ -227,40 +222,91 @@ struct NotBegun {
 /// queue polls its queue alone (each of these takes a lock to poll).
 struct Waits<'a, D> {
     killed: Pin<&'a mut WaitForCancellationFutureOwned>,
-    heartbeat: Pin<&'a mut Sleep>,
-    expiry_warning: Pin<&'a mut Sleep>,
-    expiry: Pin<&'a mut Sleep>,
     /// The node going away ([`drained`]).
     drained: Pin<&'a mut D>,
+    /// One timer for the heartbeat, the expiry warning and the expiry, set
+    /// to the earliest of them (a timer is 112 bytes of every open stream).
+    timer: Pin<&'a mut Sleep>,
+    deadlines: Deadlines,
     rare: RareWake,
 }
 
+/// When an open stream has something to write or to end besides its queue.
+struct Deadlines {
+    heartbeat: tokio::time::Instant,
+    /// The token's expiry warning, until it is due.
+    warning: Option<tokio::time::Instant>,
+    expiry: tokio::time::Instant,
+}
+
+impl Deadlines {
+    /// The earliest of them.
+    fn next(&self) -> tokio::time::Instant {
+        let soonest = self.heartbeat.min(self.expiry);
+        self.warning.map_or(soonest, |warning| warning.min(soonest))
+    }
+
+    /// What is due at `now`, in order: the expiry, its warning (taken: it
+    /// is due once), the heartbeat.
+    fn due(&mut self, now: tokio::time::Instant) -> Option<Step> {
+        if now >= self.expiry {
+            Some(Step::Expired)
+        } else if self.warning.is_some_and(|warning| now >= warning) {
+            self.warning = None;
+            Some(Step::ExpiryWarning)
+        } else if now >= self.heartbeat {
+            Some(Step::Heartbeat)
+        } else {
+            None
+        }
+    }
+}
+
 impl<D: Future<Output = ()>> Waits<'_, D> {
+    /// The stream wrote: the heartbeat starts again.
+    fn wrote(&mut self, heartbeat_every: Duration) {
+        self.deadlines.heartbeat = tokio::time::Instant::now() + heartbeat_every;
+        let next = self.deadlines.next();
+        self.timer.as_mut().reset(next);
+    }
+
     /// What woke the stream, in order: its kill, the node going away, the
-    /// token's expiry, its warning (unless `warned`), a queued entry, the
-    /// heartbeat.
-    fn poll_next(
-        &mut self,
-        cx: &mut Context<'_>,
-        frames: &mut mpsc::Receiver<Queued>,
-        warned: bool,
-    ) -> Poll<Woke> {
+    /// token's expiry, its warning, a queued entry, the heartbeat.
+    fn poll_next(&mut self, cx: &mut Context<'_>, frames: &mut QueueReader) -> Poll<Woke> {
         let mut heartbeat = false;
         if self.rare.woken(cx) {
             let mut rare = self.rare.context();
+            let mut fired = false;
             let step = if self.killed.as_mut().poll(&mut rare).is_ready() {
                 Some(Step::End)
             } else if self.drained.as_mut().poll(&mut rare).is_ready() {
                 Some(Step::Leave(DisconnectReason::Shutdown))
-            } else if self.expiry.as_mut().poll(&mut rare).is_ready() {
-                Some(Step::Expired)
-            } else if !warned && self.expiry_warning.as_mut().poll(&mut rare).is_ready() {
-                Some(Step::ExpiryWarning)
+            } else if self.timer.as_mut().poll(&mut rare).is_ready() {
+                fired = true;
+                match self.deadlines.due(tokio::time::Instant::now()) {
+                    Some(Step::Heartbeat) => {
+                        // Set again by the write that follows.
+                        heartbeat = true;
+                        None
+                    }
+                    due => {
+                        // Set again for what is still to come.
+                        let next = self.deadlines.next();
+                        self.timer.as_mut().reset(next);
+                        if due.is_none() {
+                            // Nothing is written: registered here, as no
+                            // step follows to poll it again.
+                            let _ = self.timer.as_mut().poll(&mut rare);
+                        }
+                        due
+                    }
+                }
             } else {
-                heartbeat = self.heartbeat.as_mut().poll(&mut rare).is_ready();
                 None
             };
-            if step.is_some() || heartbeat {
+            // A timer that fired, or was set again, wakes no one until it is
+            // polled again.
+            if step.is_some() || fired {
                 // Ready stays ready: look again next time, after what this
                 // step writes (and the heartbeat's reset that follows).
                 self.rare.rearm();
@@ -311,7 +357,7 @@ impl Session {
     /// where it starts: the replay after the client's position, or the reset.
     async fn begin(
         mut attachment: Attachment,
-        frames: mpsc::Receiver<Queued>,
+        frames: QueueReader,
         start: Start,
     ) -> Result<(Session, Replayed), NotBegun> {
         let state = Arc::clone(&attachment.state);
@@ -347,7 +393,6 @@ impl Session {
             frames,
             buf,
             cursor,
-            warned: false,
         };
         Ok((session, Replayed { events, head }))
     }
@@ -382,27 +427,27 @@ impl Session {
         self.state.written(written, 0)
     }
 
-    /// The token's expiry warning and its end: tokens are accepted until
-    /// `exp` plus the leeway (whole seconds), so the stream lives exactly as
-    /// long as its token would still open one.
-    fn expiry_timers(&self) -> (Sleep, Sleep) {
+    /// The first heartbeat, the token's expiry warning and its end: tokens
+    /// are accepted until `exp` plus the leeway (whole seconds), so the
+    /// stream lives exactly as long as its token would still open one.
+    fn deadlines(&self) -> Deadlines {
         let auth = &self.state.settings.auth;
         let expires_at = self.attachment.expires_at;
         let accepted_until = expires_at + Duration::from_secs(auth.leeway_secs + 1);
-        let expiry = deadline(accepted_until, Duration::ZERO);
         let warning = Duration::from_secs(auth.expiry_warning_secs);
-        let expiry_warning = tokio::time::sleep_until(deadline(expires_at, warning));
-        (expiry_warning, tokio::time::sleep_until(expiry))
+        Deadlines {
+            heartbeat: tokio::time::Instant::now() + self.heartbeat_every,
+            warning: Some(deadline(expires_at, warning)),
+            expiry: deadline(accepted_until, Duration::ZERO),
+        }
     }
 
     /// Waits for what the stream does next. Progress moves the cursor on
     /// the way (the client hears of it at the next heartbeat).
     async fn next_step<D: Future<Output = ()>>(&mut self, waits: &mut Waits<'_, D>) -> Step {
         loop {
-            let warned = self.warned;
             let frames = &mut self.frames;
-            let queued = match std::future::poll_fn(|cx| waits.poll_next(cx, frames, warned)).await
-            {
+            let queued = match std::future::poll_fn(|cx| waits.poll_next(cx, frames)).await {
                 Woke::Rare(step) => return step,
                 Woke::Queued(queued) => queued,
             };
@@ -463,13 +508,13 @@ impl Session {
     fn queued_behind(&mut self) -> Result<Option<Frame>, DisconnectReason> {
         while self.buf.len() < self.batch_limit {
             match self.frames.try_recv() {
-                Ok(Queued::Event(frame)) => return Ok(Some(frame)),
-                Ok(Queued::Notice(notice)) => match *notice {
+                Some(Queued::Event(frame)) => return Ok(Some(frame)),
+                Some(Queued::Notice(notice)) => match *notice {
                     Notice::Progress { slot, through } => self.cursor.advance(slot, through),
                     Notice::Leave(reason) => return Err(reason),
                     Notice::Reason(frame) => self.buf.extend_from_slice(&frame),
                 },
-                Err(_) => break,
+                None => break,
             }
         }
         Ok(None)
@@ -496,7 +541,6 @@ impl Session {
 
     /// Writes the token's expiry warning (once).
     fn expiry_warning(&mut self) -> Bytes {
-        self.warned = true;
         write_expiry_warning(&mut self.buf, self.attachment.expires_at);
         self.buf.split().freeze()
     }
@@ -586,7 +630,9 @@ async fn drained(state: Arc<AppState>) {
         _ = async {
             state.drain.cancelled().await;
             let window = state.settings.stream.drain_ms;
-            tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=window))).await;
+            // Boxed: a timer inline here would be part of every open
+            // stream's body, drained or not.
+            Box::pin(tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=window)))).await;
         } => {}
     }
 }
