@@ -16,6 +16,7 @@
 //! attacker-influenced, and a wildcard in a subject would read other users' events.
 
 use std::fmt;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -48,10 +49,13 @@ impl TargetKind {
 }
 
 /// The recipient of an event: one user or one topic.
+///
+/// Cloning one shares its name (a node keeps a target in several places per
+/// open stream, and one per live event).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Target {
     kind: TargetKind,
-    name: String,
+    name: Arc<str>,
 }
 
 /// Why a name or subject token is not a valid target. No state is changed by
@@ -103,7 +107,10 @@ impl Target {
         if name.chars().any(char::is_control) {
             return Err(TargetError::ControlCharacter(label));
         }
-        Ok(Target { kind, name })
+        Ok(Target {
+            kind,
+            name: name.into(),
+        })
     }
 
     /// User or topic.
@@ -119,7 +126,7 @@ impl Target {
     /// The single NATS subject token that stands for this name.
     pub fn token(&self) -> String {
         if is_plain(&self.name) {
-            self.name.clone()
+            self.name.to_string()
         } else {
             let mut token = String::with_capacity(1 + self.name.len().div_ceil(3) * 4);
             token.push(ENCODED_MARK);
