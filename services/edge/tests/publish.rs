@@ -373,10 +373,10 @@ fn expected_refusal(case: &PublishCase) -> Option<&'static str> {
     match (&case.user, &case.topic) {
         (None, None) => return Some("missing_target"),
         (Some(_), Some(_)) => return Some("ambiguous_target"),
-        (Some(user), None) if Target::new(TargetKind::User, user.clone()).is_err() => {
+        (Some(user), None) if Target::new(TargetKind::User, user).is_err() => {
             return Some("invalid_user");
         }
-        (None, Some(topic)) if Target::new(TargetKind::Topic, topic.clone()).is_err() => {
+        (None, Some(topic)) if Target::new(TargetKind::Topic, topic).is_err() => {
             return Some("invalid_topic");
         }
         _ => {}

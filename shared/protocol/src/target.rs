@@ -83,17 +83,17 @@ pub enum TargetError {
 
 impl Target {
     /// A user target, after validating the id.
-    pub fn user(name: impl Into<String>) -> Result<Self, TargetError> {
-        Self::new(TargetKind::User, name.into())
+    pub fn user(name: impl AsRef<str>) -> Result<Self, TargetError> {
+        Self::new(TargetKind::User, name.as_ref())
     }
 
     /// A topic target, after validating the name.
-    pub fn topic(name: impl Into<String>) -> Result<Self, TargetError> {
-        Self::new(TargetKind::Topic, name.into())
+    pub fn topic(name: impl AsRef<str>) -> Result<Self, TargetError> {
+        Self::new(TargetKind::Topic, name.as_ref())
     }
 
     /// A target of the given kind, after validating the name.
-    pub fn new(kind: TargetKind, name: String) -> Result<Self, TargetError> {
+    pub fn new(kind: TargetKind, name: &str) -> Result<Self, TargetError> {
         let label = kind.as_str();
         if name.is_empty() {
             return Err(TargetError::Empty(label));
@@ -152,7 +152,7 @@ impl Target {
                 name
             }
         };
-        Target::new(kind, name)
+        Target::new(kind, &name)
     }
 
     /// The full NATS subject under `prefix`, e.g. `herald.user.alice`.

@@ -72,7 +72,7 @@ pub(crate) async fn presence(
                 "the user id is not valid percent-encoded UTF-8",
             )
         })?;
-    let user = Target::user(name.into_owned())
+    let user = Target::user(&name)
         .map_err(|err| ApiError::new(StatusCode::BAD_REQUEST, "invalid_user", err.to_string()))?;
     if !publisher.may_publish(&user) {
         return Err(ApiError::new(

@@ -13,6 +13,7 @@
 //! down. The `msg_id` reaches the bus only as a key scoped to the publisher
 //! and the target (see [`super::idempotency`]).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -34,9 +35,13 @@ use crate::bus::{PublishError, PublishRequest, Receipt};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PublishBody {
-    user: Option<String>,
-    topic: Option<String>,
+struct PublishBody<'a> {
+    // Borrowed from the body where they need no unescaping: the target's
+    // name is then copied once, into the target.
+    #[serde(borrow)]
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    topic: Option<Cow<'a, str>>,
     event: Option<String>,
     data: EventData,
     msg_id: Option<String>,
@@ -221,7 +226,7 @@ impl Publication {
 
 /// Validates a JSON body into a publication; every refusal names its field.
 fn parse(body: &[u8]) -> Result<Publication, ApiError> {
-    let body: PublishBody = serde_json::from_slice(body)
+    let body: PublishBody<'_> = serde_json::from_slice(body)
         .map_err(|err| ApiError::bad_request("invalid_json", format!("invalid body: {err}")))?;
     let (kind, name) = match (body.user, body.topic) {
         (Some(user), None) => (TargetKind::User, user),
@@ -239,7 +244,7 @@ fn parse(body: &[u8]) -> Result<Publication, ApiError> {
             ));
         }
     };
-    let target = Target::new(kind, name).map_err(|err| {
+    let target = Target::new(kind, &name).map_err(|err| {
         let code = match kind {
             TargetKind::User => "invalid_user",
             TargetKind::Topic => "invalid_topic",

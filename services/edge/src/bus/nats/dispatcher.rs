@@ -190,8 +190,8 @@ impl Followed {
 }
 
 /// A list that is empty nearly always (a follow's held copies, its waiting
-/// streams): 8 bytes of every follow until something is put in it.
-// Boxed on purpose: 8 bytes in every follow instead of a `Vec`'s 24.
+/// streams): 8 bytes of every follow until something is put in it, where a
+/// `Vec` takes 24 (hence the boxed `Vec`).
 #[allow(clippy::box_collection)]
 struct Rarely<T>(Option<Box<Vec<T>>>);
 
